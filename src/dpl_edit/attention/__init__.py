@@ -1,0 +1,18 @@
+"""Attention capture on diffusers UNets: which layers exist, a processor that exposes the
+attention probabilities, a scoped hook that installs it, and a store that averages the maps."""
+
+from .hook import AttentionHookError, attention_hook
+from .layers import AttentionLayer, attention_layers, select_layers
+from .processor import AttentionObserver, InspectingProcessor
+from .store import AttentionStore
+
+__all__ = [
+    "AttentionHookError",
+    "AttentionLayer",
+    "AttentionObserver",
+    "AttentionStore",
+    "InspectingProcessor",
+    "attention_hook",
+    "attention_layers",
+    "select_layers",
+]

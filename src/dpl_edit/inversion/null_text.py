@@ -1,0 +1,119 @@
+"""Null-text inversion (Mokady et al. 2023, "Null-text Inversion for Editing Real Images using
+Guided Diffusion Models", Alg. 1; REFERENCE section 3).
+
+For each step the unconditional text states are optimised so that one guided DDIM step from the
+current latent lands on the DDIM-inversion pivot; the UNet stays frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..diffusion import DDIMSchedule, denoise_step, guided_noise
+from ..models import StableDiffusion
+
+
+@dataclass(frozen=True)
+class NullTextConfig:
+    """Null-text inversion settings; the defaults are the published ones."""
+
+    max_iterations: int = 10  # Adam steps per timestep at most
+    learning_rate: float = 1e-2  # at step i the rate is learning_rate * (1 - i / 100)
+    early_stop: bool = True  # stop a step's optimisation once its loss is small
+    early_stop_epsilon: float = 1e-5  # ... below epsilon + i * epsilon_growth
+    early_stop_growth: float = 2e-5
+    reset_each_step: bool = False  # start every step from "" instead of the previous optimum
+
+    @classmethod
+    def authors(cls) -> NullTextConfig:
+        """The DPL authors' schedule: 51 iterations, no early stop, null reset to "" every step."""
+        return cls(max_iterations=51, early_stop=False, reset_each_step=True)
+
+
+@dataclass(frozen=True)
+class NullTextStep:
+    """What the per-step callback receives after each timestep."""
+
+    step: int  # 0 .. num_steps-1, 0 the noisiest
+    timestep: int
+    loss: float  # the last loss computed (before the last Adam step)
+    iterations: int  # Adam steps taken
+
+
+def null_text_inversion(
+    model: StableDiffusion,
+    pivot: Sequence[torch.Tensor],
+    cond_states: torch.Tensor,
+    null_init: torch.Tensor,
+    schedule: DDIMSchedule,
+    guidance_scale: float,
+    config: NullTextConfig = NullTextConfig(),
+    *,
+    callback: Callable[[NullTextStep], None] | None = None,
+    progress: bool = True,
+) -> list[torch.Tensor]:
+    """Per-step unconditional states (1, 77, D), one per timestep in sampling order.
+
+    ``pivot`` is the DDIM-inversion trajectory in sampling order (pivot[0] = z*_T, pivot[-1] =
+    z*_0); ``null_init`` is the states of "" (1, 77, D).
+    """
+    nulls = []
+    null = null_init
+    z = pivot[0]
+    bar = tqdm(range(schedule.num_steps), desc="Null-text inversion", disable=not progress, leave=False)
+    for i in bar:
+        t = schedule.timesteps[i]
+        with torch.no_grad():
+            eps_cond = model.predict(z, t, cond_states)
+        start = null_init if config.reset_each_step else null
+        null, loss, iterations = optimize_null(
+            model, schedule, i, z, pivot[i + 1], eps_cond, start, guidance_scale, config
+        )
+        nulls.append(null)
+        with torch.no_grad():
+            eps = guided_noise(model.predict(z, t, null), eps_cond, guidance_scale)
+            z = denoise_step(schedule, i, z, eps)
+        bar.set_postfix(loss=f"{loss:.2e}", iters=iterations)
+        if callback is not None:
+            callback(NullTextStep(step=i, timestep=t, loss=loss, iterations=iterations))
+    return nulls
+
+
+def optimize_null(
+    model: StableDiffusion,
+    schedule: DDIMSchedule,
+    i: int,
+    z: torch.Tensor,
+    target: torch.Tensor,
+    eps_cond: torch.Tensor,
+    null: torch.Tensor,
+    guidance_scale: float,
+    config: NullTextConfig,
+) -> tuple[torch.Tensor, float, int]:
+    """Adam on the unconditional states of step i: min ||DDIM(z, guided eps) - z*_{t-1}||^2.
+
+    As in the published code, each iteration takes its Adam step and then stops if the loss it
+    computed was under ``epsilon + i * growth``. The parameter is kept in fp32 whatever the
+    model's dtype. Returns (states in the model's dtype, last loss, iterations).
+    """
+    param = null.detach().float().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([param], lr=config.learning_rate * (1 - i / 100))
+    threshold = config.early_stop_epsilon + i * config.early_stop_growth
+    t = schedule.timesteps[i]
+    loss_value, iterations = float("nan"), 0
+    for iterations in range(1, config.max_iterations + 1):
+        eps_uncond = model.predict(z, t, param.to(model.dtype))
+        z_prev = denoise_step(schedule, i, z, guided_noise(eps_uncond, eps_cond, guidance_scale))
+        loss = F.mse_loss(z_prev.float(), target.float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_value = loss.item()
+        if config.early_stop and loss_value < threshold:
+            break
+    return param.detach().to(model.dtype), loss_value, iterations

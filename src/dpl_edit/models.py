@@ -1,0 +1,311 @@
+"""The one place that knows diffusers/transformers details: loading Stable Diffusion components,
+encoding images and text, the VAE scale, dtype and device.
+
+Every model (Stable Diffusion 1.4/1.5/2.x, the project's scene model, tiny random test models)
+goes through the same :class:`StableDiffusion` object, so every code path is the real one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextModel, CLIPTokenizer
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+class PromptError(ValueError):
+    """A prompt cannot be used with this model (too long, empty, ...)."""
+
+
+def ddim_scheduler(config: dict) -> DDIMScheduler:
+    """The DDIM scheduler of REFERENCE section 1, keeping the model's own beta schedule.
+
+    DDIM without clipping and with the final alpha taken from the schedule (``set_alpha_to_one=
+    False``); ``steps_offset=1`` gives the timesteps 981, 961, ..., 1 of Stable Diffusion 1.x.
+    """
+    return DDIMScheduler.from_config(
+        config, clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading"
+    )
+
+
+@dataclass
+class StableDiffusion:
+    """Stable Diffusion's components, frozen (no parameter requires a gradient).
+
+    Latents are always the *scaled* latents (VAE posterior mean times
+    ``vae.config.scaling_factor``); images are (B, 3, H, W) tensors in [-1, 1].
+    """
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler: DDIMScheduler
+    model_id: str
+
+    def __post_init__(self) -> None:
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.requires_grad_(False)
+            module.eval()
+
+    # ----------------------------------------------------------------- loading and saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> StableDiffusion:
+        """Load from a diffusers folder or a hub id (safetensors weights only).
+
+        Raises :class:`ModelLoadError` with a readable message when the model is missing, not
+        cached while offline, or not in the diffusers Stable Diffusion layout.
+        """
+        name = str(name_or_path)
+        local = Path(name).expanduser()
+        if local.exists():
+            _check_folder(local)
+            name = str(local)
+        kwargs = {"use_safetensors": True}
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer")
+            text_encoder = CLIPTextModel.from_pretrained(
+                name, subfolder="text_encoder", dtype=dtype, **kwargs
+            )
+            unet = UNet2DConditionModel.from_pretrained(
+                name, subfolder="unet", torch_dtype=dtype, **kwargs
+            )
+            vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=dtype, **kwargs)
+            scheduler_config = DDIMScheduler.load_config(name, subfolder="scheduler")
+        except (OSError, ValueError, EnvironmentError) as err:
+            raise ModelLoadError(_load_failure_message(str(name_or_path), err)) from err
+        model = cls(tokenizer, text_encoder, unet, vae, ddim_scheduler(scheduler_config), name)
+        return model.to(device)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write a diffusers folder (safetensors weights) that :meth:`from_pretrained` reads."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        self.text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
+        self.unet.save_pretrained(path / "unet", safe_serialization=True)
+        self.vae.save_pretrained(path / "vae", safe_serialization=True)
+        self.scheduler.save_pretrained(path / "scheduler")
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        }
+        (path / "model_index.json").write_text(json.dumps(index, indent=2))
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel (8 for Stable Diffusion)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        """Side of the latent the UNet was trained on (64 for SD 1.x at 512x512)."""
+        return int(self.unet.config.sample_size)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images the model was trained on (512 for SD 1.x)."""
+        return self.latent_size * self.vae_scale_factor
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    # ----------------------------------------------------------------- text
+    def tokenize(self, prompt: str) -> torch.Tensor:
+        """Token ids (1, 77) with start token, prompt, end token and end-token padding.
+
+        Raises :class:`PromptError` when the prompt does not fit in the model's context.
+        """
+        ids = self.tokenizer(prompt).input_ids
+        if len(ids) > self.max_tokens:
+            raise PromptError(
+                f"The prompt {prompt!r} is {len(ids)} tokens long (start and end included); this "
+                f"model reads at most {self.max_tokens}. Shorten the prompt."
+            )
+        ids = ids + [self.tokenizer.pad_token_id] * (self.max_tokens - len(ids))
+        return torch.tensor([ids], device=self.device)
+
+    def encode_tokens(
+        self,
+        token_ids: torch.Tensor,
+        vectors: torch.Tensor | None = None,
+        positions: Sequence[int] = (),
+    ) -> torch.Tensor:
+        """Text-encoder hidden states (B, 77, D) for token ids (B, 77).
+
+        ``vectors`` (K, D_in) replace the input token embeddings at ``positions`` (K ints) before
+        the whole encoder runs, so later tokens see them through causal attention (DPL's dynamic
+        tokens, REFERENCE section 5). Gradients flow to ``vectors`` only.
+        """
+        if vectors is None:
+            return self.text_encoder(token_ids).last_hidden_state
+        with _substituted_embeddings(self.text_encoder, vectors, list(positions)):
+            return self.text_encoder(token_ids).last_hidden_state
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """Hidden states (1, 77, D) of a prompt (``""`` gives the unconditional embedding)."""
+        with torch.no_grad():
+            return self.encode_tokens(self.tokenize(prompt))
+
+    def token_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (..., D_in) of token ids, from the encoder's table (a copy)."""
+        return self.text_encoder.get_input_embeddings()(token_ids).detach().clone()
+
+    # ----------------------------------------------------------------- images and latents
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) of images (B, 3, H, W) in [-1, 1]: posterior mean x scale."""
+        image = image.to(device=self.device, dtype=self.vae.dtype)
+        posterior = self.vae.encode(image).latent_dist
+        return posterior.mean * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] from scaled latents."""
+        latents = latents.to(dtype=self.vae.dtype) / self.vae.config.scaling_factor
+        return self.vae.decode(latents).sample.clamp(-1, 1)
+
+    def predict(self, latents: torch.Tensor, t: int, text_states: torch.Tensor) -> torch.Tensor:
+        """The UNet's raw output for scaled latents (B, C, h, w) at timestep t."""
+        timestep = torch.tensor(t, device=latents.device)
+        return self.unet(latents.to(self.unet.dtype), timestep, encoder_hidden_states=text_states).sample
+
+    # ----------------------------------------------------------------- identity
+    def fingerprint(self) -> dict:
+        """What an inversion must match to be used with this model.
+
+        ``architecture`` is a hash of the component configs (must be equal); ``weights`` is a
+        sample of weight values, compared with a tolerance so fp16/bf16 copies still match.
+        """
+        configs = {
+            "unet": dict(self.unet.config),
+            "vae": dict(self.vae.config),
+            "text_encoder": self.text_encoder.config.to_diff_dict(),
+            "vocab_size": len(self.tokenizer),
+        }
+        for volatile in ("_name_or_path", "_diffusers_version", "transformers_version", "dtype"):
+            for config in configs.values():
+                if isinstance(config, dict):
+                    config.pop(volatile, None)
+        blob = json.dumps(configs, sort_keys=True, default=str).encode()
+        samples = [
+            self.unet.conv_in.weight.flatten()[:8],
+            self.unet.conv_out.weight.flatten()[:8],
+            self.vae.encoder.conv_in.weight.flatten()[:8],
+            self.text_encoder.get_input_embeddings().weight[320, :8],
+        ]
+        weights = torch.cat([s.detach().float().cpu() for s in samples]).tolist()
+        return {"architecture": hashlib.sha256(blob).hexdigest()[:16], "weights": weights}
+
+
+def fingerprints_match(a: dict, b: dict) -> bool:
+    """Same architecture and (up to half-precision rounding) the same weights."""
+    if a["architecture"] != b["architecture"]:
+        return False
+    wa, wb = torch.tensor(a["weights"]), torch.tensor(b["weights"])
+    return wa.shape == wb.shape and torch.allclose(wa, wb, rtol=1e-2, atol=1e-3 * wa.abs().max())
+
+
+class _SubstitutedEmbedding(nn.Module):
+    """A token-embedding table whose rows at given positions are replaced by given vectors."""
+
+    def __init__(self, table: nn.Embedding, vectors: torch.Tensor, positions: list[int]):
+        super().__init__()
+        self.table = table
+        self.vectors = vectors
+        self.positions = positions
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        embeds = self.table(token_ids)  # (B, L, D_in)
+        index = torch.tensor(self.positions, device=embeds.device)
+        vectors = self.vectors.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+        return embeds.index_copy(1, index, vectors)
+
+
+@contextlib.contextmanager
+def _substituted_embeddings(
+    text_encoder: CLIPTextModel, vectors: torch.Tensor, positions: list[int]
+) -> Iterator[None]:
+    if vectors.shape[0] != len(positions):
+        raise ValueError(f"{vectors.shape[0]} token vectors for {len(positions)} positions")
+    table = text_encoder.get_input_embeddings()
+    text_encoder.set_input_embeddings(_SubstitutedEmbedding(table, vectors, positions))
+    try:
+        yield
+    finally:
+        text_encoder.set_input_embeddings(table)
+
+
+def _check_folder(path: Path) -> None:
+    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"{path} is not a diffusers Stable Diffusion folder: it lacks {', '.join(missing)}/. "
+            "Expected the layout written by StableDiffusionPipeline.save_pretrained "
+            "(model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/)."
+        )
+
+
+def _load_failure_message(name: str, err: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "safetensors" in str(err).lower():
+        return (
+            f"Could not load model {name!r}: dpl-edit only reads safetensors weights and this "
+            f"model has none ({first_line}). Convert it to safetensors first."
+        )
+    hint = (
+        "Hugging Face Hub access is off (HF_HUB_OFFLINE=1) and the model is not in the local cache"
+        if offline
+        else "it is neither a local diffusers folder nor a model that could be fetched from the Hub"
+    )
+    return (
+        f"Could not load model {name!r}: {hint} ({first_line}). Pass the path of a diffusers "
+        "folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), or "
+        "download the model on a machine with network access (huggingface-cli download NAME)."
+    )
