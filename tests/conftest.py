@@ -5,7 +5,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-from dpl_edit.tiny import tiny_model
+from dpl_edit.random_models import tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from dpl_edit.diffusion import DDIMSchedule, denoise_step, guided_noise, invert_step
 from dpl_edit.models import ddim_scheduler
-from dpl_edit.tiny import SD_SCHEDULE
+from dpl_edit.random_models import SD_SCHEDULE
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

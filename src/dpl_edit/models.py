@@ -21,17 +21,11 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .errors import ModelLoadError, PromptError
+
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says why and what to do."""
-
-
-class PromptError(ValueError):
-    """A prompt cannot be used with this model (too long, empty, ...)."""
 
 
 def ddim_scheduler(config: dict) -> DDIMScheduler:
@@ -122,9 +116,12 @@ class StableDiffusion:
         }
         (path / "model_index.json").write_text(json.dumps(index, indent=2))
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
+        """Move the components (in place); returns self."""
         for module in (self.text_encoder, self.unet, self.vae):
-            module.to(device=device, dtype=dtype)
+            module.to(device)
+            if dtype is not None and module.dtype != dtype:
+                module.to(dtype=dtype)
         return self
 
     # ----------------------------------------------------------------- properties
@@ -226,12 +223,13 @@ class StableDiffusion:
             "unet": dict(self.unet.config),
             "vae": dict(self.vae.config),
             "text_encoder": self.text_encoder.config.to_diff_dict(),
-            "vocab_size": len(self.tokenizer),
         }
-        for volatile in ("_name_or_path", "_diffusers_version", "transformers_version", "dtype"):
-            for config in configs.values():
-                if isinstance(config, dict):
-                    config.pop(volatile, None)
+        # Keep the architecture only: drop private keys (paths, versions, which values were defaults).
+        configs = {
+            name: {k: v for k, v in config.items() if not k.startswith("_") and k not in _VOLATILE}
+            for name, config in configs.items()
+        }
+        configs["vocab_size"] = len(self.tokenizer)
         blob = json.dumps(configs, sort_keys=True, default=str).encode()
         samples = [
             self.unet.conv_in.weight.flatten()[:8],
@@ -241,6 +239,9 @@ class StableDiffusion:
         ]
         weights = torch.cat([s.detach().float().cpu() for s in samples]).tolist()
         return {"architecture": hashlib.sha256(blob).hexdigest()[:16], "weights": weights}
+
+
+_VOLATILE = ("transformers_version", "dtype", "torch_dtype")
 
 
 def fingerprints_match(a: dict, b: dict) -> bool:
@@ -282,10 +283,10 @@ def _substituted_embeddings(
 
 
 def _check_folder(path: Path) -> None:
-    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    missing = [f"{c}/" for c in COMPONENTS if not (path / c).is_dir()]
     if missing:
         raise ModelLoadError(
-            f"{path} is not a diffusers Stable Diffusion folder: it lacks {', '.join(missing)}/. "
+            f"{path} is not a diffusers Stable Diffusion folder: it lacks {', '.join(missing)}. "
             "Expected the layout written by StableDiffusionPipeline.save_pretrained "
             "(model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/)."
         )

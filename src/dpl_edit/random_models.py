@@ -1,9 +1,12 @@
-"""Tiny Stable Diffusion models with random weights, built from configs.
+"""Stable Diffusion models with random weights, built from configs.
 
-The architecture is Stable Diffusion's (CLIP text encoder, UNet2DConditionModel with
+``tiny_model``: Stable Diffusion's architecture (CLIP text encoder, UNet2DConditionModel with
 cross-attention, AutoencoderKL with an 8x downsampling, DDIM) at a few million parameters, with
-the real CLIP tokenizer. They exercise every code path on a CPU in seconds, the way diffusers' own
-tests do; their images are noise, their attention maps are not meaningful.
+the real CLIP tokenizer. It exercises every code path on a CPU in seconds, the way diffusers' own
+tests do; its images are noise and its attention maps are not meaningful.
+
+``sd14_sized_model``: the exact shapes of Stable Diffusion v1.4 (860 M-parameter UNet, 123 M text
+encoder, 84 M VAE) with random weights, for honest timings without the real weights.
 """
 
 from __future__ import annotations
@@ -32,7 +35,12 @@ def tiny_model(seed: int = 0, image_size: int = 128) -> StableDiffusion:
     At 128 pixels the latent is 16x16 and the UNet has cross- and self-attention at 16x16 and 8x8
     (down and up blocks), like SD 1.x has at 64..16.
     """
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+        torch.manual_seed(seed)
+        return _build(seed, image_size)
+
+
+def _build(seed: int, image_size: int) -> StableDiffusion:
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
@@ -76,4 +84,41 @@ def tiny_model(seed: int = 0, image_size: int = 128) -> StableDiffusion:
         vae=vae,
         scheduler=ddim_scheduler(SD_SCHEDULE),
         model_id=f"{TINY_MODEL_ID}:{seed}",
+    )
+
+
+def sd14_sized_model(seed: int = 0) -> StableDiffusion:
+    """Random weights in the shapes of Stable Diffusion v1.4 (512 px images, 64x64x4 latents)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                bos_token_id=49406,
+                eos_token_id=49407,
+                pad_token_id=1,
+            )
+        )
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD 1.x's
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        )
+    return StableDiffusion(
+        tokenizer=clip_tokenizer(),
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        scheduler=ddim_scheduler(SD_SCHEDULE),
+        model_id=f"sd14-sized-random:{seed}",
     )

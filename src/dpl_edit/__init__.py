@@ -1,0 +1,26 @@
+"""dpl-edit: text-based editing of real images with diffusion models (Dynamic Prompt Learning)."""
+
+__version__ = "0.1.0"
+
+from .artifacts import Inversion
+from .errors import DplEditError, ImageLoadError, InversionFileError, ModelLoadError, PromptError
+from .images import load_image
+from .inversion import NullTextConfig, NullTextStep
+from .models import StableDiffusion
+from .pipeline import invert, reconstruct, reconstruct_latents
+
+__all__ = [
+    "DplEditError",
+    "ImageLoadError",
+    "Inversion",
+    "InversionFileError",
+    "ModelLoadError",
+    "NullTextConfig",
+    "NullTextStep",
+    "PromptError",
+    "StableDiffusion",
+    "invert",
+    "load_image",
+    "reconstruct",
+    "reconstruct_latents",
+]

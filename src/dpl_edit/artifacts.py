@@ -1,0 +1,162 @@
+"""Invert once, edit many: an inversion saved as safetensors (tensors) + JSON (everything else).
+
+A folder holds ``inversion.safetensors``, ``inversion.json`` (which records the SHA-256 of the
+tensor file) and ``source.png``. Files are written to temporary names and renamed, the JSON last,
+so a folder never holds a half-written inversion. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from .errors import InversionFileError
+from .models import StableDiffusion, fingerprints_match
+
+FORMAT = "dpl-edit/inversion"
+FORMAT_VERSION = 1
+TENSORS_FILE = "inversion.safetensors"
+METADATA_FILE = "inversion.json"
+SOURCE_FILE = "source.png"
+
+
+@dataclass
+class Inversion:
+    """Everything editing needs from an inverted image.
+
+    Latents are scaled latents (1, C, h, w); text states are text-encoder outputs; token vectors
+    are text-encoder *inputs*. Step i = 0 is the noisiest timestep.
+    """
+
+    method: str  # "ddim", "nti" or "dpl"
+    model_id: str
+    model_fingerprint: dict
+    prompt: str
+    token_ids: list[int]  # the 77 ids of the source prompt, start/end/padding included
+    latent_T: torch.Tensor  # z_bar_T: where sampling starts (1, C, h, w)
+    source_latent: torch.Tensor  # z_0 of the source image (1, C, h, w)
+    num_steps: int
+    guidance_scale: float
+    null_states: torch.Tensor | None = None  # (num_steps, 77, D) per-step unconditional states; None: ""
+    token_vectors: torch.Tensor | None = None  # (num_steps, K, D_in) per-step dynamic tokens (DPL)
+    token_positions: list[int] = field(default_factory=list)  # K positions in token_ids
+    settings: dict = field(default_factory=dict)  # method settings, image fit, timings
+    versions: dict = field(default_factory=dict)
+    source_image: Image.Image | None = None
+
+    def null_at(self, model: StableDiffusion) -> list[torch.Tensor]:
+        """Per-step unconditional states (1, 77, D) on the model's device."""
+        if self.null_states is None:
+            return [model.encode_prompt("")] * self.num_steps
+        null = self.null_states.to(model.device, model.dtype)
+        return [null[i : i + 1] for i in range(self.num_steps)]
+
+    def check_compatible(self, model: StableDiffusion) -> None:
+        """Raise :class:`InversionFileError` unless this inversion was made with ``model``."""
+        if not fingerprints_match(self.model_fingerprint, model.fingerprint()):
+            raise InversionFileError(
+                f"This inversion was made with model {self.model_id!r}, which differs from the "
+                f"loaded model {model.model_id!r} (architecture or weights). Load the model it was "
+                "made with (--model), or invert the image again with this one."
+            )
+
+    # ------------------------------------------------------------------ saving
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the inversion into ``folder`` (created if needed); returns the folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"latent_T": self.latent_T, "source_latent": self.source_latent}
+        if self.null_states is not None:
+            tensors["null_states"] = self.null_states
+        if self.token_vectors is not None:
+            tensors["token_vectors"] = self.token_vectors
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        tmp = folder / (TENSORS_FILE + ".tmp")
+        save_file(tensors, tmp)
+        digest = _sha256(tmp)
+        os.replace(tmp, folder / TENSORS_FILE)
+        if self.source_image is not None:
+            tmp = folder / (SOURCE_FILE + ".tmp")
+            self.source_image.save(tmp, format="PNG")
+            os.replace(tmp, folder / SOURCE_FILE)
+        metadata = {k: v for k, v in asdict(self).items() if k not in _TENSOR_FIELDS}
+        metadata.update(format=FORMAT, format_version=FORMAT_VERSION, tensors_sha256=digest)
+        _write_atomic(folder / METADATA_FILE, json.dumps(metadata, indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> Inversion:
+        """Read an inversion folder written by :meth:`save` (tensors on the CPU)."""
+        folder = Path(folder)
+        metadata = _read_metadata(folder)
+        tensor_path = folder / TENSORS_FILE
+        if not tensor_path.is_file() or _sha256(tensor_path) != metadata.pop("tensors_sha256"):
+            raise InversionFileError(
+                f"{tensor_path} is missing or does not match {METADATA_FILE} (interrupted copy?). "
+                "Invert the image again."
+            )
+        tensors = load_file(tensor_path)
+        source = folder / SOURCE_FILE
+        image = Image.open(source).convert("RGB") if source.is_file() else None
+        for key in ("format", "format_version"):
+            metadata.pop(key)
+        return cls(**metadata, **tensors, source_image=image)
+
+
+_TENSOR_FIELDS = ("latent_T", "source_latent", "null_states", "token_vectors", "source_image")
+
+
+def library_versions() -> dict:
+    """Versions worth recording next to a result."""
+    import diffusers
+    import transformers
+
+    from . import __version__
+
+    return {
+        "dpl_edit": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _read_metadata(folder: Path) -> dict:
+    path = folder / METADATA_FILE
+    if not path.is_file():
+        raise InversionFileError(
+            f"{folder} holds no inversion ({METADATA_FILE} not found). Make one with `dpl invert`."
+        )
+    try:
+        metadata = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InversionFileError(f"{path} is not valid JSON ({err}); invert the image again.") from err
+    if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
+        raise InversionFileError(
+            f"{path} is not a dpl-edit inversion of format version {FORMAT_VERSION} "
+            f"(found {metadata.get('format')!r} version {metadata.get('format_version')!r})."
+        )
+    return metadata
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

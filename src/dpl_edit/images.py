@@ -1,0 +1,94 @@
+"""Reading and writing images: any size and mode in, a square model-sized tensor out.
+
+Tensors are (1, 3, H, W) float in [-1, 1]; PIL images are RGB uint8.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageLoadError
+
+Fit = Literal["crop", "resize", "pad"]
+FITS: tuple[str, ...] = ("crop", "resize", "pad")
+
+
+def load_image(path: str | os.PathLike, size: int, fit: Fit = "crop") -> Image.Image:
+    """Open an image file as an RGB ``size`` x ``size`` PIL image.
+
+    EXIF orientation is applied and any mode (palette, greyscale, alpha, 16-bit) becomes RGB
+    (transparent pixels on white). ``fit`` decides how a non-square image becomes square:
+    ``crop`` takes the centred square (null-text inversion's loader), ``resize`` stretches it (the
+    DPL authors' loader; distorts the aspect ratio), ``pad`` letterboxes it on white.
+    """
+    if fit not in FITS:
+        raise ImageLoadError(f"Unknown fit {fit!r}; choose one of {', '.join(FITS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError(f"No image file at {path}")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ImageLoadError(
+            f"Could not read {path} as an image ({err}). Use a PNG, JPEG, WebP, BMP or TIFF file."
+        ) from err
+    return fit_square(to_rgb(image), size, fit)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of any PIL image; transparency is composited on white."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        scaled = (array / max(array.max(), 1.0) * 255).round().astype(np.uint8)
+        return Image.fromarray(scaled).convert("RGB")
+    return image.convert("RGB")
+
+
+def fit_square(image: Image.Image, size: int, fit: Fit) -> Image.Image:
+    """Make an RGB image ``size`` x ``size`` by centre crop, stretch or pad (see :func:`load_image`)."""
+    width, height = image.size
+    if fit == "crop":
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    elif fit == "pad":
+        side = max(width, height)
+        canvas = Image.new("RGB", (side, side), (255, 255, 255))
+        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+        image = canvas
+    return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """(1, 3, H, W) float32 in [-1, 1] from an RGB PIL image."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """An RGB PIL image from a (1, 3, H, W) or (3, H, W) tensor in [-1, 1]."""
+    image = image.detach().float().cpu()
+    if image.ndim == 4:
+        image = image[0]
+    array = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    """Peak signal-to-noise ratio in dB between two RGB images of the same size (uint8 range)."""
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)

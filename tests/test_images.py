@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dpl_edit import ImageLoadError, load_image
+from dpl_edit.images import to_pil, to_tensor
+
+
+def _save(tmp_path, image, name="x.png", **kw):
+    path = tmp_path / name
+    image.save(path, **kw)
+    return path
+
+
+def test_crop_takes_the_centre_square(tmp_path):
+    array = np.zeros((100, 300, 3), np.uint8)
+    array[:, 100:200] = 255  # white centre square, black sides
+    image = load_image(_save(tmp_path, Image.fromarray(array)), 64, fit="crop")
+    assert image.size == (64, 64) and np.asarray(image).min() > 240
+
+
+def test_resize_stretches_and_pad_letterboxes(tmp_path):
+    path = _save(tmp_path, Image.new("RGB", (200, 100), (0, 0, 0)))
+    assert np.asarray(load_image(path, 64, fit="resize")).max() == 0
+    padded = np.asarray(load_image(path, 64, fit="pad"))
+    assert padded[0, 32].min() == 255 and padded[32, 32].max() == 0
+
+
+def test_modes_and_exif_orientation(tmp_path):
+    for mode in ("L", "P", "RGBA", "I;16", "CMYK"):
+        image = Image.new(mode, (40, 30))
+        assert load_image(_save(tmp_path, image, f"m.{'tif' if mode == 'CMYK' else 'png'}"), 32).mode == "RGB"
+    tall = Image.new("RGB", (20, 40), (255, 0, 0))
+    exif = tall.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    path = _save(tmp_path, tall, "r.jpg", exif=exif)
+    with Image.open(path) as raw:
+        assert raw.size == (20, 40)
+    assert load_image(path, 32, fit="pad").getpixel((16, 2)) == (255, 255, 255)  # now wide: padded top
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ImageLoadError, match="Could not read"):
+        load_image(tmp_path / "bad.png", 32)
+    with pytest.raises(ImageLoadError, match="No image file"):
+        load_image(tmp_path / "none.png", 32)
+    with pytest.raises(ImageLoadError, match="Unknown fit"):
+        load_image(tmp_path / "bad.png", 32, fit="squash")
+
+
+def test_tensor_round_trip():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    tensor = to_tensor(image)
+    assert tensor.shape == (1, 3, 8, 8) and tensor.min() >= -1 and tensor.max() <= 1
+    assert np.array_equal(np.asarray(to_pil(tensor)), np.asarray(image))

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from dpl_edit import ModelLoadError, PromptError, StableDiffusion
+from dpl_edit.models import fingerprints_match
+
+
+def test_save_and_load_a_diffusers_folder_offline(model, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    loaded = StableDiffusion.from_pretrained(tmp_path / "m")
+    assert fingerprints_match(loaded.fingerprint(), model.fingerprint())
+    assert not any(p.requires_grad for p in loaded.unet.parameters())
+    assert list((tmp_path / "m" / "unet").glob("*.safetensors"))
+    cfg = loaded.scheduler.config
+    assert (cfg.clip_sample, cfg.set_alpha_to_one, cfg.steps_offset) == (False, False, 1)
+    z = torch.randn(1, 4, 16, 16)
+    s = model.encode_prompt("a cat")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.predict(z, 501, s), model.predict(z, 501, s))
+
+
+def test_half_precision_copy_keeps_the_fingerprint(model, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    half = StableDiffusion.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    assert fingerprints_match(half.fingerprint(), model.fingerprint())
+
+
+def test_missing_and_malformed_models_give_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="not in the local cache|could be fetched"):
+        StableDiffusion.from_pretrained("nobody/no-such-model")
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ModelLoadError, match="lacks tokenizer/, text_encoder/, vae/, scheduler/"):
+        StableDiffusion.from_pretrained(tmp_path)
+
+
+def test_pickle_weights_are_refused(model, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    for f in (tmp_path / "m").rglob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ModelLoadError):
+        StableDiffusion.from_pretrained(tmp_path / "m")
+
+
+def test_tokenize_pads_to_77_and_rejects_long_prompts(model):
+    ids = model.tokenize("a cat and a dog")
+    assert ids.shape == (1, 77) and ids[0, :7].tolist() == [49406, 320, 2368, 537, 320, 1929, 49407]
+    assert set(ids[0, 7:].tolist()) == {49407}
+    with pytest.raises(PromptError, match="tokens long"):
+        model.tokenize("cat " * 80)
+
+
+def test_substituted_token_vectors(model):
+    ids = model.tokenize("a cat and a dog")
+    plain = model.encode_tokens(ids)
+    same = model.encode_tokens(ids, model.token_embedding(ids[0, [2]]), [2])
+    torch.testing.assert_close(same, plain)
+    vectors = torch.randn(1, 32, requires_grad=True)
+    changed = model.encode_tokens(ids, vectors, [2])
+    torch.testing.assert_close(changed[:, :2], plain[:, :2])  # causal: earlier tokens unchanged
+    assert not torch.allclose(changed[:, 2:], plain[:, 2:])
+    changed.sum().backward()
+    assert vectors.grad is not None
+    assert model.text_encoder.get_input_embeddings().weight.grad is None
