@@ -12,7 +12,7 @@ from dpl_edit.attention import (
 
 def _inputs(model, batch=2):
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(batch, 4, 16, 16, generator=g)
+    z = torch.randn(batch, 4, 32, 32, generator=g)
     states = torch.randn(batch, 77, 32, generator=g)
     return z, states
 
@@ -21,11 +21,11 @@ def test_layers_parsed_from_processor_names(model):
     layers = attention_layers(model.unet)
     assert len(layers) == len(model.unet.attn_processors)
     first = layers[0]
-    assert (first.place, first.block, first.kind, first.resolution) == ("down", 0, "self", 16)
+    assert (first.place, first.block, first.kind, first.resolution) == ("down", 0, "self", 32)
     cross16 = select_layers(layers, kinds=["cross"], resolutions=[16])
-    assert {(l.place, l.block) for l in cross16} == {("down", 0), ("up", 2)}
+    assert {(l.place, l.block) for l in cross16} == {("down", 1), ("up", 1)}
     mid = select_layers(layers, places=["mid"])
-    assert {l.resolution for l in mid} == {4}
+    assert {l.resolution for l in mid} == {8}
 
 
 def test_hooked_unet_output_equals_unhooked(model):
@@ -53,7 +53,7 @@ def test_recorded_maps_have_the_layer_sizes(model):
 
 def test_only_requested_layers_are_replaced_and_all_restored(model):
     original = {k: type(v) for k, v in model.unet.attn_processors.items()}
-    chosen = select_layers(attention_layers(model.unet), kinds=["cross"], resolutions=[8])
+    chosen = select_layers(attention_layers(model.unet), kinds=["cross"], resolutions=[16])
     with attention_hook(model.unet, chosen, AttentionStore()):
         during = model.unet.attn_processors
         changed = {k for k in during if type(during[k]) is not original[k]}
@@ -87,12 +87,12 @@ def test_maps_carry_gradients_when_asked(model):
 
 def test_store_averages_over_steps(model):
     z, states = _inputs(model, batch=1)
-    layers = select_layers(attention_layers(model.unet), kinds=["cross"], resolutions=[8])
+    layers = select_layers(attention_layers(model.unet), kinds=["cross"], resolutions=[16])
     store = AttentionStore()
     steps = []
     with torch.no_grad(), attention_hook(model.unet, layers, store):
         for t in (901, 501):
             model.predict(z, t, states)
-            steps.append(store.step_maps("cross", 8))
+            steps.append(store.step_maps("cross", 16))
             store.end_step()
-    torch.testing.assert_close(store.average_maps("cross", 8), (steps[0] + steps[1]) / 2)
+    torch.testing.assert_close(store.average_maps("cross", 16), (steps[0] + steps[1]) / 2)

@@ -11,15 +11,15 @@ def test_ddim_inversion_trajectory_and_maps(model, image):
     schedule = DDIMSchedule.from_scheduler(model.scheduler, 50)
     z0 = model.encode_image(image)
     layers = attention_layers(model.unet)
-    record = select_layers(layers, kinds=["cross"], resolutions=[8]) + select_layers(
-        layers, kinds=["self"], resolutions=[16]
+    record = select_layers(layers, kinds=["cross"], resolutions=[16]) + select_layers(
+        layers, kinds=["self"], resolutions=[32]
     )
     result = ddim_inversion(model, z0, model.encode_prompt("a cat"), schedule, record=record, progress=False)
     assert len(result.trajectory) == 51 and torch.equal(result.trajectory[0], z0)
     assert torch.equal(result.pivot[0], result.trajectory[-1])
     assert result.attention.steps == 50
-    assert result.attention.average_maps("cross", 8).shape == (1, 8, 8, 77)
-    assert result.attention.average_maps("self", 16).shape == (1, 16, 16, 256)
+    assert result.attention.average_maps("cross", 16).shape == (1, 16, 16, 77)
+    assert result.attention.average_maps("self", 32).shape == (1, 32, 32, 1024)
     assert model.unet.attn_processors.keys() == {l.name for l in layers}
 
 

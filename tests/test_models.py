@@ -13,7 +13,7 @@ def test_save_and_load_a_diffusers_folder_offline(model, tmp_path):
     assert list((tmp_path / "m" / "unet").glob("*.safetensors"))
     cfg = loaded.scheduler.config
     assert (cfg.clip_sample, cfg.set_alpha_to_one, cfg.steps_offset) == (False, False, 1)
-    z = torch.randn(1, 4, 16, 16)
+    z = torch.randn(1, 4, 32, 32)
     s = model.encode_prompt("a cat")
     with torch.no_grad():
         torch.testing.assert_close(loaded.predict(z, 501, s), model.predict(z, 501, s))

@@ -20,7 +20,7 @@ def test_sampling_equals_stable_diffusion_pipeline(model):
     )
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(0)
-    z_T = torch.randn(1, 4, 16, 16, generator=g)
+    z_T = torch.randn(1, 4, 32, 32, generator=g)
     cond = model.encode_prompt("a cat and a dog")
     null = model.encode_prompt("")
     theirs = pipe(

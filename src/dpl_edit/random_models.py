@@ -1,7 +1,7 @@
 """Stable Diffusion models with random weights, built from configs.
 
 ``tiny_model``: Stable Diffusion's architecture (CLIP text encoder, UNet2DConditionModel with
-cross-attention, AutoencoderKL with an 8x downsampling, DDIM) at a few million parameters, with
+cross-attention, AutoencoderKL, DDIM) at a few million parameters, with
 the real CLIP tokenizer. It exercises every code path on a CPU in seconds, the way diffusers' own
 tests do; its images are noise and its attention maps are not meaningful.
 
@@ -30,10 +30,10 @@ SD_SCHEDULE = {
 
 
 def tiny_model(seed: int = 0, image_size: int = 128) -> StableDiffusion:
-    """A random-weight model: ``image_size`` pixels, latents of ``image_size // 8``.
+    """A random-weight model: ``image_size`` pixels, a 4x VAE, latents of ``image_size // 4``.
 
-    At 128 pixels the latent is 16x16 and the UNet has cross- and self-attention at 16x16 and 8x8
-    (down and up blocks), like SD 1.x has at 64..16.
+    At 128 pixels the latent is 32x32 and the UNet has self- and cross-attention at 32x32 and
+    16x16, so the map sizes DPL reads on SD 1.x (cross 16x16, self 32x32) exist here too.
     """
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(seed)
@@ -55,7 +55,7 @@ def _build(seed: int, image_size: int) -> StableDiffusion:
         )
     )
     unet = UNet2DConditionModel(
-        sample_size=image_size // 8,
+        sample_size=image_size // 4,
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64, 64),
@@ -69,9 +69,9 @@ def _build(seed: int, image_size: int) -> StableDiffusion:
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,

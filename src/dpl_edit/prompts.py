@@ -1,0 +1,106 @@
+"""Prompts with marked words: ``"a {cat} and a {dog}"`` as the DPL paper writes them.
+
+A marked (dynamic) word may be several BPE tokens ("hummingbird" is one, "sunflowerpot" is more):
+every token of the word gets its own dynamic vector, initialised from that token's own embedding
+(so a one-token word starts from its word-final token, e.g. ``cat</w>``), and the word's
+attention map is the mean of its tokens' maps.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers import CLIPTokenizer
+
+from .errors import PromptError
+
+_BRACED = re.compile(r"\{([^{}]*)\}")
+
+
+@dataclass(frozen=True)
+class DynamicWord:
+    """A marked word and the positions of its tokens in the 77 token ids (0 is the start token)."""
+
+    word: str
+    positions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MarkedPrompt:
+    """A prompt with its braces removed, its token ids and its dynamic words."""
+
+    text: str
+    token_ids: tuple[int, ...]  # 77 ids: start, prompt, end, padding
+    words: tuple[DynamicWord, ...]
+    end_position: int  # position of the end token; the prompt's own tokens are 1 .. end_position - 1
+
+    @property
+    def positions(self) -> list[int]:
+        """All dynamic token positions, word by word."""
+        return [p for word in self.words for p in word.positions]
+
+
+def parse_marked_prompt(
+    prompt: str, tokenizer: CLIPTokenizer, words: Sequence[str] = (), require_words: bool = True
+) -> MarkedPrompt:
+    """Find the dynamic words of a prompt, marked with braces and/or listed in ``words``.
+
+    A listed word marks its first whole-word, case-insensitive occurrence. Raises
+    :class:`PromptError` for unbalanced braces, a listed word not in the prompt, a prompt over the
+    tokenizer's length, or (with ``require_words``) no marked word at all.
+    """
+    text, spans = _strip_braces(prompt)
+    for word in words:
+        match = re.search(rf"(?<!\w){re.escape(word.strip())}(?!\w)", text, flags=re.IGNORECASE)
+        if not word.strip() or match is None:
+            raise PromptError(f"The word {word!r} is not in the prompt {text!r}; check its spelling.")
+        if match.span() not in spans:
+            spans.append(match.span())
+    if require_words and not spans:
+        raise PromptError(
+            f"No dynamic word in {prompt!r}: mark the nouns to learn in curly brackets, "
+            'e.g. "a {cat} and a {dog}", or list them with --words.'
+        )
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    ids, offsets = encoded.input_ids, encoded.offset_mapping
+    limit = tokenizer.model_max_length
+    if len(ids) > limit:
+        raise PromptError(
+            f"The prompt {text!r} is {len(ids)} tokens long (start and end included); the model reads "
+            f"at most {limit}. Shorten it."
+        )
+    dynamic = []
+    for start, end in sorted(spans):
+        positions = tuple(i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start)
+        if not positions:
+            raise PromptError(f"The marked word {text[start:end]!r} has no tokens; mark a word, not a symbol.")
+        dynamic.append(DynamicWord(text[start:end], positions))
+    end = len(ids) - 1
+    ids = ids + [tokenizer.pad_token_id] * (limit - len(ids))
+    return MarkedPrompt(text=text, token_ids=tuple(ids), words=tuple(dynamic), end_position=end)
+
+
+def strip_braces(prompt: str) -> str:
+    """The prompt without its word-marking braces."""
+    return _strip_braces(prompt)[0]
+
+
+def _strip_braces(prompt: str) -> tuple[str, list[tuple[int, int]]]:
+    """Remove ``{...}`` marks; return the text and the character spans of the marked words."""
+    text, spans, last = "", [], 0
+    for match in _BRACED.finditer(prompt):
+        text += prompt[last : match.start()]
+        word = match.group(1).strip()
+        if not word:
+            raise PromptError(f"Empty braces in {prompt!r}; put the word to learn inside them.")
+        lead = len(match.group(1)) - len(match.group(1).lstrip())
+        start = len(text) + lead
+        text += match.group(1)
+        spans.append((start, start + len(word)))
+        last = match.end()
+    text += prompt[last:]
+    if "{" in text or "}" in text:
+        raise PromptError(f"Unbalanced or nested braces in {prompt!r}; write words as {{word}}.")
+    return text, spans
