@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -48,6 +48,10 @@ class Inversion:
     null_states: torch.Tensor | None = None  # (num_steps, 77, D) per-step unconditional states; None: ""
     token_vectors: torch.Tensor | None = None  # (num_steps, K, D_in) per-step dynamic tokens (DPL)
     token_positions: list[int] = field(default_factory=list)  # K positions in token_ids
+    words: list[dict] = field(default_factory=list)  # dynamic words: {"word": str, "positions": [int]}
+    cross_maps: torch.Tensor | None = None  # (num_steps, n, res, res) maps of prompt tokens 1..n per step
+    background_mask: torch.Tensor | None = None  # (res, res) DPL background mask, 1 = background
+    clusters: torch.Tensor | None = None  # (res_self, res_self) self-attention cluster labels
     settings: dict = field(default_factory=dict)  # method settings, image fit, timings
     versions: dict = field(default_factory=dict)
     source_image: Image.Image | None = None
@@ -58,6 +62,15 @@ class Inversion:
             return [model.encode_prompt("")] * self.num_steps
         null = self.null_states.to(model.device, model.dtype)
         return [null[i : i + 1] for i in range(self.num_steps)]
+
+    def cond_at(self, model: StableDiffusion) -> list[torch.Tensor]:
+        """Per-step conditional states (1, 77, D) of the source prompt (with the step's tokens for DPL)."""
+        token_ids = torch.tensor([self.token_ids], device=model.device)
+        with torch.no_grad():
+            if self.token_vectors is None:
+                return [model.encode_tokens(token_ids)] * self.num_steps
+            vectors = self.token_vectors.to(model.device, model.dtype)
+            return [model.encode_tokens(token_ids, v, self.token_positions) for v in vectors]
 
     def check_compatible(self, model: StableDiffusion) -> None:
         """Raise :class:`InversionFileError` unless this inversion was made with ``model``."""
@@ -73,12 +86,8 @@ class Inversion:
         """Write the inversion into ``folder`` (created if needed); returns the folder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {"latent_T": self.latent_T, "source_latent": self.source_latent}
-        if self.null_states is not None:
-            tensors["null_states"] = self.null_states
-        if self.token_vectors is not None:
-            tensors["token_vectors"] = self.token_vectors
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        tensors = {name: getattr(self, name) for name in _TENSOR_FIELDS}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None}
         tmp = folder / (TENSORS_FILE + ".tmp")
         save_file(tensors, tmp)
         digest = _sha256(tmp)
@@ -87,7 +96,8 @@ class Inversion:
             tmp = folder / (SOURCE_FILE + ".tmp")
             self.source_image.save(tmp, format="PNG")
             os.replace(tmp, folder / SOURCE_FILE)
-        metadata = {k: v for k, v in asdict(self).items() if k not in _TENSOR_FIELDS}
+        skip = (*_TENSOR_FIELDS, "source_image")
+        metadata = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         metadata.update(format=FORMAT, format_version=FORMAT_VERSION, tensors_sha256=digest)
         _write_atomic(folder / METADATA_FILE, json.dumps(metadata, indent=2))
         return folder
@@ -111,7 +121,9 @@ class Inversion:
         return cls(**metadata, **tensors, source_image=image)
 
 
-_TENSOR_FIELDS = ("latent_T", "source_latent", "null_states", "token_vectors", "source_image")
+_TENSOR_FIELDS = (
+    "latent_T", "source_latent", "null_states", "token_vectors", "cross_maps", "background_mask", "clusters",
+)
 
 
 def library_versions() -> dict:

@@ -2,7 +2,7 @@
 
     model = StableDiffusion.from_pretrained("CompVis/stable-diffusion-v1-4", device="cuda")
     image = load_image("cat.jpg", model.image_size)
-    inversion = invert(model, image, "a cat sitting on a wall", method="nti")
+    inversion = invert(model, image, "a {cat} and a {dog}", method="dpl")
     inversion.save("cat-inversion")
     reconstruct(model, inversion).save("reconstruction.png")
 """
@@ -10,21 +10,34 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 import torch
 from PIL import Image
 
 from .artifacts import Inversion, library_versions
+from .attention import AttentionLayer, AttentionStore, attention_layers, select_layers
+from .background import background_mask
 from .diffusion import DDIMSchedule
 from .errors import DplEditError, ImageLoadError
 from .images import to_pil, to_tensor
-from .inversion import NullTextConfig, NullTextStep, ddim_inversion, null_text_inversion
+from .inversion import (
+    DynamicPromptConfig,
+    DynamicPromptStep,
+    NullTextConfig,
+    NullTextStep,
+    ddim_inversion,
+    dynamic_prompt_inversion,
+    null_text_inversion,
+)
+from .losses import word_maps
 from .models import StableDiffusion
+from .prompts import parse_marked_prompt
 from .sampling import sample
 
-METHODS = ("ddim", "nti")
+METHODS = ("ddim", "nti", "dpl")
+PRESETS = ("paper", "authors")
 
 
 def invert(
@@ -33,71 +46,123 @@ def invert(
     prompt: str,
     *,
     method: str = "nti",
+    words: Sequence[str] = (),
     num_steps: int = 50,
     guidance_scale: float = 7.5,
-    null_text: NullTextConfig = NullTextConfig(),
-    callback: Callable[[NullTextStep], None] | None = None,
+    preset: str = "paper",
+    null_text: NullTextConfig | None = None,
+    dpl: DynamicPromptConfig = DynamicPromptConfig(),
+    callback: Callable[[NullTextStep | DynamicPromptStep], None] | None = None,
     progress: bool = True,
 ) -> Inversion:
     """Invert a square RGB image of the model's size (see :func:`dpl_edit.images.load_image`).
 
-    ``method``: ``"ddim"`` (DDIM inversion only; sampling then uses the "" embedding) or
-    ``"nti"`` (null-text inversion on top of it, REFERENCE section 3).
+    ``method``: ``"ddim"`` (DDIM inversion only; sampling then uses the "" embedding), ``"nti"``
+    (null-text inversion, REFERENCE section 3) or ``"dpl"`` (dynamic prompt learning with
+    null-text inversion, section 5; mark its words as ``"a {cat} and a {dog}"`` or pass
+    ``words``). ``preset="authors"`` takes the DPL authors' null-text schedule
+    (:meth:`NullTextConfig.authors`) unless ``null_text`` is given.
     """
-    if method not in METHODS:
-        raise DplEditError(f"Unknown inversion method {method!r}; choose one of {', '.join(METHODS)}")
-    if image.size != (model.image_size, model.image_size):
-        raise ImageLoadError(
-            f"The image is {image.size[0]}x{image.size[1]} but the model takes "
-            f"{model.image_size}x{model.image_size}; load it with load_image(path, model.image_size)."
-        )
+    _check_arguments(model, image, method, preset)
+    null_text = null_text or (NullTextConfig.authors() if preset == "authors" else NullTextConfig())
     started = time.perf_counter()
-    token_ids = model.tokenize(prompt)
+    marked = parse_marked_prompt(prompt, model.tokenizer, words, require_words=method == "dpl")
+    token_ids = torch.tensor([marked.token_ids], device=model.device)
     schedule = DDIMSchedule.from_scheduler(model.scheduler, num_steps)
     with torch.no_grad():
         cond = model.encode_tokens(token_ids)
     source_latent = model.encode_image(to_tensor(image))
-    pivot = ddim_inversion(model, source_latent, cond, schedule, progress=progress).pivot
-    null_states, settings = None, {}
-    if method == "nti":
-        nulls = null_text_inversion(
-            model, pivot, cond, model.encode_prompt(""), schedule, guidance_scale, null_text,
-            callback=callback, progress=progress,
-        )
-        null_states = torch.cat(nulls)  # (num_steps, 77, D)
-        settings["null_text"] = asdict(null_text)
-    settings["seconds"] = round(time.perf_counter() - started, 3)
-    return Inversion(
+    cross_layers = _layers(model, "cross", dpl.cross_resolution)
+    self_layers = _layers(model, "self", dpl.self_resolution) if method == "dpl" else []
+    store = AttentionStore(history=[("cross", dpl.cross_resolution)])
+    ddim = ddim_inversion(
+        model, source_latent, cond, schedule, record=cross_layers + self_layers, store=store, progress=progress
+    )
+    pivot = ddim.pivot
+    step_maps = [m[0] for m in reversed(store.history[("cross", dpl.cross_resolution)])]  # sampling order
+    null_init = model.encode_prompt("")
+    result = Inversion(
         method=method,
         model_id=model.model_id,
         model_fingerprint=model.fingerprint(),
         prompt=prompt,
-        token_ids=token_ids[0].tolist(),
+        token_ids=list(marked.token_ids),
         latent_T=pivot[0],
         source_latent=source_latent,
         num_steps=num_steps,
         guidance_scale=guidance_scale,
-        null_states=null_states,
-        settings=settings,
+        words=[{"word": w.word, "positions": list(w.positions)} for w in marked.words],
+        settings={"preset": preset, "cross_resolution": dpl.cross_resolution},
         versions=library_versions(),
         source_image=image,
     )
+    if method == "nti":
+        nulls = null_text_inversion(
+            model, pivot, cond, null_init, schedule, guidance_scale, null_text,
+            callback=callback, progress=progress,
+        )
+        result.null_states = torch.cat(nulls)  # (num_steps, 77, D)
+        result.settings["null_text"] = asdict(null_text)
+    if method == "dpl":
+        mask = background_mask(
+            store.average_maps("self", dpl.self_resolution)[0],
+            word_maps(store.average_maps("cross", dpl.cross_resolution)[0], [w.positions for w in marked.words]),
+            num_clusters=dpl.num_clusters, threshold=dpl.agreement_threshold, seed=dpl.cluster_seed,
+        )
+        learned = dynamic_prompt_inversion(
+            model, marked, pivot, null_init, mask.mask, cross_layers, schedule, guidance_scale, dpl,
+            null_text, callback=callback, progress=progress,
+        )
+        result.null_states = torch.cat(learned.null_states)
+        result.token_vectors = torch.stack(learned.token_vectors)  # (num_steps, K, D_in)
+        result.token_positions = marked.positions
+        result.background_mask, result.clusters = mask.mask, mask.clusters
+        result.settings.update(
+            null_text=asdict(null_text), dpl=asdict(dpl), background_fallback=mask.fallback,
+            background_clusters=mask.background_clusters,
+        )
+        step_maps = learned.cross_maps
+    result.cross_maps = torch.stack(step_maps)[..., 1 : marked.end_position].permute(0, 3, 1, 2)  # (T, n, res, res)
+    result.settings["seconds"] = round(time.perf_counter() - started, 3)
+    return result
 
 
 def reconstruct_latents(model: StableDiffusion, inversion: Inversion, *, progress: bool = True) -> torch.Tensor:
-    """Sample z_0 (1, C, h, w) back from an inversion with its prompt and null states."""
+    """Sample z_0 (1, C, h, w) back from an inversion with its prompt, tokens and null states."""
     inversion.check_compatible(model)
     schedule = DDIMSchedule.from_scheduler(model.scheduler, inversion.num_steps)
-    token_ids = torch.tensor([inversion.token_ids], device=model.device)
-    with torch.no_grad():
-        cond = model.encode_tokens(token_ids)
     latent_T = inversion.latent_T.to(model.device, model.dtype)
     return sample(
-        model, latent_T, schedule, cond, inversion.null_at(model), inversion.guidance_scale,
-        progress=progress,
+        model, latent_T, schedule, inversion.cond_at(model), inversion.null_at(model),
+        inversion.guidance_scale, progress=progress,
     )
 
 
 def reconstruct(model: StableDiffusion, inversion: Inversion, *, progress: bool = True) -> Image.Image:
     """The image sampled back from an inversion (RGB, the model's size)."""
     return to_pil(model.decode_latents(reconstruct_latents(model, inversion, progress=progress)))
+
+
+def _check_arguments(model: StableDiffusion, image: Image.Image, method: str, preset: str) -> None:
+    if method not in METHODS:
+        raise DplEditError(f"Unknown inversion method {method!r}; choose one of {', '.join(METHODS)}")
+    if preset not in PRESETS:
+        raise DplEditError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if image.size != (model.image_size, model.image_size):
+        raise ImageLoadError(
+            f"The image is {image.size[0]}x{image.size[1]} but the model takes "
+            f"{model.image_size}x{model.image_size}; load it with load_image(path, model.image_size)."
+        )
+
+
+def _layers(model: StableDiffusion, kind: str, resolution: int) -> list[AttentionLayer]:
+    """The model's attention layers of one kind and map side; a clear error if there are none."""
+    layers = attention_layers(model.unet)
+    chosen = select_layers(layers, kinds=[kind], resolutions=[resolution])
+    if not chosen:
+        sides = sorted({layer.resolution for layer in layers if layer.kind == kind}, reverse=True)
+        raise DplEditError(
+            f"This model has no {kind}-attention layers with {resolution}x{resolution} maps "
+            f"(it has {', '.join(map(str, sides))}); choose one of those sizes."
+        )
+    return chosen

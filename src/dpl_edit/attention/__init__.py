@@ -1,6 +1,7 @@
 """Attention capture on diffusers UNets: which layers exist, a processor that exposes the
 attention probabilities, a scoped hook that installs it, and a store that averages the maps."""
 
+from .early_exit import ForwardStopped, StopAfter, execution_order, last_layer
 from .hook import AttentionHookError, attention_hook
 from .layers import AttentionLayer, attention_layers, select_layers
 from .processor import AttentionObserver, InspectingProcessor
@@ -11,8 +12,12 @@ __all__ = [
     "AttentionLayer",
     "AttentionObserver",
     "AttentionStore",
+    "ForwardStopped",
+    "StopAfter",
     "InspectingProcessor",
     "attention_hook",
     "attention_layers",
+    "execution_order",
+    "last_layer",
     "select_layers",
 ]

@@ -23,16 +23,22 @@ class AttentionStore:
         rows: batch rows to keep (e.g. only the conditional rows); None keeps all.
         keep_grad: keep the autograd graph (for losses on maps); otherwise maps are detached.
         average_steps: also keep the running sum over steps for :meth:`average_maps`.
+        history: (kind, resolution) keys whose per-step maps are kept in ``self.history``.
     """
 
     def __init__(
-        self, rows: Sequence[int] | None = None, keep_grad: bool = False, average_steps: bool = True
+        self,
+        rows: Sequence[int] | None = None,
+        keep_grad: bool = False,
+        average_steps: bool = True,
+        history: Sequence[Key] = (),
     ):
         self.rows = list(rows) if rows is not None else None
         self.keep_grad = keep_grad
         self.average_steps = average_steps
         self._step: dict[Key, list[torch.Tensor]] = {}
         self._total: dict[Key, torch.Tensor] = {}
+        self.history: dict[Key, list[torch.Tensor]] = {key: [] for key in history}
         self.steps = 0
 
     def __call__(self, layer: AttentionLayer, probs: torch.Tensor) -> None:
@@ -52,12 +58,15 @@ class AttentionStore:
         return maps.view(maps.shape[0], resolution, resolution, maps.shape[-1])
 
     def end_step(self) -> None:
-        """Close a step: add its layer averages to the running sums and clear it."""
-        if self.average_steps:
-            for kind, resolution in self._step:
-                maps = self.step_maps(kind, resolution).detach()
-                key = (kind, resolution)
+        """Close a step: add its layer averages to the running sums and history, and clear it."""
+        for key in self._step:
+            if not (self.average_steps or key in self.history):
+                continue
+            maps = self.step_maps(*key).detach()
+            if self.average_steps:
                 self._total[key] = self._total[key] + maps if key in self._total else maps
+            if key in self.history:
+                self.history[key].append(maps)
         self._step.clear()
         self.steps += 1
 

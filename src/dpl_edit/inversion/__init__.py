@@ -1,10 +1,20 @@
-"""Inversions of a real image into a diffusion model: DDIM inversion and null-text inversion."""
+"""Inversions of a real image into a diffusion model: DDIM, null-text and dynamic prompt learning."""
 
 from .ddim import DDIMInversion, ddim_inversion
+from .dynamic_prompt import (
+    DynamicPromptConfig,
+    DynamicPromptResult,
+    DynamicPromptStep,
+    dynamic_prompt_inversion,
+)
 from .null_text import NullTextConfig, NullTextStep, null_text_inversion
 
 __all__ = [
     "DDIMInversion",
+    "DynamicPromptConfig",
+    "DynamicPromptResult",
+    "DynamicPromptStep",
+    "dynamic_prompt_inversion",
     "NullTextConfig",
     "NullTextStep",
     "ddim_inversion",

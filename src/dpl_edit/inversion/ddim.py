@@ -39,14 +39,18 @@ def ddim_inversion(
     schedule: DDIMSchedule,
     *,
     record: Sequence[AttentionLayer] = (),
+    store: AttentionStore | None = None,
     progress: bool = True,
 ) -> DDIMInversion:
     """Invert scaled latents z_0 (1, C, h, w) with conditional text states (1, 77, D).
 
-    ``record`` names the attention layers whose maps are averaged over the run (e.g. the 16x16
-    cross-attention and 32x32 self-attention layers the background mask reads).
+    ``record`` names the attention layers whose maps go to ``store`` (by default an
+    :class:`AttentionStore` averaging over the run), e.g. the 16x16 cross-attention and 32x32
+    self-attention layers the background mask reads. Steps are closed in inversion order (least
+    noisy first).
     """
-    store = AttentionStore() if record else None
+    if record and store is None:
+        store = AttentionStore()
     trajectory = [latents]
     z = latents
     steps = range(schedule.num_steps - 1, -1, -1)  # from the least noisy timestep up

@@ -1,0 +1,85 @@
+"""The background mask from self-attention clustering (DPL paper section 3.3; REFERENCE
+section 4).
+
+Pixels are clustered by their rows of the inversion-averaged self-attention map; a cluster whose
+agreement with every noun's cross-attention map is below a threshold is background.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BackgroundMask:
+    """The mask and how it was found."""
+
+    mask: torch.Tensor  # (res_cross, res_cross) float, 1 = background
+    clusters: torch.Tensor  # (res_self, res_self) int64 cluster label of each pixel
+    agreement: torch.Tensor  # (V, K) sigma of cluster c with word k
+    background_clusters: list[int]
+    fallback: bool  # no cluster was below the threshold: the least-agreeing one was taken
+
+
+def cluster_self_attention(self_maps: torch.Tensor, num_clusters: int = 5, seed: int = 0) -> torch.Tensor:
+    """KMeans labels (res, res) of the rows of a self-attention map (res, res, res*res)."""
+    res = self_maps.shape[0]
+    rows = self_maps.reshape(res * res, -1).float().cpu().numpy().astype(np.float64)  # (res*res, res*res)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # degenerate maps of random models give fewer distinct points
+        labels = KMeans(n_clusters=num_clusters, n_init=10, random_state=seed).fit_predict(rows)
+    return torch.from_numpy(labels).long().view(res, res)
+
+
+def cluster_agreement(clusters: torch.Tensor, word_maps: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """sigma (V, K): sum(mask_c * A_k) / sum(mask_c), A_k upsampled to the clusters' size, max-scaled to [0, 1]."""
+    res = clusters.shape[0]
+    maps = F.interpolate(word_maps[:, None].float().cpu(), size=(res, res), mode="bilinear", align_corners=False)
+    maps = maps[:, 0] / maps.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]  # (K, res, res)
+    masks = F.one_hot(clusters, num_clusters).permute(2, 0, 1).float()  # (V, res, res)
+    overlap = torch.einsum("vhw,khw->vk", masks, maps)
+    return overlap / masks.flatten(1).sum(dim=1).clamp_min(1)[:, None]
+
+
+def background_mask(
+    self_maps: torch.Tensor,
+    word_maps: torch.Tensor,
+    *,
+    num_clusters: int = 5,
+    threshold: float = 0.2,
+    seed: int = 0,
+) -> BackgroundMask:
+    """The background mask at the word maps' size.
+
+    ``self_maps`` (res_s, res_s, res_s*res_s) and ``word_maps`` (K, res_c, res_c) are averaged
+    over the DDIM inversion. Clusters whose agreement is under ``threshold`` for every word are
+    background. If none is, the cluster with the lowest highest agreement is taken and a warning
+    logged (the authors' code crashes there). The mask is brought to the words' size by "any
+    overlap" (max pooling), as the authors' PNG round trip does.
+    """
+    clusters = cluster_self_attention(self_maps, num_clusters, seed)
+    agreement = cluster_agreement(clusters, word_maps, num_clusters)
+    chosen = [c for c in range(num_clusters) if bool((agreement[c] < threshold).all())]
+    fallback = not chosen
+    if fallback:
+        chosen = [int(agreement.amax(dim=1).argmin())]
+        logger.warning(
+            "No self-attention cluster agrees less than %.2f with every word; taking cluster %d "
+            "(highest agreement %.2f) as the background.", threshold, chosen[0], float(agreement[chosen[0]].max()),
+        )
+    full = torch.isin(clusters, torch.tensor(chosen)).float()[None, None]  # (1, 1, res_s, res_s)
+    res = word_maps.shape[-1]
+    if full.shape[-1] >= res:
+        mask = F.adaptive_max_pool2d(full, res)
+    else:
+        mask = F.interpolate(full, size=(res, res), mode="nearest")
+    return BackgroundMask(mask[0, 0], clusters, agreement, chosen, fallback)

@@ -1,0 +1,210 @@
+"""Dynamic Prompt Learning (Wang et al., NeurIPS 2023, Alg. 1; REFERENCE section 5).
+
+For each timestep, from the noisiest: update the K dynamic token vectors with AdamW until the
+attention balancing, disjoint object and background leakage losses are under their gradual
+thresholds (at most 21 iterations), then run the null-text step of that timestep with the updated
+tokens. Only the token vectors are parameters: the embedding table and all model weights are
+untouched and get no gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..attention import AttentionLayer, AttentionStore, ForwardStopped, StopAfter, attention_hook, last_layer
+from ..diffusion import DDIMSchedule, denoise_step, guided_noise
+from ..losses import (
+    attention_balancing_loss,
+    background_leakage_loss,
+    disjoint_object_loss,
+    gradual_threshold,
+    word_maps,
+)
+from ..models import StableDiffusion
+from ..prompts import MarkedPrompt
+from .null_text import NullTextConfig, optimize_null
+
+LOSSES = ("at", "dj", "bg")  # attention balancing, disjoint object, background leakage
+
+
+@dataclass(frozen=True)
+class DynamicPromptConfig:
+    """DPL settings; the defaults are the paper's (the authors' validated values)."""
+
+    cross_resolution: int = 16  # side of the cross-attention maps the losses read (SD 1.x: 16)
+    self_resolution: int = 32  # side of the self-attention maps clustered for the background (SD 1.x: 32)
+    max_iterations: int = 21  # AdamW steps per timestep at most
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    lambda_at: float = 1.0  # loss weights (the authors' demo uses lambda_dj = 0.005)
+    lambda_dj: float = 0.05
+    lambda_bg: float = 0.05
+    threshold_at: float = 0.3  # gradual thresholds TH(i) = threshold * exp(-i / decay), Eq. 10
+    threshold_dj: float = 0.9
+    threshold_bg: float = 0.7
+    decay_at: float = 25.0
+    decay_dj: float = 25.0
+    decay_bg: float = 50.0
+    losses: tuple[str, ...] = LOSSES  # which losses are used (one alone for the Fig. 5a ablation)
+    num_clusters: int = 5  # V, KMeans clusters of the self-attention map
+    agreement_threshold: float = 0.2  # TH below which a cluster is background
+    cluster_seed: int = 0
+    early_exit: bool = True  # stop the UNet forward after the last layer the losses read
+
+    def __post_init__(self) -> None:
+        unknown = set(self.losses) - set(LOSSES)
+        if unknown or not self.losses:
+            raise ValueError(f"losses must be a non-empty subset of {LOSSES}, got {self.losses}")
+
+    def thresholds(self, step: int) -> dict[str, float]:
+        return {
+            "at": gradual_threshold(self.threshold_at, self.decay_at, step),
+            "dj": gradual_threshold(self.threshold_dj, self.decay_dj, step),
+            "bg": gradual_threshold(self.threshold_bg, self.decay_bg, step),
+        }
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {"at": self.lambda_at, "dj": self.lambda_dj, "bg": self.lambda_bg}
+
+
+@dataclass(frozen=True)
+class DynamicPromptStep:
+    """What the per-step callback receives after each timestep."""
+
+    step: int  # 0 .. num_steps-1, 0 the noisiest
+    timestep: int
+    losses: dict[str, float]  # the last computed value of each active loss
+    thresholds: dict[str, float]
+    iterations: int  # AdamW steps taken on the tokens
+    null_loss: float
+    null_iterations: int
+
+
+@dataclass
+class DynamicPromptResult:
+    token_vectors: list[torch.Tensor]  # per step (K, D_in), sampling order
+    null_states: list[torch.Tensor]  # per step (1, 77, D)
+    cross_maps: list[torch.Tensor]  # per step (res, res, 77): conditional maps with the learned tokens
+
+
+class TokenLosses:
+    """The DPL losses of one timestep as a function of the token vectors (a UNet forward each)."""
+
+    def __init__(
+        self,
+        model: StableDiffusion,
+        prompt: MarkedPrompt,
+        layers: Sequence[AttentionLayer],
+        background: torch.Tensor,
+        config: DynamicPromptConfig,
+    ):
+        self.model = model
+        self.prompt = prompt
+        self.token_ids = torch.tensor([prompt.token_ids], device=model.device)
+        self.words = [word.positions for word in prompt.words]
+        self.background = background.to(model.device)
+        self.config = config
+        self.active = [k for k in config.losses if k == "bg" or len(self.words) > 1]  # K=1: L_bg only
+        self.store = AttentionStore(keep_grad=True, average_steps=False)
+        self.observer = StopAfter(self.store, last_layer(layers)) if config.early_exit else self.store
+        self.layers = list(layers)
+
+    def __call__(self, z: torch.Tensor, t: int, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Active losses (scalars with gradients to ``vectors``) at latent z, timestep t."""
+        states = self.model.encode_tokens(self.token_ids, vectors.to(self.model.dtype), self.prompt.positions)
+        with attention_hook(self.model.unet, self.layers, self.observer):
+            try:
+                self.model.predict(z, t, states)
+            except ForwardStopped:
+                pass
+        maps = self.store.step_maps("cross", self.config.cross_resolution)[0]  # (res, res, 77)
+        self.store.end_step()
+        return self.losses_of(maps)
+
+    def losses_of(self, maps: torch.Tensor) -> dict[str, torch.Tensor]:
+        a = word_maps(maps, self.words)  # (K, res, res)
+        compute = {
+            "at": lambda: attention_balancing_loss(maps, self.words, self.prompt.end_position),
+            "dj": lambda: disjoint_object_loss(a),
+            "bg": lambda: background_leakage_loss(a, self.background),
+        }
+        return {k: compute[k]() for k in self.active}
+
+
+def optimize_tokens(
+    losses_at: TokenLosses, z: torch.Tensor, t: int, step: int, vectors: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float], int]:
+    """Alg. 1 lines 8-13: AdamW on the token vectors until every loss is under its threshold.
+
+    A fresh optimiser each timestep; the vectors are fp32 whatever the model's dtype. Returns
+    (vectors, last loss values, AdamW steps taken).
+    """
+    config = losses_at.config
+    param = vectors.detach().float().clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW([param], lr=config.learning_rate, weight_decay=config.weight_decay)
+    thresholds, weights = config.thresholds(step), config.weights
+    values: dict[str, float] = {}
+    for iteration in range(config.max_iterations):
+        losses = losses_at(z, t, param)
+        values = {k: v.item() for k, v in losses.items()}
+        if all(values[k] < thresholds[k] for k in values):
+            return param.detach(), values, iteration
+        optimizer.zero_grad(set_to_none=True)
+        sum(weights[k] * losses[k] for k in losses).backward()
+        optimizer.step()
+    return param.detach(), values, config.max_iterations
+
+
+def dynamic_prompt_inversion(
+    model: StableDiffusion,
+    prompt: MarkedPrompt,
+    pivot: Sequence[torch.Tensor],
+    null_init: torch.Tensor,
+    background: torch.Tensor,
+    layers: Sequence[AttentionLayer],
+    schedule: DDIMSchedule,
+    guidance_scale: float,
+    config: DynamicPromptConfig = DynamicPromptConfig(),
+    null_text: NullTextConfig = NullTextConfig(),
+    *,
+    callback: Callable[[DynamicPromptStep], None] | None = None,
+    progress: bool = True,
+) -> DynamicPromptResult:
+    """Alg. 1 lines 5-19 on a DDIM-inversion pivot (sampling order, pivot[0] = z*_T).
+
+    ``background`` is the mask (res, res) at the cross-attention size; ``layers`` the
+    cross-attention layers of that size.
+    """
+    token_ids = torch.tensor([prompt.token_ids], device=model.device)
+    vectors = model.token_embedding(token_ids[0, prompt.positions]).float()  # (K, D_in)
+    losses_at = TokenLosses(model, prompt, layers, background, config)
+    record = AttentionStore(average_steps=False, history=[("cross", config.cross_resolution)])
+    result = DynamicPromptResult([], [], record.history[("cross", config.cross_resolution)])
+    null, z = null_init, pivot[0]
+    bar = tqdm(range(schedule.num_steps), desc="DPL inversion", disable=not progress, leave=False)
+    for i in bar:
+        t = schedule.timesteps[i]
+        vectors, losses, iterations = optimize_tokens(losses_at, z, t, i, vectors)
+        with torch.no_grad():
+            cond = model.encode_tokens(token_ids, vectors.to(model.dtype), prompt.positions)
+            with attention_hook(model.unet, layers, record):
+                eps_cond = model.predict(z, t, cond)
+            record.end_step()
+        start = null_init if null_text.reset_each_step else null
+        null, null_loss, null_iterations = optimize_null(
+            model, schedule, i, z, pivot[i + 1], eps_cond, start, guidance_scale, null_text
+        )
+        with torch.no_grad():
+            z = denoise_step(schedule, i, z, guided_noise(model.predict(z, t, null), eps_cond, guidance_scale))
+        result.token_vectors.append(vectors)
+        result.null_states.append(null)
+        bar.set_postfix({**{k: f"{v:.3f}" for k, v in losses.items()}, "it": iterations})
+        if callback is not None:
+            callback(DynamicPromptStep(i, t, losses, config.thresholds(i), iterations, null_loss, null_iterations))
+    result.cross_maps = [m[0] for m in result.cross_maps]
+    return result

@@ -1,0 +1,70 @@
+"""The three DPL losses on cross-attention maps and their gradual thresholds (DPL paper
+section 3.2, Eq. 6-10; REFERENCE section 5). Pure functions on tensors.
+
+``maps`` are one step's cross-attention maps (res, res, 77) of the conditional branch, averaged
+over heads and layers; a word is the list of its token positions (the start token is position 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+Word = Sequence[int]
+
+
+def word_maps(maps: torch.Tensor, words: Sequence[Word]) -> torch.Tensor:
+    """Raw maps (K, res, res) of K words: the mean of each word's token columns."""
+    return torch.stack([maps[..., list(word)].mean(dim=-1) for word in words])
+
+
+def attend_and_excite_kernel(sigma: float = 0.5, size: int = 3) -> torch.Tensor:
+    """Attend-and-Excite's (size x size) smoothing kernel.
+
+    Coded there as exp(-((x - mean) / (2 sigma))^2), i.e. a Gaussian of standard deviation
+    sigma * sqrt(2) (about 0.71 for sigma = 0.5), normalised to sum 1.
+    """
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-((x / (2 * sigma)) ** 2))
+    kernel = torch.outer(g, g)
+    return (kernel / kernel.sum()).float()
+
+
+def attention_balancing_loss(maps: torch.Tensor, words: Sequence[Word], end_position: int) -> torch.Tensor:
+    """L_at = max_k (1 - m_k) (Attend-and-Excite, Chefer et al. 2023; DPL Eq. 8).
+
+    The prompt's token columns 1 .. end_position-1 are re-softmaxed at temperature 1/100 over the
+    token axis; each word's map (mean of its columns) is smoothed with the 3x3 kernel under reflect
+    padding; m_k is its maximum.
+    """
+    text = torch.softmax(100 * maps[..., 1:end_position].float(), dim=-1)  # (res, res, n)
+    kernel = attend_and_excite_kernel().to(text.device)[None, None]  # (1, 1, 3, 3)
+    losses = []
+    for word in words:
+        image = text[..., [p - 1 for p in word]].mean(dim=-1)[None, None]  # (1, 1, res, res)
+        smoothed = F.conv2d(F.pad(image, (1, 1, 1, 1), mode="reflect"), kernel)
+        losses.append(1 - smoothed.max())
+    return torch.stack(losses).max()
+
+
+def disjoint_object_loss(word_maps: torch.Tensor) -> torch.Tensor:
+    """L_dj: mean over pairs i > j of cos(A^i, A^j) on raw word maps (K, res, res) (DPL Eq. 7)."""
+    flat = F.normalize(word_maps.flatten(1).float(), dim=1)  # (K, res*res)
+    cosine = flat @ flat.T  # (K, K)
+    i, j = torch.tril_indices(len(flat), len(flat), offset=-1)
+    return cosine[i, j].mean()
+
+
+def background_leakage_loss(word_maps: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """L_bg: mean over k of cos(A^k, B), B the background mask (res, res) (DPL Eq. 9)."""
+    flat = word_maps.flatten(1).float()  # (K, res*res)
+    b = background.flatten().to(flat).expand_as(flat)
+    return F.cosine_similarity(flat, b, dim=1).mean()
+
+
+def gradual_threshold(initial: float, decay: float, step: int) -> float:
+    """TH(i) = initial * exp(-i / decay) (DPL Eq. 10), i = 0 the noisiest step."""
+    return initial * math.exp(-step / decay)
