@@ -1,0 +1,90 @@
+"""The DPL loop on the tiny model: what is optimised, the early-exit forward, the saved result."""
+
+import pytest
+import torch
+
+from dpl_edit import Inversion, PromptError, invert, reconstruct_latents
+from dpl_edit.attention import attention_layers, select_layers
+from dpl_edit.inversion import DynamicPromptConfig
+from dpl_edit.inversion.dynamic_prompt import TokenLosses, optimize_tokens
+from dpl_edit.images import to_pil
+from dpl_edit.prompts import parse_marked_prompt
+
+FAST = DynamicPromptConfig(max_iterations=3)
+
+
+def _token_losses(model, prompt, config):
+    marked = parse_marked_prompt(prompt, model.tokenizer)
+    layers = select_layers(attention_layers(model.unet), kinds=["cross"], resolutions=[16])
+    background = torch.zeros(16, 16)
+    background[:, :8] = 1
+    return TokenLosses(model, marked, layers, background, config), marked
+
+
+def test_early_exit_gives_the_full_forward_gradient(model):
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for early_exit in (True, False):
+        losses_at, marked = _token_losses(model, "a {cat} and a {dog}", DynamicPromptConfig(early_exit=early_exit))
+        ids = torch.tensor(marked.token_ids)
+        vectors = model.token_embedding(ids[marked.positions]).requires_grad_(True)
+        losses = losses_at(z, 501, vectors)
+        sum(losses.values()).backward()
+        grads.append(vectors.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0
+
+
+def test_only_the_token_vectors_move(model):
+    table = model.text_encoder.get_input_embeddings().weight.clone()
+    losses_at, marked = _token_losses(model, "a {cat} and a {dog}", FAST)
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    start = model.token_embedding(torch.tensor(marked.token_ids)[marked.positions])
+    vectors, values, iterations = optimize_tokens(losses_at, z, 501, 0, start)
+    assert iterations == 3 and set(values) == {"at", "dj", "bg"}
+    assert not torch.equal(vectors, start)
+    assert torch.equal(model.text_encoder.get_input_embeddings().weight, table)
+    for module in (model.unet, model.text_encoder, model.vae):
+        assert all(p.grad is None and not p.requires_grad for p in module.parameters())
+
+
+def test_stops_when_losses_are_under_thresholds(model):
+    easy = DynamicPromptConfig(threshold_at=10, threshold_dj=10, threshold_bg=10)
+    losses_at, marked = _token_losses(model, "a {cat} and a {dog}", easy)
+    start = model.token_embedding(torch.tensor(marked.token_ids)[marked.positions])
+    vectors, _, iterations = optimize_tokens(losses_at, torch.randn(1, 4, 32, 32), 501, 0, start)
+    assert iterations == 0 and torch.equal(vectors, start)
+
+
+def test_one_word_uses_the_background_loss_only(model):
+    losses_at, _ = _token_losses(model, "a {cat} on grass", FAST)
+    assert losses_at.active == ["bg"]
+
+
+def test_dpl_inversion_end_to_end(model, image, tmp_path):
+    table = model.text_encoder.get_input_embeddings().weight.clone()
+    steps = []
+    inversion = invert(
+        model, to_pil(image), "a {sunflowerpot} and a {dog}", method="dpl", num_steps=3, dpl=FAST,
+        callback=steps.append, progress=False,
+    )
+    assert [w["word"] for w in inversion.words] == ["sunflowerpot", "dog"]
+    assert inversion.words[0]["positions"] == [2, 3, 4]  # sun, flower, pot</w>
+    assert inversion.token_vectors.shape == (3, 4, 32) and inversion.token_positions == [2, 3, 4, 7]
+    assert inversion.cross_maps.shape == (3, 7, 16, 16)  # prompt tokens 1..7, per step
+    assert inversion.background_mask.shape == (16, 16) and inversion.clusters.shape == (32, 32)
+    assert [s.step for s in steps] == [0, 1, 2]
+    assert all(set(s.losses) == {"at", "dj", "bg"} and s.iterations <= 3 for s in steps)
+    assert torch.equal(model.text_encoder.get_input_embeddings().weight, table)
+    loaded = Inversion.load(inversion.save(tmp_path / "dpl"))
+    assert torch.equal(loaded.token_vectors, inversion.token_vectors)
+    torch.testing.assert_close(reconstruct_latents(model, loaded, progress=False),
+                               reconstruct_latents(model, inversion, progress=False))
+
+
+def test_dpl_needs_marked_words_and_existing_map_sizes(model, image):
+    with pytest.raises(PromptError, match="No dynamic word"):
+        invert(model, to_pil(image), "a cat and a dog", method="dpl", num_steps=2, progress=False)
+    with pytest.raises(Exception, match="no cross-attention layers with 64x64"):
+        invert(model, to_pil(image), "a {cat}", method="dpl", num_steps=2, progress=False,
+               dpl=DynamicPromptConfig(cross_resolution=64))
