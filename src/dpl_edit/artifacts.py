@@ -41,6 +41,7 @@ class Inversion:
     model_fingerprint: dict
     prompt: str
     token_ids: list[int]  # the 77 ids of the source prompt, start/end/padding included
+    prompt_tokens: list[str]  # the BPE tokens at positions 1 .. n (the prompt without start/end/padding)
     latent_T: torch.Tensor  # z_bar_T: where sampling starts (1, C, h, w)
     source_latent: torch.Tensor  # z_0 of the source image (1, C, h, w)
     num_steps: int

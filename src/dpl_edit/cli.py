@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -14,9 +15,12 @@ from . import __version__
 from .artifacts import Inversion
 from .errors import DplEditError
 from .images import FITS, load_image, psnr
-from .inversion import NullTextConfig
-from .pipeline import METHODS, invert, reconstruct
+from .inversion import DynamicPromptConfig, NullTextConfig
+from .inversion.dynamic_prompt import LOSSES
+from .localisation import THRESHOLDS, iou_curve, load_mask, plot_curves
+from .pipeline import METHODS, PRESETS, invert, reconstruct
 from .registry import DEFAULT_MODEL, NAMED_MODELS, load_model
+from .views import inversion_words, word_map, write_attention_views
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -52,13 +56,41 @@ def build_parser() -> argparse.ArgumentParser:
         "inversion.json, source.png) for `dpl reconstruct` and editing.",
     )
     p.add_argument("image", type=Path, help="the image file (PNG, JPEG, WebP, ...; any size and mode)")
-    p.add_argument("--prompt", required=True, help='a caption of the image, e.g. "a cat and a dog"')
+    p.add_argument(
+        "--prompt", required=True,
+        help='a caption of the image; for dpl mark the nouns to learn in braces: "a {cat} and a {dog}"',
+    )
     p.add_argument("--out", type=Path, required=True, help="folder to write the inversion into")
     p.add_argument(
         "--method", choices=METHODS, default="nti",
         help="ddim: DDIM inversion only (fast, poor reconstruction under guidance); "
-        "nti: null-text inversion (Mokady et al. 2023), near-exact reconstruction. Default: nti",
+        "nti: null-text inversion (Mokady et al. 2023), near-exact reconstruction; "
+        "dpl: dynamic prompt learning (Wang et al. 2023) + null-text inversion, attention kept "
+        "on each marked word's object. Default: nti",
     )
+    p.add_argument(
+        "--words", nargs="+", default=(), metavar="WORD",
+        help="dpl: words to learn, instead of (or besides) marking them with braces in --prompt",
+    )
+    p.add_argument(
+        "--preset", choices=PRESETS, default="paper",
+        help="paper: published null-text inversion settings (default); authors: the DPL authors' "
+        "schedule (51 null-text iterations per step, no early stop, null reset each step)",
+    )
+    dpl = DynamicPromptConfig()
+    p.add_argument("--dpl-iterations", type=int, default=dpl.max_iterations,
+                   help=f"dpl: AdamW steps on the tokens per timestep at most (default: {dpl.max_iterations})")
+    p.add_argument("--losses", default=",".join(dpl.losses),
+                   help="dpl: comma-separated losses to use: at (attention balancing), dj (disjoint "
+                   "object), bg (background leakage) (default: at,dj,bg)")
+    p.add_argument("--lambda-dj", type=float, default=dpl.lambda_dj,
+                   help=f"dpl: weight of the disjoint object loss (default: {dpl.lambda_dj}; the authors' demo uses 0.005)")
+    p.add_argument("--lambda-bg", type=float, default=dpl.lambda_bg,
+                   help=f"dpl: weight of the background leakage loss (default: {dpl.lambda_bg})")
+    p.add_argument("--cross-res", type=int, default=dpl.cross_resolution,
+                   help=f"side of the cross-attention maps the losses and views read (default: {dpl.cross_resolution}, SD 1.x)")
+    p.add_argument("--self-res", type=int, default=dpl.self_resolution,
+                   help=f"dpl: side of the self-attention maps clustered for the background mask (default: {dpl.self_resolution})")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
     p.add_argument(
@@ -83,6 +115,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="where to write the image (default: DIR/reconstruction.png)")
     _add_model_options(p, required_default=None)
     p.set_defaults(run=_reconstruct)
+
+    p = commands.add_parser(
+        "attention",
+        help="draw the attention maps of an inversion as PNG grids",
+        description="Write PNG grids of each word's cross-attention over the source image (averaged "
+        "over all steps and over step ranges), and for DPL the self-attention clusters and background "
+        "mask; with --compare, two inversions of the same image side by side (NTI vs DPL).",
+    )
+    p.add_argument("dir", type=Path, help="a folder written by `dpl invert`")
+    p.add_argument("--compare", type=Path, help="another inversion of the same image and prompt")
+    p.add_argument("--out", type=Path, help="folder for the PNGs (default: DIR)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(run=_attention, seed=None)
+
+    p = commands.add_parser(
+        "localisation",
+        help="IoU of words' attention maps with ground-truth masks, against the threshold",
+        description="For each inversion and word, threshold the step-averaged, max-normalised "
+        "cross-attention map at 0.0, 0.1, ..., 1.0 and compute the IoU with the word's mask (the DPL "
+        "paper's Fig. 5a). Prints a table and plots the curves.",
+    )
+    p.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="inversions of the same image")
+    p.add_argument("--mask", action="append", required=True, metavar="WORD=FILE",
+                   help="a word and its ground-truth mask image (white = object); repeat per word")
+    p.add_argument("--out", type=Path, default=Path("localisation.png"), help="the plot (default: localisation.png)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(run=_localisation, seed=None)
     return parser
 
 
@@ -128,12 +187,22 @@ def _load(args: argparse.Namespace, name: str):
 def _invert(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise DplEditError(f"--steps must be at least 1, got {args.steps}")
+    losses = tuple(name.strip() for name in args.losses.split(",") if name.strip())
+    if not losses or set(losses) - set(LOSSES):
+        raise DplEditError(f"--losses takes a comma-separated subset of {','.join(LOSSES)}, got {args.losses!r}")
+    dpl = DynamicPromptConfig(
+        cross_resolution=args.cross_res, self_resolution=args.self_res, max_iterations=args.dpl_iterations,
+        losses=losses, lambda_dj=args.lambda_dj, lambda_bg=args.lambda_bg,
+    )
+    null_text = NullTextConfig.authors() if args.preset == "authors" else NullTextConfig()
+    if args.nti_iterations != NullTextConfig.max_iterations:
+        null_text = dataclasses.replace(null_text, max_iterations=args.nti_iterations)
     model = _load(args, args.model)
     image = load_image(args.image, model.image_size, fit=args.fit)
     started = time.perf_counter()
     inversion = invert(
-        model, image, args.prompt, method=args.method, num_steps=args.steps,
-        guidance_scale=args.guidance, null_text=NullTextConfig(max_iterations=args.nti_iterations),
+        model, image, args.prompt, method=args.method, words=args.words, num_steps=args.steps,
+        guidance_scale=args.guidance, preset=args.preset, null_text=null_text, dpl=dpl,
         progress=not args.quiet,
     )
     inversion.settings["fit"] = args.fit
@@ -150,6 +219,38 @@ def _reconstruct(args: argparse.Namespace) -> int:
     image.save(out)
     quality = f", PSNR {psnr(image, inversion.source_image):.2f} dB against the source" if inversion.source_image else ""
     print(f"Reconstructed {args.dir} ({inversion.method}) -> {out}{quality}")
+    return 0
+
+
+def _attention(args: argparse.Namespace) -> int:
+    written = write_attention_views(args.dir, compare=args.compare, out=args.out)
+    if not args.quiet:
+        print("Wrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def _localisation(args: argparse.Namespace) -> int:
+    masks = {}
+    for item in args.mask:
+        word, sep, path = item.partition("=")
+        if not sep or not word or not path:
+            raise DplEditError(f"--mask takes WORD=FILE, got {item!r}")
+        masks[word.strip()] = load_mask(path)
+    curves = {}
+    for folder in args.dirs:
+        inversion = Inversion.load(folder)
+        words = dict(inversion_words(inversion))
+        for word, mask in masks.items():
+            if word not in words:
+                raise DplEditError(f"{folder}: no word {word!r} in its prompt {inversion.prompt!r}")
+            curves[f"{folder.name} {inversion.method} {word}"] = iou_curve(word_map(inversion, words[word]), mask)
+    plot_curves(curves, args.out, title="IoU of word attention with its mask")
+    if not args.quiet:
+        print("| inversion, word | " + " | ".join(f"{t:.1f}" for t in THRESHOLDS) + " | mean |")
+        print("|---" * (len(THRESHOLDS) + 2) + "|")
+        for label, curve in curves.items():
+            print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in curve.tolist()) + f" | {curve.mean():.3f} |")
+        print(f"Plot: {args.out}")
     return 0
 
 

@@ -87,6 +87,7 @@ def invert(
         model_fingerprint=model.fingerprint(),
         prompt=prompt,
         token_ids=list(marked.token_ids),
+        prompt_tokens=model.tokenizer.convert_ids_to_tokens(list(marked.token_ids[1 : marked.end_position])),
         latent_T=pivot[0],
         source_latent=source_latent,
         num_steps=num_steps,

@@ -203,8 +203,9 @@ def dynamic_prompt_inversion(
             z = denoise_step(schedule, i, z, guided_noise(model.predict(z, t, null), eps_cond, guidance_scale))
         result.token_vectors.append(vectors)
         result.null_states.append(null)
-        bar.set_postfix({**{k: f"{v:.3f}" for k, v in losses.items()}, "it": iterations})
+        thresholds = config.thresholds(i)
+        bar.set_postfix({**{k: f"{v:.3f}/{thresholds[k]:.3f}" for k, v in losses.items()}, "it": iterations})
         if callback is not None:
-            callback(DynamicPromptStep(i, t, losses, config.thresholds(i), iterations, null_loss, null_iterations))
+            callback(DynamicPromptStep(i, t, losses, thresholds, iterations, null_loss, null_iterations))
     result.cross_maps = [m[0] for m in result.cross_maps]
     return result

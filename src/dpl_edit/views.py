@@ -1,0 +1,153 @@
+"""Attention views of saved inversions as PNG grids (the paper's Fig. 1, 3, 4 and 5b).
+
+- :func:`word_attention_grid`: each word's cross-attention over the source image, averaged over
+  all steps and over step ranges (rows: words; columns: step ranges).
+- :func:`background_view`: the self-attention clusters and the background mask (DPL only).
+- :func:`comparison_grid`: two inversions of the same image side by side (e.g. NTI vs DPL).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from .artifacts import Inversion  # noqa: E402
+from .errors import DplEditError  # noqa: E402
+
+StepRange = tuple[int, int]  # [start, stop) step indices, 0 the noisiest
+
+
+def default_step_ranges(num_steps: int) -> list[StepRange]:
+    """All steps, then the first fifth, the next three tenths and the last half."""
+    a, b = max(1, num_steps // 5), max(2, num_steps // 2)
+    return [(0, num_steps), (0, a), (a, b), (b, num_steps)]
+
+
+def inversion_words(inversion: Inversion) -> list[tuple[str, list[int]]]:
+    """(word, token positions) to show: the dynamic words, else every token of the prompt."""
+    if inversion.words:
+        return [(w["word"], list(w["positions"])) for w in inversion.words]
+    return [(token.replace("</w>", ""), [i + 1]) for i, token in enumerate(inversion.prompt_tokens)]
+
+
+def word_map(inversion: Inversion, positions: Sequence[int], steps: StepRange | None = None) -> torch.Tensor:
+    """The step-averaged cross-attention map (res, res) of a word (mean of its token columns)."""
+    if inversion.cross_maps is None:
+        raise DplEditError("This inversion holds no attention maps; invert it again with this version.")
+    start, stop = steps or (0, inversion.num_steps)
+    maps = inversion.cross_maps[start:stop].float().mean(dim=0)  # (n, res, res)
+    return maps[[p - 1 for p in positions]].mean(dim=0)
+
+
+def overlay(image: np.ndarray, attention: torch.Tensor, alpha: float = 0.55) -> np.ndarray:
+    """An RGB float image (H, W, 3) in [0, 1]: the map, upsampled and scaled to [0, 1] (min to max), over the image."""
+    height, width = image.shape[:2]
+    heat = F.interpolate(attention[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    heat = ((heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)).numpy()
+    colours = plt.get_cmap("jet")(heat)[..., :3]
+    return (1 - alpha) * image + alpha * colours
+
+
+def word_attention_grid(inversion: Inversion, step_ranges: Sequence[StepRange] | None = None) -> plt.Figure:
+    """Rows: words; columns: the source image, then the word's map over each step range."""
+    ranges = list(step_ranges or default_step_ranges(inversion.num_steps))
+    words = inversion_words(inversion)
+    image = _source(inversion)
+    fig, axes = plt.subplots(len(words), len(ranges) + 1, figsize=(2.2 * (len(ranges) + 1), 2.3 * len(words)),
+                             squeeze=False)
+    for row, (word, positions) in enumerate(words):
+        axes[row, 0].imshow(image)
+        axes[row, 0].set_ylabel(word, fontsize=12)
+        for col, steps in enumerate(ranges, start=1):
+            axes[row, col].imshow(overlay(image, word_map(inversion, positions, steps)))
+            if row == 0:
+                axes[row, col].set_title("all steps" if steps == (0, inversion.num_steps) else f"steps {steps[0]}-{steps[1] - 1}", fontsize=10)
+    axes[0, 0].set_title("source", fontsize=10)
+    _finish(fig, axes, f"{inversion.method.upper()} cross-attention: {inversion.prompt}")
+    return fig
+
+
+def background_view(inversion: Inversion) -> plt.Figure:
+    """The source, the self-attention clusters, and the background mask over the source."""
+    if inversion.clusters is None or inversion.background_mask is None:
+        raise DplEditError("Only DPL inversions have a background mask (invert with --method dpl).")
+    image = _source(inversion)
+    height, width = image.shape[:2]
+    clusters = F.interpolate(inversion.clusters[None, None].float(), size=(height, width), mode="nearest")[0, 0]
+    mask = F.interpolate(inversion.background_mask[None, None].float(), size=(height, width), mode="nearest")[0, 0]
+    fig, axes = plt.subplots(1, 3, figsize=(7, 2.6), squeeze=False)
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("source", fontsize=10)
+    axes[0, 1].imshow(clusters.numpy(), cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+    axes[0, 1].set_title("self-attention clusters", fontsize=10)
+    axes[0, 2].imshow(image * (0.35 + 0.65 * mask.numpy()[..., None]))
+    axes[0, 2].set_title("background mask", fontsize=10)
+    _finish(fig, axes, f"clusters {inversion.settings.get('background_clusters')} are background"
+            + (" (fallback)" if inversion.settings.get("background_fallback") else ""))
+    return fig
+
+
+def comparison_grid(first: Inversion, second: Inversion) -> plt.Figure:
+    """Step-averaged word maps of two inversions of the same prompt side by side."""
+    if first.token_ids != second.token_ids:
+        raise DplEditError(
+            f"The two inversions have different prompts ({first.prompt!r} vs {second.prompt!r}); "
+            "compare inversions of the same image and prompt."
+        )
+    words = inversion_words(second if second.words else first)
+    image = _source(first)
+    fig, axes = plt.subplots(len(words), 3, figsize=(6.6, 2.3 * len(words)), squeeze=False)
+    for row, (word, positions) in enumerate(words):
+        axes[row, 0].imshow(image)
+        axes[row, 0].set_ylabel(word, fontsize=12)
+        axes[row, 1].imshow(overlay(image, word_map(first, positions)))
+        axes[row, 2].imshow(overlay(image, word_map(second, positions)))
+    for col, title in enumerate(["source", first.method.upper(), second.method.upper()]):
+        axes[0, col].set_title(title, fontsize=10)
+    _finish(fig, axes, first.prompt if not second.words else second.prompt)
+    return fig
+
+
+def write_attention_views(
+    folder: str | os.PathLike, compare: str | os.PathLike | None = None, out: str | os.PathLike | None = None
+) -> list[Path]:
+    """Write the PNG views of the inversion in ``folder`` (and its comparison with ``compare``)."""
+    inversion = Inversion.load(folder)
+    out = Path(out or folder)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {"attention_words.png": word_attention_grid(inversion)}
+    if inversion.clusters is not None:
+        figures["attention_background.png"] = background_view(inversion)
+    if compare is not None:
+        other = Inversion.load(compare)
+        pair = (other, inversion) if inversion.method == "dpl" else (inversion, other)
+        figures["attention_comparison.png"] = comparison_grid(*pair)
+    written = []
+    for name, fig in figures.items():
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        written.append(out / name)
+    return written
+
+
+def _source(inversion: Inversion) -> np.ndarray:
+    if inversion.source_image is None:
+        raise DplEditError("The inversion folder has no source.png; invert the image again.")
+    return np.asarray(inversion.source_image, dtype=np.float64) / 255.0
+
+
+def _finish(fig: plt.Figure, axes: np.ndarray, title: str) -> None:
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
