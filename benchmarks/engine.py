@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import platform
 import time
@@ -29,9 +30,10 @@ from dpl_edit.random_models import sd14_sized_model, tiny_model
 from dpl_edit.sampling import sample
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median wall time of fn() in seconds (CUDA synchronised), after one warm-up call."""
-    fn()
+def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds (CUDA synchronised), after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -60,6 +62,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--nti-iterations", type=int, default=10)
+    parser.add_argument("--nti-steps", type=int, default=None,
+                        help="time null-text inversion over the first N timesteps only (default: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -89,8 +93,10 @@ def main() -> None:
             z = inverse.step(model.unet(z, t, encoder_hidden_states=cond).sample, t, z).prev_sample
         return z
 
+    nti_schedule = dataclasses.replace(schedule, timesteps=schedule.timesteps[: args.nti_steps or args.steps])
+
     def our_nti():
-        return null_text_inversion(model, pivot, cond, null, schedule, 7.5, nti, progress=False)
+        return null_text_inversion(model, pivot, cond, null, nti_schedule, 7.5, nti, progress=False)
 
     def baseline_nti():
         with trainable_unet(model):
@@ -99,7 +105,7 @@ def main() -> None:
     rows = [
         ("DDIM inversion", lambda: ddim_inversion(model, z0, cond, schedule, progress=False),
          diffusers_inversion, "diffusers DDIMInverseScheduler loop"),
-        (f"null-text inversion ({args.nti_iterations} it/step max)", our_nti, baseline_nti,
+        (f"null-text inversion ({args.nti_iterations} it/step max, {nti_schedule.num_steps} steps)", our_nti, baseline_nti,
          "same loop, UNet weights trainable (public NTI code)"),
         ("sampling (guided)", lambda: sample(model, pivot[0], schedule, cond, null, 7.5, progress=False),
          lambda: pipe(latents=pivot[0], prompt_embeds=cond, negative_prompt_embeds=null,
@@ -108,8 +114,9 @@ def main() -> None:
     ]
     results = []
     for name, ours, baseline, what in rows:
-        repeats = 1 if "null-text" in name and args.scale == "sd14" else args.repeats
-        ours_s, base_s = timed(ours, device, repeats), timed(baseline, device, repeats)
+        slow = "null-text" in name and args.scale == "sd14"  # minutes each: one untimed-warm-up-free run
+        repeats, warmup = (1, 0) if slow else (args.repeats, 1)
+        ours_s, base_s = timed(ours, device, repeats, warmup), timed(baseline, device, repeats, warmup)
         results.append({"stage": name, "ours_s": ours_s, "baseline_s": base_s, "baseline": what})
 
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
