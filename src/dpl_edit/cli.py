@@ -20,6 +20,7 @@ from .inversion.dynamic_prompt import LOSSES
 from .localisation import THRESHOLDS, iou_curve, load_mask, plot_curves
 from .pipeline import METHODS, PRESETS, invert, reconstruct
 from .registry import DEFAULT_MODEL, NAMED_MODELS, load_model
+from .scenes.train import SceneTrainer, TrainConfig
 from .views import inversion_words, word_map, write_attention_views
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    if args.seed is not None:
+    if args.seed is not None and args.run is not _train_scenes:
         torch.manual_seed(args.seed)
     try:
         return args.run(args)
@@ -142,6 +143,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("localisation.png"), help="the plot (default: localisation.png)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(run=_localisation, seed=None)
+
+    defaults = TrainConfig()
+    p = commands.add_parser(
+        "train-scenes",
+        help="train the scene model (VAE, then UNet + text encoder) from rendered scenes",
+        description="Train a small Stable-Diffusion-architecture model on synthetic scenes into OUT "
+        "(resumable: run the same command again to continue). When done, OUT/model is a diffusers "
+        "folder usable as --model OUT/model.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="training folder (checkpoints, loss log, model)")
+    p.add_argument("--steps", type=int, default=defaults.diffusion_steps, help=f"UNet steps (default: {defaults.diffusion_steps})")
+    p.add_argument("--vae-steps", type=int, default=defaults.vae_steps, help=f"VAE steps (default: {defaults.vae_steps})")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"UNet batch (default: {defaults.batch_size})")
+    p.add_argument("--vae-batch-size", type=int, default=defaults.vae_batch_size,
+                   help=f"VAE batch (default: {defaults.vae_batch_size})")
+    p.add_argument("--train-scenes", type=int, default=defaults.train_scenes,
+                   help=f"scenes rendered for training (default: {defaults.train_scenes})")
+    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                   help=f"steps between checkpoints (default: {defaults.checkpoint_every})")
+    p.add_argument("--time-limit", type=float, help="stop (with a checkpoint) after this many minutes")
+    p.add_argument("--weights-only", type=Path,
+                   help="also write fp16 EMA weights here when stopping (small; resumable with a fresh optimiser)")
+    p.add_argument("--compile", action="store_true", help="CUDA: torch.compile the UNet")
+    p.add_argument("--export", type=Path, metavar="DIR",
+                   help="do not train: write the current EMA model (from OUT's checkpoint) as a diffusers folder")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--seed", type=int, default=defaults.seed, help=f"training seed (default: {defaults.seed})")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_train_scenes)
     return parser
 
 
@@ -219,6 +249,31 @@ def _reconstruct(args: argparse.Namespace) -> int:
     image.save(out)
     quality = f", PSNR {psnr(image, inversion.source_image):.2f} dB against the source" if inversion.source_image else ""
     print(f"Reconstructed {args.dir} ({inversion.method}) -> {out}{quality}")
+    return 0
+
+
+def _train_scenes(args: argparse.Namespace) -> int:
+    config = TrainConfig(
+        seed=args.seed, train_scenes=args.train_scenes, vae_steps=args.vae_steps, vae_batch_size=args.vae_batch_size,
+        diffusion_steps=args.steps, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
+    )
+    trainer = SceneTrainer(config, args.out, device=_device(args.device), compile=args.compile)
+    limit = None if args.time_limit is None else 60 * args.time_limit
+    if args.export:
+        trainer.resume()
+        trainer.export(args.export)
+        print(f"Exported the {trainer.stage} step {trainer.step} model to {args.export}")
+        return 0
+    try:
+        finished = trainer.run(time_limit=limit, progress=not args.quiet)
+    except ValueError as err:
+        raise DplEditError(str(err)) from err
+    if args.weights_only:
+        trainer.save_weights_only(args.weights_only)
+    if finished:
+        print(f"Training finished: the model is in {args.out / 'model'} (use --model {args.out / 'model'})")
+    else:
+        print(f"Stopped at {trainer.stage} step {trainer.step}; run the same command again to continue.")
     return 0
 
 

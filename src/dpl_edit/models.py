@@ -13,11 +13,12 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -26,6 +27,7 @@ from .errors import ModelLoadError, PromptError
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+SETTINGS_FILE = "dpl_edit.json"  # optional: the method settings a model recommends, e.g. its map sizes
 
 
 def ddim_scheduler(config: dict) -> DDIMScheduler:
@@ -53,6 +55,7 @@ class StableDiffusion:
     vae: AutoencoderKL
     scheduler: DDIMScheduler
     model_id: str
+    settings: dict = field(default_factory=dict)  # method settings shipped with the model (dpl_edit.json)
 
     def __post_init__(self) -> None:
         for module in (self.text_encoder, self.unet, self.vae):
@@ -91,7 +94,9 @@ class StableDiffusion:
             scheduler_config = DDIMScheduler.load_config(name, subfolder="scheduler")
         except (OSError, ValueError, EnvironmentError) as err:
             raise ModelLoadError(_load_failure_message(str(name_or_path), err)) from err
-        model = cls(tokenizer, text_encoder, unet, vae, ddim_scheduler(scheduler_config), name)
+        settings_file = Path(name) / SETTINGS_FILE
+        settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        model = cls(tokenizer, text_encoder, unet, vae, ddim_scheduler(scheduler_config), name, settings)
         return model.to(device)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -115,13 +120,16 @@ class StableDiffusion:
             "requires_safety_checker": False,
         }
         (path / "model_index.json").write_text(json.dumps(index, indent=2))
+        if self.settings:
+            (path / SETTINGS_FILE).write_text(json.dumps(self.settings, indent=2))
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
         """Move the components (in place); returns self."""
         for module in (self.text_encoder, self.unet, self.vae):
             module.to(device)
             if dtype is not None and module.dtype != dtype:
-                module.to(dtype=dtype)
+                with _quiet_diffusers():  # it warns on every cast, even with nothing to keep in fp32
+                    module.to(dtype=dtype)
         return self
 
     # ----------------------------------------------------------------- properties
@@ -242,6 +250,16 @@ class StableDiffusion:
 
 
 _VOLATILE = ("transformers_version", "dtype", "torch_dtype")
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def fingerprints_match(a: dict, b: dict) -> bool:

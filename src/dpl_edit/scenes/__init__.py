@@ -1,0 +1,1 @@
+"""Synthetic scenes with exact ground truth, the scene model's training pipeline, and its checks."""
