@@ -1,0 +1,107 @@
+"""Scene renderer, edit oracle, splits, and the training pipeline on CPU."""
+
+import numpy as np
+import pytest
+import torch
+
+from dpl_edit import StableDiffusion
+from dpl_edit.diffusion import DDIMSchedule
+from dpl_edit.images import to_pil
+from dpl_edit.sampling import sample
+from dpl_edit.scenes.render import (
+    COLOURS,
+    SIZE,
+    WordSwap,
+    render,
+    sample_scene,
+    scene_seed,
+    split_scene,
+    swap_word,
+)
+from dpl_edit.scenes.train import SceneTrainer, TrainConfig
+
+
+def test_rendering_is_deterministic():
+    a, b = render(split_scene("train", 7)), render(split_scene("train", 7))
+    assert a[0].tobytes() == b[0].tobytes()
+    assert all(np.array_equal(x, y) for x, y in zip(a[1], b[1]))
+    assert render(split_scene("train", 8))[0].tobytes() != a[0].tobytes()
+
+
+@pytest.mark.parametrize("index", range(20))
+def test_masks_are_exactly_the_drawn_pixels(index):
+    scene = split_scene("validation", index)
+    image, masks = render(scene)
+    pixels = np.asarray(image)
+    assert len(masks) == len(scene.objects) and image.size == (SIZE, SIZE)
+    for obj, mask in zip(scene.objects, masks):
+        assert mask.sum() > 50
+        assert (pixels[mask] == COLOURS[obj.colour]).all()
+    union = np.any(masks, axis=0)
+    assert sum(m.sum() for m in masks) == union.sum()  # objects never overlap
+    plain = scene.__class__(scene.background, (), scene.seed)
+    assert np.array_equal(np.asarray(render(plain)[0])[~union], pixels[~union])
+
+
+def test_captions():
+    scene = sample_scene(3, num_objects=2)
+    a, b = scene.objects
+    assert scene.caption == f"a {a.colour} {a.shape} and a {b.colour} {b.shape} on {scene.background}"
+    assert scene.marked_caption() == f"a {a.colour} {{{a.shape}}} and a {b.colour} {{{b.shape}}} on {scene.background}"
+    assert a.x <= b.x
+
+
+@pytest.mark.parametrize("index", range(10))
+def test_the_oracle_changes_only_what_the_edit_names(index):
+    scene = split_scene("test", index, num_objects=2)
+    image, masks = render(scene)
+    pixels = np.asarray(image)
+    for edit in (WordSwap("shape", "triangle", 0), WordSwap("colour", "purple", 1)):
+        edited = swap_word(scene, edit)
+        new_pixels, new_masks = render(edited)
+        new_pixels = np.asarray(new_pixels)
+        touched = masks[edit.index] | new_masks[edit.index]
+        assert np.array_equal(new_pixels[~touched], pixels[~touched])
+        assert edited.caption == scene.caption.replace(edit.source_word(scene), edit.new, 1) or edit.index == 1
+    edited = swap_word(scene, WordSwap("background", "water" if scene.background != "water" else "sand"))
+    new_pixels, new_masks = render(edited)
+    objects = np.any(masks, axis=0)
+    assert np.array_equal(np.asarray(new_pixels)[objects], pixels[objects])
+    assert not np.array_equal(np.asarray(new_pixels)[~objects], pixels[~objects])
+
+
+def test_splits_are_disjoint():
+    assert scene_seed("train", 9_999_999) < scene_seed("validation", 0) < scene_seed("test", 0)
+    with pytest.raises(ValueError):
+        scene_seed("train", 10_000_000)
+    with pytest.raises(ValueError):
+        scene_seed("holdout", 0)
+
+
+TINY_RUN = TrainConfig(train_scenes=32, vae_steps=2, vae_batch_size=4, diffusion_steps=3, batch_size=4,
+                       checkpoint_every=100, warmup_steps=2)
+
+
+def test_training_exports_a_model_the_engine_loads_offline(tmp_path):
+    trainer = SceneTrainer(TINY_RUN, tmp_path / "run")
+    assert trainer.run(progress=False)
+    model = StableDiffusion.from_pretrained(tmp_path / "run" / "model")
+    assert model.image_size == SIZE and model.settings["dpl"]["cross_resolution"] == 16
+    assert model.vae.config.scaling_factor == pytest.approx(trainer.scaling_factor)
+    schedule = DDIMSchedule.from_scheduler(model.scheduler, 5)
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)).half()
+    cond, null = model.encode_prompt("a red circle on grass"), model.encode_prompt("")
+    image = to_pil(model.decode_latents(sample(model, z, schedule, cond, null, 5.0, progress=False)))
+    assert image.size == (SIZE, SIZE)
+    assert (tmp_path / "run" / "loss_log.jsonl").read_text().count("diffusion") >= 1
+
+
+def test_training_resumes_exactly(tmp_path):
+    straight = SceneTrainer(TINY_RUN, tmp_path / "a")
+    straight.run(progress=False)
+    while not SceneTrainer(TINY_RUN, tmp_path / "b").run(time_limit=0, progress=False):
+        pass  # one step per run: stop, checkpoint, resume
+    resumed = SceneTrainer(TINY_RUN, tmp_path / "b")
+    resumed.resume()
+    for name, value in straight.ema.items():
+        torch.testing.assert_close(resumed.ema[name], value, rtol=0, atol=0)
