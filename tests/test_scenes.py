@@ -105,3 +105,16 @@ def test_training_resumes_exactly(tmp_path):
     resumed.resume()
     for name, value in straight.ema.items():
         torch.testing.assert_close(resumed.ema[name], value, rtol=0, atol=0)
+
+
+def test_caption_checker_accepts_every_rendered_scene_and_rejects_swaps():
+    from dpl_edit.scenes.classify import check_caption
+
+    for index in range(60):
+        scene = split_scene("validation", index)
+        image, _ = render(scene)
+        check = check_caption(image, scene)
+        assert check.background and all(check.colours) and all(check.shapes), scene.caption
+        other = "triangle" if scene.objects[0].shape != "triangle" else "square"
+        wrong = check_caption(render(swap_word(scene, WordSwap("shape", other, 0)))[0], scene)
+        assert not all(wrong.shapes)

@@ -18,8 +18,9 @@ from .images import FITS, load_image, psnr
 from .inversion import DynamicPromptConfig, NullTextConfig
 from .inversion.dynamic_prompt import LOSSES
 from .localisation import THRESHOLDS, iou_curve, load_mask, plot_curves
-from .pipeline import METHODS, PRESETS, invert, reconstruct
+from .pipeline import METHODS, PRESETS, invert, model_dpl_config, reconstruct
 from .registry import DEFAULT_MODEL, NAMED_MODELS, load_model
+from .scenes.quality import check_scene_model
 from .scenes.train import SceneTrainer, TrainConfig
 from .views import inversion_words, word_map, write_attention_views
 
@@ -88,10 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"dpl: weight of the disjoint object loss (default: {dpl.lambda_dj}; the authors' demo uses 0.005)")
     p.add_argument("--lambda-bg", type=float, default=dpl.lambda_bg,
                    help=f"dpl: weight of the background leakage loss (default: {dpl.lambda_bg})")
-    p.add_argument("--cross-res", type=int, default=dpl.cross_resolution,
-                   help=f"side of the cross-attention maps the losses and views read (default: {dpl.cross_resolution}, SD 1.x)")
-    p.add_argument("--self-res", type=int, default=dpl.self_resolution,
-                   help=f"dpl: side of the self-attention maps clustered for the background mask (default: {dpl.self_resolution})")
+    p.add_argument("--cross-res", type=int,
+                   help="side of the cross-attention maps the losses and views read (default: the model's "
+                   f"recommendation, else {dpl.cross_resolution} as for SD 1.x)")
+    p.add_argument("--self-res", type=int,
+                   help="dpl: side of the self-attention maps clustered for the background mask (default: "
+                   f"the model's recommendation, else {dpl.self_resolution})")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
     p.add_argument(
@@ -172,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=defaults.seed, help=f"training seed (default: {defaults.seed})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_train_scenes)
+
+    p = commands.add_parser(
+        "check-scenes",
+        help="quality table of a scene model: caption following, reconstruction, localisation",
+        description="Judge a scene model on test scenes: caption following of generated samples (by a "
+        "checker of the renderer's looks), VAE and null-text-inversion reconstruction PSNR, and the IoU "
+        "of each noun's map with its own and with the other object. Prints a table with the bars.",
+    )
+    p.add_argument("--samples", type=int, default=64, help="generated samples judged (default: 64)")
+    p.add_argument("--reconstructions", type=int, default=4, help="scenes inverted with NTI (default: 4)")
+    p.add_argument("--localisations", type=int, default=16, help="two-object scenes for localisation (default: 16)")
+    _add_model_options(p, required_default=None)
+    p.set_defaults(run=_check_scenes)
     return parser
 
 
@@ -220,14 +236,15 @@ def _invert(args: argparse.Namespace) -> int:
     losses = tuple(name.strip() for name in args.losses.split(",") if name.strip())
     if not losses or set(losses) - set(LOSSES):
         raise DplEditError(f"--losses takes a comma-separated subset of {','.join(LOSSES)}, got {args.losses!r}")
-    dpl = DynamicPromptConfig(
-        cross_resolution=args.cross_res, self_resolution=args.self_res, max_iterations=args.dpl_iterations,
-        losses=losses, lambda_dj=args.lambda_dj, lambda_bg=args.lambda_bg,
-    )
     null_text = NullTextConfig.authors() if args.preset == "authors" else NullTextConfig()
     if args.nti_iterations != NullTextConfig.max_iterations:
         null_text = dataclasses.replace(null_text, max_iterations=args.nti_iterations)
     model = _load(args, args.model)
+    sizes = {k: v for k, v in (("cross_resolution", args.cross_res), ("self_resolution", args.self_res)) if v}
+    dpl = model_dpl_config(
+        model, max_iterations=args.dpl_iterations, losses=losses, lambda_dj=args.lambda_dj,
+        lambda_bg=args.lambda_bg, **sizes,
+    )
     image = load_image(args.image, model.image_size, fit=args.fit)
     started = time.perf_counter()
     inversion = invert(
@@ -274,6 +291,21 @@ def _train_scenes(args: argparse.Namespace) -> int:
         print(f"Training finished: the model is in {args.out / 'model'} (use --model {args.out / 'model'})")
     else:
         print(f"Stopped at {trainer.stage} step {trainer.step}; run the same command again to continue.")
+    return 0
+
+
+def _check_scenes(args: argparse.Namespace) -> int:
+    if not args.model:
+        raise DplEditError("check-scenes needs --model: a scene model folder (or scenes once it is bundled)")
+    model = _load(args, args.model)
+    started = time.perf_counter()
+    report = check_scene_model(model, args.samples, args.reconstructions, args.localisations, progress=not args.quiet)
+    print(f"\nScene model {args.model}: {args.samples} samples, {args.reconstructions} reconstructions, "
+          f"{args.localisations} two-object scenes ({time.perf_counter() - started:.0f} s)\n")
+    print("| check | value | bar | passed |")
+    print("|---|---|---|---|")
+    for check, value, bar, passed in report.rows():
+        print(f"| {check} | {value} | {bar} | {('yes' if passed else 'no') if bar else ''} |")
     return 0
 
 

@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from .errors import ModelLoadError, PromptError
 
@@ -83,15 +84,12 @@ class StableDiffusion:
             name = str(local)
         kwargs = {"use_safetensors": True}
         try:
-            tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer")
-            text_encoder = CLIPTextModel.from_pretrained(
-                name, subfolder="text_encoder", dtype=dtype, **kwargs
-            )
-            unet = UNet2DConditionModel.from_pretrained(
-                name, subfolder="unet", torch_dtype=dtype, **kwargs
-            )
-            vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=dtype, **kwargs)
-            scheduler_config = DDIMScheduler.load_config(name, subfolder="scheduler")
+            with _quiet_diffusers():
+                tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer")
+                text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dtype, **kwargs)
+                unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=dtype, **kwargs)
+                vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=dtype, **kwargs)
+                scheduler_config = DDIMScheduler.load_config(name, subfolder="scheduler")
         except (OSError, ValueError, EnvironmentError) as err:
             raise ModelLoadError(_load_failure_message(str(name_or_path), err)) from err
         settings_file = Path(name) / SETTINGS_FILE
@@ -254,12 +252,17 @@ _VOLATILE = ("transformers_version", "dtype", "torch_dtype")
 
 @contextlib.contextmanager
 def _quiet_diffusers() -> Iterator[None]:
-    level = diffusers_logging.get_verbosity()
+    """Silence diffusers' and transformers' notices and loading bars (not their errors)."""
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     try:
         yield
     finally:
-        diffusers_logging.set_verbosity(level)
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+        transformers_logging.enable_progress_bar()
 
 
 def fingerprints_match(a: dict, b: dict) -> bool:

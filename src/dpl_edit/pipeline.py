@@ -51,7 +51,7 @@ def invert(
     guidance_scale: float = 7.5,
     preset: str = "paper",
     null_text: NullTextConfig | None = None,
-    dpl: DynamicPromptConfig = DynamicPromptConfig(),
+    dpl: DynamicPromptConfig | None = None,
     callback: Callable[[NullTextStep | DynamicPromptStep], None] | None = None,
     progress: bool = True,
 ) -> Inversion:
@@ -61,9 +61,11 @@ def invert(
     (null-text inversion, REFERENCE section 3) or ``"dpl"`` (dynamic prompt learning with
     null-text inversion, section 5; mark its words as ``"a {cat} and a {dog}"`` or pass
     ``words``). ``preset="authors"`` takes the DPL authors' null-text schedule
-    (:meth:`NullTextConfig.authors`) unless ``null_text`` is given.
+    (:meth:`NullTextConfig.authors`) unless ``null_text`` is given. ``dpl`` defaults to the
+    paper's settings updated by the model's own (its map sizes, from ``dpl_edit.json``).
     """
     _check_arguments(model, image, method, preset)
+    dpl = dpl or model_dpl_config(model)
     null_text = null_text or (NullTextConfig.authors() if preset == "authors" else NullTextConfig())
     started = time.perf_counter()
     marked = parse_marked_prompt(prompt, model.tokenizer, words, require_words=method == "dpl")
@@ -126,6 +128,11 @@ def invert(
     result.cross_maps = torch.stack(step_maps)[..., 1 : marked.end_position].permute(0, 3, 1, 2)  # (T, n, res, res)
     result.settings["seconds"] = round(time.perf_counter() - started, 3)
     return result
+
+
+def model_dpl_config(model: StableDiffusion, **overrides) -> DynamicPromptConfig:
+    """The paper's DPL settings, updated by the model's recommended ones, then by ``overrides``."""
+    return DynamicPromptConfig(**{**model.settings.get("dpl", {}), **overrides})
 
 
 def reconstruct_latents(model: StableDiffusion, inversion: Inversion, *, progress: bool = True) -> torch.Tensor:

@@ -1,0 +1,109 @@
+"""Quality checks of a scene model on test scenes (issue bars in brackets):
+
+- caption following: generated samples of test captions judged by the caption checker (background
+  >= 90%, each object's colour >= 80%, shape >= 70%);
+- reconstruction: VAE and null-text inversion PSNR (NTI within 1 dB of the VAE);
+- noun localisation: best-threshold IoU of each noun's DDIM-inversion map with its own object and
+  with the other object of two-object scenes (own at least 0.15 above other).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..diffusion import DDIMSchedule
+from ..images import psnr, to_pil, to_tensor
+from ..localisation import iou_curve
+from ..losses import word_maps
+from ..models import StableDiffusion
+from ..pipeline import invert, reconstruct
+from ..prompts import parse_marked_prompt
+from ..sampling import sample
+from .classify import check_caption
+from .render import render, split_scene
+
+
+@dataclass
+class QualityReport:
+    background: float  # share of samples with the right background
+    colour: float  # share of caption objects whose colour is found
+    shape: float  # share of caption objects whose colour and shape are found
+    vae_psnr: float
+    nti_psnr: float
+    own_iou: float  # mean best-threshold IoU of a noun's map with its own object
+    other_iou: float  # ... with the other object
+
+    def rows(self) -> list[tuple[str, str, str, bool]]:
+        """(check, value, bar, passed)."""
+        return [
+            ("background right", f"{100 * self.background:.1f}%", ">= 90%", self.background >= 0.9),
+            ("object colour right", f"{100 * self.colour:.1f}%", ">= 80%", self.colour >= 0.8),
+            ("object shape right", f"{100 * self.shape:.1f}%", ">= 70%", self.shape >= 0.7),
+            ("VAE reconstruction PSNR", f"{self.vae_psnr:.2f} dB", "", True),
+            ("NTI reconstruction PSNR", f"{self.nti_psnr:.2f} dB", ">= VAE - 1 dB", self.nti_psnr >= self.vae_psnr - 1),
+            ("noun map IoU, own object", f"{self.own_iou:.3f}", "", True),
+            ("noun map IoU, other object", f"{self.other_iou:.3f}", "own - 0.15",
+             self.own_iou - self.other_iou >= 0.15),
+        ]
+
+
+@torch.no_grad()
+def caption_following(model: StableDiffusion, count: int, guidance_scale: float = 7.5, batch: int = 16,
+                      seed: int = 0, progress: bool = True) -> tuple[float, float, float]:
+    """Shares of (background, object colour, object shape) right over ``count`` test captions."""
+    schedule = DDIMSchedule.from_scheduler(model.scheduler, 50)
+    generator = torch.Generator().manual_seed(seed)
+    null = model.encode_prompt("")
+    backgrounds, colours, shapes = [], [], []
+    for start in tqdm(range(0, count, batch), desc="Caption following", disable=not progress, leave=False):
+        scenes = [split_scene("test", i) for i in range(start, min(count, start + batch))]
+        cond = torch.cat([model.encode_prompt(s.caption) for s in scenes])
+        shape = (len(scenes), model.unet.config.in_channels, model.latent_size, model.latent_size)
+        z = torch.randn(shape, generator=generator).to(model.device, model.dtype)
+        images = model.decode_latents(sample(model, z, schedule, cond, null, guidance_scale, progress=False))
+        for scene, image in zip(scenes, images):
+            check = check_caption(to_pil(image), scene)
+            backgrounds.append(check.background)
+            colours += check.colours
+            shapes += check.shapes
+    return sum(backgrounds) / len(backgrounds), sum(colours) / len(colours), sum(shapes) / len(shapes)
+
+
+def reconstruction(model: StableDiffusion, count: int, progress: bool = True) -> tuple[float, float]:
+    """Mean PSNR of the VAE's reconstruction and of NTI's, over ``count`` test scenes."""
+    vae, nti = [], []
+    for i in tqdm(range(count), desc="Reconstruction", disable=not progress, leave=False):
+        scene = split_scene("test", i)
+        image, _ = render(scene)
+        vae.append(psnr(to_pil(model.decode_latents(model.encode_image(to_tensor(image)))), image))
+        inversion = invert(model, image, scene.caption, method="nti", progress=False)
+        nti.append(psnr(reconstruct(model, inversion, progress=False), image))
+    return sum(vae) / count, sum(nti) / count
+
+
+def localisation(model: StableDiffusion, count: int, progress: bool = True) -> tuple[float, float]:
+    """Mean best-threshold IoU of noun maps (DDIM inversion) with their own and the other object."""
+    own, other = [], []
+    for i in tqdm(range(count), desc="Localisation", disable=not progress, leave=False):
+        scene = split_scene("test", i, num_objects=2)
+        image, masks = render(scene)
+        inversion = invert(model, image, scene.marked_caption(), method="ddim", progress=False)
+        maps = inversion.cross_maps.float().mean(dim=0).permute(1, 2, 0)  # (res, res, n)
+        prompt = parse_marked_prompt(scene.marked_caption(), model.tokenizer)
+        padded = torch.nn.functional.pad(maps, (1, 0))  # column p holds token position p
+        nouns = word_maps(padded, [w.positions for w in prompt.words])
+        for k, noun in enumerate(nouns):
+            own.append(iou_curve(noun, torch.from_numpy(masks[k])).max().item())
+            other.append(iou_curve(noun, torch.from_numpy(masks[1 - k])).max().item())
+    return sum(own) / len(own), sum(other) / len(other)
+
+
+def check_scene_model(model: StableDiffusion, samples: int = 64, reconstructions: int = 4,
+                      localisations: int = 16, progress: bool = True) -> QualityReport:
+    background, colour, shape = caption_following(model, samples, progress=progress)
+    vae_psnr, nti_psnr = reconstruction(model, reconstructions, progress=progress)
+    own, other = localisation(model, localisations, progress=progress)
+    return QualityReport(background, colour, shape, vae_psnr, nti_psnr, own, other)
