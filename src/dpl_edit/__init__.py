@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .artifacts import Inversion
+from .editing import EditConfig, EditResult, edit
 from .errors import DplEditError, ImageLoadError, InversionFileError, ModelLoadError, PromptError
 from .images import load_image
 from .inversion import NullTextConfig, NullTextStep
@@ -11,6 +12,8 @@ from .pipeline import invert, reconstruct, reconstruct_latents
 
 __all__ = [
     "DplEditError",
+    "EditConfig",
+    "EditResult",
     "ImageLoadError",
     "Inversion",
     "InversionFileError",
@@ -19,6 +22,7 @@ __all__ = [
     "NullTextStep",
     "PromptError",
     "StableDiffusion",
+    "edit",
     "invert",
     "load_image",
     "reconstruct",

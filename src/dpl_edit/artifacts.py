@@ -36,7 +36,7 @@ class Inversion:
     are text-encoder *inputs*. Step i = 0 is the noisiest timestep.
     """
 
-    method: str  # "ddim", "nti" or "dpl"
+    method: str  # "ddim", "nti", "npi", "direct" or "dpl"
     model_id: str
     model_fingerprint: dict
     prompt: str
@@ -46,23 +46,28 @@ class Inversion:
     source_latent: torch.Tensor  # z_0 of the source image (1, C, h, w)
     num_steps: int
     guidance_scale: float
-    null_states: torch.Tensor | None = None  # (num_steps, 77, D) per-step unconditional states; None: ""
+    null: str = "empty"  # unconditional states: "empty" (""), "optimized" (null_states), "negative" (the source
+    # prompt's own states) or "direct" ("", with the source branch kept on ``trajectory`` when editing)
+    null_states: torch.Tensor | None = None  # (num_steps, 77, D) optimised unconditional states
     token_vectors: torch.Tensor | None = None  # (num_steps, K, D_in) per-step dynamic tokens (DPL)
     token_positions: list[int] = field(default_factory=list)  # K positions in token_ids
     words: list[dict] = field(default_factory=list)  # dynamic words: {"word": str, "positions": [int]}
     cross_maps: torch.Tensor | None = None  # (num_steps, n, res, res) maps of prompt tokens 1..n per step
     background_mask: torch.Tensor | None = None  # (res, res) DPL background mask, 1 = background
     clusters: torch.Tensor | None = None  # (res_self, res_self) self-attention cluster labels
+    trajectory: torch.Tensor | None = None  # (num_steps + 1, C, h, w) DDIM pivot, sampling order (direct)
     settings: dict = field(default_factory=dict)  # method settings, image fit, timings
     versions: dict = field(default_factory=dict)
     source_image: Image.Image | None = None
 
     def null_at(self, model: StableDiffusion) -> list[torch.Tensor]:
         """Per-step unconditional states (1, 77, D) on the model's device."""
-        if self.null_states is None:
-            return [model.encode_prompt("")] * self.num_steps
-        null = self.null_states.to(model.device, model.dtype)
-        return [null[i : i + 1] for i in range(self.num_steps)]
+        if self.null == "negative":
+            return self.cond_at(model)
+        if self.null == "optimized":
+            null = self.null_states.to(model.device, model.dtype)
+            return [null[i : i + 1] for i in range(self.num_steps)]
+        return [model.encode_prompt("")] * self.num_steps
 
     def cond_at(self, model: StableDiffusion) -> list[torch.Tensor]:
         """Per-step conditional states (1, 77, D) of the source prompt (with the step's tokens for DPL)."""
@@ -124,6 +129,7 @@ class Inversion:
 
 _TENSOR_FIELDS = (
     "latent_T", "source_latent", "null_states", "token_vectors", "cross_maps", "background_mask", "clusters",
+    "trajectory",
 )
 
 

@@ -22,6 +22,7 @@ from .background import background_mask
 from .diffusion import DDIMSchedule
 from .errors import DplEditError, ImageLoadError
 from .images import to_pil, to_tensor
+from .inversion.dynamic_prompt import NULL_STRATEGIES
 from .inversion import (
     DynamicPromptConfig,
     DynamicPromptStep,
@@ -34,9 +35,10 @@ from .inversion import (
 from .losses import word_maps
 from .models import StableDiffusion
 from .prompts import parse_marked_prompt
-from .sampling import sample
+from .editing import reconstruct_latents
 
-METHODS = ("ddim", "nti", "dpl")
+METHODS = ("ddim", "nti", "npi", "direct", "dpl")
+METHOD_NULLS = {"ddim": "empty", "nti": "optimized", "npi": "negative", "direct": "direct"}
 PRESETS = ("paper", "authors")
 
 
@@ -46,6 +48,7 @@ def invert(
     prompt: str,
     *,
     method: str = "nti",
+    null: str = "optimized",
     words: Sequence[str] = (),
     num_steps: int = 50,
     guidance_scale: float = 7.5,
@@ -58,13 +61,15 @@ def invert(
     """Invert a square RGB image of the model's size (see :func:`dpl_edit.images.load_image`).
 
     ``method``: ``"ddim"`` (DDIM inversion only; sampling then uses the "" embedding), ``"nti"``
-    (null-text inversion, REFERENCE section 3) or ``"dpl"`` (dynamic prompt learning with
-    null-text inversion, section 5; mark its words as ``"a {cat} and a {dog}"`` or pass
-    ``words``). ``preset="authors"`` takes the DPL authors' null-text schedule
+    (null-text inversion, REFERENCE section 3), ``"npi"`` (negative-prompt inversion: the source
+    prompt's states serve as null, no optimisation), ``"direct"`` (direct inversion: no
+    optimisation, editing keeps the source branch on the DDIM pivot) or ``"dpl"`` (dynamic prompt
+    learning, section 5; mark its words as ``"a {cat} and a {dog}"`` or pass ``words``), whose
+    ``null`` step is ``"optimized"`` (NTI, the paper), ``"negative"`` or ``"direct"``. ``preset="authors"`` takes the DPL authors' null-text schedule
     (:meth:`NullTextConfig.authors`) unless ``null_text`` is given. ``dpl`` defaults to the
     paper's settings updated by the model's own (its map sizes, from ``dpl_edit.json``).
     """
-    _check_arguments(model, image, method, preset)
+    _check_arguments(model, image, method, null, preset)
     dpl = dpl or model_dpl_config(model)
     null_text = null_text or (NullTextConfig.authors() if preset == "authors" else NullTextConfig())
     started = time.perf_counter()
@@ -94,6 +99,7 @@ def invert(
         source_latent=source_latent,
         num_steps=num_steps,
         guidance_scale=guidance_scale,
+        null=null if method == "dpl" else METHOD_NULLS[method],
         words=[{"word": w.word, "positions": list(w.positions)} for w in marked.words],
         settings={"preset": preset, "cross_resolution": dpl.cross_resolution},
         versions=library_versions(),
@@ -114,9 +120,10 @@ def invert(
         )
         learned = dynamic_prompt_inversion(
             model, marked, pivot, null_init, mask.mask, cross_layers, schedule, guidance_scale, dpl,
-            null_text, callback=callback, progress=progress,
+            null_text, null=null, callback=callback, progress=progress,
         )
-        result.null_states = torch.cat(learned.null_states)
+        if null == "optimized":
+            result.null_states = torch.cat(learned.null_states)
         result.token_vectors = torch.stack(learned.token_vectors)  # (num_steps, K, D_in)
         result.token_positions = marked.positions
         result.background_mask, result.clusters = mask.mask, mask.clusters
@@ -125,6 +132,8 @@ def invert(
             background_clusters=mask.background_clusters,
         )
         step_maps = learned.cross_maps
+    if result.null == "direct":
+        result.trajectory = torch.cat(pivot)  # (num_steps + 1, C, h, w)
     result.cross_maps = torch.stack(step_maps)[..., 1 : marked.end_position].permute(0, 3, 1, 2)  # (T, n, res, res)
     result.settings["seconds"] = round(time.perf_counter() - started, 3)
     return result
@@ -135,25 +144,16 @@ def model_dpl_config(model: StableDiffusion, **overrides) -> DynamicPromptConfig
     return DynamicPromptConfig(**{**model.settings.get("dpl", {}), **overrides})
 
 
-def reconstruct_latents(model: StableDiffusion, inversion: Inversion, *, progress: bool = True) -> torch.Tensor:
-    """Sample z_0 (1, C, h, w) back from an inversion with its prompt, tokens and null states."""
-    inversion.check_compatible(model)
-    schedule = DDIMSchedule.from_scheduler(model.scheduler, inversion.num_steps)
-    latent_T = inversion.latent_T.to(model.device, model.dtype)
-    return sample(
-        model, latent_T, schedule, inversion.cond_at(model), inversion.null_at(model),
-        inversion.guidance_scale, progress=progress,
-    )
-
-
 def reconstruct(model: StableDiffusion, inversion: Inversion, *, progress: bool = True) -> Image.Image:
     """The image sampled back from an inversion (RGB, the model's size)."""
     return to_pil(model.decode_latents(reconstruct_latents(model, inversion, progress=progress)))
 
 
-def _check_arguments(model: StableDiffusion, image: Image.Image, method: str, preset: str) -> None:
+def _check_arguments(model: StableDiffusion, image: Image.Image, method: str, null: str, preset: str) -> None:
     if method not in METHODS:
         raise DplEditError(f"Unknown inversion method {method!r}; choose one of {', '.join(METHODS)}")
+    if null not in NULL_STRATEGIES:
+        raise DplEditError(f"Unknown null strategy {null!r}; choose one of {', '.join(NULL_STRATEGIES)}")
     if preset not in PRESETS:
         raise DplEditError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if image.size != (model.image_size, model.image_size):

@@ -104,3 +104,45 @@ def _strip_braces(prompt: str) -> tuple[str, list[tuple[int, int]]]:
     if "{" in text or "}" in text:
         raise PromptError(f"Unbalanced or nested braces in {prompt!r}; write words as {{word}}.")
     return text, spans
+
+
+def align_tokens(source: MarkedPrompt, target: MarkedPrompt) -> list[int]:
+    """For each of the target's 77 positions, the source position whose map it takes, or -1 (new token).
+
+    The prompts' own tokens are aligned globally (Needleman-Wunsch on token ids: match +1,
+    mismatch -1, gap 0, as Prompt-to-Prompt's refinement does); the start token maps to the start
+    token and the end token and padding to the source's end token and padding, in order.
+    """
+    a = source.token_ids[1 : source.end_position]
+    b = target.token_ids[1 : target.end_position]
+    score = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            match = score[i - 1][j - 1] + (1 if a[i - 1] == b[j - 1] else -1)
+            score[i][j] = max(match, score[i - 1][j], score[i][j - 1])
+    mapper = [-1] * len(target.token_ids)
+    i, j = len(a), len(b)
+    while i > 0 and j > 0:  # trace back; diagonal moves pair tokens (matched or substituted)
+        if score[i][j] == score[i - 1][j - 1] + (1 if a[i - 1] == b[j - 1] else -1):
+            mapper[j] = i
+            i, j = i - 1, j - 1
+        elif score[i][j] == score[i - 1][j]:
+            i -= 1
+        else:
+            j -= 1
+    mapper[0] = 0
+    last = len(source.token_ids) - 1
+    for p in range(target.end_position, len(target.token_ids)):
+        mapper[p] = min(source.end_position + p - target.end_position, last)
+    return mapper
+
+
+def replacement_mapper(source: MarkedPrompt, target: MarkedPrompt) -> list[int]:
+    """Word swap: position p of the target takes position p of the source (same token count needed)."""
+    if source.end_position != target.end_position:
+        raise PromptError(
+            f"{source.text!r} and {target.text!r} have different token counts ({source.end_position - 1} "
+            f"and {target.end_position - 1}), so a word swap (replace) cannot map their attention one to "
+            "one. Use --mode refine."
+        )
+    return list(range(len(target.token_ids)))

@@ -29,6 +29,7 @@ from ..prompts import MarkedPrompt
 from .null_text import NullTextConfig, optimize_null
 
 LOSSES = ("at", "dj", "bg")  # attention balancing, disjoint object, background leakage
+NULL_STRATEGIES = ("optimized", "negative", "direct")
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class DynamicPromptStep:
 @dataclass
 class DynamicPromptResult:
     token_vectors: list[torch.Tensor]  # per step (K, D_in), sampling order
-    null_states: list[torch.Tensor]  # per step (1, 77, D)
+    null_states: list[torch.Tensor]  # per step (1, 77, D); empty unless null == "optimized"
     cross_maps: list[torch.Tensor]  # per step (res, res, 77): conditional maps with the learned tokens
 
 
@@ -172,20 +173,27 @@ def dynamic_prompt_inversion(
     config: DynamicPromptConfig = DynamicPromptConfig(),
     null_text: NullTextConfig = NullTextConfig(),
     *,
+    null: str = "optimized",
     callback: Callable[[DynamicPromptStep], None] | None = None,
     progress: bool = True,
 ) -> DynamicPromptResult:
     """Alg. 1 lines 5-19 on a DDIM-inversion pivot (sampling order, pivot[0] = z*_T).
 
     ``background`` is the mask (res, res) at the cross-attention size; ``layers`` the
-    cross-attention layers of that size.
+    cross-attention layers of that size. ``null`` is how each step ends: ``"optimized"``
+    (null-text inversion, the paper), ``"negative"`` (negative-prompt inversion: the null states
+    are the step's conditional states, no optimisation; the next latent is the conditional DDIM
+    step) or ``"direct"`` (direct inversion: no optimisation, the next latent is the pivot's,
+    which editing restores on the source branch).
     """
+    if null not in NULL_STRATEGIES:
+        raise ValueError(f"null must be one of {NULL_STRATEGIES}, got {null!r}")
     token_ids = torch.tensor([prompt.token_ids], device=model.device)
     vectors = model.token_embedding(token_ids[0, prompt.positions]).float()  # (K, D_in)
     losses_at = TokenLosses(model, prompt, layers, background, config)
     record = AttentionStore(average_steps=False, history=[("cross", config.cross_resolution)])
     result = DynamicPromptResult([], [], record.history[("cross", config.cross_resolution)])
-    null, z = null_init, pivot[0]
+    null_states, z = null_init, pivot[0]
     bar = tqdm(range(schedule.num_steps), desc="DPL inversion", disable=not progress, leave=False)
     for i in bar:
         t = schedule.timesteps[i]
@@ -195,14 +203,21 @@ def dynamic_prompt_inversion(
             with attention_hook(model.unet, layers, record):
                 eps_cond = model.predict(z, t, cond)
             record.end_step()
-        start = null_init if null_text.reset_each_step else null
-        null, null_loss, null_iterations = optimize_null(
-            model, schedule, i, z, pivot[i + 1], eps_cond, start, guidance_scale, null_text
-        )
-        with torch.no_grad():
-            z = denoise_step(schedule, i, z, guided_noise(model.predict(z, t, null), eps_cond, guidance_scale))
+        null_loss, null_iterations = 0.0, 0
+        if null == "optimized":
+            start = null_init if null_text.reset_each_step else null_states
+            null_states, null_loss, null_iterations = optimize_null(
+                model, schedule, i, z, pivot[i + 1], eps_cond, start, guidance_scale, null_text
+            )
+            with torch.no_grad():
+                eps = guided_noise(model.predict(z, t, null_states), eps_cond, guidance_scale)
+                z = denoise_step(schedule, i, z, eps)
+            result.null_states.append(null_states)
+        elif null == "negative":
+            z = denoise_step(schedule, i, z, eps_cond)  # guidance cancels when null = cond
+        else:
+            z = pivot[i + 1]
         result.token_vectors.append(vectors)
-        result.null_states.append(null)
         thresholds = config.thresholds(i)
         bar.set_postfix({**{k: f"{v:.3f}/{thresholds[k]:.3f}" for k, v in losses.items()}, "it": iterations})
         if callback is not None:

@@ -1,0 +1,7 @@
+"""Prompt-to-Prompt editing of inverted images: attention edits, the edit plan, the controller
+and the sampling run that applies them."""
+
+from .edit import EditResult, edit, reconstruct_latents
+from .plan import MODES, EditConfig, EditPlan, make_plan
+
+__all__ = ["MODES", "EditConfig", "EditPlan", "EditResult", "edit", "make_plan", "reconstruct_latents"]

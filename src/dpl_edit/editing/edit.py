@@ -1,0 +1,112 @@
+"""Editing an inverted image with Prompt-to-Prompt: one sampling run with the source branch and
+one branch per target prompt (REFERENCE section 6).
+
+The source branch uses the source prompt with the step's learned DPL tokens; a target keeps the
+learned vector of every dynamic word it keeps (same token, aligned position), and a swapped word
+has its plain embedding. The unconditional states are the inversion's (per-step null states for
+NTI and DPL, the source prompt's own for negative-prompt inversion, "" otherwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from ..artifacts import Inversion
+from ..attention import attention_hook, attention_layers
+from ..diffusion import DDIMSchedule
+from ..errors import InversionFileError, PromptError
+from ..images import to_pil
+from ..models import StableDiffusion
+from ..prompts import parse_marked_prompt
+from ..sampling import sample
+from .controller import PromptToPrompt
+from .plan import EditConfig, EditPlan, make_plan
+
+
+@dataclass
+class EditResult:
+    """The source branch (the reconstruction) and one image per target."""
+
+    reconstruction: Image.Image
+    edits: list[Image.Image]
+    targets: list[str]
+    maps: torch.Tensor  # (1 + n, res, res, 77) conditional cross-attention averaged over steps
+    plan: EditPlan
+    blend_masks: torch.Tensor | None  # (n, 1, h, w) the last local-blend masks
+    latents: torch.Tensor  # (1 + n, C, h, w) final latents, source first
+
+
+def edit(
+    model: StableDiffusion,
+    inversion: Inversion,
+    targets: Sequence[str],
+    config: EditConfig = EditConfig(),
+    *,
+    progress: bool = True,
+) -> EditResult:
+    """Edit the inverted image towards each target prompt (braces in them are allowed and ignored)."""
+    inversion.check_compatible(model)
+    if not targets:
+        raise PromptError("Give at least one target prompt to edit towards.")
+    source = parse_marked_prompt(inversion.prompt, model.tokenizer, require_words=False)
+    if list(source.token_ids) != inversion.token_ids:
+        raise InversionFileError("The model's tokenizer reads the inversion's prompt differently; use its model.")
+    prompts = [parse_marked_prompt(t, model.tokenizer, require_words=False) for t in targets]
+    plan = make_plan(source, prompts, inversion.token_positions, config, inversion.num_steps, model.tokenizer)
+    resolution = inversion.settings.get("cross_resolution", 16)
+    controller = PromptToPrompt(plan, resolution, config.self_max_resolution, config.blend_threshold,
+                                _trajectory(model, inversion))
+    layers = [layer for layer in attention_layers(model.unet)
+              if layer.kind == "cross" or layer.resolution <= config.self_max_resolution]
+    with attention_hook(model.unet, layers, controller):
+        latents = _sample_branches(model, inversion, plan, controller.step_end, progress)
+    images = [to_pil(model.decode_latents(latents[b : b + 1])) for b in range(latents.shape[0])]
+    return EditResult(images[0], images[1:], list(targets), controller.maps / inversion.num_steps, plan,
+                      controller.blend_masks, latents)
+
+
+def reconstruct_latents(model: StableDiffusion, inversion: Inversion, *, progress: bool = True) -> torch.Tensor:
+    """Sample z_0 (1, C, h, w) back from an inversion: the source branch alone."""
+    inversion.check_compatible(model)
+    trajectory = _trajectory(model, inversion)
+
+    def keep_on_pivot(i: int, latents: torch.Tensor) -> torch.Tensor | None:
+        return None if trajectory is None else trajectory[i + 1 : i + 2]
+
+    return _sample_branches(model, inversion, None, keep_on_pivot, progress)
+
+
+def _sample_branches(model, inversion: Inversion, plan: EditPlan | None, step_end, progress: bool) -> torch.Tensor:
+    schedule = DDIMSchedule.from_scheduler(model.scheduler, inversion.num_steps)
+    source = inversion.cond_at(model)  # per step (1, 77, D)
+    cond = source if plan is None else [
+        torch.cat([source[i], *_target_states(model, inversion, plan, i)]) for i in range(inversion.num_steps)
+    ]
+    branches = 1 if plan is None else 1 + len(plan.targets)
+    latent_T = inversion.latent_T.to(model.device, model.dtype).expand(branches, -1, -1, -1)
+    return sample(model, latent_T, schedule, cond, inversion.null_at(model), inversion.guidance_scale,
+                  step_end=step_end, progress=progress)
+
+
+@torch.no_grad()
+def _target_states(model: StableDiffusion, inversion: Inversion, plan: EditPlan, i: int) -> list[torch.Tensor]:
+    """Each target's conditional states (1, 77, D) at step i, with the learned vectors it keeps."""
+    states = []
+    for target, (positions, rows) in zip(plan.targets, plan.kept_tokens):
+        ids = torch.tensor([target.token_ids], device=model.device)
+        if inversion.token_vectors is None or not positions:
+            states.append(model.encode_tokens(ids))
+        else:
+            vectors = inversion.token_vectors[i, rows].to(model.device, model.dtype)
+            states.append(model.encode_tokens(ids, vectors, positions))
+    return states
+
+
+def _trajectory(model: StableDiffusion, inversion: Inversion) -> torch.Tensor | None:
+    if inversion.null != "direct":
+        return None
+    return inversion.trajectory.to(model.device, model.dtype)

@@ -1,0 +1,107 @@
+"""Prompt-to-Prompt editing: the pure attention edits, the plan on real CLIP ids, and editing runs."""
+
+import numpy as np
+import pytest
+import torch
+
+from dpl_edit import EditConfig, PromptError, edit, invert, reconstruct
+from dpl_edit.editing.attention_edits import blend_mask, edit_cross_attention, local_blend
+from dpl_edit.editing.plan import make_plan
+from dpl_edit.images import to_pil
+from dpl_edit.inversion import DynamicPromptConfig
+from dpl_edit.prompts import align_tokens, parse_marked_prompt
+from dpl_edit.tokenizer import clip_tokenizer
+
+TOKENIZER = clip_tokenizer()
+
+
+def _prompt(text):
+    return parse_marked_prompt(text, TOKENIZER, require_words=False)
+
+
+def test_replace_and_refine_mappers_on_clip_ids():
+    source = _prompt("a {cat} and a {dog}")  # <s> a cat and a dog </s>
+    plan = make_plan(source, [_prompt("a leopard and a tiger")], [2, 5], EditConfig(), 50, TOKENIZER)
+    assert plan.mapper[0, :8].tolist() == list(range(8)) and plan.mapped.all()
+    # refinement: "a fluffy cat and a big dog": new tokens fluffy (2) and big (6) keep their own maps
+    assert align_tokens(source, _prompt("a fluffy cat and a big dog"))[:9] == [0, 1, -1, 2, 3, 4, -1, 5, 6]
+    plan = make_plan(source, [_prompt("a fluffy cat and a big dog")], [2, 5], EditConfig(mode="refine"), 50, TOKENIZER)
+    assert plan.mapped[0, :9].tolist() == [1, 1, 0, 1, 1, 1, 0, 1, 1]
+    assert plan.kept_tokens == [([3, 7], [0, 1])]  # cat and dog keep their learned vectors
+    with pytest.raises(PromptError, match="refine"):
+        make_plan(source, [_prompt("a cat and a rectangle")], [2, 5], EditConfig(), 50, TOKENIZER)
+
+
+def test_swapped_words_lose_their_learned_vector_and_windows_follow_the_steps():
+    source = _prompt("a {cat} and a {dog}")
+    config = EditConfig(cross_replace_steps=0.8, word_cross_replace_steps={"tiger": 0.2})
+    plan = make_plan(source, [_prompt("a cat and a tiger")], [2, 5], config, 10, TOKENIZER)
+    assert plan.kept_tokens == [([2], [0])]
+    assert plan.windows[:, 0, 2].tolist() == [1] * 8 + [0] * 2
+    assert plan.windows[:, 0, 5].tolist() == [1] * 2 + [0] * 8
+    assert plan.self_steps == 4
+
+
+def test_cross_attention_edit_and_reweighting():
+    base, target = torch.rand(2, 4, 77), torch.rand(1, 2, 4, 77)
+    mapper = torch.arange(77)[None]
+    mapped, window = torch.ones(1, 77), torch.ones(1, 77)
+    torch.testing.assert_close(edit_cross_attention(base, target, mapper, mapped, window), base[None])
+    off = edit_cross_attention(base, target, mapper, mapped, torch.zeros(1, 77))
+    torch.testing.assert_close(off, target)
+    equalizer = torch.ones(1, 77)
+    equalizer[0, 5] = 2.0
+    weighted = edit_cross_attention(base, target, mapper, mapped, window, equalizer)
+    torch.testing.assert_close(weighted[..., 5], 2 * base[None, ..., 5])
+    others = [k for k in range(77) if k != 5]
+    torch.testing.assert_close(weighted[..., others], base[None][..., others])
+    new = torch.zeros(1, 77)  # a new token keeps its own column
+    mixed = edit_cross_attention(base, target, mapper, new, window)
+    torch.testing.assert_close(mixed, target)
+
+
+def test_local_blend_keeps_the_source_outside_the_mask():
+    maps = torch.zeros(3, 4, 4)
+    maps[0, 0, 0] = maps[1, 3, 3] = 1.0
+    mask = blend_mask(maps, 8)
+    assert mask.shape == (2, 1, 8, 8)
+    assert mask[0, 0, 0, 0] == 1 and mask[0, 0, 7, 7] == 1 and mask[0, 0, 0, 7] == 0  # source | target 1
+    latents = torch.randn(3, 4, 8, 8)
+    blended = local_blend(latents, mask)
+    outside = (mask == 0).expand(-1, 4, -1, -1)
+    assert torch.equal(blended[1:][outside], latents[:1].expand(2, -1, -1, -1)[outside])
+    torch.testing.assert_close(blended[1:][~outside], latents[1:][~outside])
+
+
+@pytest.fixture(scope="module")
+def inversions(model):
+    g = torch.Generator().manual_seed(5)
+    image = to_pil(torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g) * 2 - 1, size=128))
+    fast = DynamicPromptConfig(max_iterations=2)
+    return {
+        method: invert(model, image, "a {cat} and a {dog}", method=method, num_steps=5, dpl=fast, progress=False)
+        for method in ("nti", "dpl")
+    }
+
+
+@pytest.mark.parametrize("method", ["nti", "dpl"])
+def test_target_equal_to_source_reproduces_the_reconstruction(model, inversions, method):
+    inversion = inversions[method]
+    reconstruction = np.asarray(reconstruct(model, inversion, progress=False), dtype=float)
+    result = edit(model, inversion, ["a cat and a dog"], progress=False)
+    assert np.abs(np.asarray(result.reconstruction, dtype=float) - reconstruction).max() <= 2
+    assert np.abs(np.asarray(result.edits[0], dtype=float) - reconstruction).max() <= 2
+
+
+def test_several_targets_blend_and_processors_restored(model, inversions):
+    before = {k: type(v) for k, v in model.unet.attn_processors.items()}
+    config = EditConfig(blend=("cat",), reweight={"tiger": 2.0}, blend_threshold=0.97)
+    result = edit(model, inversions["dpl"], ["a tiger and a dog", "a cat and a {tiger}"], config, progress=False)
+    assert len(result.edits) == 2 and result.latents.shape[0] == 3
+    assert {k: type(v) for k, v in model.unet.attn_processors.items()} == before
+    outside = (result.blend_masks == 0).expand(-1, 4, -1, -1)
+    source = result.latents[:1].expand(2, -1, -1, -1)
+    assert outside.any()
+    assert torch.equal(result.latents[1:][outside], source[outside])
+    with pytest.raises(PromptError, match="refine"):
+        edit(model, inversions["dpl"], ["a leopard cub and a dog"], progress=False)
