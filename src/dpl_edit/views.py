@@ -131,12 +131,15 @@ def write_attention_views(
         other = Inversion.load(compare)
         pair = (other, inversion) if inversion.method == "dpl" else (inversion, other)
         figures["attention_comparison.png"] = comparison_grid(*pair)
-    written = []
     for name, fig in figures.items():
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        written.append(out / name)
-    return written
+        save_figure(fig, out / name)
+    return [out / name for name in figures]
+
+
+def save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:
+    """Write a figure as PNG and free it."""
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _source(inversion: Inversion) -> np.ndarray:
@@ -151,3 +154,40 @@ def _finish(fig: plt.Figure, axes: np.ndarray, title: str) -> None:
         ax.set_yticks([])
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
+
+
+def edit_grid(result, source_image) -> plt.Figure:
+    """Rows: targets; columns: source, reconstruction, edit, then the edited words' maps (target branch)."""
+    image = np.asarray(source_image, dtype=np.float64) / 255.0
+    plan = result.plan
+    rows = []
+    for j, target in enumerate(plan.targets):
+        changed = [p for p in range(1, target.end_position)
+                   if plan.mapper[j, p] < 0 or target.token_ids[p] != plan.source.token_ids[plan.mapper[j, p]]]
+        rows.append(changed)
+    columns = 3 + max(1, max(len(r) for r in rows))
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns, 2.4 * len(rows)), squeeze=False)
+    for j, (target, changed) in enumerate(zip(plan.targets, rows)):
+        axes[j, 0].imshow(image)
+        axes[j, 1].imshow(np.asarray(result.reconstruction))
+        axes[j, 2].imshow(np.asarray(result.edits[j]))
+        axes[j, 2].set_title(_wrap(target.text), fontsize=8)
+        for k, position in enumerate(changed):
+            axes[j, 3 + k].imshow(overlay(np.asarray(result.edits[j], dtype=np.float64) / 255.0,
+                                          result.maps[1 + j, ..., position].cpu()))
+            axes[j, 3 + k].set_title(result.target_tokens[j][position].replace("</w>", ""), fontsize=9)
+    axes[0, 0].set_title("source", fontsize=9)
+    axes[0, 1].set_title("reconstruction", fontsize=9)
+    _finish(fig, axes, f"edits of: {plan.source.text}")
+    return fig
+
+
+def _wrap(text: str, width: int = 28) -> str:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if len(line) + len(word) + 1 > width and line:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join([*lines, line])

@@ -38,6 +38,7 @@ class EditResult:
     plan: EditPlan
     blend_masks: torch.Tensor | None  # (n, 1, h, w) the last local-blend masks
     latents: torch.Tensor  # (1 + n, C, h, w) final latents, source first
+    target_tokens: list[list[str]]  # each target's 77 BPE tokens (for labels)
 
 
 def edit(
@@ -66,7 +67,8 @@ def edit(
         latents = _sample_branches(model, inversion, plan, controller.step_end, progress)
     images = [to_pil(model.decode_latents(latents[b : b + 1])) for b in range(latents.shape[0])]
     return EditResult(images[0], images[1:], list(targets), controller.maps / inversion.num_steps, plan,
-                      controller.blend_masks, latents)
+                      controller.blend_masks, latents,
+                      [model.tokenizer.convert_ids_to_tokens(list(p.token_ids)) for p in prompts])
 
 
 def reconstruct_latents(model: StableDiffusion, inversion: Inversion, *, progress: bool = True) -> torch.Tensor:

@@ -1,0 +1,45 @@
+"""The ``dpl`` command line: the only part of the package that prints."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from .. import __version__
+from ..errors import DplEditError
+from . import analysis, inversion, scenes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if args.seed is not None and args.run is not scenes.train_scenes:
+        torch.manual_seed(args.seed)
+    try:
+        return args.run(args)
+    except DplEditError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written for the step in progress", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpl",
+        description="Text-based editing of real images with diffusion models (Dynamic Prompt Learning).",
+    )
+    parser.add_argument("--version", action="version", version=f"dpl-edit {__version__}")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    for module in (inversion, analysis, scenes):
+        module.register(commands)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

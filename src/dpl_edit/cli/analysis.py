@@ -1,0 +1,72 @@
+"""`dpl attention` and `dpl localisation`: attention views and the IoU-vs-threshold evaluation."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..artifacts import Inversion
+from ..errors import DplEditError
+from ..localisation import THRESHOLDS, iou_curve, load_mask, plot_curves
+from ..views import inversion_words, word_map, write_attention_views
+
+
+def register(commands) -> None:
+    p = commands.add_parser(
+        "attention",
+        help="draw the attention maps of an inversion as PNG grids",
+        description="Write PNG grids of each word's cross-attention over the source image (averaged "
+        "over all steps and over step ranges), and for DPL the self-attention clusters and background "
+        "mask; with --compare, two inversions of the same image side by side (NTI vs DPL).",
+    )
+    p.add_argument("dir", type=Path, help="a folder written by `dpl invert`")
+    p.add_argument("--compare", type=Path, help="another inversion of the same image and prompt")
+    p.add_argument("--out", type=Path, help="folder for the PNGs (default: DIR)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(run=attention, seed=None)
+
+    p = commands.add_parser(
+        "localisation",
+        help="IoU of words' attention maps with ground-truth masks, against the threshold",
+        description="For each inversion and word, threshold the step-averaged, max-normalised "
+        "cross-attention map at 0.0, 0.1, ..., 1.0 and compute the IoU with the word's mask (the DPL "
+        "paper's Fig. 5a). Prints a table and plots the curves.",
+    )
+    p.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="inversions of the same image")
+    p.add_argument("--mask", action="append", required=True, metavar="WORD=FILE",
+                   help="a word and its ground-truth mask image (white = object); repeat per word")
+    p.add_argument("--out", type=Path, default=Path("localisation.png"), help="the plot (default: localisation.png)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(run=localisation, seed=None)
+
+
+def attention(args: argparse.Namespace) -> int:
+    written = write_attention_views(args.dir, compare=args.compare, out=args.out)
+    if not args.quiet:
+        print("Wrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def localisation(args: argparse.Namespace) -> int:
+    masks = {}
+    for item in args.mask:
+        word, sep, path = item.partition("=")
+        if not sep or not word or not path:
+            raise DplEditError(f"--mask takes WORD=FILE, got {item!r}")
+        masks[word.strip()] = load_mask(path)
+    curves = {}
+    for folder in args.dirs:
+        inversion = Inversion.load(folder)
+        words = dict(inversion_words(inversion))
+        for word, mask in masks.items():
+            if word not in words:
+                raise DplEditError(f"{folder}: no word {word!r} in its prompt {inversion.prompt!r}")
+            curves[f"{folder.name} {inversion.method} {word}"] = iou_curve(word_map(inversion, words[word]), mask)
+    plot_curves(curves, args.out, title="IoU of word attention with its mask")
+    if not args.quiet:
+        print("| inversion, word | " + " | ".join(f"{t:.1f}" for t in THRESHOLDS) + " | mean |")
+        print("|---" * (len(THRESHOLDS) + 2) + "|")
+        for label, curve in curves.items():
+            print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in curve.tolist()) + f" | {curve.mean():.3f} |")
+        print(f"Plot: {args.out}")
+    return 0

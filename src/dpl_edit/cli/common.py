@@ -1,0 +1,67 @@
+"""What the commands share: model options, device choice, loading, WORD=VALUE pairs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..errors import DplEditError
+from ..models import StableDiffusion
+from ..registry import NAMED_MODELS, load_model
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_model_options(p: argparse.ArgumentParser, required_default: str | None) -> None:
+    named = "; ".join(f"{k}: {v}" for k, v in NAMED_MODELS.items())
+    default = f"default: {required_default}" if required_default else "default: the model the inversion was made with"
+    p.add_argument(
+        "--model", default=required_default,
+        help=f"a diffusers Stable Diffusion folder, a Hugging Face hub id, or a named model ({named}); {default}",
+    )
+    p.add_argument(
+        "--device", default="auto",
+        help="cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu (default: auto)",
+    )
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model precision (default: float32)")
+    p.add_argument("--seed", type=int, default=None, help="seed for torch's random generator")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise DplEditError(f"Unknown device {name!r} ({err}); use cpu, cuda, cuda:N, mps or auto") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DplEditError("--device cuda was asked for but this torch build sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def load(args: argparse.Namespace, name: str) -> StableDiffusion:
+    device = pick_device(args.device)
+    if not args.quiet:
+        print(f"Loading model {name} on {device} ({args.dtype})", file=sys.stderr)
+    return load_model(name, device=device, dtype=DTYPES[args.dtype])
+
+
+def pairs(items: list[str], option: str, convert=float) -> dict:
+    """``["cat=2.0", ...]`` as a dict; a DplEditError for a malformed item."""
+    result = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            result[key.strip()] = convert(value)
+        except ValueError:
+            raise DplEditError(f"{option} takes WORD=VALUE, got {item!r}") from None
+    return result

@@ -1,0 +1,237 @@
+"""`dpl invert`, `dpl reconstruct`, `dpl edit` and `dpl run`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+from ..artifacts import Inversion
+from ..editing import MODES, EditConfig, EditResult, edit
+from ..errors import DplEditError
+from ..images import FITS, load_image, psnr
+from ..inversion import DynamicPromptConfig, NullTextConfig
+from ..inversion.dynamic_prompt import LOSSES, NULL_STRATEGIES
+from ..pipeline import METHODS, PRESETS, invert, model_dpl_config, reconstruct
+from ..registry import DEFAULT_MODEL
+from ..views import edit_grid, save_figure
+from .common import add_model_options, load, pairs
+
+
+def register(commands) -> None:
+    p = commands.add_parser(
+        "invert",
+        help="invert an image into the model once, for reconstruction and editing",
+        description="Invert IMAGE with its PROMPT and save the result in OUT (inversion.safetensors, "
+        "inversion.json, source.png) for `dpl reconstruct` and editing.",
+    )
+    p.add_argument("image", type=Path, help="the image file (PNG, JPEG, WebP, ...; any size and mode)")
+    p.add_argument(
+        "--prompt", required=True,
+        help='a caption of the image; for dpl mark the nouns to learn in braces: "a {cat} and a {dog}"',
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder to write the inversion into")
+    add_inversion_options(p)
+    add_model_options(p, required_default=DEFAULT_MODEL)
+    p.set_defaults(run=invert_command)
+
+    p = commands.add_parser(
+        "reconstruct",
+        help="sample the image back from an inversion",
+        description="Sample the image back from the inversion in DIR, write DIR/reconstruction.png "
+        "and print its PSNR against the source image.",
+    )
+    p.add_argument("dir", type=Path, help="a folder written by `dpl invert`")
+    p.add_argument("--out", type=Path, help="where to write the image (default: DIR/reconstruction.png)")
+    add_model_options(p, required_default=None)
+    p.set_defaults(run=reconstruct_command)
+
+    p = commands.add_parser(
+        "edit",
+        help="edit an inverted image towards target prompts (Prompt-to-Prompt)",
+        description="Edit the inversion in DIR towards each --target (one sampling run for all), writing "
+        "OUT/edit_N.png, OUT/reconstruction.png (the source branch) and OUT/edit_grid.png (source, "
+        "reconstruction, edit, and the attention maps of the edited words).",
+    )
+    p.add_argument("dir", type=Path, help="a folder written by `dpl invert`")
+    add_edit_options(p)
+    p.add_argument("--out", type=Path, help="folder for the images (default: DIR/edits)")
+    add_model_options(p, required_default=None)
+    p.set_defaults(run=edit_command)
+
+    p = commands.add_parser(
+        "run",
+        help="invert an image and edit it in one go",
+        description="`dpl invert` then `dpl edit`: the inversion goes to OUT, the edits to OUT/edits. "
+        "The inversion method defaults to dpl here.",
+    )
+    p.add_argument("image", type=Path, help="the image file (PNG, JPEG, WebP, ...; any size and mode)")
+    p.add_argument("--source", required=True,
+                   help='a caption of the image; for dpl mark the nouns in braces: "a {cat} and a {dog}"')
+    p.add_argument("--out", type=Path, required=True, help="folder for the inversion and the edits")
+    add_edit_options(p)
+    add_inversion_options(p)
+    add_model_options(p, required_default=DEFAULT_MODEL)
+    p.set_defaults(run=run_command, method="dpl")
+
+
+def add_inversion_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--method", choices=METHODS, default="nti",
+        help="ddim: DDIM inversion only (fast, poor reconstruction under guidance); "
+        "nti: null-text inversion (Mokady et al. 2023), near-exact reconstruction; "
+        "npi: negative-prompt inversion (no optimisation); direct: direct inversion (no "
+        "optimisation, exact reconstruction, editing keeps the source on the DDIM pivot); "
+        "dpl: dynamic prompt learning (Wang et al. 2023) + the --null step, attention kept "
+        "on each marked word's object. Default: nti",
+    )
+    p.add_argument(
+        "--null", choices=NULL_STRATEGIES, default="optimized",
+        help="dpl: how each step's unconditional states are made: optimized (null-text inversion, the "
+        "paper; default), negative (the source prompt's states, no optimisation: fastest) or direct "
+        "(\"\", with the source branch kept on the DDIM pivot while editing: exact reconstruction)",
+    )
+    p.add_argument(
+        "--words", nargs="+", default=(), metavar="WORD",
+        help="dpl: words to learn, instead of (or besides) marking them with braces in --prompt",
+    )
+    p.add_argument(
+        "--preset", choices=PRESETS, default="paper",
+        help="paper: published null-text inversion settings (default); authors: the DPL authors' "
+        "schedule (51 null-text iterations per step, no early stop, null reset each step)",
+    )
+    dpl = DynamicPromptConfig()
+    p.add_argument("--dpl-iterations", type=int, default=dpl.max_iterations,
+                   help=f"dpl: AdamW steps on the tokens per timestep at most (default: {dpl.max_iterations})")
+    p.add_argument("--losses", default=",".join(dpl.losses),
+                   help="dpl: comma-separated losses to use: at (attention balancing), dj (disjoint "
+                   "object), bg (background leakage) (default: at,dj,bg)")
+    p.add_argument("--lambda-dj", type=float, default=dpl.lambda_dj,
+                   help=f"dpl: weight of the disjoint object loss (default: {dpl.lambda_dj}; the authors' demo uses 0.005)")
+    p.add_argument("--lambda-bg", type=float, default=dpl.lambda_bg,
+                   help=f"dpl: weight of the background leakage loss (default: {dpl.lambda_bg})")
+    p.add_argument("--cross-res", type=int,
+                   help="side of the cross-attention maps the losses and views read (default: the model's "
+                   f"recommendation, else {dpl.cross_resolution} as for SD 1.x)")
+    p.add_argument("--self-res", type=int,
+                   help="dpl: side of the self-attention maps clustered for the background mask (default: "
+                   f"the model's recommendation, else {dpl.self_resolution})")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    p.add_argument(
+        "--fit", choices=FITS, default="crop",
+        help="how a non-square image is made square: crop the centre (default), resize "
+        "(stretches, distorting the aspect ratio, as the DPL authors do) or pad with white",
+    )
+    p.add_argument(
+        "--nti-iterations", type=int, default=NullTextConfig.max_iterations,
+        help="null-text inversion: Adam steps per timestep at most (default: 10)",
+    )
+
+
+def add_edit_options(p: argparse.ArgumentParser) -> None:
+    edit = EditConfig()
+    p.add_argument("--target", action="append", required=True, metavar="PROMPT",
+                   help='a target prompt, e.g. "a leopard and a tiger"; repeat for several edits of one inversion')
+    p.add_argument("--mode", choices=MODES, default=edit.mode,
+                   help="replace: word swap (same token count); refine: prompts aligned token by token, "
+                   "new words keep their own attention (default: replace)")
+    p.add_argument("--reweight", nargs="+", default=[], metavar="WORD=FACTOR",
+                   help="scale target words' cross-attention, e.g. --reweight fluffy=2.0")
+    p.add_argument("--blend", nargs="+", default=[], metavar="WORD",
+                   help="local blend: only the region of these words (source or target) may change")
+    p.add_argument("--blend-threshold", type=float, default=edit.blend_threshold,
+                   help=f"local blend threshold on the max-normalised maps (default: {edit.blend_threshold})")
+    p.add_argument("--cross-steps", type=float, default=edit.cross_replace_steps,
+                   help=f"share of the steps whose cross-attention comes from the source (default: {edit.cross_replace_steps})")
+    p.add_argument("--cross-steps-word", nargs="+", default=[], metavar="WORD=SHARE",
+                   help="per-word override of --cross-steps, e.g. --cross-steps-word tiger=0.4")
+    p.add_argument("--self-steps", type=float, default=edit.self_replace_steps,
+                   help=f"share of the steps whose self-attention comes from the source (default: {edit.self_replace_steps})")
+
+
+def edit_config(args: argparse.Namespace) -> EditConfig:
+    return EditConfig(
+        mode=args.mode, cross_replace_steps=args.cross_steps,
+        word_cross_replace_steps=pairs(args.cross_steps_word, "--cross-steps-word"),
+        self_replace_steps=args.self_steps, reweight=pairs(args.reweight, "--reweight"),
+        blend=tuple(args.blend), blend_threshold=args.blend_threshold,
+    )
+
+
+def write_edits(result: EditResult, source_image, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    result.reconstruction.save(out / "reconstruction.png")
+    for j, image in enumerate(result.edits, start=1):
+        image.save(out / f"edit_{j}.png")
+    save_figure(edit_grid(result, source_image), out / "edit_grid.png")
+    for j, target in enumerate(result.targets, start=1):
+        print(f"{out / f'edit_{j}.png'}: {target}")
+    print(f"Grid: {out / 'edit_grid.png'}")
+
+
+def edit_command(args: argparse.Namespace) -> int:
+    config = edit_config(args)
+    inversion = Inversion.load(args.dir)
+    model = load(args, args.model or inversion.model_id)
+    started = time.perf_counter()
+    result = edit(model, inversion, args.target, config, progress=not args.quiet)
+    print(f"Edited {args.dir} ({inversion.method}) in {time.perf_counter() - started:.1f} s")
+    write_edits(result, inversion.source_image, args.out or args.dir / "edits")
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    config = edit_config(args)
+    args.prompt = args.source
+    model = load(args, args.model)
+    inversion = invert_from_args(args, model)
+    started = time.perf_counter()
+    result = edit(model, inversion, args.target, config, progress=not args.quiet)
+    print(f"Edited in {time.perf_counter() - started:.1f} s")
+    write_edits(result, inversion.source_image, args.out / "edits")
+    return 0
+
+
+def invert_command(args: argparse.Namespace) -> int:
+    invert_from_args(args, load(args, args.model))
+    return 0
+
+
+def invert_from_args(args: argparse.Namespace, model) -> Inversion:
+    if args.steps < 1:
+        raise DplEditError(f"--steps must be at least 1, got {args.steps}")
+    losses = tuple(name.strip() for name in args.losses.split(",") if name.strip())
+    if not losses or set(losses) - set(LOSSES):
+        raise DplEditError(f"--losses takes a comma-separated subset of {','.join(LOSSES)}, got {args.losses!r}")
+    null_text = NullTextConfig.authors() if args.preset == "authors" else NullTextConfig()
+    if args.nti_iterations != NullTextConfig.max_iterations:
+        null_text = dataclasses.replace(null_text, max_iterations=args.nti_iterations)
+    sizes = {k: v for k, v in (("cross_resolution", args.cross_res), ("self_resolution", args.self_res)) if v}
+    dpl = model_dpl_config(
+        model, max_iterations=args.dpl_iterations, losses=losses, lambda_dj=args.lambda_dj,
+        lambda_bg=args.lambda_bg, **sizes,
+    )
+    image = load_image(args.image, model.image_size, fit=args.fit)
+    started = time.perf_counter()
+    inversion = invert(
+        model, image, args.prompt, method=args.method, null=args.null, words=args.words, num_steps=args.steps,
+        guidance_scale=args.guidance, preset=args.preset, null_text=null_text, dpl=dpl,
+        progress=not args.quiet,
+    )
+    inversion.settings["fit"] = args.fit
+    inversion.save(args.out)
+    print(f"Inverted {args.image} with {args.method} in {time.perf_counter() - started:.1f} s -> {args.out}/")
+    return inversion
+
+
+def reconstruct_command(args: argparse.Namespace) -> int:
+    inversion = Inversion.load(args.dir)
+    model = load(args, args.model or inversion.model_id)
+    image = reconstruct(model, inversion, progress=not args.quiet)
+    out = args.out or args.dir / "reconstruction.png"
+    image.save(out)
+    quality = f", PSNR {psnr(image, inversion.source_image):.2f} dB against the source" if inversion.source_image else ""
+    print(f"Reconstructed {args.dir} ({inversion.method}) -> {out}{quality}")
+    return 0

@@ -1,0 +1,96 @@
+"""`dpl train-scenes` and `dpl check-scenes`: the scene model's training and quality table."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ..errors import DplEditError
+from ..scenes.quality import check_scene_model
+from ..scenes.train import SceneTrainer, TrainConfig
+from .common import add_model_options, load, pick_device
+
+
+def register(commands) -> None:
+    defaults = TrainConfig()
+    p = commands.add_parser(
+        "train-scenes",
+        help="train the scene model (VAE, then UNet + text encoder) from rendered scenes",
+        description="Train a small Stable-Diffusion-architecture model on synthetic scenes into OUT "
+        "(resumable: run the same command again to continue). When done, OUT/model is a diffusers "
+        "folder usable as --model OUT/model.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="training folder (checkpoints, loss log, model)")
+    p.add_argument("--steps", type=int, default=defaults.diffusion_steps, help=f"UNet steps (default: {defaults.diffusion_steps})")
+    p.add_argument("--vae-steps", type=int, default=defaults.vae_steps, help=f"VAE steps (default: {defaults.vae_steps})")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"UNet batch (default: {defaults.batch_size})")
+    p.add_argument("--vae-batch-size", type=int, default=defaults.vae_batch_size,
+                   help=f"VAE batch (default: {defaults.vae_batch_size})")
+    p.add_argument("--train-scenes", type=int, default=defaults.train_scenes,
+                   help=f"scenes rendered for training (default: {defaults.train_scenes})")
+    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                   help=f"steps between checkpoints (default: {defaults.checkpoint_every})")
+    p.add_argument("--time-limit", type=float, help="stop (with a checkpoint) after this many minutes")
+    p.add_argument("--weights-only", type=Path,
+                   help="also write fp16 EMA weights here when stopping (small; resumable with a fresh optimiser)")
+    p.add_argument("--compile", action="store_true", help="CUDA: torch.compile the UNet")
+    p.add_argument("--export", type=Path, metavar="DIR",
+                   help="do not train: write the current EMA model (from OUT's checkpoint) as a diffusers folder")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--seed", type=int, default=defaults.seed, help=f"training seed (default: {defaults.seed})")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=train_scenes)
+
+    p = commands.add_parser(
+        "check-scenes",
+        help="quality table of a scene model: caption following, reconstruction, localisation",
+        description="Judge a scene model on test scenes: caption following of generated samples (by a "
+        "checker of the renderer's looks), VAE and null-text-inversion reconstruction PSNR, and the IoU "
+        "of each noun's map with its own and with the other object. Prints a table with the bars.",
+    )
+    p.add_argument("--samples", type=int, default=64, help="generated samples judged (default: 64)")
+    p.add_argument("--reconstructions", type=int, default=4, help="scenes inverted with NTI (default: 4)")
+    p.add_argument("--localisations", type=int, default=16, help="two-object scenes for localisation (default: 16)")
+    add_model_options(p, required_default=None)
+    p.set_defaults(run=check_scenes)
+
+
+def train_scenes(args: argparse.Namespace) -> int:
+    config = TrainConfig(
+        seed=args.seed, train_scenes=args.train_scenes, vae_steps=args.vae_steps, vae_batch_size=args.vae_batch_size,
+        diffusion_steps=args.steps, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
+    )
+    trainer = SceneTrainer(config, args.out, device=pick_device(args.device), compile=args.compile)
+    limit = None if args.time_limit is None else 60 * args.time_limit
+    if args.export:
+        trainer.resume()
+        trainer.export(args.export)
+        print(f"Exported the {trainer.stage} step {trainer.step} model to {args.export}")
+        return 0
+    try:
+        finished = trainer.run(time_limit=limit, progress=not args.quiet)
+    except ValueError as err:
+        raise DplEditError(str(err)) from err
+    if args.weights_only:
+        trainer.save_weights_only(args.weights_only)
+    if finished:
+        print(f"Training finished: the model is in {args.out / 'model'} (use --model {args.out / 'model'})")
+    else:
+        print(f"Stopped at {trainer.stage} step {trainer.step}; run the same command again to continue.")
+    return 0
+
+
+def check_scenes(args: argparse.Namespace) -> int:
+    if not args.model:
+        raise DplEditError("check-scenes needs --model: a scene model folder (or scenes once it is bundled)")
+    model = load(args, args.model)
+    started = time.perf_counter()
+    report = check_scene_model(model, args.samples, args.reconstructions, args.localisations, progress=not args.quiet)
+    print(f"\nScene model {args.model}: {args.samples} samples, {args.reconstructions} reconstructions, "
+          f"{args.localisations} two-object scenes ({time.perf_counter() - started:.0f} s)\n")
+    print("| check | value | bar | passed |")
+    print("|---|---|---|---|")
+    for check, value, bar, passed in report.rows():
+        print(f"| {check} | {value} | {bar} | {('yes' if passed else 'no') if bar else ''} |")
+    return 0
