@@ -47,3 +47,29 @@ def test_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--prompt", "--out", "--method", "--model", "--device", "--dtype", "--seed", "--fit", "--steps"):
         assert option in text
+
+
+def test_run_then_edit_with_several_targets(photo, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--model", "tiny", "--steps", "3", "--quiet"]
+    assert main(["run", str(photo), "--source", "a {red} wall", "--target", "a blue wall", "--target", "a red door",
+                 "--dpl-iterations", "1", "--blend", "red", "--out", str(out), *common]) == 0
+    assert (out / "inversion.json").is_file()
+    for name in ("edit_1.png", "edit_2.png", "reconstruction.png", "edit_grid.png"):
+        assert (out / "edits" / name).is_file()
+    assert main(["edit", str(out), "--target", "a big red wall", "--mode", "refine", "--reweight", "big=2",
+                 "--cross-steps-word", "big=0.5", "--out", str(tmp_path / "e"), "--quiet"]) == 0
+    assert (tmp_path / "e" / "edit_1.png").is_file()
+    capsys.readouterr()
+    assert main(["edit", str(out), "--target", "a big red wall", "--quiet"]) == 2
+    assert "refine" in capsys.readouterr().err
+    assert main(["edit", str(out), "--target", "a red wall", "--reweight", "wall", "--quiet"]) == 2
+    assert "WORD=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["npi", "direct"])
+def test_faster_inversions(photo, tmp_path, method):
+    out = tmp_path / method
+    assert main(["invert", str(photo), "--prompt", "a red wall", "--method", method, "--out", str(out),
+                 "--model", "tiny", "--steps", "3", "--quiet"]) == 0
+    assert main(["edit", str(out), "--target", "a blue wall", "--quiet"]) == 0

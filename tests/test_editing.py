@@ -105,3 +105,20 @@ def test_several_targets_blend_and_processors_restored(model, inversions):
     assert torch.equal(result.latents[1:][outside], source[outside])
     with pytest.raises(PromptError, match="refine"):
         edit(model, inversions["dpl"], ["a leopard cub and a dog"], progress=False)
+
+
+def test_direct_inversion_reconstructs_exactly_and_dpl_combines_with_it(model, inversions):
+    image = inversions["nti"].source_image
+    for method, null in (("direct", "optimized"), ("dpl", "direct"), ("dpl", "negative")):
+        inversion = invert(model, image, "a {cat} and a {dog}", method=method, null=null, num_steps=4,
+                           dpl=DynamicPromptConfig(max_iterations=1), progress=False)
+        assert inversion.null == ("direct" if method == "direct" else null)
+        assert (inversion.token_vectors is not None) == (method == "dpl")
+        assert inversion.null_states is None
+        from dpl_edit import reconstruct_latents
+
+        z0 = reconstruct_latents(model, inversion, progress=False)
+        if inversion.null == "direct":
+            torch.testing.assert_close(z0, inversion.source_latent)
+        result = edit(model, inversion, ["a cat and a tiger"], progress=False)
+        assert len(result.edits) == 1

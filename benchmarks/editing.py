@@ -1,0 +1,78 @@
+"""Time a Prompt-to-Prompt edit (one target, 50 steps) beside a baseline in the same run.
+
+- ours: `dpl_edit.edit` on a saved-style inversion (source + target branches, attention edits on
+  every cross-attention layer and on self-attention at 16x16 and below, local blend);
+- baseline: diffusers' StableDiffusionPipeline sampling the same two prompts as a batch of 2 with
+  no attention control (the floor an edit cannot go below).
+
+    python benchmarks/editing.py --scale tiny
+    python benchmarks/editing.py --scale sd14 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from dpl_edit import EditConfig, Inversion, edit
+from dpl_edit.artifacts import library_versions
+from dpl_edit.random_models import sd14_sized_model, tiny_model
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=["tiny", "sd14"], default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    model = (tiny_model() if args.scale == "tiny" else sd14_sized_model()).to(device)
+    source, target = "a cat and a dog", "a leopard and a dog"
+    g = torch.Generator().manual_seed(0)
+    z_T = torch.randn(1, 4, model.latent_size, model.latent_size, generator=g).to(device)
+    null = model.encode_prompt("")
+    inversion = Inversion(
+        method="nti", model_id=model.model_id, model_fingerprint=model.fingerprint(), prompt=source,
+        token_ids=model.tokenize(source)[0].tolist(), prompt_tokens=[], latent_T=z_T, source_latent=z_T,
+        num_steps=args.steps, guidance_scale=7.5, null="optimized",
+        null_states=null.expand(args.steps, -1, -1).clone(), versions=library_versions(),
+    )
+    config = EditConfig(blend=("cat",))
+    pipe = StableDiffusionPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+        scheduler=model.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    ours = timed(lambda: edit(model, inversion, [target], config, progress=False), device, args.repeats)
+    baseline = timed(lambda: pipe([source, target], latents=z_T.expand(2, -1, -1, -1), num_inference_steps=args.steps,
+                                  guidance_scale=7.5, output_type="pil"), device, args.repeats)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    print(f"\nEdit benchmark: scale={args.scale}, {args.steps} steps, float32, {machine}, torch {torch.__version__}\n")
+    print("| what | seconds | / baseline |")
+    print("|---|---|---|")
+    print(f"| ours: P2P edit (replace + self injection + local blend), decode both | {ours:.2f} | {ours / baseline:.2f}x |")
+    print(f"| baseline: StableDiffusionPipeline, the two prompts as a batch, no control | {baseline:.2f} | 1.00x |")
+
+
+if __name__ == "__main__":
+    main()
