@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
+from timing import machine, timed
 
 from dpl_edit.attention import attention_layers, select_layers
 from dpl_edit.diffusion import DDIMSchedule
@@ -28,25 +28,6 @@ from dpl_edit.prompts import parse_marked_prompt
 from dpl_edit.random_models import sd14_sized_model, tiny_model
 
 PROMPT = "a {cat} and a {dog} on the grass"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_iterations(step, device: torch.device, iterations: int) -> float:
-    """Median seconds of one call of step() over ``iterations`` calls after two warm-ups."""
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(iterations):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def ours(model, losses_at: TokenLosses, z, vectors):
@@ -115,12 +96,12 @@ def main() -> None:
     early = TokenLosses(model, marked, layers, background, DynamicPromptConfig())
     full = TokenLosses(model, marked, layers, background, DynamicPromptConfig(early_exit=False))
     rows = {
-        "ours, early exit": time_iterations(ours(model, early, z, vectors), device, args.iterations),
-        "ours, full forward": time_iterations(ours(model, full, z, vectors), device, args.iterations),
+        "ours, early exit": timed(ours(model, early, z, vectors), device, args.iterations, warmup=2),
+        "ours, full forward": timed(ours(model, full, z, vectors), device, args.iterations, warmup=2),
     }
     model.unet.requires_grad_(True)
     model.text_encoder.requires_grad_(True)
-    rows["authors' style (weights trainable, whole table)"] = time_iterations(
+    rows["authors' style (weights trainable, whole table)"] = timed(
         authors_style(model, full, z, marked), device, args.iterations
     )
     model.unet.requires_grad_(False)
@@ -130,16 +111,15 @@ def main() -> None:
     if args.full_inversion:
         schedule = DDIMSchedule.from_scheduler(model.scheduler, 50)
         cond = model.encode_tokens(torch.tensor([marked.token_ids], device=device))
-        sync(device)
         start = time.perf_counter()
         pivot = ddim_inversion(model, z, cond, schedule, progress=False).pivot
         dynamic_prompt_inversion(model, marked, pivot, model.encode_prompt(""), background, layers, schedule, 7.5,
                                  progress=False)
-        sync(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         inversion_s = time.perf_counter() - start
 
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
-    print(f"\nDPL token iteration: scale={args.scale}, {args.dtype}, {machine}, torch {torch.__version__}\n")
+    print(f"\nDPL token iteration: scale={args.scale}, {args.dtype}, {machine(device)}, torch {torch.__version__}\n")
     base = rows["ours, early exit"]
     print("| variant | ms / iteration | / ours, early exit |")
     print("|---|---|---|")
@@ -149,7 +129,7 @@ def main() -> None:
         print(f"\nWhole DPL inversion (50 steps, <= 21 token + 10 null iterations per step): {inversion_s:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"scale": args.scale, "device": machine, "ms": {k: 1000 * v for k, v in rows.items()},
+            json.dump({"scale": args.scale, "device": machine(device), "ms": {k: 1000 * v for k, v in rows.items()},
                        "inversion_s": inversion_s}, f, indent=2)
 
 

@@ -12,29 +12,14 @@
 from __future__ import annotations
 
 import argparse
-import platform
-import time
 
 import torch
 from diffusers import StableDiffusionPipeline
+from timing import machine, timed
 
 from dpl_edit import EditConfig, Inversion, edit
 from dpl_edit.artifacts import library_versions
 from dpl_edit.random_models import sd14_sized_model, tiny_model
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -66,8 +51,7 @@ def main() -> None:
     ours = timed(lambda: edit(model, inversion, [target], config, progress=False), device, args.repeats)
     baseline = timed(lambda: pipe([source, target], latents=z_T.expand(2, -1, -1, -1), num_inference_steps=args.steps,
                                   guidance_scale=7.5, output_type="pil"), device, args.repeats)
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
-    print(f"\nEdit benchmark: scale={args.scale}, {args.steps} steps, float32, {machine}, torch {torch.__version__}\n")
+    print(f"\nEdit benchmark: scale={args.scale}, {args.steps} steps, float32, {machine(device)}, torch {torch.__version__}\n")
     print("| what | seconds | / baseline |")
     print("|---|---|---|")
     print(f"| ours: P2P edit (replace + self injection + local blend), decode both | {ours:.2f} | {ours / baseline:.2f}x |")

@@ -18,32 +18,15 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import platform
-import time
 
 import torch
 from diffusers import DDIMInverseScheduler, StableDiffusionPipeline
+from timing import machine, timed
 
 from dpl_edit.diffusion import DDIMSchedule
 from dpl_edit.inversion import NullTextConfig, ddim_inversion, null_text_inversion
 from dpl_edit.random_models import sd14_sized_model, tiny_model
 from dpl_edit.sampling import sample
-
-
-def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds (CUDA synchronised), after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 @contextlib.contextmanager
@@ -119,8 +102,7 @@ def main() -> None:
         ours_s, base_s = timed(ours, device, repeats, warmup), timed(baseline, device, repeats, warmup)
         results.append({"stage": name, "ours_s": ours_s, "baseline_s": base_s, "baseline": what})
 
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
-    print(f"\nEngine benchmark: scale={args.scale}, {args.steps} steps, {args.dtype}, {machine}, "
+    print(f"\nEngine benchmark: scale={args.scale}, {args.steps} steps, {args.dtype}, {machine(device)}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads\n")
     print("| stage | ours (s) | baseline (s) | baseline / ours | baseline |")
     print("|---|---|---|---|---|")
@@ -129,7 +111,7 @@ def main() -> None:
               f"{r['baseline_s'] / r['ours_s']:.2f}x | {r['baseline']} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"scale": args.scale, "device": machine, "dtype": args.dtype, "results": results}, f, indent=2)
+            json.dump({"scale": args.scale, "device": machine(device), "dtype": args.dtype, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

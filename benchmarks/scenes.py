@@ -9,7 +9,7 @@
     object against the source (the distractor: higher is less damage), reconstruction PSNR.
 (c) Time per image: inversion and edit.
 
-    python benchmarks/scenes.py --model DIR                 # default: 4 scenes, about 20 min on 2 CPU cores
+    python benchmarks/scenes.py --model DIR                 # default: 2 scenes, about 20 min on 2 CPU cores
     python benchmarks/scenes.py --model DIR --full          # the whole test set used for the numbers (60)
     python benchmarks/scenes.py --model DIR --split validation   # for tuning
 
@@ -33,7 +33,7 @@ from dpl_edit.images import to_tensor
 from dpl_edit.localisation import iou_curve, plot_curves
 from dpl_edit.pipeline import model_dpl_config
 from dpl_edit.prompts import parse_marked_prompt
-from dpl_edit.scenes.render import COLOURS, SHAPES, BACKGROUNDS, WordSwap, render, split_scene, swap_word
+from dpl_edit.scenes.render import BACKGROUNDS, COLOURS, SHAPES, WordSwap, render, split_scene, swap_word
 
 FULL_TEST = 60  # the paper reports on 60 test images
 LOCALISATION = {"ddim": ("ddim", None), "dpl": ("dpl", None), "dpl L_at only": ("dpl", ("at",)),
@@ -75,7 +75,7 @@ def nouns_maps(inversion, prompt) -> list[torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a scene model folder")
-    parser.add_argument("--scenes", type=int, default=4)
+    parser.add_argument("--scenes", type=int, default=2, help="two-object scenes (default: 2, about 20 min on 2 CPU cores)")
     parser.add_argument("--full", action="store_true", help=f"all {FULL_TEST} test scenes")
     parser.add_argument("--split", default="test", choices=["validation", "test"])
     parser.add_argument("--steps", type=int, default=50)

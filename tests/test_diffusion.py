@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler
+from diffusers import DDIMInverseScheduler
 
 from dpl_edit.diffusion import DDIMSchedule, denoise_step, guided_noise, invert_step
 from dpl_edit.models import ddim_scheduler

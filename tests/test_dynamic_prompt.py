@@ -5,9 +5,9 @@ import torch
 
 from dpl_edit import Inversion, PromptError, invert, reconstruct_latents
 from dpl_edit.attention import attention_layers, select_layers
+from dpl_edit.images import to_pil
 from dpl_edit.inversion import DynamicPromptConfig
 from dpl_edit.inversion.dynamic_prompt import TokenLosses, optimize_tokens
-from dpl_edit.images import to_pil
 from dpl_edit.prompts import parse_marked_prompt
 
 FAST = DynamicPromptConfig(max_iterations=3)

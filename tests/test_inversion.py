@@ -1,8 +1,8 @@
 import torch
 
 from dpl_edit import NullTextConfig, invert, reconstruct_latents
-from dpl_edit.diffusion import DDIMSchedule
 from dpl_edit.attention import attention_layers, select_layers
+from dpl_edit.diffusion import DDIMSchedule
 from dpl_edit.images import to_pil
 from dpl_edit.inversion import ddim_inversion
 

@@ -5,7 +5,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from dpl_edit.cli import main
-from dpl_edit.localisation import THRESHOLDS, iou_curve
+from dpl_edit.localisation import iou_curve
 
 
 def test_iou_curve_known_values():

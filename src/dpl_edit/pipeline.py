@@ -20,9 +20,9 @@ from .artifacts import Inversion, library_versions
 from .attention import AttentionLayer, AttentionStore, attention_layers, select_layers
 from .background import background_mask
 from .diffusion import DDIMSchedule
+from .editing import reconstruct_latents
 from .errors import DplEditError, ImageLoadError
 from .images import to_pil, to_tensor
-from .inversion.dynamic_prompt import NULL_STRATEGIES
 from .inversion import (
     DynamicPromptConfig,
     DynamicPromptStep,
@@ -32,10 +32,10 @@ from .inversion import (
     dynamic_prompt_inversion,
     null_text_inversion,
 )
+from .inversion.dynamic_prompt import NULL_STRATEGIES
 from .losses import word_maps
 from .models import StableDiffusion
 from .prompts import parse_marked_prompt
-from .editing import reconstruct_latents
 
 METHODS = ("ddim", "nti", "npi", "direct", "dpl")
 METHOD_NULLS = {"ddim": "empty", "nti": "optimized", "npi": "negative", "direct": "direct"}

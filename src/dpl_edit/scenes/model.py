@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import json
 
-import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..models import StableDiffusion, ddim_scheduler
-from ..random_models import SD_SCHEDULE
-from ..tokenizer import clip_tokenizer
+from ..models import StableDiffusion
+from ..random_models import assemble, clip_text_encoder, seeded
 from .render import SIZE
 
 # What the method should read on this model (written next to the weights as dpl_edit.json).
@@ -27,21 +24,8 @@ SCENE_MODEL_SETTINGS = {"dpl": {"cross_resolution": 16, "self_resolution": 16}}
 
 def scene_model(seed: int = 0) -> StableDiffusion:
     """The scene model with freshly initialised weights (deterministic in ``seed``)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=64,
-                intermediate_size=256,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=49407,
-            )
-        )
+    with seeded(seed):
+        text_encoder = clip_text_encoder(hidden_size=64, intermediate_size=256, layers=3, heads=4)
         unet = UNet2DConditionModel(
             sample_size=SIZE // 2,
             in_channels=4,
@@ -55,8 +39,6 @@ def scene_model(seed: int = 0) -> StableDiffusion:
             norm_num_groups=32,
         )
         vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2,
             block_out_channels=(32, 64),
@@ -66,12 +48,4 @@ def scene_model(seed: int = 0) -> StableDiffusion:
             sample_size=SIZE,
             mid_block_add_attention=False,
         )
-    return StableDiffusion(
-        tokenizer=clip_tokenizer(),
-        text_encoder=text_encoder,
-        unet=unet,
-        vae=vae,
-        scheduler=ddim_scheduler(SD_SCHEDULE),
-        model_id="scenes",
-        settings=json.loads(json.dumps(SCENE_MODEL_SETTINGS)),
-    )
+    return assemble(text_encoder, unet, vae, "scenes", json.loads(json.dumps(SCENE_MODEL_SETTINGS)))
