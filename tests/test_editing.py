@@ -122,3 +122,12 @@ def test_direct_inversion_reconstructs_exactly_and_dpl_combines_with_it(model, i
             torch.testing.assert_close(z0, inversion.source_latent)
         result = edit(model, inversion, ["a cat and a tiger"], progress=False)
         assert len(result.edits) == 1
+
+
+def test_per_word_settings_apply_to_the_targets_that_have_the_word():
+    source = _prompt("a {cat} and a {dog}")
+    targets = [_prompt("a cat and a tiger"), _prompt("a cat and a wolf")]
+    plan = make_plan(source, targets, [2, 5], EditConfig(reweight={"tiger": 3.0}), 10, TOKENIZER)
+    assert plan.equalizer[0, 5] == 3.0 and plan.equalizer[1].eq(1).all()
+    with pytest.raises(PromptError, match="none of the target"):
+        make_plan(source, targets, [2, 5], EditConfig(reweight={"lion": 3.0}), 10, TOKENIZER)

@@ -71,16 +71,15 @@ def make_plan(
     windows = torch.zeros(num_steps, len(targets), mapper.shape[1])
     windows[: round(config.cross_replace_steps * num_steps)] = 1.0
     for word, share in config.word_cross_replace_steps.items():
-        for j, target in enumerate(targets):
-            positions = list(word_positions(target, word, tokenizer))
+        for j, positions in _in_targets(targets, word, tokenizer):
             windows[:, j, positions] = 0.0
             windows[: round(share * num_steps), j, positions] = 1.0
     equalizer = None
     if config.reweight:
         equalizer = torch.ones(len(targets), mapper.shape[1])
         for word, factor in config.reweight.items():
-            for j, target in enumerate(targets):
-                equalizer[j, list(word_positions(target, word, tokenizer))] = factor
+            for j, positions in _in_targets(targets, word, tokenizer):
+                equalizer[j, positions] = factor
     return EditPlan(
         source=source,
         targets=list(targets),
@@ -92,6 +91,19 @@ def make_plan(
         blend_positions=_blend_positions(source, targets, mapper, config.blend, tokenizer),
         kept_tokens=[_kept_tokens(source, target, row, dynamic_positions) for target, row in zip(targets, mapper)],
     )
+
+
+def _in_targets(targets, word, tokenizer) -> list[tuple[int, list[int]]]:
+    """(target index, token positions) of each target that has the word; PromptError if none has."""
+    found = []
+    for j, target in enumerate(targets):
+        try:
+            found.append((j, list(word_positions(target, word, tokenizer))))
+        except PromptError:
+            continue
+    if not found:
+        raise PromptError(f"The word {word!r} is in none of the target prompts; check its spelling.")
+    return found
 
 
 def _blend_positions(source, targets, mapper, words, tokenizer) -> list[list[int]]:
