@@ -65,9 +65,10 @@ def invert(
     prompt's states serve as null, no optimisation), ``"direct"`` (direct inversion: no
     optimisation, editing keeps the source branch on the DDIM pivot) or ``"dpl"`` (dynamic prompt
     learning, section 5; mark its words as ``"a {cat} and a {dog}"`` or pass ``words``), whose
-    ``null`` step is ``"optimized"`` (NTI, the paper), ``"negative"`` or ``"direct"``. ``preset="authors"`` takes the DPL authors' null-text schedule
-    (:meth:`NullTextConfig.authors`) unless ``null_text`` is given. ``dpl`` defaults to the
-    paper's settings updated by the model's own (its map sizes, from ``dpl_edit.json``).
+    ``null`` step is ``"optimized"`` (NTI, the paper), ``"negative"`` or ``"direct"``.
+    ``preset="authors"`` takes the DPL authors' null-text schedule (:meth:`NullTextConfig.authors`)
+    unless ``null_text`` is given. ``dpl`` defaults to the paper's settings updated by the
+    model's own (its map sizes, from ``dpl_edit.json``).
     """
     _check_arguments(model, image, method, null, preset)
     dpl = dpl or model_dpl_config(model)
@@ -82,10 +83,9 @@ def invert(
     cross_layers = _layers(model, "cross", dpl.cross_resolution)
     self_layers = _layers(model, "self", dpl.self_resolution) if method == "dpl" else []
     store = AttentionStore(history=[("cross", dpl.cross_resolution)])
-    ddim = ddim_inversion(
+    pivot = ddim_inversion(
         model, source_latent, cond, schedule, record=cross_layers + self_layers, store=store, progress=progress
-    )
-    pivot = ddim.pivot
+    ).pivot
     step_maps = [m[0] for m in reversed(store.history[("cross", dpl.cross_resolution)])]  # sampling order
     null_init = model.encode_prompt("")
     result = Inversion(
@@ -113,30 +113,40 @@ def invert(
         result.null_states = torch.cat(nulls)  # (num_steps, 77, D)
         result.settings["null_text"] = asdict(null_text)
     if method == "dpl":
-        mask = background_mask(
-            store.average_maps("self", dpl.self_resolution)[0],
-            word_maps(store.average_maps("cross", dpl.cross_resolution)[0], [w.positions for w in marked.words]),
-            num_clusters=dpl.num_clusters, threshold=dpl.agreement_threshold, seed=dpl.cluster_seed,
+        step_maps = _learn_tokens(
+            result, model, marked, pivot, null_init, store, cross_layers, schedule, dpl, null_text, null,
+            callback, progress,
         )
-        learned = dynamic_prompt_inversion(
-            model, marked, pivot, null_init, mask.mask, cross_layers, schedule, guidance_scale, dpl,
-            null_text, null=null, callback=callback, progress=progress,
-        )
-        if null == "optimized":
-            result.null_states = torch.cat(learned.null_states)
-        result.token_vectors = torch.stack(learned.token_vectors)  # (num_steps, K, D_in)
-        result.token_positions = marked.positions
-        result.background_mask, result.clusters = mask.mask, mask.clusters
-        result.settings.update(
-            null_text=asdict(null_text), dpl=asdict(dpl), background_fallback=mask.fallback,
-            background_clusters=mask.background_clusters,
-        )
-        step_maps = learned.cross_maps
     if result.null == "direct":
         result.trajectory = torch.cat(pivot)  # (num_steps + 1, C, h, w)
     result.cross_maps = torch.stack(step_maps)[..., 1 : marked.end_position].permute(0, 3, 1, 2)  # (T, n, res, res)
     result.settings["seconds"] = round(time.perf_counter() - started, 3)
     return result
+
+
+def _learn_tokens(result: Inversion, model, marked, pivot, null_init, store, cross_layers, schedule,
+                  dpl: DynamicPromptConfig, null_text: NullTextConfig, null: str, callback, progress: bool):
+    """DPL on top of the DDIM inversion: background mask, then Alg. 1; fills ``result``, returns the maps."""
+    words = [w.positions for w in marked.words]
+    mask = background_mask(
+        store.average_maps("self", dpl.self_resolution)[0],
+        word_maps(store.average_maps("cross", dpl.cross_resolution)[0], words),
+        num_clusters=dpl.num_clusters, threshold=dpl.agreement_threshold, seed=dpl.cluster_seed,
+    )
+    learned = dynamic_prompt_inversion(
+        model, marked, pivot, null_init, mask.mask, cross_layers, schedule, result.guidance_scale, dpl,
+        null_text, null=null, callback=callback, progress=progress,
+    )
+    if null == "optimized":
+        result.null_states = torch.cat(learned.null_states)  # (num_steps, 77, D)
+    result.token_vectors = torch.stack(learned.token_vectors)  # (num_steps, K, D_in)
+    result.token_positions = marked.positions
+    result.background_mask, result.clusters = mask.mask, mask.clusters
+    result.settings.update(
+        null_text=asdict(null_text), dpl=asdict(dpl), background_fallback=mask.fallback,
+        background_clusters=mask.background_clusters,
+    )
+    return learned.cross_maps
 
 
 def model_dpl_config(model: StableDiffusion, **overrides) -> DynamicPromptConfig:
