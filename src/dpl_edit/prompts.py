@@ -51,6 +51,7 @@ def parse_marked_prompt(
     :class:`PromptError` for unbalanced braces, a listed word not in the prompt, a prompt over the
     tokenizer's length, or (with ``require_words``) no marked word at all.
     """
+    check_marks(prompt, words, require_words)
     text, spans = _strip_braces(prompt)
     for word in words:
         match = re.search(rf"(?<!\w){re.escape(word.strip())}(?!\w)", text, flags=re.IGNORECASE)
@@ -58,11 +59,6 @@ def parse_marked_prompt(
             raise PromptError(f"The word {word!r} is not in the prompt {text!r}; check its spelling.")
         if match.span() not in spans:
             spans.append(match.span())
-    if require_words and not spans:
-        raise PromptError(
-            f"No dynamic word in {prompt!r}: mark the nouns to learn in curly brackets, "
-            'e.g. "a {cat} and a {dog}", or list them with --words.'
-        )
     encoded = tokenizer(text, return_offsets_mapping=True)
     ids, offsets = encoded.input_ids, encoded.offset_mapping
     limit = tokenizer.model_max_length
@@ -80,6 +76,16 @@ def parse_marked_prompt(
     end = len(ids) - 1
     ids = ids + [tokenizer.pad_token_id] * (limit - len(ids))
     return MarkedPrompt(text=text, token_ids=tuple(ids), words=tuple(dynamic), end_position=end)
+
+
+def check_marks(prompt: str, words: Sequence[str] = (), require_words: bool = True) -> None:
+    """The checks of :func:`parse_marked_prompt` that need no tokenizer (run before loading a model)."""
+    _, spans = _strip_braces(prompt)
+    if require_words and not spans and not words:
+        raise PromptError(
+            f"No dynamic word in {prompt!r}: mark the nouns to learn in curly brackets, "
+            'e.g. "a {cat} and a {dog}", or list them with --words.'
+        )
 
 
 def strip_braces(prompt: str) -> str:

@@ -14,6 +14,7 @@ from ..images import FITS, load_image, psnr
 from ..inversion import DynamicPromptConfig, NullTextConfig
 from ..inversion.dynamic_prompt import LOSSES, NULL_STRATEGIES
 from ..pipeline import METHODS, PRESETS, invert, model_dpl_config, reconstruct
+from ..prompts import check_marks
 from ..registry import DEFAULT_MODEL
 from ..views import edit_grid, save_figure
 from .common import add_model_options, load, pairs
@@ -185,6 +186,7 @@ def edit_command(args: argparse.Namespace) -> int:
 def run_command(args: argparse.Namespace) -> int:
     config = edit_config(args)
     args.prompt = args.source
+    check_marks(args.prompt, args.words, require_words=args.method == "dpl")
     model = load(args, args.model)
     inversion = invert_from_args(args, model)
     started = time.perf_counter()
@@ -195,6 +197,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def invert_command(args: argparse.Namespace) -> int:
+    check_marks(args.prompt, args.words, require_words=args.method == "dpl")
     invert_from_args(args, load(args, args.model))
     return 0
 
