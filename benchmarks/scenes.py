@@ -32,8 +32,8 @@ from dpl_edit import EditConfig, StableDiffusion, edit, invert, reconstruct
 from dpl_edit.images import to_tensor
 from dpl_edit.localisation import iou_curve, plot_curves
 from dpl_edit.pipeline import model_dpl_config
-from dpl_edit.prompts import parse_marked_prompt
 from dpl_edit.scenes.render import BACKGROUNDS, COLOURS, SHAPES, WordSwap, render, split_scene, swap_word
+from dpl_edit.views import word_map
 
 FULL_TEST = 60  # the paper reports on 60 test images
 LOCALISATION = {"ddim": ("ddim", None), "dpl": ("dpl", None), "dpl L_at only": ("dpl", ("at",)),
@@ -67,11 +67,6 @@ def as_unit(image) -> torch.Tensor:
     return (to_tensor(image)[0] + 1) / 2  # (3, H, W) in [0, 1]
 
 
-def nouns_maps(inversion, prompt) -> list[torch.Tensor]:
-    maps = inversion.cross_maps.float().mean(dim=0)  # (n, res, res), column j = position j + 1
-    return [maps[[p - 1 for p in word.positions]].mean(dim=0) for word in prompt.words]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a scene model folder")
@@ -91,7 +86,6 @@ def main() -> None:
         scene = split_scene(args.split, index, num_objects=2)
         image, masks = render(scene)
         source = as_unit(image)
-        prompt = parse_marked_prompt(scene.marked_caption(), model.tokenizer)
         inversions = {}
         for label, (method, losses) in LOCALISATION.items():
             dpl = model_dpl_config(model, **({"losses": losses} if losses else {}))
@@ -99,7 +93,7 @@ def main() -> None:
             inversions[label] = inversion = invert(model, image, scene.marked_caption(), method=method,
                                                    num_steps=args.steps, dpl=dpl, progress=False)
             rows[label]["inversion s"].append(time.perf_counter() - started)
-            for k, noun in enumerate(nouns_maps(inversion, prompt)):
+            for k, noun in enumerate((word_map(inversion, word["positions"]) for word in inversion.words)):
                 curves[f"{label}, own"].append(iou_curve(noun, torch.from_numpy(masks[k])))
                 curves[f"{label}, other"].append(iou_curve(noun, torch.from_numpy(masks[1 - k])))
         edits = edits_for(scene, rng)

@@ -17,11 +17,10 @@ from tqdm.auto import tqdm
 from ..diffusion import DDIMSchedule
 from ..images import psnr, to_pil, to_tensor
 from ..localisation import iou_curve
-from ..losses import word_maps
 from ..models import StableDiffusion
 from ..pipeline import invert, reconstruct
-from ..prompts import parse_marked_prompt
 from ..sampling import sample
+from ..views import word_map
 from .classify import check_caption
 from .render import render, split_scene
 
@@ -91,10 +90,7 @@ def localisation(model: StableDiffusion, count: int, progress: bool = True) -> t
         scene = split_scene("test", i, num_objects=2)
         image, masks = render(scene)
         inversion = invert(model, image, scene.marked_caption(), method="ddim", progress=False)
-        maps = inversion.cross_maps.float().mean(dim=0).permute(1, 2, 0)  # (res, res, n)
-        prompt = parse_marked_prompt(scene.marked_caption(), model.tokenizer)
-        padded = torch.nn.functional.pad(maps, (1, 0))  # column p holds token position p
-        nouns = word_maps(padded, [w.positions for w in prompt.words])
+        nouns = [word_map(inversion, word["positions"]) for word in inversion.words]
         for k, noun in enumerate(nouns):
             own.append(iou_curve(noun, torch.from_numpy(masks[k])).max().item())
             other.append(iou_curve(noun, torch.from_numpy(masks[1 - k])).max().item())
