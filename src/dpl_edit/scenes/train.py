@@ -181,9 +181,7 @@ class SceneTrainer:
 
     def _update_ema(self) -> None:
         decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
-        names = list(self.ema)
-        params = dict(self._trained_parameters())
-        torch._foreach_lerp_([self.ema[n] for n in names], [params[n].detach() for n in names], 1 - decay)
+        torch._foreach_lerp_(self._ema_pairs[0], self._ema_pairs[1], 1 - decay)
 
     # ------------------------------------------------------------------ stage set-up
     def _trained_modules(self) -> dict[str, torch.nn.Module]:
@@ -213,6 +211,8 @@ class SceneTrainer:
             self._prepare_diffusion()
             if not self.ema:
                 self.ema = {n: p.detach().clone() for n, p in self._trained_parameters()}
+            params = dict(self._trained_parameters())
+            self._ema_pairs = ([self.ema[n] for n in self.ema], [params[n].detach() for n in self.ema])
 
     def _begin_diffusion(self) -> None:
         """Freeze the VAE; fix the latent scale so latents have unit variance (as SD's 0.18215 does)."""
