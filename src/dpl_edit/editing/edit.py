@@ -85,9 +85,7 @@ def reconstruct_latents(model: StableDiffusion, inversion: Inversion, *, progres
 def _sample_branches(model, inversion: Inversion, plan: EditPlan | None, step_end, progress: bool) -> torch.Tensor:
     schedule = DDIMSchedule.from_scheduler(model.scheduler, inversion.num_steps)
     source = inversion.cond_at(model)  # per step (1, 77, D)
-    cond = source if plan is None else [
-        torch.cat([source[i], *_target_states(model, inversion, plan, i)]) for i in range(inversion.num_steps)
-    ]
+    cond = source if plan is None else _branch_states(model, inversion, plan, source)
     branches = 1 if plan is None else 1 + len(plan.targets)
     latent_T = inversion.latent_T.to(model.device, model.dtype).expand(branches, -1, -1, -1)
     return sample(model, latent_T, schedule, cond, inversion.null_at(model), inversion.guidance_scale,
@@ -95,17 +93,21 @@ def _sample_branches(model, inversion: Inversion, plan: EditPlan | None, step_en
 
 
 @torch.no_grad()
-def _target_states(model: StableDiffusion, inversion: Inversion, plan: EditPlan, i: int) -> list[torch.Tensor]:
-    """Each target's conditional states (1, 77, D) at step i, with the learned vectors it keeps."""
-    states = []
+def _branch_states(model: StableDiffusion, inversion: Inversion, plan: EditPlan,
+                   source: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per step (1 + n, 77, D): the source's states, then each target's with the learned vectors it keeps.
+
+    A target that keeps no learned vector has the same states at every step: encoded once.
+    """
+    per_target = []
     for target, (positions, rows) in zip(plan.targets, plan.kept_tokens):
         ids = torch.tensor([target.token_ids], device=model.device)
         if inversion.token_vectors is None or not positions:
-            states.append(model.encode_tokens(ids))
+            per_target.append([model.encode_tokens(ids)] * inversion.num_steps)
         else:
-            vectors = inversion.token_vectors[i, rows].to(model.device, model.dtype)
-            states.append(model.encode_tokens(ids, vectors, positions))
-    return states
+            vectors = inversion.token_vectors[:, rows].to(model.device, model.dtype)  # (T, k, D_in)
+            per_target.append([model.encode_tokens(ids, v, positions) for v in vectors])
+    return [torch.cat([source[i], *(states[i] for states in per_target)]) for i in range(inversion.num_steps)]
 
 
 def _trajectory(model: StableDiffusion, inversion: Inversion) -> torch.Tensor | None:
