@@ -20,7 +20,7 @@ import time
 import torch
 from timing import machine, timed
 
-from dpl_edit.attention import attention_layers, select_layers
+from dpl_edit.attention import attention_hook, attention_layers, select_layers
 from dpl_edit.diffusion import DDIMSchedule
 from dpl_edit.inversion import DynamicPromptConfig, ddim_inversion, dynamic_prompt_inversion
 from dpl_edit.inversion.dynamic_prompt import TokenLosses
@@ -64,8 +64,6 @@ def authors_style(model, losses_at: TokenLosses, z, marked):
 
 
 def _maps(model, losses_at: TokenLosses, z, states):
-    from dpl_edit.attention import attention_hook
-
     with attention_hook(model.unet, losses_at.layers, losses_at.store):
         model.predict(z, 501, states)
     maps = losses_at.store.step_maps("cross", losses_at.config.cross_resolution)[0]

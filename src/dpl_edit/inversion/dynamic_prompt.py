@@ -191,8 +191,9 @@ def dynamic_prompt_inversion(
     token_ids = torch.tensor([prompt.token_ids], device=model.device)
     vectors = model.token_embedding(token_ids[0, prompt.positions]).float()  # (K, D_in)
     losses_at = TokenLosses(model, prompt, layers, background, config)
-    record = AttentionStore(average_steps=False, history=[("cross", config.cross_resolution)])
-    result = DynamicPromptResult([], [], record.history[("cross", config.cross_resolution)])
+    key = ("cross", config.cross_resolution)
+    record = AttentionStore(average_steps=False, history=[key])
+    result = DynamicPromptResult([], [], [])
     null_states, z = null_init, pivot[0]
     bar = tqdm(range(schedule.num_steps), desc="DPL inversion", disable=not progress, leave=False)
     for i in bar:
@@ -222,5 +223,5 @@ def dynamic_prompt_inversion(
         bar.set_postfix({**{k: f"{v:.3f}/{thresholds[k]:.3f}" for k, v in losses.items()}, "it": iterations})
         if callback is not None:
             callback(DynamicPromptStep(i, t, losses, thresholds, iterations, null_loss, null_iterations))
-    result.cross_maps = [m[0] for m in result.cross_maps]
+    result.cross_maps = [maps[0] for maps in record.history[key]]
     return result
