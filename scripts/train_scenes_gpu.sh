@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the scene model on a lent GPU (device tool, carry .whl; see ../shared/GPU.md), within a time
 # limit, and bring back what fits the tool's limits: fp16 EMA weights (resumable), the loss log and
-# a grid of samples. Usage: MINUTES=6 bash scripts/train_scenes_gpu.sh
+# a grid of samples. Usage: MINUTES=8 bash scripts/train_scenes_gpu.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:src HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore
 OUT=${OUT:-/tmp/out}

@@ -31,6 +31,8 @@ def register(commands) -> None:
                    help=f"scenes rendered for training (default: {defaults.train_scenes})")
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                    help=f"steps between checkpoints (default: {defaults.checkpoint_every})")
+    p.add_argument("--grounding-weight", type=float, default=defaults.grounding_weight,
+                   help=f"weight of the token grounding loss (0: off; default: {defaults.grounding_weight})")
     p.add_argument("--time-limit", type=float, help="stop (with a checkpoint) after this many minutes")
     p.add_argument("--weights-only", type=Path,
                    help="also write fp16 EMA weights here when stopping (small; resumable with a fresh optimiser)")
@@ -60,6 +62,7 @@ def train_scenes(args: argparse.Namespace) -> int:
     config = TrainConfig(
         seed=args.seed, train_scenes=args.train_scenes, vae_steps=args.vae_steps, vae_batch_size=args.vae_batch_size,
         diffusion_steps=args.steps, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
+        grounding_weight=args.grounding_weight,
     )
     trainer = SceneTrainer(config, args.out, device=pick_device(args.device), compile=args.compile)
     limit = None if args.time_limit is None else 60 * args.time_limit

@@ -2,7 +2,8 @@
 
 Seeded and resumable: every batch (scene indices, noise, timesteps, caption dropout) is drawn
 from a generator seeded by (seed, stage, step), so a run resumed from a checkpoint continues
-exactly. A checkpoint folder holds fp32 weights (one safetensors file per component), EMA weights
+exactly. With ``grounding_weight`` > 0 the UNet is also trained to keep each object noun's
+cross-attention on its object (see :mod:`.grounding`). A checkpoint folder holds fp32 weights (one safetensors file per component), EMA weights
 and AdamW state as safetensors and the progress as JSON; ``weights-only`` checkpoints (fp16 EMA weights) are small enough to commit
 or to copy off a GPU machine and resume from with a fresh optimiser. On CUDA the steps run under
 bf16 autocast, optionally with ``torch.compile``.
@@ -10,6 +11,7 @@ bf16 autocast, optionally with ``torch.compile``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,8 +26,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..attention.hook import attention_hook
+from ..attention.layers import attention_layers, select_layers
 from ..models import StableDiffusion
-from .data import SceneSet, render_scene_set
+from .data import MASK_RESOLUTION, SceneSet, render_scene_set
+from .grounding import GroundingObserver
 from .model import scene_model
 
 logger = logging.getLogger(__name__)
@@ -48,6 +53,7 @@ class TrainConfig:
     warmup_steps: int = 500
     caption_dropout: float = 0.1  # share of captions replaced by "" (for classifier-free guidance)
     ema_decay: float = 0.999
+    grounding_weight: float = 0.01  # token grounding loss at the 16x16 cross-attention layers (0: off)
     checkpoint_every: int = 1_000
 
 
@@ -68,6 +74,7 @@ class SceneTrainer:
         self.scaling_factor: float | None = None
         self.data: SceneSet | None = None
         self.latents: torch.Tensor | None = None
+        self.grounding: GroundingObserver | None = None
 
     # ------------------------------------------------------------------ the run
     def run(self, time_limit: float | None = None, progress: bool = True) -> bool:
@@ -76,9 +83,7 @@ class SceneTrainer:
         self.resume()
         if self.stage == "done":
             return True
-        self.data = render_scene_set("train", self.config.train_scenes, progress=progress)
-        self.data.images = self.data.images.to(self.device)
-        self.data.token_ids = self.data.token_ids.to(self.device)
+        self.data = render_scene_set("train", self.config.train_scenes, progress=progress).to(self.device)
         try:
             if self.stage == "vae":
                 if not self._train("vae", self.config.vae_steps, started, time_limit, progress):
@@ -99,15 +104,15 @@ class SceneTrainer:
         if self.optimizer is None:
             self._make_optimizer()
         bar = tqdm(total=total, initial=self.step, desc=f"Training {stage}", disable=not progress)
-        with open(self.folder / "loss_log.jsonl", "a") as log:
+        with open(self.folder / "loss_log.jsonl", "a") as log, self._grounding_hook():
             while self.step < total:
-                loss = self._step_with_fallback(step_fn)
+                losses = self._step_with_fallback(step_fn)
                 self.step += 1
                 bar.update(1)
                 if self.step % 50 == 0 or self.step == total:
-                    value = loss.item()
-                    bar.set_postfix(loss=f"{value:.4f}")
-                    log.write(json.dumps({"stage": stage, "step": self.step, "loss": value}) + "\n")
+                    values = {name: value.item() for name, value in losses.items()}
+                    bar.set_postfix({name: f"{value:.4f}" for name, value in values.items()})
+                    log.write(json.dumps({"stage": stage, "step": self.step, **values}) + "\n")
                     log.flush()
                 if self.step % self.config.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -119,7 +124,16 @@ class SceneTrainer:
         bar.close()
         return True
 
-    def _step_with_fallback(self, step_fn) -> torch.Tensor:
+    def _grounding_hook(self) -> contextlib.AbstractContextManager:
+        """Within it, the grounding observer sees the 16x16 cross-attention (diffusion stage only)."""
+        if self.stage != "diffusion" or self.config.grounding_weight == 0:
+            self.grounding = None
+            return contextlib.nullcontext()
+        self.grounding = GroundingObserver()
+        layers = select_layers(attention_layers(self.model.unet), kinds=["cross"], resolutions=[MASK_RESOLUTION])
+        return attention_hook(self.model.unet, layers, self.grounding)
+
+    def _step_with_fallback(self, step_fn) -> dict[str, torch.Tensor]:
         """One step; if the compiled UNet fails, continue without torch.compile."""
         try:
             return step_fn()
@@ -150,7 +164,7 @@ class SceneTrainer:
         loss = F.mse_loss(reconstruction.float(), images) + 0.5 * F.l1_loss(reconstruction.float(), images)
         loss = loss + self.config.kl_weight * posterior.kl().mean()
         self._update(loss, self.config.vae_learning_rate)
-        return loss.detach()
+        return {"loss": loss.detach()}
 
     def _diffusion_step(self) -> torch.Tensor:
         g, batch = self._generator(), self.config.batch_size
@@ -163,14 +177,20 @@ class SceneTrainer:
         eps = torch.randn(z0.shape, generator=g, device=self.device)
         alpha = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         zt = alpha.sqrt() * z0 + (1 - alpha).sqrt() * eps  # q(z_t | z_0), DDPM Eq. 4
+        if self.grounding is not None:  # nouns of dropped captions are not in the prompt
+            self.grounding.begin(self.data.noun_tokens[index] * ~dropped[:, None, None], self.data.object_masks[index])
         with self._autocast():
             states = self.model.text_encoder(ids).last_hidden_state
             prediction = self.unet_forward(zt, t, encoder_hidden_states=states).sample
-        loss = F.mse_loss(prediction.float(), eps)
+        losses = {"loss": F.mse_loss(prediction.float(), eps)}
+        total = losses["loss"]
+        if self.grounding is not None:
+            losses["grounding"] = self.grounding.loss()
+            total = total + self.config.grounding_weight * losses["grounding"]
         warmup = min(1.0, (self.step + 1) / self.config.warmup_steps)
-        self._update(loss, self.config.learning_rate * warmup)
+        self._update(total, self.config.learning_rate * warmup)
         self._update_ema()
-        return loss.detach()
+        return {name: value.detach() for name, value in losses.items()}
 
     def _update(self, loss: torch.Tensor, learning_rate: float) -> None:
         for group in self.optimizer.param_groups:
@@ -265,8 +285,8 @@ class SceneTrainer:
         if source is None:
             return
         progress = json.loads((source / "state.json").read_text())
-        saved = {k: v for k, v in progress["config"].items() if k not in _RUN_LENGTH}
-        current = {k: v for k, v in asdict(self.config).items() if k not in _RUN_LENGTH}
+        saved = {k: v for k, v in progress["config"].items() if k not in _MAY_CHANGE}
+        current = {k: v for k, v in asdict(self.config).items() if k not in _MAY_CHANGE}
         if saved != current:
             raise ValueError(f"{source} was made with other settings ({saved}); train into a new folder.")
         self.stage, self.step, self.scaling_factor = progress["stage"], progress["step"], progress["scaling_factor"]
@@ -319,8 +339,9 @@ class SceneTrainer:
         return Path(folder)
 
 
-# Settings that may change between resumptions (e.g. a GPU run continued on a CPU with smaller batches).
-_RUN_LENGTH = ("vae_steps", "diffusion_steps", "checkpoint_every", "batch_size", "vae_batch_size")
+# Settings that may change between resumptions (e.g. a GPU run continued on a CPU with smaller batches,
+# or grounding switched on for a model first trained without it).
+_MAY_CHANGE = ("vae_steps", "diffusion_steps", "checkpoint_every", "batch_size", "vae_batch_size", "grounding_weight")
 
 
 def _modules(model: StableDiffusion) -> dict[str, torch.nn.Module]:
