@@ -1,6 +1,9 @@
-"""Models by name: ``tiny`` (random weights, built on the fly), or any diffusers folder / hub id."""
+"""Models by name: ``scenes`` (the bundled scene model), ``tiny`` (random weights, built on the
+fly), or any diffusers folder / hub id."""
 
 from __future__ import annotations
+
+from importlib.resources import files
 
 import torch
 
@@ -8,14 +11,25 @@ from .models import StableDiffusion
 from .random_models import TINY_MODEL_ID, tiny_model
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+SCENE_MODEL_ID = "scenes"
 NAMED_MODELS = {
+    SCENE_MODEL_ID: "the bundled 64x64 scene model (coloured shapes on textured grounds; works offline)",
     TINY_MODEL_ID: "a tiny random-weight model built on the fly (tests, trying the tools; images are noise)",
 }
 
 
 def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusion:
-    """Load a named model (``tiny`` or ``tiny:SEED``), a diffusers folder, or a hub id."""
+    """Load a named model (``scenes``, ``tiny`` or ``tiny:SEED``), a diffusers folder, or a hub id."""
+    if name == SCENE_MODEL_ID:
+        model = StableDiffusion.from_pretrained(scene_model_folder(), device=device, dtype=dtype)
+        model.model_id = SCENE_MODEL_ID
+        return model
     base, _, seed = name.partition(":")
     if base == TINY_MODEL_ID and (seed == "" or seed.isdigit()):
         return tiny_model(seed=int(seed or 0)).to(device, dtype)
     return StableDiffusion.from_pretrained(name, device=device, dtype=dtype)
+
+
+def scene_model_folder() -> str:
+    """The bundled scene model's folder (inside the installed package; its README is the model card)."""
+    return str(files("dpl_edit.scenes") / "weights")

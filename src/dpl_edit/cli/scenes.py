@@ -34,11 +34,10 @@ def register(commands) -> None:
     p.add_argument("--grounding-weight", type=float, default=defaults.grounding_weight,
                    help=f"weight of the token grounding loss (0: off; default: {defaults.grounding_weight})")
     p.add_argument("--time-limit", type=float, help="stop (with a checkpoint) after this many minutes")
-    p.add_argument("--weights-only", type=Path,
-                   help="also write fp16 EMA weights here when stopping (small; resumable with a fresh optimiser)")
     p.add_argument("--compile", action="store_true", help="CUDA: torch.compile the UNet")
     p.add_argument("--export", type=Path, metavar="DIR",
-                   help="do not train: write the current EMA model (from OUT's checkpoint) as a diffusers folder")
+                   help="do not train: write the current EMA model (from OUT's checkpoint) as a diffusers folder in "
+                        "fp16; put one at OUT/weights to resume from it")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--seed", type=int, default=defaults.seed, help=f"training seed (default: {defaults.seed})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -75,8 +74,6 @@ def train_scenes(args: argparse.Namespace) -> int:
         finished = trainer.run(time_limit=limit, progress=not args.quiet)
     except ValueError as err:
         raise DplEditError(str(err)) from err
-    if args.weights_only:
-        trainer.save_weights_only(args.weights_only)
     if finished:
         print(f"Training finished: the model is in {args.out / 'model'} (use --model {args.out / 'model'})")
     else:

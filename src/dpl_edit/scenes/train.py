@@ -4,8 +4,9 @@ Seeded and resumable: every batch (scene indices, noise, timesteps, caption drop
 from a generator seeded by (seed, stage, step), so a run resumed from a checkpoint continues
 exactly. With ``grounding_weight`` > 0 the UNet is also trained to keep each object noun's
 cross-attention on its object (see :mod:`.grounding`). A checkpoint folder holds fp32 weights (one safetensors file per component), EMA weights
-and AdamW state as safetensors and the progress as JSON; ``weights-only`` checkpoints (fp16 EMA weights) are small enough to commit
-or to copy off a GPU machine and resume from with a fresh optimiser. On CUDA the steps run under
+and AdamW state as safetensors and the progress as JSON. An exported model (fp16 EMA weights in a
+diffusers folder, small enough to commit or to copy off a GPU machine) records the progress too,
+and training resumes from it with a fresh optimiser. On CUDA the steps run under
 bf16 autocast, optionally with ``torch.compile``.
 """
 
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..attention.hook import attention_hook
 from ..attention.layers import attention_layers, select_layers
-from ..models import StableDiffusion
+from ..models import SETTINGS_FILE, StableDiffusion
 from .data import MASK_RESOLUTION, SceneSet, render_scene_set
 from .grounding import GroundingObserver
 from .model import scene_model
@@ -278,13 +279,15 @@ class SceneTrainer:
         return final
 
     def resume(self) -> None:
-        """Continue from folder/checkpoint (full) or folder/weights (weights-only), if either exists."""
+        """Continue from folder/checkpoint (full) or else folder/weights (an exported model), if either exists."""
         self.folder.mkdir(parents=True, exist_ok=True)
         full, light = self.folder / "checkpoint", self.folder / "weights"
-        source = full if (full / "state.json").is_file() else light if (light / "state.json").is_file() else None
-        if source is None:
+        if (full / "state.json").is_file():
+            source, progress = full, json.loads((full / "state.json").read_text())
+        elif (light / SETTINGS_FILE).is_file() and "training" in json.loads((light / SETTINGS_FILE).read_text()):
+            source, progress = light, json.loads((light / SETTINGS_FILE).read_text())["training"]
+        else:
             return
-        progress = json.loads((source / "state.json").read_text())
         saved = {k: v for k, v in progress["config"].items() if k not in _MAY_CHANGE}
         current = {k: v for k, v in asdict(self.config).items() if k not in _MAY_CHANGE}
         if saved != current:
@@ -292,13 +295,17 @@ class SceneTrainer:
         self.stage, self.step, self.scaling_factor = progress["stage"], progress["step"], progress["scaling_factor"]
         if self.scaling_factor is not None:
             self.model.vae.register_to_config(scaling_factor=self.scaling_factor)
-        for prefix, module in _modules(self.model).items():
-            weights = load_file(source / f"{prefix}.safetensors", device=str(self.device))
-            module.load_state_dict({k: v.float() for k, v in weights.items()})
-        if (source / "ema.safetensors").is_file():
-            self.ema = {k: v.float() for k, v in load_file(source / "ema.safetensors", device=str(self.device)).items()}
-        elif self.stage == "diffusion":
+        if source == light:  # fp16 EMA weights: both the weights and the EMA start from them
+            exported = StableDiffusion.from_pretrained(source)
+            for prefix, module in _modules(self.model).items():
+                module.load_state_dict(getattr(exported, prefix).state_dict())
             self.ema = {}
+        else:
+            for prefix, module in _modules(self.model).items():
+                weights = load_file(source / f"{prefix}.safetensors", device=str(self.device))
+                module.load_state_dict({k: v.float() for k, v in weights.items()})
+            if (source / "ema.safetensors").is_file():
+                self.ema = {k: v.float() for k, v in load_file(source / "ema.safetensors", device=str(self.device)).items()}
         if (source / "optimizer.safetensors").is_file():
             flat = load_file(source / "optimizer.safetensors", device=str(self.device))
             state: dict[int, dict] = {}
@@ -318,24 +325,21 @@ class SceneTrainer:
             module.requires_grad_(False).eval()
         return self.model
 
-    def save_weights_only(self, folder: str | os.PathLike | None = None) -> Path:
-        """fp16 EMA weights, one safetensors file per component, and state.json (resumable, small)."""
-        folder = Path(folder or self.folder / "weights")
-        folder.mkdir(parents=True, exist_ok=True)
-        model = self.ema_model()
-        for prefix, module in _modules(model).items():
-            save_file(_cpu({k: v.half() for k, v in module.state_dict().items()}), folder / f"{prefix}.safetensors")
-        progress = {"stage": self.stage, "step": self.step, "scaling_factor": self.scaling_factor,
-                    "config": asdict(self.config), "param_groups": None}
-        (folder / "state.json").write_text(json.dumps(progress, indent=2))
-        return folder
-
     def export(self, folder: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
-        """A diffusers folder (safetensors) of the EMA model, with dpl_edit.json, loadable by the engine."""
+        """A diffusers folder (safetensors) of the EMA model, loadable by the engine; its dpl_edit.json
+        also records the training progress, so that training can resume from it (put it at
+        ``<training folder>/weights``; the optimiser starts afresh)."""
         model = self.ema_model()
+        progress = {"stage": self.stage, "step": self.step, "scaling_factor": self.scaling_factor,
+                    "config": asdict(self.config)}
+        settings = model.settings
+        model.settings = {**settings, "training": progress}
         model.to(dtype=dtype)
-        model.save_pretrained(folder)
-        model.to(dtype=torch.float32)
+        try:
+            model.save_pretrained(folder)
+        finally:
+            model.to(dtype=torch.float32)
+            model.settings = settings
         return Path(folder)
 
 
