@@ -9,9 +9,9 @@
     object against the source (the distractor: higher is less damage), reconstruction PSNR.
 (c) Time per image: inversion and edit.
 
-    python benchmarks/scenes.py --model DIR                 # default: 2 scenes, about 20 min on 2 CPU cores
-    python benchmarks/scenes.py --model DIR --full          # the whole test set used for the numbers (60)
-    python benchmarks/scenes.py --model DIR --split validation   # for tuning
+    python benchmarks/scenes.py                       # the bundled model; 2 scenes, about 20 min on 2 CPU cores
+    python benchmarks/scenes.py --full                # the whole test set used for the numbers (60)
+    python benchmarks/scenes.py --model DIR --split validation   # another scene model; for tuning
 
 Writes OUT/scenes.md, OUT/scenes.json and OUT/localisation.png.
 """
@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from torchmetrics.functional import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from dpl_edit import EditConfig, StableDiffusion, edit, invert, reconstruct
+from dpl_edit import EditConfig, edit, invert, reconstruct
 from dpl_edit.images import to_tensor
 from dpl_edit.localisation import iou_curve, plot_curves
 from dpl_edit.pipeline import model_dpl_config
+from dpl_edit.registry import load_model
 from dpl_edit.scenes.render import BACKGROUNDS, COLOURS, SHAPES, WordSwap, render, split_scene, swap_word
 from dpl_edit.views import word_map
 
@@ -69,7 +70,7 @@ def as_unit(image) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a scene model folder")
+    parser.add_argument("--model", default="scenes", help="a scene model folder (default: the bundled one)")
     parser.add_argument("--scenes", type=int, default=2, help="two-object scenes (default: 2, about 20 min on 2 CPU cores)")
     parser.add_argument("--full", action="store_true", help=f"all {FULL_TEST} test scenes")
     parser.add_argument("--split", default="test", choices=["validation", "test"])
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     args = parser.parse_args()
     count = FULL_TEST if args.full else args.scenes
-    model = StableDiffusion.from_pretrained(args.model)
+    model = load_model(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     curves = defaultdict(list)

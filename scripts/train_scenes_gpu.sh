@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Train the scene model on a lent GPU (device tool, carry .whl; see ../shared/GPU.md), within a time
-# limit, and bring back what fits the tool's limits: fp16 EMA weights (resumable), the loss log and
-# a grid of samples. Usage: MINUTES=8 bash scripts/train_scenes_gpu.sh
+# Train the scene model further on a lent GPU (device tool, carry .whl; see ../shared/GPU.md), within a
+# time limit, starting from the bundled model (src/dpl_edit/scenes/weights), and bring back what fits
+# the tool's limits: the exported model (fp16 EMA weights; copy it over the bundled folder to ship
+# it, or into a training folder's weights/ to resume), the loss log and a grid of samples.
+# Usage: MINUTES=8 bash scripts/train_scenes_gpu.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:src HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore
 OUT=${OUT:-/tmp/out}
 RUN=/tmp/scene-run
 mkdir -p "$OUT" "$RUN"
-[ -d training/scenes/weights ] && cp -r training/scenes/weights "$RUN/weights"
+[ -d "$RUN/checkpoint" ] || cp -r src/dpl_edit/scenes/weights "$RUN/weights"
 python3 -m dpl_edit.cli train-scenes --out "$RUN" --device cuda --compile --batch-size 256 --vae-batch-size 128 \
-    --time-limit "${MINUTES:-6}" --weights-only "$OUT/weights" --quiet 2>&1 | grep -v -i "warn" | tail -5
+    --time-limit "${MINUTES:-8}" --quiet 2>&1 | grep -v -i "warn" | tail -5
+python3 -m dpl_edit.cli train-scenes --out "$RUN" --device cuda --export "$OUT/weights" --quiet
 cp "$RUN/loss_log.jsonl" "$OUT/"
 python3 - <<'PY'
 import os, torch

@@ -1,5 +1,7 @@
 """Scene renderer, edit oracle, splits, and the training pipeline on CPU."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -93,7 +95,8 @@ def test_training_exports_a_model_the_engine_loads_offline(tmp_path):
     cond, null = model.encode_prompt("a red circle on grass"), model.encode_prompt("")
     image = to_pil(model.decode_latents(sample(model, z, schedule, cond, null, 5.0, progress=False)))
     assert image.size == (SIZE, SIZE)
-    assert (tmp_path / "run" / "loss_log.jsonl").read_text().count("diffusion") >= 1
+    log = (tmp_path / "run" / "loss_log.jsonl").read_text()
+    assert log.count("diffusion") >= 1 and "grounding" in log  # the grounding loss is on by default
 
 
 def test_training_resumes_exactly(tmp_path):
@@ -105,6 +108,36 @@ def test_training_resumes_exactly(tmp_path):
     resumed.resume()
     for name, value in straight.ema.items():
         torch.testing.assert_close(resumed.ema[name], value, rtol=0, atol=0)
+
+
+def test_training_resumes_from_an_exported_model(tmp_path):
+    first = SceneTrainer(TINY_RUN, tmp_path / "a")
+    while (first.stage, first.step) != ("diffusion", 1):  # one step per run, into the UNet stage
+        first = SceneTrainer(TINY_RUN, tmp_path / "a")
+        first.run(time_limit=0, progress=False)
+    first.export(tmp_path / "b" / "weights")
+    resumed = SceneTrainer(replace(TINY_RUN, diffusion_steps=5), tmp_path / "b")
+    resumed.resume()
+    assert (resumed.stage, resumed.step) == ("diffusion", 1) and resumed.optimizer_state is None
+    exported = StableDiffusion.from_pretrained(tmp_path / "b" / "weights")
+    for name, value in exported.unet.state_dict().items():
+        torch.testing.assert_close(resumed.model.unet.state_dict()[name], value.float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="other settings"):
+        SceneTrainer(replace(TINY_RUN, seed=1), tmp_path / "b").resume()
+
+
+def test_grounding_loss_is_zero_inside_the_mask_and_ignores_absent_objects():
+    from dpl_edit.scenes.grounding import token_grounding_loss
+
+    mask = torch.zeros(1, 2, 16)
+    mask[0, 0, :4] = 1.0  # object 0 covers the first 4 of 16 cells
+    tokens = torch.zeros(1, 2, 77)
+    tokens[0, 0, 3] = 1.0  # object 1 is absent (no noun tokens)
+    inside = torch.zeros(1, 2, 16, 77)
+    inside[:, :, :4, 3] = 0.25
+    assert token_grounding_loss(inside, tokens, mask).item() == pytest.approx(0.0)
+    uniform = torch.full((1, 2, 16, 77), 1 / 77)
+    assert token_grounding_loss(uniform, tokens, mask).item() == pytest.approx((1 - 4 / 16) ** 2)
 
 
 def test_caption_checker_accepts_every_rendered_scene_and_rejects_swaps():

@@ -86,9 +86,12 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    """Peak signal-to-noise ratio in dB between two RGB images of the same size (uint8 range)."""
+def psnr(a: Image.Image, b: Image.Image, mask: np.ndarray | None = None) -> float:
+    """Peak signal-to-noise ratio in dB between two RGB images of the same size (uint8 range),
+    over the pixels of a (H, W) bool ``mask`` if one is given."""
     x = np.asarray(a, dtype=np.float64)
     y = np.asarray(b, dtype=np.float64)
+    if mask is not None:
+        x, y = x[mask], y[mask]
     mse = float(np.mean((x - y) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)

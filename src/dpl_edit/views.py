@@ -4,6 +4,7 @@
   all steps and over step ranges (rows: words; columns: step ranges).
 - :func:`background_view`: the self-attention clusters and the background mask (DPL only).
 - :func:`comparison_grid`: two inversions of the same image side by side (e.g. NTI vs DPL).
+- :func:`demo_figure`: source, target and edits over the nouns' maps from two inversions.
 """
 
 from __future__ import annotations
@@ -114,6 +115,29 @@ def comparison_grid(first: Inversion, second: Inversion) -> plt.Figure:
     for col, title in enumerate(["source", first.method.upper(), second.method.upper()]):
         axes[0, col].set_title(title, fontsize=10)
     _finish(fig, axes, first.prompt if not second.words else second.prompt)
+    return fig
+
+
+def demo_figure(source, target, edits: dict, first: Inversion, second: Inversion, target_prompt: str) -> plt.Figure:
+    """Top row: the source, the target, each method's edit (PIL images); below, each noun's
+    step-averaged map from the two inversions (``first``, ``second``), two nouns to a row."""
+    images = [("source", source), ("target (renderer)", target), *edits.items()]
+    maps = [(f"{word}: {inv.method.upper()}", word_map(inv, positions))
+            for word, positions in inversion_words(second) for inv in (first, second)]
+    columns = max(len(images), 4)
+    rows = 1 + -(-len(maps) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.3 * rows), squeeze=False)
+    for ax, (title, image) in zip(axes[0], images):
+        ax.imshow(np.asarray(image))
+        ax.set_title(title, fontsize=9)
+    base = np.asarray(source, dtype=np.float64) / 255.0
+    for ax, (title, attention) in zip(axes[1:].flat, maps):
+        ax.imshow(overlay(base, attention))
+        ax.set_title(title, fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"{second.prompt}  ->  {target_prompt}", fontsize=10)
+    fig.tight_layout()
     return fig
 
 

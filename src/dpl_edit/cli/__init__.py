@@ -10,7 +10,7 @@ import torch
 
 from .. import __version__
 from ..errors import DplEditError
-from . import analysis, inversion, scenes
+from . import analysis, demo, inversion, scenes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dpl-edit {__version__}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    for module in (inversion, analysis, scenes):
+    for module in (demo, inversion, analysis, scenes):
         module.register(commands)
     return parser
 

@@ -1,0 +1,36 @@
+"""The bundled scene model (`--model scenes`) and `dpl demo` on it, offline, on the CPU."""
+
+import torch
+
+from dpl_edit.cli import main
+from dpl_edit.diffusion import DDIMSchedule
+from dpl_edit.images import to_pil
+from dpl_edit.registry import SCENE_MODEL_ID, load_model
+from dpl_edit.sampling import sample
+from dpl_edit.scenes.classify import check_caption
+from dpl_edit.scenes.render import split_scene
+
+
+def test_the_scene_model_loads_offline_from_anywhere_and_draws_its_captions(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = load_model(SCENE_MODEL_ID)
+    assert model.model_id == SCENE_MODEL_ID and model.settings["dpl"]["cross_resolution"] == 16
+    scenes = [split_scene("test", i) for i in range(4)]
+    z = torch.randn(len(scenes), 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    cond = torch.cat([model.encode_prompt(s.caption) for s in scenes])
+    latents = sample(model, z, DDIMSchedule.from_scheduler(model.scheduler, 20), cond, model.encode_prompt(""),
+                     7.5, progress=False)
+    for scene, image in zip(scenes, model.decode_latents(latents)):
+        check = check_caption(to_pil(image), scene)
+        assert check.background and all(check.colours) and all(check.shapes), scene.caption
+
+
+def test_demo_writes_its_pictures_and_summary(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--quiet"]) == 0
+    summary = (tmp_path / "demo" / "summary.txt").read_text()
+    assert "NTI + P2P" in summary and "DPL + P2P" in summary and "circle -> triangle" in summary
+    for name in ("demo.png", "attention_nti_vs_dpl.png", "attention_dpl_steps.png", "background_mask.png",
+                 "source.png", "oracle.png", "nti_p2p.png", "dpl_p2p.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 0, name
+    assert (tmp_path / "demo" / "dpl_inversion").is_dir()
+    assert summary in capsys.readouterr().out
