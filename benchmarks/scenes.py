@@ -94,7 +94,7 @@ def main() -> None:
             inversions[label] = inversion = invert(model, image, scene.marked_caption(), method=method,
                                                    num_steps=args.steps, dpl=dpl, progress=False)
             rows[label]["inversion s"].append(time.perf_counter() - started)
-            for k, noun in enumerate((word_map(inversion, word["positions"]) for word in inversion.words)):
+            for k, noun in enumerate(word_map(inversion, word["positions"]) for word in inversion.words):
                 curves[f"{label}, own"].append(iou_curve(noun, torch.from_numpy(masks[k])))
                 curves[f"{label}, other"].append(iou_curve(noun, torch.from_numpy(masks[1 - k])))
         edits = edits_for(scene, rng)

@@ -64,12 +64,10 @@ def test_only_requested_layers_are_replaced_and_all_restored(model):
 def test_hook_restores_on_exception_and_refuses_twice(model):
     original = dict(model.unet.attn_processors)
     layers = attention_layers(model.unet)
-    with pytest.raises(RuntimeError, match="boom"):
-        with attention_hook(model.unet, layers, AttentionStore()):
-            with pytest.raises(AttentionHookError):
-                with attention_hook(model.unet, layers, AttentionStore()):
-                    pass
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), attention_hook(model.unet, layers, AttentionStore()):
+        with pytest.raises(AttentionHookError), attention_hook(model.unet, layers, AttentionStore()):
+            pass
+        raise RuntimeError("boom")
     assert model.unet.attn_processors == original
 
 

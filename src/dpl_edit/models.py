@@ -90,7 +90,7 @@ class StableDiffusion:
                 unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=dtype, **kwargs)
                 vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=dtype, **kwargs)
                 scheduler_config = DDIMScheduler.load_config(name, subfolder="scheduler")
-        except (OSError, ValueError, EnvironmentError) as err:
+        except (OSError, ValueError) as err:
             raise ModelLoadError(_load_failure_message(str(name_or_path), err)) from err
         settings_file = Path(name) / SETTINGS_FILE
         settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}

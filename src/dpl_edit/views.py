@@ -16,13 +16,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-from .artifacts import Inversion  # noqa: E402
-from .errors import DplEditError  # noqa: E402
+from .artifacts import Inversion
+from .errors import DplEditError
 
 StepRange = tuple[int, int]  # [start, stop) step indices, 0 the noisiest
 
@@ -126,7 +126,7 @@ def demo_figure(source, target, edits: dict, first: Inversion, second: Inversion
             for word, positions in inversion_words(second) for inv in (first, second)]
     columns = max(len(images), 4)
     rows = 1 + -(-len(maps) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.5 * rows), squeeze=False)
     for ax, (title, image) in zip(axes[0], images):
         ax.imshow(np.asarray(image))
         ax.set_title(title, fontsize=9)

@@ -47,7 +47,6 @@ class AttentionStore:
         if not self.keep_grad:
             probs = probs.detach()
         self._step.setdefault((layer.kind, layer.resolution), []).append(probs.mean(dim=1))  # (B, Q, K)
-        return None
 
     def step_maps(self, kind: str, resolution: int) -> torch.Tensor:
         """This step's maps (B, res, res, K), averaged over heads and layers."""

@@ -14,9 +14,9 @@ __all__ = [
     "DynamicPromptConfig",
     "DynamicPromptResult",
     "DynamicPromptStep",
-    "dynamic_prompt_inversion",
     "NullTextConfig",
     "NullTextStep",
     "ddim_inversion",
+    "dynamic_prompt_inversion",
     "null_text_inversion",
 ]
