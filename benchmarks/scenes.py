@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchmetrics.functional import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional import structural_similarity_index_measure
 
 from dpl_edit import EditConfig, edit, invert, reconstruct
-from dpl_edit.images import to_tensor
+from dpl_edit.images import psnr, to_tensor
 from dpl_edit.localisation import iou_curve, plot_curves
 from dpl_edit.pipeline import model_dpl_config
 from dpl_edit.registry import load_model
@@ -50,12 +50,6 @@ def edits_for(scene, rng: np.random.Generator) -> list[WordSwap]:
     colour = rng.choice([c for c in COLOURS if c not in (scene.objects[1].colour,)])
     background = rng.choice([b for b in BACKGROUNDS if b != scene.background])
     return [WordSwap("shape", str(shape), 0), WordSwap("colour", str(colour), 1), WordSwap("background", str(background))]
-
-
-def region_psnr(a: torch.Tensor, b: torch.Tensor, mask: np.ndarray) -> float:
-    """PSNR (dB) of images (3, H, W) in [0, 1] over the pixels of a (H, W) mask."""
-    m = torch.from_numpy(mask)
-    return float(peak_signal_noise_ratio(a[:, m], b[:, m], data_range=1.0))
 
 
 def region_ssim(a: torch.Tensor, b: torch.Tensor, mask: np.ndarray) -> float:
@@ -108,14 +102,14 @@ def main() -> None:
             else:
                 rows[label]["inversion s"].append(rows["dpl"]["inversion s"][-1])
             rows[label]["reconstruction PSNR"].append(
-                float(peak_signal_noise_ratio(as_unit(reconstruct(model, inversion, progress=False)), source, data_range=1.0)))
+                psnr(reconstruct(model, inversion, progress=False), image))
             for swap in edits:
                 target_scene = swap_word(scene, swap)
                 oracle, new_masks = render(target_scene)
                 word = swap.source_word(scene)
                 source_tokens = len(model.tokenizer(word).input_ids)
                 target_tokens = len(model.tokenizer(swap.new).input_ids)
-                config = EditConfig(mode="replace" if source_tokens == target_tokens else "refine", blend=(word, swap.new))
+                config = EditConfig(mode="replace" if source_tokens == target_tokens else "refine", blend=(word,))
                 started = time.perf_counter()
                 result = edit(model, inversion, [target_scene.caption], config, progress=False)
                 rows[label]["edit s"].append(time.perf_counter() - started)
@@ -126,11 +120,11 @@ def main() -> None:
                 else:
                     changed = masks[swap.index] | new_masks[swap.index]
                     distractor = masks[1 - swap.index]
-                rows[label]["unedited PSNR"].append(region_psnr(edited, source, ~changed))
+                rows[label]["unedited PSNR"].append(psnr(result.edits[0], image, ~changed))
                 rows[label]["unedited SSIM"].append(region_ssim(edited, source, ~changed))
-                rows[label]["edited PSNR vs oracle"].append(region_psnr(edited, as_unit(oracle), changed))
+                rows[label]["edited PSNR vs oracle"].append(psnr(result.edits[0], oracle, changed))
                 if distractor is not None:
-                    rows[label]["distractor PSNR"].append(region_psnr(edited, source, distractor))
+                    rows[label]["distractor PSNR"].append(psnr(result.edits[0], image, distractor))
         print(f"scene {index + 1}/{count} done", flush=True)
 
     mean_curves = {k: torch.stack(v).mean(dim=0) for k, v in curves.items()}

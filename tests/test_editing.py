@@ -42,6 +42,21 @@ def test_swapped_words_lose_their_learned_vector_and_windows_follow_the_steps():
     assert plan.self_steps == 4
 
 
+def test_blend_words_follow_the_source_region_not_a_look_alike_in_the_target():
+    tokenizer = clip_tokenizer()
+    source = parse_marked_prompt("a purple {rectangle} and a yellow {rectangle} on brick", tokenizer)
+    swapped = parse_marked_prompt("a purple oval and a yellow rectangle on brick", tokenizer, require_words=False)
+    plan = make_plan(source, [swapped], [3, 4, 8, 9], EditConfig(mode="refine", blend=("rectangle",)), 10, tokenizer)
+    assert plan.blend_positions == [[3, 4], [3]]  # "oval" took the first rectangle's place; the second stays out
+    source = parse_marked_prompt("a red {circle} and a blue {square}", tokenizer)
+    swapped = parse_marked_prompt("a red square and a blue square", tokenizer, require_words=False)
+    plan = make_plan(source, [swapped], [3, 7], EditConfig(blend=("circle",)), 10, tokenizer)
+    assert plan.blend_positions == [[3], [3]]
+    fluffy = parse_marked_prompt("a red fluffy circle and a blue square", tokenizer, require_words=False)
+    plan = make_plan(source, [fluffy], [3, 7], EditConfig(mode="refine", blend=("circle", "fluffy")), 10, tokenizer)
+    assert plan.blend_positions == [[3], [3, 4]]
+
+
 def test_cross_attention_edit_and_reweighting():
     base, target = torch.rand(2, 4, 77), torch.rand(1, 2, 4, 77)
     mapper = torch.arange(77)[None]

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from .artifacts import Inversion
 from .editing import EditConfig, edit
 from .images import psnr
@@ -34,7 +36,7 @@ METHODS = {"nti": "NTI + P2P", "dpl": "DPL + P2P"}
 @dataclass
 class MethodResult:
     inversion: Inversion
-    edited: object  # PIL image
+    edited: Image.Image
     inversion_seconds: float
     edit_seconds: float
     background_psnr: float  # outside both objects (before and after the edit), vs the source
@@ -73,7 +75,7 @@ def run_demo(
     image.save(out / "source.png")
     oracle.save(out / "oracle.png")
     word = swap.source_word(scene)
-    config = EditConfig(blend=(word, swap.new))
+    config = EditConfig(blend=(word,))  # the target side follows through the token mapping
     edited_region = masks[swap.index] | new_masks[swap.index]
     regions = {"background": ~(masks[0] | masks[1] | edited_region), "other": masks[1 - swap.index]}
     results = {}
@@ -114,7 +116,7 @@ def _summary(source: str, target: str, word: str, new: str, steps: int, model: S
         f"dpl demo: model {model.model_id} on {model.device}, {steps} DDIM steps, guidance 7.5",
         f"source prompt: {source}",
         f"target prompt: {target}",
-        f"edit: {word} -> {new} (Prompt-to-Prompt word swap, local blend on both words)",
+        f"edit: {word} -> {new} (Prompt-to-Prompt word swap, local blend on the swapped word)",
         "",
         ("PSNR in dB: background and other object against the source (higher: less leakage), "
          "edited object against the renderer's oracle (higher: closer to the intended edit)."),

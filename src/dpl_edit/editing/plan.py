@@ -107,8 +107,14 @@ def _in_targets(targets, word, tokenizer) -> list[tuple[int, list[int]]]:
 
 
 def _blend_positions(source, targets, mapper, words, tokenizer) -> list[list[int]]:
-    """Per branch, the token positions of the blend words: a word's own positions in a prompt, or
-    (in a target where it was swapped away) the positions mapped from its source positions."""
+    """Per branch, the token positions of the blend words.
+
+    A blend word names a region of the source: its first occurrence there. In a target, that
+    region's word is found through the mapper (the positions mapped onto it, and the new tokens that
+    took its place), never by spelling, so that a look-alike elsewhere in the target ("a purple
+    oval and a yellow rectangle" after "rectangle" -> "oval") is not blended. A word only the
+    target has is taken where it occurs there.
+    """
 
     def find(prompt: MarkedPrompt, word: str) -> set[int]:
         try:
@@ -121,13 +127,24 @@ def _blend_positions(source, targets, mapper, words, tokenizer) -> list[list[int
     for target, row in zip(targets, mapper):
         positions: set[int] = set()
         for word in words:
-            own = find(target, word)
-            if not own and not in_source[word]:
+            if in_source[word]:
+                positions |= _counterpart(row.tolist(), in_source[word], target.end_position)
+            elif own := find(target, word):
+                positions |= own
+            else:
                 raise PromptError(f"The blend word {word!r} is neither in {source.text!r} nor in {target.text!r}.")
-            mapped = {p for p, s in enumerate(row.tolist()) if s in in_source[word] and p < target.end_position}
-            positions |= own or mapped
         branches.append(sorted(positions))
     return branches
+
+
+def _counterpart(row: list[int], span: set[int], end: int) -> set[int]:
+    """Target positions (before ``end``) standing for the source positions ``span``: those mapped
+    onto them, and the unmapped (new) ones between the targets of their neighbours."""
+    first, last = min(span), max(span)
+    mapped = {p for p in range(end) if row[p] in span}
+    before = max((p for p in range(end) if 0 <= row[p] < first), default=0)
+    after = min((p for p in range(end) if row[p] > last), default=end)
+    return mapped | {p for p in range(before + 1, after) if row[p] < 0}
 
 
 def _kept_tokens(source, target, row, dynamic_positions) -> tuple[list[int], list[int]]:

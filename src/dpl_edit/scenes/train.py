@@ -3,11 +3,11 @@
 Seeded and resumable: every batch (scene indices, noise, timesteps, caption dropout) is drawn
 from a generator seeded by (seed, stage, step), so a run resumed from a checkpoint continues
 exactly. With ``grounding_weight`` > 0 the UNet is also trained to keep each object noun's
-cross-attention on its object (see :mod:`.grounding`). A checkpoint folder holds fp32 weights (one safetensors file per component), EMA weights
-and AdamW state as safetensors and the progress as JSON. An exported model (fp16 EMA weights in a
-diffusers folder, small enough to commit or to copy off a GPU machine) records the progress too,
-and training resumes from it with a fresh optimiser. On CUDA the steps run under
-bf16 autocast, optionally with ``torch.compile``.
+cross-attention on its object (see :mod:`.grounding`). A checkpoint folder holds fp32 weights (one
+safetensors file per component), EMA weights and AdamW state as safetensors and the progress as
+JSON. An exported model (fp16 EMA weights in a diffusers folder, small enough to commit or to copy
+off a GPU machine) records the progress too, and training resumes from it with a fresh optimiser.
+On CUDA the steps run under bf16 autocast, optionally with ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class SceneTrainer:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def _vae_step(self) -> torch.Tensor:
+    def _vae_step(self) -> dict[str, torch.Tensor]:
         g = self._generator()
         index = torch.randint(len(self.data), (self.config.vae_batch_size,), generator=g, device=self.device)
         images = self.data.batch_images(index)
@@ -167,7 +167,7 @@ class SceneTrainer:
         self._update(loss, self.config.vae_learning_rate)
         return {"loss": loss.detach()}
 
-    def _diffusion_step(self) -> torch.Tensor:
+    def _diffusion_step(self) -> dict[str, torch.Tensor]:
         g, batch = self._generator(), self.config.batch_size
         index = torch.randint(len(self.latents), (batch,), generator=g, device=self.device)
         z0 = self.latents[index].float()
@@ -284,10 +284,11 @@ class SceneTrainer:
         full, light = self.folder / "checkpoint", self.folder / "weights"
         if (full / "state.json").is_file():
             source, progress = full, json.loads((full / "state.json").read_text())
-        elif (light / SETTINGS_FILE).is_file() and "training" in json.loads((light / SETTINGS_FILE).read_text()):
-            source, progress = light, json.loads((light / SETTINGS_FILE).read_text())["training"]
         else:
-            return
+            settings = json.loads((light / SETTINGS_FILE).read_text()) if (light / SETTINGS_FILE).is_file() else {}
+            if "training" not in settings:
+                return
+            source, progress = light, settings["training"]
         saved = {k: v for k, v in progress["config"].items() if k not in _MAY_CHANGE}
         current = {k: v for k, v in asdict(self.config).items() if k not in _MAY_CHANGE}
         if saved != current:
