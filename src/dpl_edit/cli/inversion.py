@@ -141,7 +141,8 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reweight", nargs="+", default=[], metavar="WORD=FACTOR",
                    help="scale target words' cross-attention, e.g. --reweight fluffy=2.0")
     p.add_argument("--blend", nargs="+", default=[], metavar="WORD",
-                   help="local blend: only the region of these words (source or target) may change")
+                   help="local blend: only the region of these source words (and what replaces them in each "
+                        "target) may change; a word only a target has is taken there")
     p.add_argument("--blend-threshold", type=float, default=edit.blend_threshold,
                    help=f"local blend threshold on the max-normalised maps (default: {edit.blend_threshold})")
     p.add_argument("--cross-steps", type=float, default=edit.cross_replace_steps,
