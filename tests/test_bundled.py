@@ -34,3 +34,12 @@ def test_demo_writes_its_pictures_and_summary(tmp_path, capsys):
         assert (tmp_path / "demo" / name).stat().st_size > 0, name
     assert (tmp_path / "demo" / "dpl_inversion").is_dir()
     assert summary in capsys.readouterr().out
+
+
+def test_demo_on_other_scenes_picks_a_shape_and_mode_that_work(tmp_path):
+    from dpl_edit.demo import run_demo
+
+    rectangle = run_demo(tmp_path / "a", scene_index=1, num_steps=2, progress=False)  # 2 tokens -> 1: refine
+    assert "rectangle -> triangle (Prompt-to-Prompt refine" in rectangle.summary
+    triangle = run_demo(tmp_path / "b", scene_index=10, num_steps=2, progress=False)  # already a triangle
+    assert "triangle -> circle (Prompt-to-Prompt replace" in triangle.summary

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image
@@ -69,13 +69,17 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     model = model or load_model(SCENE_MODEL_ID)
     scene = split_scene("test", scene_index, num_objects=2)
+    if swap.kind == "shape" and scene.objects[swap.index].shape == swap.new:  # already that shape: another
+        swap = replace(swap, new="circle" if swap.new != "circle" else "square")
     target = swap_word(scene, swap)
     image, masks = render(scene)
     oracle, new_masks = render(target)
     image.save(out / "source.png")
     oracle.save(out / "oracle.png")
     word = swap.source_word(scene)
-    config = EditConfig(blend=(word,))  # the target side follows through the token mapping
+    same_length = len(model.tokenizer(word).input_ids) == len(model.tokenizer(swap.new).input_ids)
+    # blend the swapped source word; its counterpart in the target follows through the token mapping
+    config = EditConfig(mode="replace" if same_length else "refine", blend=(word,))
     edited_region = masks[swap.index] | new_masks[swap.index]
     regions = {"background": ~(masks[0] | masks[1] | edited_region), "other": masks[1 - swap.index]}
     results = {}
@@ -103,12 +107,13 @@ def run_demo(
     save_figure(word_attention_grid(dpl), out / "attention_dpl_steps.png")
     save_figure(background_view(dpl), out / "background_mask.png")
     seconds = time.perf_counter() - started
-    summary = _summary(scene.caption, target.caption, word, swap.new, num_steps, model, results, seconds)
+    summary = _summary(scene.caption, target.caption, f"{word} -> {swap.new} (Prompt-to-Prompt {config.mode}, "
+                       "local blend on the swapped word)", num_steps, model, results, seconds)
     (out / "summary.txt").write_text(summary)
     return DemoReport(out, scene.caption, target.caption, results, seconds, summary)
 
 
-def _summary(source: str, target: str, word: str, new: str, steps: int, model: StableDiffusion,
+def _summary(source: str, target: str, what: str, steps: int, model: StableDiffusion,
              results: dict[str, MethodResult], seconds: float) -> str:
     rows = [f"| {METHODS[m]} | {r.background_psnr:.2f} | {r.other_object_psnr:.2f} | {r.edited_object_psnr:.2f} "
             f"| {r.inversion_seconds:.1f} | {r.edit_seconds:.1f} |" for m, r in results.items()]
@@ -116,7 +121,7 @@ def _summary(source: str, target: str, word: str, new: str, steps: int, model: S
         f"dpl demo: model {model.model_id} on {model.device}, {steps} DDIM steps, guidance 7.5",
         f"source prompt: {source}",
         f"target prompt: {target}",
-        f"edit: {word} -> {new} (Prompt-to-Prompt word swap, local blend on the swapped word)",
+        f"edit: {what}",
         "",
         ("PSNR in dB: background and other object against the source (higher: less leakage), "
          "edited object against the renderer's oracle (higher: closer to the intended edit)."),

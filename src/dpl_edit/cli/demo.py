@@ -22,10 +22,17 @@ def register(commands) -> None:
     p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default: outputs/demo)")
     p.add_argument("--steps", type=int, default=DEMO_STEPS,
                    help=f"DDIM steps for both methods (default: {DEMO_STEPS}; the paper uses 50)")
-    p.add_argument("--scene", type=int, default=DEMO_SCENE,
+    p.add_argument("--scene", type=scene_index, default=DEMO_SCENE,
                    help=f"which two-object test scene of the renderer (default: {DEMO_SCENE})")
     add_model_options(p, required_default=SCENE_MODEL_ID)
     p.set_defaults(run=demo)
+
+
+def scene_index(text: str) -> int:
+    """A test-scene index for argparse (a clear message for anything else)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a scene number 0, 1, 2, ..., got {text!r}")
+    return int(text)
 
 
 def demo(args: argparse.Namespace) -> int:
