@@ -29,6 +29,7 @@ import torch
 from torchmetrics.functional import structural_similarity_index_measure
 
 from dpl_edit import EditConfig, edit, invert, reconstruct
+from dpl_edit.editing.plan import swap_mode
 from dpl_edit.images import psnr, to_tensor
 from dpl_edit.localisation import iou_curve, plot_curves
 from dpl_edit.pipeline import model_dpl_config
@@ -107,9 +108,7 @@ def main() -> None:
                 target_scene = swap_word(scene, swap)
                 oracle, new_masks = render(target_scene)
                 word = swap.source_word(scene)
-                source_tokens = len(model.tokenizer(word).input_ids)
-                target_tokens = len(model.tokenizer(swap.new).input_ids)
-                config = EditConfig(mode="replace" if source_tokens == target_tokens else "refine", blend=(word,))
+                config = EditConfig(mode=swap_mode(word, swap.new, model.tokenizer), blend=(word,))
                 started = time.perf_counter()
                 result = edit(model, inversion, [target_scene.caption], config, progress=False)
                 rows[label]["edit s"].append(time.perf_counter() - started)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from .artifacts import Inversion
 from .editing import EditConfig, edit
+from .editing.plan import swap_mode
 from .images import psnr
 from .models import StableDiffusion
 from .pipeline import invert
@@ -77,9 +78,8 @@ def run_demo(
     image.save(out / "source.png")
     oracle.save(out / "oracle.png")
     word = swap.source_word(scene)
-    same_length = len(model.tokenizer(word).input_ids) == len(model.tokenizer(swap.new).input_ids)
     # blend the swapped source word; its counterpart in the target follows through the token mapping
-    config = EditConfig(mode="replace" if same_length else "refine", blend=(word,))
+    config = EditConfig(mode=swap_mode(word, swap.new, model.tokenizer), blend=(word,))
     edited_region = masks[swap.index] | new_masks[swap.index]
     regions = {"background": ~(masks[0] | masks[1] | edited_region), "other": masks[1 - swap.index]}
     results = {}

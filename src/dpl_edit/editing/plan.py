@@ -57,6 +57,12 @@ def word_positions(prompt: MarkedPrompt, word: str, tokenizer: CLIPTokenizer) ->
     return parse_marked_prompt(prompt.text, tokenizer, [word]).words[-1].positions
 
 
+def swap_mode(word: str, new: str, tokenizer: CLIPTokenizer) -> str:
+    """The edit mode for swapping one word for another: "replace" when both are as many tokens
+    (a word swap), else "refine" (the prompts are aligned)."""
+    return "replace" if len(tokenizer(word).input_ids) == len(tokenizer(new).input_ids) else "refine"
+
+
 def make_plan(
     source: MarkedPrompt,
     targets: Sequence[MarkedPrompt],
