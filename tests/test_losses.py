@@ -45,9 +45,13 @@ def test_background_leakage_loss_known_values():
 def test_attention_balancing_loss_is_zero_for_a_peaked_token_and_high_for_a_flat_one():
     maps = torch.full((16, 16, 77), 1e-3)
     maps[4:9, 4:9, 2] = 1.0  # token 2 dominates a 5x5 area: softmax(100 A) there is ~1
-    assert attention_balancing_loss(maps, [[2]], end_position=4).item() == pytest.approx(0.0, abs=1e-4)
+    assert attention_balancing_loss(maps, [[2]], end_position=4, span="prompt").item() == pytest.approx(0.0, abs=1e-4)
     # token 3 never dominates anywhere: its softmax share is 1/3 outside the blob, ~0 inside
-    assert attention_balancing_loss(maps, [[2], [3]], end_position=4).item() == pytest.approx(2 / 3, abs=1e-3)
+    loss = attention_balancing_loss(maps, [[2], [3]], end_position=4, span="prompt").item()
+    assert loss == pytest.approx(2 / 3, abs=1e-3)
+    # over the padded span (75 columns) a flat token's share outside the blob is 1/75
+    padded = attention_balancing_loss(maps, [[2], [3]], end_position=4, span="padded").item()
+    assert padded == pytest.approx(1 - 1 / 75, abs=1e-3)
 
 
 def test_kernel_is_attend_and_excites():
@@ -58,21 +62,55 @@ def test_kernel_is_attend_and_excites():
     torch.testing.assert_close(attend_and_excite_kernel(), GaussianSmoothing().weight[0, 0])
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_attention_balancing_equals_attend_and_excite(seed):
+def _random_maps(seed: int) -> torch.Tensor:
+    """Full 77-column maps (16, 16, 77) that sum to 1 over the tokens, start token heavy as in SD."""
     g = torch.Generator().manual_seed(seed)
-    maps = torch.softmax(torch.randn(16, 16, 77, generator=g) * 3, dim=-1)
-    end = 8  # prompt tokens 1..7; A&E's 1:-1 slice on maps cut after the end token is the same slice
-    indices = [2, 5]
-    theirs_max = AttendAndExcite._compute_max_attention_per_index(maps[..., : end + 1].clone(), indices)
-    theirs = AttendAndExcite._compute_loss(theirs_max)
-    ours = attention_balancing_loss(maps, [[2], [5]], end_position=end)
+    logits = torch.randn(16, 16, 77, generator=g) * 3
+    logits[..., 0] += 6
+    return torch.softmax(logits, dim=-1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_padded_span_equals_attend_and_excite_on_all_77_columns(seed):
+    maps = _random_maps(seed)
+    end, indices = 8, [2, 5]  # prompt tokens 1..7, end token 8, padding after it
+    theirs = AttendAndExcite._compute_loss(AttendAndExcite._compute_max_attention_per_index(maps.clone(), indices))
+    ours = attention_balancing_loss(maps, [[2], [5]], end_position=end, span="padded")
     torch.testing.assert_close(ours, torch.as_tensor(theirs, dtype=ours.dtype))
+    assert attention_balancing_loss(maps, [[2], [5]], end_position=end) == ours  # padded is the default
 
 
-def test_multi_token_words_average_their_columns():
+@pytest.mark.parametrize("seed", range(5))
+def test_prompt_span_equals_attend_and_excite_for_sd_2_1(seed):
+    """A&E for SD 2.1 re-softmaxes columns 1 .. end-1: its helper on the maps cut after the end token."""
+    maps = _random_maps(seed)
+    end, indices = 8, [2, 5]
+    cut = maps[..., : end + 1].clone()
+    theirs = AttendAndExcite._compute_loss(AttendAndExcite._compute_max_attention_per_index(cut, indices))
+    ours = attention_balancing_loss(maps, [[2], [5]], end_position=end, span="prompt")
+    torch.testing.assert_close(ours, torch.as_tensor(theirs, dtype=ours.dtype))
+    padded = attention_balancing_loss(maps, [[2], [5]], end_position=end, span="padded")
+    assert abs(padded - ours) > 1e-3  # the spans differ on these maps: a test of one cannot pass for the other
+
+
+def test_a_several_token_word_gets_the_sum_of_its_columns():
+    """A two-token word that holds all the attention of a region reaches m ~ 1, as a one-token word does."""
+    maps = torch.full((16, 16, 77), 1e-3)
+    maps[4:9, 4:9, 2] = 0.5  # the word's two tokens share the region equally
+    maps[4:9, 4:9, 3] = 0.5
+    assert attention_balancing_loss(maps, [[2, 3]], end_position=5, span="prompt").item() == pytest.approx(0.0, abs=1e-4)
+    one_token = attention_balancing_loss(maps, [[2]], end_position=5, span="prompt").item()
+    assert one_token == pytest.approx(0.5, abs=1e-3)  # one of the two tokens alone: half the share
+
+
+def test_multi_token_words_sum_their_columns():
     maps = torch.rand(4, 4, 77)
-    torch.testing.assert_close(word_maps(maps, [[2, 3]])[0], (maps[..., 2] + maps[..., 3]) / 2)
+    torch.testing.assert_close(word_maps(maps, [[2, 3]])[0], maps[..., 2] + maps[..., 3])
+
+
+def test_span_is_checked():
+    with pytest.raises(ValueError, match="span"):
+        attention_balancing_loss(torch.rand(4, 4, 77), [[2]], end_position=4, span="all")
 
 
 def test_gradual_thresholds_eq_10():

@@ -57,6 +57,7 @@ class Inversion:
     clusters: torch.Tensor | None = None  # (res_self, res_self) self-attention cluster labels
     trajectory: torch.Tensor | None = None  # (num_steps + 1, C, h, w) DDIM pivot, sampling order (direct)
     settings: dict = field(default_factory=dict)  # method settings, image fit, timings
+    dpl_log: list[dict] = field(default_factory=list)  # DPL per step: losses, thresholds, AdamW iterations
     versions: dict = field(default_factory=dict)
     source_image: Image.Image | None = None
 

@@ -14,11 +14,24 @@ import torch
 import torch.nn.functional as F
 
 Word = Sequence[int]
+SPANS = ("padded", "prompt")  # token columns re-softmaxed by the attention balancing loss
 
 
 def word_maps(maps: torch.Tensor, words: Sequence[Word]) -> torch.Tensor:
-    """Raw maps (K, res, res) of K words: the mean of each word's token columns."""
-    return torch.stack([maps[..., list(word)].mean(dim=-1) for word in words])
+    """Raw maps (K, res, res) of K words: the sum of each word's token columns (its share of the
+    attention, bounded by 1 like a one-token word's)."""
+    return torch.stack([maps[..., list(word)].sum(dim=-1) for word in words])
+
+
+def softmax_columns(num_columns: int, end_position: int, span: str = "padded") -> slice:
+    """The token columns that Attend-and-Excite re-softmaxes: ``"padded"`` drops the start token
+    and the last column (``1:-1`` on all 77, end-of-text and padding included: the DPL authors'
+    code and Attend-and-Excite for SD 1.x, on which the paper's thresholds were tuned);
+    ``"prompt"`` keeps the prompt's own tokens 1 .. end_position - 1 (Attend-and-Excite for SD 2.1).
+    """
+    if span not in SPANS:
+        raise ValueError(f"span must be one of {SPANS}, got {span!r}")
+    return slice(1, num_columns - 1 if span == "padded" else end_position)
 
 
 def attend_and_excite_kernel(sigma: float = 0.5, size: int = 3) -> torch.Tensor:
@@ -33,18 +46,21 @@ def attend_and_excite_kernel(sigma: float = 0.5, size: int = 3) -> torch.Tensor:
     return (kernel / kernel.sum()).float()
 
 
-def attention_balancing_loss(maps: torch.Tensor, words: Sequence[Word], end_position: int) -> torch.Tensor:
+def attention_balancing_loss(
+    maps: torch.Tensor, words: Sequence[Word], end_position: int, span: str = "padded"
+) -> torch.Tensor:
     """L_at = max_k (1 - m_k) (Attend-and-Excite, Chefer et al. 2023; DPL Eq. 8).
 
-    The prompt's token columns 1 .. end_position-1 are re-softmaxed at temperature 1/100 over the
-    token axis; each word's map (mean of its columns) is smoothed with the 3x3 kernel under reflect
-    padding; m_k is its maximum.
+    The token columns of ``span`` (see :func:`softmax_columns`) are re-softmaxed at temperature
+    1/100 over the token axis; each word's map (the sum of its tokens' columns: its share of the
+    distribution) is smoothed with the 3x3 kernel under reflect padding; m_k is its maximum.
     """
-    text = torch.softmax(100 * maps[..., 1:end_position].float(), dim=-1)  # (res, res, n)
+    columns = softmax_columns(maps.shape[-1], end_position, span)
+    text = torch.softmax(100 * maps[..., columns].float(), dim=-1)  # (res, res, n)
     kernel = attend_and_excite_kernel().to(text.device)[None, None]  # (1, 1, 3, 3)
     losses = []
     for word in words:
-        image = text[..., [p - 1 for p in word]].mean(dim=-1)[None, None]  # (1, 1, res, res)
+        image = text[..., [p - columns.start for p in word]].sum(dim=-1)[None, None]  # (1, 1, res, res)
         smoothed = F.conv2d(F.pad(image, (1, 1, 1, 1), mode="reflect"), kernel)
         losses.append(1 - smoothed.max())
     return torch.stack(losses).max()

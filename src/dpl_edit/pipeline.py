@@ -141,6 +141,7 @@ def _learn_tokens(result: Inversion, model, marked, pivot, null_init, store, cro
         result.null_states = torch.cat(learned.null_states)  # (num_steps, 77, D)
     result.token_vectors = torch.stack(learned.token_vectors)  # (num_steps, K, D_in)
     result.token_positions = marked.positions
+    result.dpl_log = learned.log
     result.background_mask, result.clusters = mask.mask, mask.clusters
     result.settings.update(
         null_text=asdict(null_text), dpl=asdict(dpl), background_fallback=mask.fallback,

@@ -41,12 +41,12 @@ def inversion_words(inversion: Inversion) -> list[tuple[str, list[int]]]:
 
 
 def word_map(inversion: Inversion, positions: Sequence[int], steps: StepRange | None = None) -> torch.Tensor:
-    """The step-averaged cross-attention map (res, res) of a word (mean of its token columns)."""
+    """The step-averaged cross-attention map (res, res) of a word (the sum of its token columns)."""
     if inversion.cross_maps is None:
         raise DplEditError("This inversion holds no attention maps; invert it again with this version.")
     start, stop = steps or (0, inversion.num_steps)
     maps = inversion.cross_maps[start:stop].float().mean(dim=0)  # (n, res, res)
-    return maps[[p - 1 for p in positions]].mean(dim=0)
+    return maps[[p - 1 for p in positions]].sum(dim=0)
 
 
 def overlay(image: np.ndarray, attention: torch.Tensor, alpha: float = 0.55) -> np.ndarray:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..attention import AttentionLayer, AttentionStore, ForwardStopped, StopAfter, attention_hook, last_layer
 from ..diffusion import DDIMSchedule, denoise_step, guided_noise
 from ..losses import (
+    SPANS,
     attention_balancing_loss,
     background_leakage_loss,
     disjoint_object_loss,
@@ -50,6 +51,7 @@ class DynamicPromptConfig:
     decay_at: float = 25.0
     decay_dj: float = 25.0
     decay_bg: float = 50.0
+    balancing_span: str = "padded"  # columns L_at re-softmaxes: "padded" (the authors', A&E SD 1.x) or "prompt"
     losses: tuple[str, ...] = LOSSES  # which losses are used (one alone for the Fig. 5a ablation)
     num_clusters: int = 5  # V, KMeans clusters of the self-attention map
     agreement_threshold: float = 0.2  # TH below which a cluster is background
@@ -60,6 +62,8 @@ class DynamicPromptConfig:
         unknown = set(self.losses) - set(LOSSES)
         if unknown or not self.losses:
             raise ValueError(f"losses must be a non-empty subset of {LOSSES}, got {self.losses}")
+        if self.balancing_span not in SPANS:
+            raise ValueError(f"balancing_span must be one of {SPANS}, got {self.balancing_span!r}")
 
     def thresholds(self, step: int) -> dict[str, float]:
         return {
@@ -91,6 +95,7 @@ class DynamicPromptResult:
     token_vectors: list[torch.Tensor]  # per step (K, D_in), sampling order
     null_states: list[torch.Tensor]  # per step (1, 77, D); empty unless null == "optimized"
     cross_maps: list[torch.Tensor]  # per step (res, res, 77): conditional maps with the learned tokens
+    log: list[dict]  # per step: {"step", "losses", "thresholds", "iterations"} (losses as last computed)
 
 
 class TokenLosses:
@@ -130,11 +135,26 @@ class TokenLosses:
     def losses_of(self, maps: torch.Tensor) -> dict[str, torch.Tensor]:
         a = word_maps(maps, self.words)  # (K, res, res)
         compute = {
-            "at": lambda: attention_balancing_loss(maps, self.words, self.prompt.end_position),
+            "at": lambda: attention_balancing_loss(maps, self.words, self.prompt.end_position,
+                                                   self.config.balancing_span),
             "dj": lambda: disjoint_object_loss(a),
             "bg": lambda: background_leakage_loss(a, self.background),
         }
         return {k: compute[k]() for k in self.active}
+
+
+def saturation(log: Sequence[dict], max_iterations: int) -> str:
+    """One line on a DPL run: how many steps used every AdamW iteration without meeting the
+    thresholds, and the losses against their thresholds at the last step."""
+    capped = sum(entry["iterations"] >= max_iterations for entry in log)
+    last = log[-1]
+    losses = ", ".join(f"L_{k} {v:.3f}/{last['thresholds'][k]:.3f}" for k, v in last["losses"].items())
+    return f"DPL: {capped} of {len(log)} steps at the {max_iterations}-iteration cap; last step {losses}"
+
+
+def mostly_capped(log: Sequence[dict], max_iterations: int) -> bool:
+    """True when more than half the steps ran out of iterations (the tokens are likely drifting)."""
+    return sum(entry["iterations"] >= max_iterations for entry in log) > len(log) / 2
 
 
 def optimize_tokens(
@@ -193,7 +213,7 @@ def dynamic_prompt_inversion(
     losses_at = TokenLosses(model, prompt, layers, background, config)
     key = ("cross", config.cross_resolution)
     record = AttentionStore(average_steps=False, history=[key])
-    result = DynamicPromptResult([], [], [])
+    result = DynamicPromptResult([], [], [], [])
     null_states, z = null_init, pivot[0]
     bar = tqdm(range(schedule.num_steps), desc="DPL inversion", disable=not progress, leave=False)
     for i in bar:
@@ -220,6 +240,8 @@ def dynamic_prompt_inversion(
             z = pivot[i + 1]
         result.token_vectors.append(vectors)
         thresholds = config.thresholds(i)
+        result.log.append({"step": i, "losses": losses, "thresholds": {k: thresholds[k] for k in losses},
+                           "iterations": iterations})
         bar.set_postfix({**{k: f"{v:.3f}/{thresholds[k]:.3f}" for k, v in losses.items()}, "it": iterations})
         if callback is not None:
             callback(DynamicPromptStep(i, t, losses, thresholds, iterations, null_loss, null_iterations))
