@@ -1,8 +1,12 @@
 import logging
 
+import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
-from dpl_edit.background import background_mask, cluster_agreement
+from dpl_edit.background import background_mask, cluster_agreement, round_trip
 
 
 def _scene_self_attention(res=8):
@@ -20,20 +24,52 @@ def test_background_is_the_region_no_word_attends_to():
     word = region.float()[None]  # the word attends exactly to the object
     result = background_mask(self_maps, word, num_clusters=2, threshold=0.2)
     assert not result.fallback
-    torch.testing.assert_close(result.mask, 1 - region.float())
+    assert torch.equal(result.clusters == result.background_clusters[0], region == 0)
+    torch.testing.assert_close(result.mask, round_trip(region == 0, 8))
+    assert bool((result.mask >= 1 - region.float()).all())  # the round trip only adds to the background
 
 
-def test_mask_is_pooled_to_the_word_map_size_by_any_overlap():
-    self_maps, region = _scene_self_attention(res=8)
-    word = torch.nn.functional.avg_pool2d(region.float()[None, None], 2)[0]  # (1, 4, 4)
-    result = background_mask(self_maps, word, num_clusters=2)
-    assert result.mask.shape == (4, 4) and result.clusters.shape == (8, 8)
-    torch.testing.assert_close(result.mask, 1 - word[0])
+# A port of the authors' computation (cluster2noun_ in tools/sd_study_utils.py, the mask saved by
+# save_mask and read back by read_segfile), written here from its description, in numpy and PIL.
+def authors_agreement(clusters: np.ndarray, noun_maps: np.ndarray, num_segments: int) -> np.ndarray:
+    repeat = clusters.shape[0] // noun_maps.shape[1]
+    scores = np.zeros((num_segments, len(noun_maps)))
+    for i, noun in enumerate(noun_maps):
+        big = noun.repeat(repeat, axis=0).repeat(repeat, axis=1)
+        normalised = (big - np.abs(big.min())) / big.max()
+        for c in range(num_segments):
+            cluster_mask = (clusters == c).astype(np.float32)
+            scores[c, i] = (cluster_mask * normalised).sum() / cluster_mask.sum()
+    return scores
+
+
+def authors_mask(background: np.ndarray, size: int) -> np.ndarray:
+    up = 512 // background.shape[0]
+    big = background.repeat(up, axis=0).repeat(up, axis=1)
+    image = Image.fromarray((big.astype(np.float32) * 255).astype(np.uint8))
+    return np.asarray(image.resize((size, size))).astype(bool)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_agreement_and_mask_equal_the_authors_on_random_maps(seed):
+    g = torch.Generator().manual_seed(seed)
+    clusters = torch.randint(0, 5, (32, 32), generator=g)
+    noun_maps = torch.rand(2, 16, 16, generator=g) * 0.1 - 0.02  # negative entries exercise |min|
+    ours = cluster_agreement(clusters, noun_maps, 5)
+    theirs = authors_agreement(clusters.numpy(), noun_maps.numpy(), 5)
+    torch.testing.assert_close(ours, torch.from_numpy(theirs).float())
+    blocks = F.interpolate(torch.rand(1, 1, 8, 8, generator=g), size=32, mode="nearest")[0, 0] > 0.5
+    for background in (torch.rand(32, 32, generator=g) > 0.7, blocks):
+        mask = round_trip(background, 16)
+        assert torch.equal(mask.bool(), torch.from_numpy(authors_mask(background.numpy(), 16)))
+        pooled = F.adaptive_max_pool2d(background[None, None].float(), 16)[0, 0]
+        assert bool((mask >= pooled).all())  # a superset of "any overlap"
 
 
 def test_fallback_when_every_cluster_agrees_with_a_word(caplog):
     self_maps, region = _scene_self_attention()
-    word = torch.ones(1, 8, 8)  # the word is everywhere: no cluster is background
+    word = torch.ones(1, 8, 8)  # the word is everywhere (but one pixel, its minimum): no cluster is background
+    word[0, -1, -1] = 0.0
     with caplog.at_level(logging.WARNING):
         result = background_mask(self_maps, word, num_clusters=2)
     assert result.fallback and len(result.background_clusters) == 1

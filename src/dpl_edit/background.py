@@ -2,7 +2,8 @@
 section 4).
 
 Pixels are clustered by their rows of the inversion-averaged self-attention map; a cluster whose
-agreement with every noun's cross-attention map is below a threshold is background.
+agreement with every noun's cross-attention map is below a threshold is background. Agreement and
+the mask's size change are computed as the authors' code computes them.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from sklearn.cluster import KMeans
 
+ROUND_TRIP_SIZE = 512  # the authors save the mask as a 512x512 PNG and read it back at the map size
 logger = logging.getLogger(__name__)
 
 
@@ -41,10 +44,16 @@ def cluster_self_attention(self_maps: torch.Tensor, num_clusters: int = 5, seed:
 
 
 def cluster_agreement(clusters: torch.Tensor, word_maps: torch.Tensor, num_clusters: int) -> torch.Tensor:
-    """sigma (V, K): sum(mask_c * A_k) / sum(mask_c), A_k upsampled to the clusters' size, max-scaled to [0, 1]."""
+    """sigma (V, K): sum(mask_c * A_k) / sum(mask_c).
+
+    A_k is brought to the clusters' size by nearest (pixel repeat) and normalised as the authors
+    do, (A_k - |min A_k|) / max A_k.
+    """
     res = clusters.shape[0]
-    maps = F.interpolate(word_maps[:, None].float().cpu(), size=(res, res), mode="bilinear", align_corners=False)
-    maps = maps[:, 0] / maps.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]  # (K, res, res)
+    maps = F.interpolate(word_maps[:, None].double().cpu(), size=(res, res), mode="nearest")[:, 0]  # (K, res, res)
+    low = maps.flatten(1).amin(dim=1).abs()[:, None, None]
+    high = maps.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
+    maps = ((maps - low) / high).float()
     masks = F.one_hot(clusters, num_clusters).permute(2, 0, 1).float()  # (V, res, res)
     overlap = torch.einsum("vhw,khw->vk", masks, maps)
     return overlap / masks.flatten(1).sum(dim=1).clamp_min(1)[:, None]
@@ -63,8 +72,8 @@ def background_mask(
     ``self_maps`` (res_s, res_s, res_s*res_s) and ``word_maps`` (K, res_c, res_c) are averaged
     over the DDIM inversion. Clusters whose agreement is under ``threshold`` for every word are
     background. If none is, the cluster with the lowest highest agreement is taken and a warning
-    logged (the authors' code crashes there). The mask is brought to the words' size by "any
-    overlap" (max pooling), as the authors' PNG round trip does.
+    logged (the authors' code crashes there). The mask is brought to the words' size by the
+    authors' PNG round trip (:func:`round_trip`).
     """
     clusters = cluster_self_attention(self_maps, num_clusters, seed)
     agreement = cluster_agreement(clusters, word_maps, num_clusters)
@@ -76,10 +85,18 @@ def background_mask(
             "No self-attention cluster agrees less than %.2f with every word; taking cluster %d "
             "(highest agreement %.2f) as the background.", threshold, chosen[0], float(agreement[chosen[0]].max()),
         )
-    full = torch.isin(clusters, torch.tensor(chosen)).float()[None, None]  # (1, 1, res_s, res_s)
-    res = word_maps.shape[-1]
-    if full.shape[-1] >= res:
-        mask = F.adaptive_max_pool2d(full, res)
-    else:
-        mask = F.interpolate(full, size=(res, res), mode="nearest")
-    return BackgroundMask(mask[0, 0], clusters, agreement, chosen, fallback)
+    full = torch.isin(clusters, torch.tensor(chosen))  # (res_s, res_s) bool
+    return BackgroundMask(round_trip(full, word_maps.shape[-1]), clusters, agreement, chosen, fallback)
+
+
+def round_trip(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """A boolean mask (res, res) at ``size`` as the authors' PNG round trip gives it (float, 1 = set).
+
+    Nearest up to 512x512, an 8-bit greyscale image (0 / 255), PIL's default (bicubic) resize to
+    ``size``, nonzero. Bicubic's support reaches past a region's edge, so the result is slightly
+    dilated compared with plain pooling.
+    """
+    big = F.interpolate(mask[None, None].float(), size=ROUND_TRIP_SIZE, mode="nearest")[0, 0]
+    image = Image.fromarray(big.numpy().astype(np.uint8) * 255)  # mode "L"
+    small = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC))
+    return torch.from_numpy(small != 0).float()
