@@ -146,3 +146,35 @@ def test_per_word_settings_apply_to_the_targets_that_have_the_word():
     assert plan.equalizer[0, 5] == 3.0 and plan.equalizer[1].eq(1).all()
     with pytest.raises(PromptError, match="none of the target"):
         make_plan(source, targets, [2, 5], EditConfig(reweight={"lion": 3.0}), 10, TOKENIZER)
+
+
+def test_blend_words_by_occurrence_or_braces():
+    source = _prompt("a purple {rectangle} and a yellow {rectangle} on brick")  # rectangle: 3-4 and 8-9
+    target = _prompt("a purple rectangle and a blue rectangle on brick")
+    for spec in ("rectangle@2", "a purple rectangle and a yellow {rectangle} on brick"):
+        plan = make_plan(source, [target], [3, 4, 8, 9], EditConfig(blend=(spec,)), 10, TOKENIZER)
+        assert plan.blend_positions == [[8, 9], [8, 9]], spec
+    plan = make_plan(source, [target], [3, 4, 8, 9], EditConfig(blend=("rectangle",)), 10, TOKENIZER)
+    assert plan.blend_positions == [[3, 4], [3, 4]]  # a plain word is its first occurrence
+    for spec, message in (("rectangle@3", "2 occurrence"), ("rectangle@0", "word@N"),
+                          ("a purple {rectangle}", "braces"), ("oval@1", "0 occurrence")):
+        with pytest.raises(PromptError, match=message):
+            make_plan(source, [target], [3, 4, 8, 9], EditConfig(blend=(spec,)), 10, TOKENIZER)
+    with pytest.raises(PromptError, match="neither in"):
+        make_plan(source, [target], [3, 4, 8, 9], EditConfig(subtract=("oval",)), 10, TOKENIZER)
+
+
+def test_target_tokens_keep_plain_and_auto():
+    source = _prompt("a red {circle} and a blue {square}")  # circle 3, square 7
+    colour = _prompt("a red circle and a yellow square")  # the square's colour changes
+    shape = _prompt("a red oval and a blue square")
+    kept = {mode: [make_plan(source, [t], [3, 7], EditConfig(target_tokens=mode), 10, TOKENIZER).kept_tokens[0]
+                   for t in (colour, shape)] for mode in ("keep", "plain", "auto")}
+    assert kept["keep"] == [([3, 7], [0, 1]), ([7], [1])]
+    assert kept["plain"] == [([], []), ([], [])]
+    assert kept["auto"] == [([3], [0]), ([7], [1])]  # the square loses its vector; the oval swap changes no attribute
+    refined = _prompt("a red circle and a big blue square")  # an inserted attribute counts too
+    plan = make_plan(source, [refined], [3, 7], EditConfig(mode="refine", target_tokens="auto"), 10, TOKENIZER)
+    assert plan.kept_tokens == [([3], [0])]
+    with pytest.raises(PromptError, match="target_tokens"):
+        EditConfig(target_tokens="some")

@@ -9,10 +9,12 @@ from pathlib import Path
 
 from ..artifacts import Inversion
 from ..editing import MODES, EditConfig, EditResult, edit
+from ..editing.plan import TARGET_TOKENS
 from ..errors import DplEditError
 from ..images import FITS, load_image, psnr
 from ..inversion import DynamicPromptConfig, NullTextConfig
-from ..inversion.dynamic_prompt import LOSSES, NULL_STRATEGIES
+from ..inversion.dynamic_prompt import LOSSES, NULL_STRATEGIES, mostly_capped, saturation
+from ..losses import SPANS
 from ..pipeline import METHODS, PRESETS, invert, model_dpl_config, reconstruct
 from ..prompts import check_marks
 from ..registry import DEFAULT_MODEL
@@ -112,6 +114,11 @@ def add_inversion_options(p: argparse.ArgumentParser) -> None:
                    help=f"dpl: weight of the disjoint object loss (default: {dpl.lambda_dj}; the authors' demo uses 0.005)")
     p.add_argument("--lambda-bg", type=float, default=dpl.lambda_bg,
                    help=f"dpl: weight of the background leakage loss (default: {dpl.lambda_bg})")
+    p.add_argument("--span", choices=SPANS,
+                   help="dpl: token columns the attention balancing loss re-softmaxes: padded (1:-1 of all 77, "
+                   "end-of-text and padding included, as the authors and Attend-and-Excite for SD 1.x) or "
+                   "prompt (the prompt's own tokens, as Attend-and-Excite for SD 2.1) (default: the model's "
+                   f"recommendation, else {dpl.balancing_span})")
     p.add_argument("--cross-res", type=int,
                    help="side of the cross-attention maps the losses and views read (default: the model's "
                    f"recommendation, else {dpl.cross_resolution} as for SD 1.x)")
@@ -142,9 +149,19 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
                    help="scale target words' cross-attention, e.g. --reweight fluffy=2.0")
     p.add_argument("--blend", nargs="+", default=[], metavar="WORD",
                    help="local blend: only the region of these source words (and what replaces them in each "
-                        "target) may change; a word only a target has is taken there")
+                        "target) may change; WORD@N names the N-th occurrence (rectangle@2), or give the source "
+                        "prompt with braces around the words meant; a word only a target has is taken there")
+    p.add_argument("--subtract", nargs="+", default=[], metavar="WORD",
+                   help="local blend: take these words' regions out of the blend mask (Prompt-to-Prompt's "
+                        "subtract words; e.g. the objects when the background is edited); same forms as --blend")
     p.add_argument("--blend-threshold", type=float, default=edit.blend_threshold,
                    help=f"local blend threshold on the max-normalised maps (default: {edit.blend_threshold})")
+    p.add_argument("--blend-start", type=float, default=edit.blend_start,
+                   help=f"share of the steps before local blending starts (default: {edit.blend_start})")
+    p.add_argument("--target-tokens", choices=TARGET_TOKENS, default=edit.target_tokens,
+                   help="which learned DPL vectors the targets keep: keep (every kept marked word, as the "
+                        "authors; default), plain (none), auto (not a word whose attribute the target changes, "
+                        "e.g. its colour)")
     p.add_argument("--cross-steps", type=float, default=edit.cross_replace_steps,
                    help=f"share of the steps whose cross-attention comes from the source (default: {edit.cross_replace_steps})")
     p.add_argument("--cross-steps-word", nargs="+", default=[], metavar="WORD=SHARE",
@@ -158,7 +175,8 @@ def edit_config(args: argparse.Namespace) -> EditConfig:
         mode=args.mode, cross_replace_steps=args.cross_steps,
         word_cross_replace_steps=pairs(args.cross_steps_word, "--cross-steps-word"),
         self_replace_steps=args.self_steps, reweight=pairs(args.reweight, "--reweight"),
-        blend=tuple(args.blend), blend_threshold=args.blend_threshold,
+        blend=tuple(args.blend), blend_threshold=args.blend_threshold, blend_start=args.blend_start,
+        subtract=tuple(args.subtract), target_tokens=args.target_tokens,
     )
 
 
@@ -212,10 +230,11 @@ def invert_from_args(args: argparse.Namespace, model) -> Inversion:
     null_text = NullTextConfig.authors() if args.preset == "authors" else NullTextConfig()
     if args.nti_iterations != NullTextConfig.max_iterations:
         null_text = dataclasses.replace(null_text, max_iterations=args.nti_iterations)
-    sizes = {k: v for k, v in (("cross_resolution", args.cross_res), ("self_resolution", args.self_res)) if v}
+    chosen = {k: v for k, v in (("cross_resolution", args.cross_res), ("self_resolution", args.self_res),
+                                ("balancing_span", args.span)) if v}
     dpl = model_dpl_config(
         model, max_iterations=args.dpl_iterations, losses=losses, lambda_dj=args.lambda_dj,
-        lambda_bg=args.lambda_bg, **sizes,
+        lambda_bg=args.lambda_bg, **chosen,
     )
     image = load_image(args.image, model.image_size, fit=args.fit)
     started = time.perf_counter()
@@ -227,6 +246,11 @@ def invert_from_args(args: argparse.Namespace, model) -> Inversion:
     inversion.settings["fit"] = args.fit
     inversion.save(args.out)
     print(f"Inverted {args.image} with {args.method} in {time.perf_counter() - started:.1f} s -> {args.out}/")
+    if inversion.dpl_log:
+        print(saturation(inversion.dpl_log, dpl.max_iterations))
+        if mostly_capped(inversion.dpl_log, dpl.max_iterations):
+            print("warning: most steps ran out of DPL iterations without meeting the thresholds; the learned "
+                  "tokens may drift from their words (check the marked words, or try --span)")
     return inversion
 
 

@@ -45,17 +45,20 @@ def inject_self_attention(base: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return base.unsqueeze(0).expand_as(target)
 
 
-def blend_mask(word_maps: torch.Tensor, size: int, threshold: float = 0.3) -> torch.Tensor:
-    """Local-blend masks (n, 1, size, size) from accumulated word maps (1 + n, res, res).
+def blend_mask(word_maps: torch.Tensor, size: int, threshold: float = 0.3, pool: bool = True) -> torch.Tensor:
+    """Prompt-to-Prompt's LocalBlend masks (n, 1, size, size) bool from accumulated word maps (1 + n, res, res).
 
-    Each branch's map is dilated (3x3 max pool), upsampled to the latent, divided by its maximum
+    Each branch's map is dilated by a 3x3 max pool (``pool``; P2P pools the blend words' maps, not
+    the subtract words'), brought to the latent size by nearest interpolation, divided by its maximum
     and thresholded; a target's mask is the union of its own and the source's.
     """
-    maps = F.max_pool2d(word_maps[:, None].float(), 3, stride=1, padding=1)
-    maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+    maps = word_maps[:, None].float()
+    if pool:
+        maps = F.max_pool2d(maps, 3, stride=1, padding=1)
+    maps = F.interpolate(maps, size=(size, size), mode="nearest")
     maps = maps / maps.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None, None]
     masks = maps > threshold  # (1 + n, 1, size, size)
-    return (masks[:1] | masks[1:]).float()
+    return masks[:1] | masks[1:]
 
 
 def local_blend(latents: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@
 Batch layout (explicit): the UNet batch holds B = 1 + n branches twice, unconditional rows
 0 .. B-1 then conditional rows B .. 2B-1; branch 0 is the source, branches 1 .. n the targets.
 Only conditional rows are edited (as in Prompt-to-Prompt). The controller also accumulates the
-conditional cross-attention maps at one map size, for local blending and for views.
+conditional cross-attention maps at one map size, for local blending and for views: the maps as
+edited, as Prompt-to-Prompt stores them (it edits the stored tensor in place), so inside the
+cross-replace window a target's map of a swapped word is the source word's.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ class PromptToPrompt:
         plan: EditPlan,
         map_resolution: int,
         self_max_resolution: int,
-        blend_threshold: float = 0.3,
+        blend_thresholds: tuple[float, float] = (0.3, 0.3),
         source_trajectory: torch.Tensor | None = None,
     ):
         self.plan = plan
         self.branches = 1 + len(plan.targets)
         self.map_resolution = map_resolution
         self.self_max_resolution = self_max_resolution
-        self.blend_threshold = blend_threshold
+        self.blend_thresholds = blend_thresholds  # (blend words, subtract words), P2P's th
         self.source_trajectory = source_trajectory  # direct inversion: (T + 1, C, h, w), sampling order
         self.step = 0
         self._step_maps: list[torch.Tensor] = []
@@ -42,11 +44,17 @@ class PromptToPrompt:
         return slice(self.branches, 2 * self.branches)
 
     def __call__(self, layer: AttentionLayer, probs: torch.Tensor) -> torch.Tensor | None:
-        cond = probs[self.cond_rows]  # (B, heads, Q, K)
+        edited = self._edit(layer, probs)
         if layer.kind == "cross" and layer.resolution == self.map_resolution:
-            self._step_maps.append(cond.mean(dim=1).detach())  # before editing, as P2P stores them
+            stored = probs if edited is None else edited
+            self._step_maps.append(stored[self.cond_rows].mean(dim=1).detach())
+        return edited
+
+    def _edit(self, layer: AttentionLayer, probs: torch.Tensor) -> torch.Tensor | None:
+        """The probabilities with the target rows edited, or None where this layer and step edit nothing."""
         if not self.plan.targets:
             return None
+        cond = probs[self.cond_rows]  # (B, heads, Q, K)
         base, target = cond[0], cond[1:]
         if layer.kind == "cross":
             plan = self.plan
@@ -64,20 +72,34 @@ class PromptToPrompt:
         return probs
 
     def step_end(self, i: int, latents: torch.Tensor) -> torch.Tensor:
-        """After sampling step i: accumulate maps, local-blend, keep the source on its pivot (direct)."""
+        """After sampling step i: accumulate maps, keep the source on its pivot (direct inversion),
+        then local-blend from ``plan.blend_start`` on (PnP-Inversion's order)."""
         if self._step_maps:
             maps = torch.stack(self._step_maps).mean(dim=0)  # (B, Q, 77)
             res = self.map_resolution
             maps = maps.view(self.branches, res, res, -1)
             self.maps = maps if self.maps is None else self.maps + maps
             self._step_maps.clear()
-        if self.plan.targets and any(self.plan.blend_positions):
-            word_maps = torch.stack([self.maps[b, ..., positions].sum(dim=-1)
-                                     for b, positions in enumerate(self.plan.blend_positions)])
-            self.blend_masks = blend_mask(word_maps, latents.shape[-1], self.blend_threshold)
-            latents = local_blend(latents, self.blend_masks)
         if self.source_trajectory is not None:
             latents = latents.clone()
             latents[0] = self.source_trajectory[i + 1].to(latents)
+        plan = self.plan
+        if plan.targets and (any(plan.blend_positions) or any(plan.subtract_positions)) and i >= plan.blend_start:
+            self.blend_masks = self._blend_masks(latents.shape[-1])
+            latents = local_blend(latents, self.blend_masks)
         self.step += 1
         return latents
+
+    def _blend_masks(self, size: int) -> torch.Tensor:
+        """(n, 1, size, size) float: the blend words' region less the subtract words' (P2P's LocalBlend)."""
+        blend_th, subtract_th = self.blend_thresholds
+        mask = torch.ones(self.branches - 1, 1, size, size, dtype=torch.bool, device=self.maps.device)
+        if any(self.plan.blend_positions):
+            mask = blend_mask(self._word_maps(self.plan.blend_positions), size, blend_th)
+        if any(self.plan.subtract_positions):
+            mask = mask & ~blend_mask(self._word_maps(self.plan.subtract_positions), size, subtract_th, pool=False)
+        return mask.float()
+
+    def _word_maps(self, positions: list[list[int]]) -> torch.Tensor:
+        """(B, res, res): per branch, the sum of the given token columns of the accumulated maps."""
+        return torch.stack([self.maps[b, ..., p].sum(dim=-1) for b, p in enumerate(positions)])

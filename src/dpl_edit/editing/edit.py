@@ -59,8 +59,8 @@ def edit(
     prompts = [parse_marked_prompt(t, model.tokenizer, require_words=False) for t in targets]
     plan = make_plan(source, prompts, inversion.token_positions, config, inversion.num_steps, model.tokenizer)
     resolution = inversion.settings.get("cross_resolution", 16)
-    controller = PromptToPrompt(plan, resolution, config.self_max_resolution, config.blend_threshold,
-                                _trajectory(model, inversion))
+    controller = PromptToPrompt(plan, resolution, config.self_max_resolution,
+                                (config.blend_threshold, config.subtract_threshold), _trajectory(model, inversion))
     layers = [layer for layer in attention_layers(model.unet)
               if layer.kind == "cross" or layer.resolution <= config.self_max_resolution]
     with attention_hook(model.unet, layers, controller):

@@ -3,6 +3,7 @@ re-weighting, local-blend words and which target tokens reuse DPL's learned vect
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ from ..errors import PromptError
 from ..prompts import MarkedPrompt, align_tokens, parse_marked_prompt, replacement_mapper
 
 MODES = ("replace", "refine")
+TARGET_TOKENS = ("keep", "plain", "auto")  # which learned DPL vectors a target keeps
 
 
 @dataclass(frozen=True)
@@ -25,16 +27,24 @@ class EditConfig:
     self_replace_steps: float = 0.4  # share of the steps whose self-attention comes from the source
     self_max_resolution: int = 16  # ... in layers with maps of this side and below
     reweight: dict[str, float] = field(default_factory=dict)  # target word -> factor on its column
-    blend: tuple[str, ...] = ()  # source words whose region (and their target's) may change
+    blend: tuple[str, ...] = ()  # source regions (and their targets') that may change: "word", "word@2", "a {word}"
     blend_threshold: float = 0.3
+    blend_start: float = 0.2  # share of the steps before local blending starts (the null-text + P2P notebook)
+    subtract: tuple[str, ...] = ()  # regions taken out of the blend mask (P2P's subtract words)
+    subtract_threshold: float = 0.3
+    target_tokens: str = "keep"  # keep (the authors'), plain, or auto (drop a noun's vector when its attribute changes)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise PromptError(f"Unknown edit mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.target_tokens not in TARGET_TOKENS:
+            raise PromptError(f"Unknown target_tokens {self.target_tokens!r}; choose one of {', '.join(TARGET_TOKENS)}")
         for name, value in [("cross_replace_steps", self.cross_replace_steps),
-                            ("self_replace_steps", self.self_replace_steps), *self.word_cross_replace_steps.items()]:
+                            ("self_replace_steps", self.self_replace_steps), ("blend_start", self.blend_start),
+                            ("blend_threshold", self.blend_threshold), ("subtract_threshold", self.subtract_threshold),
+                            *self.word_cross_replace_steps.items()]:
             if not 0.0 <= value <= 1.0:
-                raise PromptError(f"{name} must be a fraction of the steps in [0, 1], got {value}")
+                raise PromptError(f"{name} must be a fraction in [0, 1], got {value}")
 
 
 @dataclass
@@ -49,12 +59,41 @@ class EditPlan:
     self_steps: int
     equalizer: torch.Tensor | None  # (n, 77) re-weighting factors
     blend_positions: list[list[int]]  # per branch (source, targets): token positions of the blend words
+    subtract_positions: list[list[int]]  # per branch: token positions of the subtract words
+    blend_start: int  # first step that blends
     kept_tokens: list[tuple[list[int], list[int]]]  # per target: (target positions, rows of the source vectors)
 
 
 def word_positions(prompt: MarkedPrompt, word: str, tokenizer: CLIPTokenizer) -> tuple[int, ...]:
     """Token positions of a word in a prompt (its first whole-word occurrence); PromptError if absent."""
     return parse_marked_prompt(prompt.text, tokenizer, [word]).words[-1].positions
+
+
+def region_positions(prompt: MarkedPrompt, spec: str, tokenizer: CLIPTokenizer) -> set[int]:
+    """Token positions of the words a region spec names in a prompt.
+
+    ``spec`` is a word (its first whole-word occurrence), ``word@N`` (its N-th occurrence, from 1),
+    or the prompt itself with braces around the words meant (``"a red square and a {square}"``).
+    Raises :class:`PromptError` when the word or occurrence is not there.
+    """
+    if "{" in spec:
+        marked = parse_marked_prompt(spec, tokenizer)
+        if marked.text != prompt.text:
+            raise PromptError(f"{spec!r} is not the prompt {prompt.text!r} with braces around words.")
+        return set(marked.positions)
+    word, occurrence = spec, 1
+    if "@" in spec:
+        word, _, number = spec.rpartition("@")
+        if not number.isdigit() or int(number) < 1:
+            raise PromptError(f"{spec!r}: write an occurrence as word@N with N = 1, 2, ... (e.g. rectangle@2).")
+        occurrence = int(number)
+    matches = list(re.finditer(rf"(?<!\w){re.escape(word.strip())}(?!\w)", prompt.text, flags=re.IGNORECASE))
+    if not word.strip() or len(matches) < occurrence:
+        raise PromptError(f"{prompt.text!r} has {len(matches)} occurrence(s) of {word.strip()!r}, not {occurrence}; "
+                          "check the word and its @N.")
+    start, end = matches[occurrence - 1].span()
+    braced = f"{prompt.text[:start]}{{{prompt.text[start:end]}}}{prompt.text[end:]}"
+    return set(parse_marked_prompt(braced, tokenizer).positions)
 
 
 def swap_mode(word: str, new: str, tokenizer: CLIPTokenizer) -> str:
@@ -94,8 +133,11 @@ def make_plan(
         windows=windows,
         self_steps=round(config.self_replace_steps * num_steps),
         equalizer=equalizer,
-        blend_positions=_blend_positions(source, targets, mapper, config.blend, tokenizer),
-        kept_tokens=[_kept_tokens(source, target, row, dynamic_positions) for target, row in zip(targets, mapper)],
+        blend_positions=_region_positions(source, targets, mapper, config.blend, tokenizer, "blend"),
+        subtract_positions=_region_positions(source, targets, mapper, config.subtract, tokenizer, "subtract"),
+        blend_start=int(config.blend_start * num_steps),
+        kept_tokens=[_kept_tokens(source, target, row, dynamic_positions, config.target_tokens)
+                     for target, row in zip(targets, mapper)],
     )
 
 
@@ -112,33 +154,36 @@ def _in_targets(targets, word, tokenizer) -> list[tuple[int, list[int]]]:
     return found
 
 
-def _blend_positions(source, targets, mapper, words, tokenizer) -> list[list[int]]:
-    """Per branch, the token positions of the blend words.
+def _region_positions(source, targets, mapper, specs, tokenizer, role: str) -> list[list[int]]:
+    """Per branch, the token positions of the regions that ``specs`` name (see :func:`region_positions`).
 
-    A blend word names a region of the source: its first occurrence there. In a target, that
-    region's word is found through the mapper (the positions mapped onto it, and the new tokens that
-    took its place), never by spelling, so that a look-alike elsewhere in the target ("a purple
-    oval and a yellow rectangle" after "rectangle" -> "oval") is not blended. A word only the
-    target has is taken where it occurs there.
+    A spec names a region of the source. In a target, that region's word is found through the
+    mapper (the positions mapped onto it, and the new tokens that took their place), never by
+    spelling, so that a look-alike elsewhere in the target ("a purple oval and a yellow rectangle"
+    after "rectangle" -> "oval") is not blended. A plain word only the target has is taken where it
+    occurs there.
     """
-
-    def find(prompt: MarkedPrompt, word: str) -> set[int]:
+    in_source = {}
+    for spec in specs:
         try:
-            return set(word_positions(prompt, word, tokenizer))
+            in_source[spec] = region_positions(source, spec, tokenizer)
         except PromptError:
-            return set()
-
-    in_source = {word: find(source, word) for word in words}
+            if "{" in spec or "@" in spec:  # names a place in the source: no fallback to the targets
+                raise
+            in_source[spec] = set()
     branches = [sorted(set().union(*in_source.values()))]
     for target, row in zip(targets, mapper):
         positions: set[int] = set()
-        for word in words:
-            if in_source[word]:
-                positions |= _counterpart(row.tolist(), in_source[word], target.end_position)
-            elif own := find(target, word):
-                positions |= own
-            else:
-                raise PromptError(f"The blend word {word!r} is neither in {source.text!r} nor in {target.text!r}.")
+        for spec in specs:
+            if in_source[spec]:
+                positions |= _counterpart(row.tolist(), in_source[spec], target.end_position)
+                continue
+            try:
+                positions |= region_positions(target, spec, tokenizer)
+            except PromptError:
+                raise PromptError(
+                    f"The {role} word {spec!r} is neither in {source.text!r} nor in {target.text!r}."
+                ) from None
         branches.append(sorted(positions))
     return branches
 
@@ -153,11 +198,47 @@ def _counterpart(row: list[int], span: set[int], end: int) -> set[int]:
     return mapped | {p for p in range(before + 1, after) if row[p] < 0}
 
 
-def _kept_tokens(source, target, row, dynamic_positions) -> tuple[list[int], list[int]]:
-    """Target positions that keep a dynamic source token (same token id), and the vectors' rows."""
-    positions, rows = [], []
-    for p, s in enumerate(row.tolist()):
-        if s in dynamic_positions and target.token_ids[p] == source.token_ids[s]:
-            positions.append(p)
-            rows.append(list(dynamic_positions).index(s))
-    return positions, rows
+def _kept_tokens(source, target, row, dynamic_positions, mode: str) -> tuple[list[int], list[int]]:
+    """Target positions that keep a dynamic source token (same token id), and the vectors' rows.
+
+    ``mode`` "keep" keeps every such token (the authors'), "plain" none, and "auto" drops a word
+    whose attribute the target changes: a token between the previous dynamic word (or the start)
+    and this word that is swapped, deleted or has a new token inserted beside it. Dynamic words are
+    runs of consecutive dynamic positions.
+    """
+    row = row.tolist()
+    kept = {s: p for p, s in enumerate(row) if s in dynamic_positions and target.token_ids[p] == source.token_ids[s]}
+    if mode == "plain":
+        kept = {}
+    elif mode == "auto":
+        words, previous = _runs(sorted(dynamic_positions)), 0
+        for word in words:
+            if _changed_between(source, target, row, previous, word[0]):
+                for s in word:
+                    kept.pop(s, None)
+            previous = word[-1]
+    order = list(dynamic_positions)
+    pairs = sorted((p, order.index(s)) for s, p in kept.items())
+    return [p for p, _ in pairs], [r for _, r in pairs]
+
+
+def _runs(positions: list[int]) -> list[list[int]]:
+    """Consecutive positions grouped: [2, 3, 7] -> [[2, 3], [7]]."""
+    runs: list[list[int]] = []
+    for p in positions:
+        if runs and p == runs[-1][-1] + 1:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
+
+
+def _changed_between(source, target, row: list[int], start: int, end: int) -> bool:
+    """Whether the target swaps or deletes a source token strictly between positions ``start`` and
+    ``end``, or inserts a new token between their counterparts."""
+    same = {s for p, s in enumerate(row) if s >= 0 and target.token_ids[p] == source.token_ids[s]}
+    if any(s not in same for s in range(start + 1, end)):
+        return True
+    where = {s: p for p, s in enumerate(row) if s >= 0}
+    low, high = where.get(start, 0), where.get(end, len(row))
+    return any(row[p] < 0 for p in range(low + 1, high))
