@@ -34,6 +34,14 @@ class NullTextConfig:
         """The DPL authors' schedule: 51 iterations, no early stop, null reset to "" every step."""
         return cls(max_iterations=51, early_stop=False, reset_each_step=True)
 
+    def learning_rate_at(self, step: int) -> float:
+        """Adam's rate at step i: learning_rate * (1 - i / 100)."""
+        return self.learning_rate * (1 - step / 100)
+
+    def stop_threshold(self, step: int) -> float:
+        """The loss under which step i stops early: epsilon + i * growth."""
+        return self.early_stop_epsilon + step * self.early_stop_growth
+
 
 @dataclass(frozen=True)
 class NullTextStep:
@@ -102,8 +110,8 @@ def optimize_null(
     model's dtype. Returns (states in the model's dtype, last loss, iterations).
     """
     param = null.detach().float().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([param], lr=config.learning_rate * (1 - i / 100))
-    threshold = config.early_stop_epsilon + i * config.early_stop_growth
+    optimizer = torch.optim.Adam([param], lr=config.learning_rate_at(i))
+    threshold = config.stop_threshold(i)
     t = schedule.timesteps[i]
     loss_value, iterations = float("nan"), 0
     for iterations in range(1, config.max_iterations + 1):

@@ -1,0 +1,41 @@
+"""Every published number the method rests on, pinned: the DPL paper's (and its authors'
+validated values), null-text inversion's and Prompt-to-Prompt's. Each is checked by name, so
+swapping two of them fails."""
+
+import math
+
+import pytest
+
+from dpl_edit import EditConfig, NullTextConfig
+from dpl_edit.inversion import DynamicPromptConfig
+
+
+def test_dpl_loss_weights_thresholds_and_optimiser():
+    c = DynamicPromptConfig()
+    assert (c.lambda_at, c.lambda_dj, c.lambda_bg) == (1.0, 0.05, 0.05)
+    assert (c.threshold_at, c.threshold_dj, c.threshold_bg) == (0.3, 0.9, 0.7)
+    assert (c.decay_at, c.decay_dj, c.decay_bg) == (25.0, 25.0, 50.0)
+    assert (c.learning_rate, c.weight_decay, c.max_iterations) == (1e-3, 0.01, 21)
+    assert (c.cross_resolution, c.self_resolution, c.num_clusters, c.agreement_threshold) == (16, 32, 5, 0.2)
+    assert c.balancing_span == "padded" and c.losses == ("at", "dj", "bg")
+    assert c.weights == {"at": 1.0, "dj": 0.05, "bg": 0.05}
+    at_10 = c.thresholds(10)
+    assert at_10["at"] == pytest.approx(0.3 * math.exp(-10 / 25))
+    assert at_10["dj"] == pytest.approx(0.9 * math.exp(-10 / 25))
+    assert at_10["bg"] == pytest.approx(0.7 * math.exp(-10 / 50))
+
+
+def test_null_text_inversion_schedule():
+    c = NullTextConfig()
+    assert c.max_iterations == 10 and c.early_stop and not c.reset_each_step
+    assert c.learning_rate_at(0) == pytest.approx(1e-2) and c.learning_rate_at(49) == pytest.approx(1e-2 * 0.51)
+    assert c.stop_threshold(0) == pytest.approx(1e-5) and c.stop_threshold(49) == pytest.approx(1e-5 + 49 * 2e-5)
+    authors = NullTextConfig.authors()
+    assert (authors.max_iterations, authors.early_stop, authors.reset_each_step) == (51, False, True)
+
+
+def test_prompt_to_prompt_defaults():
+    c = EditConfig()
+    assert (c.cross_replace_steps, c.self_replace_steps) == (0.8, 0.4)
+    assert (c.blend_threshold, c.subtract_threshold, c.blend_start) == (0.3, 0.3, 0.2)
+    assert c.self_max_resolution == 16 and c.mode == "replace" and c.target_tokens == "keep"
