@@ -1,19 +1,26 @@
-"""The scene benchmark: localisation and editing on two-object test scenes, methods side by side.
+"""The scene benchmark: localisation and editing on test scenes of two or three objects, methods side by side.
 
-(a) Localisation (the paper's Fig. 5a): IoU-vs-threshold curves of each noun's step-averaged map
-    with its own object and with the other object, for DDIM (= NTI: null-text inversion leaves
-    the conditional branch on the DDIM maps), DPL, and DPL with each loss alone.
+(a) Localisation (the paper's Fig. 5a, and a direct leakage measure): for each noun's step-averaged
+    map, the share of its mass on its own object, on the other objects and on the background
+    (exact masks), and IoU-vs-threshold curves with its own object and with the other objects
+    (summaries over thresholds 0.1 .. 1.0: at 0.0 every pixel is on). Methods: DDIM (= NTI:
+    null-text inversion leaves the conditional branch on the DDIM maps), DPL, and DPL with each
+    loss alone.
 (b) Editing: an object-noun, a colour and a background word swap per scene (target rendered by
-    the edit oracle), with NTI+P2P, DPL+P2P and the faster inversions: PSNR/SSIM of the unedited
-    region against the source, PSNR of the edited region against the oracle, PSNR of the other
-    object against the source (the distractor: higher is less damage), reconstruction PSNR.
-(c) Time per image: inversion and edit.
+    the edit oracle), blended as Prompt-to-Prompt blends them: a shape swap on the swapped noun, a
+    colour swap on the object's noun (by position, not by spelling), a background swap on the
+    background word less the object nouns. PSNR/SSIM of the unedited region against the source,
+    PSNR of the edited region against the oracle, PSNR of the other objects against the source
+    (the distractors: higher is less damage), reconstruction PSNR.
+(c) Time per image: inversion and edit; for DPL, the steps that ran out of AdamW iterations.
 
-    python benchmarks/scenes.py                       # the bundled model; 2 scenes, about 20 min on 2 CPU cores
-    python benchmarks/scenes.py --full                # the whole test set used for the numbers (60)
-    python benchmarks/scenes.py --model DIR --split validation   # another scene model; for tuning
+    python benchmarks/scenes.py                              # the bundled model; 2 scenes
+    python benchmarks/scenes.py --scenes 24 --methods ddim,dpl,nti       # NTI+P2P vs DPL+P2P only
+    python benchmarks/scenes.py --objects 3 --scenes 12                  # three-object scenes
+    python benchmarks/scenes.py --model DIR --split validation           # another scene model; for tuning
 
-Writes OUT/scenes.md, OUT/scenes.json and OUT/localisation.png.
+Writes OUT/scenes.md and OUT/scenes.json (the tables, the mean curves and one row per scene, edit
+and method) and OUT/localisation.png. Settings are chosen on the validation split, never the test split.
 """
 
 from __future__ import annotations
@@ -29,9 +36,9 @@ import torch
 from torchmetrics.functional import structural_similarity_index_measure
 
 from dpl_edit import EditConfig, edit, invert, reconstruct
-from dpl_edit.editing.plan import swap_mode
+from dpl_edit.editing.plan import TARGET_TOKENS, swap_mode
 from dpl_edit.images import psnr, to_tensor
-from dpl_edit.localisation import iou_curve, plot_curves
+from dpl_edit.localisation import attention_shares, best_iou, iou_curve, mean_iou, plot_curves
 from dpl_edit.pipeline import model_dpl_config
 from dpl_edit.registry import load_model
 from dpl_edit.scenes.render import BACKGROUNDS, COLOURS, SHAPES, WordSwap, render, split_scene, swap_word
@@ -43,14 +50,34 @@ LOCALISATION = {"ddim": ("ddim", None), "dpl": ("dpl", None), "dpl L_at only": (
 EDITING = {"nti + p2p": ("nti", "optimized"), "dpl + p2p": ("dpl", "optimized"),
            "npi + p2p": ("npi", "optimized"), "direct + p2p": ("direct", "optimized"),
            "dpl (direct) + p2p": ("dpl", "direct")}
+METHODS = {"ddim": ["ddim"], "dpl": ["dpl", "dpl + p2p"], "dpl-at": ["dpl L_at only"],
+           "dpl-dj": ["dpl L_dj only"], "dpl-bg": ["dpl L_bg only"], "nti": ["nti + p2p"], "npi": ["npi + p2p"],
+           "direct": ["direct + p2p"], "dpl-direct": ["dpl (direct) + p2p"]}  # --methods names -> table rows
+EDIT_COLUMNS = ["reconstruction PSNR", "unedited PSNR", "unedited SSIM", "edited PSNR vs oracle", "distractor PSNR",
+                "inversion s", "edit s"]
 
 
 def edits_for(scene, rng: np.random.Generator) -> list[WordSwap]:
-    """An object-noun swap, a colour swap and a background swap."""
+    """An object-noun swap (first object), a colour swap (second object) and a background swap."""
     shape = rng.choice([s for s in SHAPES if s != scene.objects[0].shape])
     colour = rng.choice([c for c in COLOURS if c not in (scene.objects[1].colour,)])
     background = rng.choice([b for b in BACKGROUNDS if b != scene.background])
     return [WordSwap("shape", str(shape), 0), WordSwap("colour", str(colour), 1), WordSwap("background", str(background))]
+
+
+def noun_spec(scene, index: int) -> str:
+    """Object ``index``'s noun as a blend word by position: ``shape@N``, its N-th occurrence."""
+    shape = scene.objects[index].shape
+    return f"{shape}@{sum(o.shape == shape for o in scene.objects[: index + 1])}"
+
+
+def blend_config(scene, swap: WordSwap, tokenizer, target_tokens: str) -> EditConfig:
+    """The Prompt-to-Prompt settings for a swap, blended as P2P blends each kind of edit."""
+    mode = swap_mode(swap.source_word(scene), swap.new, tokenizer)
+    if swap.kind == "background":
+        nouns = tuple(noun_spec(scene, k) for k in range(len(scene.objects)))
+        return EditConfig(mode=mode, blend=(scene.background,), subtract=nouns, target_tokens=target_tokens)
+    return EditConfig(mode=mode, blend=(noun_spec(scene, swap.index),), target_tokens=target_tokens)
 
 
 def region_ssim(a: torch.Tensor, b: torch.Tensor, mask: np.ndarray) -> float:
@@ -63,90 +90,150 @@ def as_unit(image) -> torch.Tensor:
     return (to_tensor(image)[0] + 1) / 2  # (3, H, W) in [0, 1]
 
 
+def capped_steps(inversion) -> int | None:
+    """DPL steps that ran out of AdamW iterations (None for other methods)."""
+    if not inversion.dpl_log:
+        return None
+    cap = inversion.settings["dpl"]["max_iterations"]
+    return sum(entry["iterations"] >= cap for entry in inversion.dpl_log)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="scenes", help="a scene model folder (default: the bundled one)")
-    parser.add_argument("--scenes", type=int, default=2, help="two-object scenes (default: 2, about 20 min on 2 CPU cores)")
+    parser.add_argument("--scenes", type=int, default=2, help="scenes (default: 2)")
     parser.add_argument("--full", action="store_true", help=f"all {FULL_TEST} test scenes")
+    parser.add_argument("--objects", type=int, default=2, choices=[2, 3], help="objects per scene (default: 2)")
     parser.add_argument("--split", default="test", choices=["validation", "test"])
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    parser.add_argument("--target-tokens", default="keep", choices=TARGET_TOKENS,
+                        help="which learned DPL vectors the targets keep (default: keep, the authors')")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     args = parser.parse_args()
+    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if unknown := set(chosen) - set(METHODS):
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {','.join(METHODS)}")
+    labels = {label for m in chosen for label in METHODS[m]}
+    localisation = [label for label in LOCALISATION if label in labels]
+    editing = [label for label in EDITING if label in labels]
     count = FULL_TEST if args.full else args.scenes
     model = load_model(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     curves = defaultdict(list)
-    rows = defaultdict(lambda: defaultdict(list))
+    shares = defaultdict(list)
+    rows = []
+    started_all = time.perf_counter()
     for index in range(count):
-        scene = split_scene(args.split, index, num_objects=2)
+        scene = split_scene(args.split, index, num_objects=args.objects)
         image, masks = render(scene)
         source = as_unit(image)
-        inversions = {}
-        for label, (method, losses) in LOCALISATION.items():
+        torch_masks = [torch.from_numpy(m) for m in masks]
+        inversions, seconds = {}, {}
+        needed = set(localisation) | ({"dpl"} if "dpl + p2p" in editing else set())
+        for label in [lab for lab in LOCALISATION if lab in needed]:
+            method, losses = LOCALISATION[label]
             dpl = model_dpl_config(model, **({"losses": losses} if losses else {}))
             started = time.perf_counter()
             inversions[label] = inversion = invert(model, image, scene.marked_caption(), method=method,
                                                    num_steps=args.steps, dpl=dpl, progress=False)
-            rows[label]["inversion s"].append(time.perf_counter() - started)
-            for k, noun in enumerate(word_map(inversion, word["positions"]) for word in inversion.words):
-                curves[f"{label}, own"].append(iou_curve(noun, torch.from_numpy(masks[k])))
-                curves[f"{label}, other"].append(iou_curve(noun, torch.from_numpy(masks[1 - k])))
+            seconds[label] = time.perf_counter() - started
+            if label not in localisation:
+                continue
+            for k, word in enumerate(inversion.words):
+                noun = word_map(inversion, word["positions"])
+                others = torch.stack([m for j, m in enumerate(torch_masks) if j != k]).any(dim=0)
+                curves[f"{label}, own"].append(iou_curve(noun, torch_masks[k]))
+                curves[f"{label}, other"].append(iou_curve(noun, others))
+                share = attention_shares(noun, [torch_masks[k], others])
+                shares[label].append(share)
+                rows.append({"scene": index, "caption": scene.caption, "kind": "localisation", "method": label,
+                             "word": k, "own share": float(share[0]), "other share": float(share[1]),
+                             "background share": float(share[2]),
+                             "best IoU own": float(best_iou(curves[f"{label}, own"][-1])),
+                             "best IoU other": float(best_iou(curves[f"{label}, other"][-1])),
+                             "capped steps": capped_steps(inversion)})
         edits = edits_for(scene, rng)
-        for label, (method, null) in EDITING.items():
-            inversion = inversions["dpl"] if (method, null) == ("dpl", "optimized") else None
-            if inversion is None:
+        for label in editing:
+            method, null = EDITING[label]
+            if (method, null) == ("dpl", "optimized"):
+                inversion, inversion_s = inversions["dpl"], seconds["dpl"]
+            else:
                 started = time.perf_counter()
                 inversion = invert(model, image, scene.marked_caption(), method=method, null=null,
                                    num_steps=args.steps, progress=False)
-                rows[label]["inversion s"].append(time.perf_counter() - started)
-            else:
-                rows[label]["inversion s"].append(rows["dpl"]["inversion s"][-1])
-            rows[label]["reconstruction PSNR"].append(
-                psnr(reconstruct(model, inversion, progress=False), image))
+                inversion_s = time.perf_counter() - started
+            reconstruction_psnr = psnr(reconstruct(model, inversion, progress=False), image)
             for swap in edits:
                 target_scene = swap_word(scene, swap)
                 oracle, new_masks = render(target_scene)
-                word = swap.source_word(scene)
-                config = EditConfig(mode=swap_mode(word, swap.new, model.tokenizer), blend=(word,))
+                config = blend_config(scene, swap, model.tokenizer, args.target_tokens)
                 started = time.perf_counter()
                 result = edit(model, inversion, [target_scene.caption], config, progress=False)
-                rows[label]["edit s"].append(time.perf_counter() - started)
+                edit_s = time.perf_counter() - started
                 edited = as_unit(result.edits[0])
+                objects = np.any(masks, axis=0)
                 if swap.kind == "background":
-                    changed = ~(masks[0] | masks[1])
-                    distractor = None
+                    changed, distractor = ~objects, None
                 else:
                     changed = masks[swap.index] | new_masks[swap.index]
-                    distractor = masks[1 - swap.index]
-                rows[label]["unedited PSNR"].append(psnr(result.edits[0], image, ~changed))
-                rows[label]["unedited SSIM"].append(region_ssim(edited, source, ~changed))
-                rows[label]["edited PSNR vs oracle"].append(psnr(result.edits[0], oracle, changed))
-                if distractor is not None:
-                    rows[label]["distractor PSNR"].append(psnr(result.edits[0], image, distractor))
-        print(f"scene {index + 1}/{count} done", flush=True)
+                    distractor = np.any([m for j, m in enumerate(masks) if j != swap.index], axis=0) & ~changed
+                rows.append({
+                    "scene": index, "caption": scene.caption, "kind": swap.kind, "new": swap.new, "method": label,
+                    "blend": list(config.blend), "subtract": list(config.subtract),
+                    "reconstruction PSNR": reconstruction_psnr,
+                    "unedited PSNR": psnr(result.edits[0], image, ~changed),
+                    "unedited SSIM": region_ssim(edited, source, ~changed),
+                    "edited PSNR vs oracle": psnr(result.edits[0], oracle, changed),
+                    "distractor PSNR": None if distractor is None else psnr(result.edits[0], image, distractor),
+                    "inversion s": inversion_s, "edit s": edit_s, "capped steps": capped_steps(inversion),
+                })
+        print(f"scene {index + 1}/{count} done ({time.perf_counter() - started_all:.0f} s)", flush=True)
+        write_results(args, count, localisation, editing, curves, shares, rows)
 
+
+def write_results(args, count, localisation, editing, curves, shares, rows) -> None:
+    """The tables (markdown), the curves plot and the JSON, from everything measured so far."""
+    done = len({r["scene"] for r in rows})
     mean_curves = {k: torch.stack(v).mean(dim=0) for k, v in curves.items()}
-    plot_curves(mean_curves, args.out / "localisation.png", title=f"{count} {args.split} scenes")
-    lines = [f"Scene benchmark: {count} two-object {args.split} scenes, {args.steps} steps, model {args.model}", "",
-             "| localisation | mean IoU own object | mean IoU other object | best-threshold IoU own | best other |",
-             "|---|---|---|---|---|"]
-    for label in LOCALISATION:
-        own, other = mean_curves[f"{label}, own"], mean_curves[f"{label}, other"]
-        best_own = torch.stack(curves[f"{label}, own"]).amax(dim=1).mean()
-        best_other = torch.stack(curves[f"{label}, other"]).amax(dim=1).mean()
-        lines.append(f"| {label} | {own.mean():.3f} | {other.mean():.3f} | {best_own:.3f} | {best_other:.3f} |")
-    columns = ["reconstruction PSNR", "unedited PSNR", "unedited SSIM", "edited PSNR vs oracle", "distractor PSNR",
-               "inversion s", "edit s"]
-    lines += ["", "| editing | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for label in EDITING:
-        lines.append(f"| {label} | " + " | ".join(f"{np.mean(rows[label][c]):.3f}" for c in columns) + " |")
+    if mean_curves:
+        plot_curves(mean_curves, args.out / "localisation.png", title=f"{done} {args.split} scenes")
+    lines = [f"Scene benchmark: {done} of {count} {args.objects}-object {args.split} scenes, {args.steps} steps, "
+             f"model {args.model}, target tokens {args.target_tokens}", ""]
+    if localisation:
+        lines += ["| localisation | mass on own object | mass on other objects | mass on background "
+                  "| mean IoU own | mean IoU other | best IoU own | best IoU other | DPL steps at the cap |",
+                  "|---" * 9 + "|"]
+        for label in localisation:
+            share = torch.stack(shares[label]).mean(dim=0)
+            own, other = torch.stack(curves[f"{label}, own"]), torch.stack(curves[f"{label}, other"])
+            capped = [r["capped steps"] for r in rows if r["kind"] == "localisation" and r["method"] == label
+                      and r["word"] == 0 and r["capped steps"] is not None]
+            lines.append(f"| {label} | {share[0]:.3f} | {share[1]:.3f} | {share[2]:.3f} | {mean_iou(own).mean():.3f} "
+                         f"| {mean_iou(other).mean():.3f} | {best_iou(own).mean():.3f} | {best_iou(other).mean():.3f} "
+                         f"| {np.mean(capped) if capped else float('nan'):.1f} |")
+    if editing:
+        lines += ["", "| editing | " + " | ".join(EDIT_COLUMNS) + " |", "|---" * (len(EDIT_COLUMNS) + 1) + "|"]
+        for label in editing:
+            mine = [r for r in rows if r["method"] == label and r["kind"] != "localisation"]
+            values = [np.mean([r[c] for r in mine if r[c] is not None]) for c in EDIT_COLUMNS]
+            lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+        lines += ["", "| editing by kind | " + " | ".join(EDIT_COLUMNS[1:5]) + " |", "|---" * 5 + "|"]
+        for kind in ("shape", "colour", "background"):
+            for label in editing:
+                mine = [r for r in rows if r["method"] == label and r["kind"] == kind]
+                values = [np.mean([r[c] for r in mine if r[c] is not None] or [np.nan]) for c in EDIT_COLUMNS[1:5]]
+                lines.append(f"| {kind}: {label} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     table = "\n".join(lines)
-    print("\n" + table)
     (args.out / "scenes.md").write_text(table + "\n")
     (args.out / "scenes.json").write_text(json.dumps(
-        {"scenes": count, "split": args.split, "curves": {k: v.tolist() for k, v in mean_curves.items()},
-         "editing": {label: {c: float(np.mean(v)) for c, v in cols.items()} for label, cols in rows.items()}}, indent=2))
+        {"scenes": done, "objects": args.objects, "split": args.split, "steps": args.steps, "model": args.model,
+         "target_tokens": args.target_tokens, "curves": {k: v.tolist() for k, v in mean_curves.items()},
+         "rows": rows}, indent=1))
+    if done == count:
+        print("\n" + table)
 
 
 if __name__ == "__main__":

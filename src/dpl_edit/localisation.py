@@ -2,6 +2,9 @@
 
 A word's step-averaged map is upsampled to the mask's size, divided by its maximum, and
 thresholded at 0.0, 0.1, ..., 1.0; each threshold gives an IoU with the word's ground-truth mask.
+At 0.0 every pixel is on, so the IoU there is the mask's share of the image whatever the map:
+summaries (mean and best IoU) are taken over the thresholds from 0.1 on. The direct leakage
+measure is :func:`attention_shares`: where a map's mass lies.
 """
 
 from __future__ import annotations
@@ -17,6 +20,33 @@ from PIL import Image
 from .errors import ImageLoadError
 
 THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(11))
+SUMMARY_FROM = 1  # index of the first threshold (0.1) that summaries use: 0.0 switches every pixel on
+
+
+def best_iou(curve: torch.Tensor) -> torch.Tensor:
+    """The best IoU of a curve (..., 11) over the thresholds 0.1 .. 1.0."""
+    return curve[..., SUMMARY_FROM:].amax(dim=-1)
+
+
+def mean_iou(curve: torch.Tensor) -> torch.Tensor:
+    """The mean IoU of a curve (..., 11) over the thresholds 0.1 .. 1.0."""
+    return curve[..., SUMMARY_FROM:].mean(dim=-1)
+
+
+def attention_shares(attention: torch.Tensor, masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Where a map's mass lies: its share (len(masks) + 1,) inside each (H, W) bool mask, then outside
+    them all (the background).
+
+    The map (res, res) is upsampled bilinearly to the masks' size, not thresholded; the masks should
+    not overlap (the shares then sum to 1).
+    """
+    height, width = masks[0].shape
+    heat = F.interpolate(attention[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    heat = heat.clamp_min(0)
+    total = heat.sum().clamp_min(1e-12)
+    inside = [heat[mask.bool()].sum() / total for mask in masks]
+    union = torch.stack([mask.bool() for mask in masks]).any(dim=0)
+    return torch.stack([*inside, heat[~union].sum() / total])
 
 
 def iou_curve(
