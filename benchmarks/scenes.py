@@ -35,12 +35,14 @@ import numpy as np
 import torch
 from torchmetrics.functional import structural_similarity_index_measure
 
-from dpl_edit import EditConfig, edit, invert, reconstruct
-from dpl_edit.editing.plan import TARGET_TOKENS, swap_mode
+from dpl_edit import edit, invert, reconstruct
+from dpl_edit.editing.plan import TARGET_TOKENS
 from dpl_edit.images import psnr, to_tensor
 from dpl_edit.localisation import attention_shares, best_iou, iou_curve, mean_iou, plot_curves
+from dpl_edit.losses import SPANS
 from dpl_edit.pipeline import model_dpl_config
 from dpl_edit.registry import load_model
+from dpl_edit.scenes.edits import swap_config
 from dpl_edit.scenes.render import BACKGROUNDS, COLOURS, SHAPES, WordSwap, render, split_scene, swap_word
 from dpl_edit.views import word_map
 
@@ -63,21 +65,6 @@ def edits_for(scene, rng: np.random.Generator) -> list[WordSwap]:
     colour = rng.choice([c for c in COLOURS if c not in (scene.objects[1].colour,)])
     background = rng.choice([b for b in BACKGROUNDS if b != scene.background])
     return [WordSwap("shape", str(shape), 0), WordSwap("colour", str(colour), 1), WordSwap("background", str(background))]
-
-
-def noun_spec(scene, index: int) -> str:
-    """Object ``index``'s noun as a blend word by position: ``shape@N``, its N-th occurrence."""
-    shape = scene.objects[index].shape
-    return f"{shape}@{sum(o.shape == shape for o in scene.objects[: index + 1])}"
-
-
-def blend_config(scene, swap: WordSwap, tokenizer, target_tokens: str) -> EditConfig:
-    """The Prompt-to-Prompt settings for a swap, blended as P2P blends each kind of edit."""
-    mode = swap_mode(swap.source_word(scene), swap.new, tokenizer)
-    if swap.kind == "background":
-        nouns = tuple(noun_spec(scene, k) for k in range(len(scene.objects)))
-        return EditConfig(mode=mode, blend=(scene.background,), subtract=nouns, target_tokens=target_tokens)
-    return EditConfig(mode=mode, blend=(noun_spec(scene, swap.index),), target_tokens=target_tokens)
 
 
 def region_ssim(a: torch.Tensor, b: torch.Tensor, mask: np.ndarray) -> float:
@@ -108,16 +95,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
-    parser.add_argument("--target-tokens", default="keep", choices=TARGET_TOKENS,
-                        help="which learned DPL vectors the targets keep (default: keep, the authors')")
+    parser.add_argument("--target-tokens", default="keep",
+                        help=f"comma-separated modes of {','.join(TARGET_TOKENS)}: which learned DPL vectors the "
+                        "targets keep; each DPL edit is run once per mode (default: keep, the authors')")
+    parser.add_argument("--span", choices=SPANS, help="DPL's re-softmax span (default: the model's recommendation)")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     args = parser.parse_args()
     chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
     if unknown := set(chosen) - set(METHODS):
         parser.error(f"unknown methods {sorted(unknown)}; choose from {','.join(METHODS)}")
+    modes = [m.strip() for m in args.target_tokens.split(",") if m.strip()]
+    if not modes or set(modes) - set(TARGET_TOKENS):
+        parser.error(f"--target-tokens takes a comma-separated subset of {','.join(TARGET_TOKENS)}")
     labels = {label for m in chosen for label in METHODS[m]}
     localisation = [label for label in LOCALISATION if label in labels]
-    editing = [label for label in EDITING if label in labels]
+    editing = [(label, mode) for label in EDITING if label in labels
+               for mode in (modes if EDITING[label][0] == "dpl" else modes[:1])]
     count = FULL_TEST if args.full else args.scenes
     model = load_model(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +128,8 @@ def main() -> None:
         needed = set(localisation) | ({"dpl"} if "dpl + p2p" in editing else set())
         for label in [lab for lab in LOCALISATION if lab in needed]:
             method, losses = LOCALISATION[label]
-            dpl = model_dpl_config(model, **({"losses": losses} if losses else {}))
+            dpl = model_dpl_config(model, **({"losses": losses} if losses else {}),
+                                   **({"balancing_span": args.span} if args.span else {}))
             started = time.perf_counter()
             inversions[label] = inversion = invert(model, image, scene.marked_caption(), method=method,
                                                    num_steps=args.steps, dpl=dpl, progress=False)
@@ -156,8 +150,9 @@ def main() -> None:
                              "best IoU other": float(best_iou(curves[f"{label}, other"][-1])),
                              "capped steps": capped_steps(inversion)})
         edits = edits_for(scene, rng)
-        for label in editing:
+        for label, mode in editing:
             method, null = EDITING[label]
+            name = label if mode == modes[0] else f"{label}, {mode} tokens"
             if (method, null) == ("dpl", "optimized"):
                 inversion, inversion_s = inversions["dpl"], seconds["dpl"]
             else:
@@ -169,7 +164,7 @@ def main() -> None:
             for swap in edits:
                 target_scene = swap_word(scene, swap)
                 oracle, new_masks = render(target_scene)
-                config = blend_config(scene, swap, model.tokenizer, args.target_tokens)
+                config = swap_config(scene, swap, model.tokenizer, mode)
                 started = time.perf_counter()
                 result = edit(model, inversion, [target_scene.caption], config, progress=False)
                 edit_s = time.perf_counter() - started
@@ -181,7 +176,7 @@ def main() -> None:
                     changed = masks[swap.index] | new_masks[swap.index]
                     distractor = np.any([m for j, m in enumerate(masks) if j != swap.index], axis=0) & ~changed
                 rows.append({
-                    "scene": index, "caption": scene.caption, "kind": swap.kind, "new": swap.new, "method": label,
+                    "scene": index, "caption": scene.caption, "kind": swap.kind, "new": swap.new, "method": name,
                     "blend": list(config.blend), "subtract": list(config.subtract),
                     "reconstruction PSNR": reconstruction_psnr,
                     "unedited PSNR": psnr(result.edits[0], image, ~changed),
@@ -191,20 +186,21 @@ def main() -> None:
                     "inversion s": inversion_s, "edit s": edit_s, "capped steps": capped_steps(inversion),
                 })
         print(f"scene {index + 1}/{count} done ({time.perf_counter() - started_all:.0f} s)", flush=True)
-        write_results(args, count, localisation, editing, curves, shares, rows)
+        write_results(args, count, localisation, curves, shares, rows)
 
 
-def write_results(args, count, localisation, editing, curves, shares, rows) -> None:
+def write_results(args, count, localisation, curves, shares, rows) -> None:
     """The tables (markdown), the curves plot and the JSON, from everything measured so far."""
     done = len({r["scene"] for r in rows})
     mean_curves = {k: torch.stack(v).mean(dim=0) for k, v in curves.items()}
     if mean_curves:
         plot_curves(mean_curves, args.out / "localisation.png", title=f"{done} {args.split} scenes")
-    lines = [f"Scene benchmark: {done} of {count} {args.objects}-object {args.split} scenes, {args.steps} steps, "
-             f"model {args.model}, target tokens {args.target_tokens}", ""]
+    editing = list(dict.fromkeys(r["method"] for r in rows if r["kind"] != "localisation"))
+    lines = [(f"Scene benchmark: {done} of {count} {args.objects}-object {args.split} scenes, {args.steps} steps, "
+             f"model {args.model}, span {args.span or 'the model default'}, target tokens {args.target_tokens}"), ""]
     if localisation:
-        lines += ["| localisation | mass on own object | mass on other objects | mass on background "
-                  "| mean IoU own | mean IoU other | best IoU own | best IoU other | DPL steps at the cap |",
+        lines += [("| localisation | mass on own object | mass on other objects | mass on background "
+                  "| mean IoU own | mean IoU other | best IoU own | best IoU other | DPL steps at the cap |"),
                   "|---" * 9 + "|"]
         for label in localisation:
             share = torch.stack(shares[label]).mean(dim=0)
@@ -230,7 +226,7 @@ def write_results(args, count, localisation, editing, curves, shares, rows) -> N
     (args.out / "scenes.md").write_text(table + "\n")
     (args.out / "scenes.json").write_text(json.dumps(
         {"scenes": done, "objects": args.objects, "split": args.split, "steps": args.steps, "model": args.model,
-         "target_tokens": args.target_tokens, "curves": {k: v.tolist() for k, v in mean_curves.items()},
+         "span": args.span, "target_tokens": args.target_tokens, "curves": {k: v.tolist() for k, v in mean_curves.items()},
          "rows": rows}, indent=1))
     if done == count:
         print("\n" + table)

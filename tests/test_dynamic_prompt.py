@@ -75,9 +75,12 @@ def test_dpl_inversion_end_to_end(model, image, tmp_path):
     assert inversion.background_mask.shape == (16, 16) and inversion.clusters.shape == (32, 32)
     assert [s.step for s in steps] == [0, 1, 2]
     assert all(set(s.losses) == {"at", "dj", "bg"} and s.iterations <= 3 for s in steps)
+    assert [(e["step"], e["iterations"], e["losses"]) for e in inversion.dpl_log] == [
+        (s.step, s.iterations, s.losses) for s in steps]
+    assert inversion.dpl_log[0]["thresholds"] == {"at": 0.3, "dj": 0.9, "bg": 0.7}
     assert torch.equal(model.text_encoder.get_input_embeddings().weight, table)
     loaded = Inversion.load(inversion.save(tmp_path / "dpl"))
-    assert torch.equal(loaded.token_vectors, inversion.token_vectors)
+    assert torch.equal(loaded.token_vectors, inversion.token_vectors) and loaded.dpl_log == inversion.dpl_log
     torch.testing.assert_close(reconstruct_latents(model, loaded, progress=False),
                                reconstruct_latents(model, inversion, progress=False))
 

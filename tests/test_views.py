@@ -5,7 +5,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from dpl_edit.cli import main
-from dpl_edit.localisation import iou_curve
+from dpl_edit.localisation import attention_shares, best_iou, iou_curve, mean_iou
 
 
 def test_iou_curve_known_values():
@@ -20,6 +20,34 @@ def test_iou_curve_known_values():
     exact = torch.zeros(8, 8)
     exact[:4, :4] = 1
     assert iou_curve(exact, mask, thresholds=[0.5]).item() == 1.0
+
+
+def _two_objects():
+    own, other = torch.zeros(64, 64, dtype=torch.bool), torch.zeros(64, 64, dtype=torch.bool)
+    own[8:24, 8:24] = True  # 256 px
+    other[36:60, 32:56] = True  # 576 px
+    return own, other
+
+
+def test_attention_shares_on_constructed_maps():
+    own, other = _two_objects()
+    on_other = torch.zeros(16, 16)
+    on_other[10:14, 9:13] = 1.0  # inside the other object's 16x16 cells, away from its edge
+    assert attention_shares(on_other, [own, other]).tolist() == pytest.approx([0.0, 1.0, 0.0], abs=1e-6)
+    uniform = attention_shares(torch.ones(16, 16), [own, other])
+    assert uniform.tolist() == pytest.approx([256 / 4096, 576 / 4096, 1 - 832 / 4096], abs=1e-6)
+
+
+def test_best_iou_tells_a_map_on_its_object_from_a_map_elsewhere():
+    own, other = _two_objects()
+    on_own = torch.zeros(16, 16)
+    on_own[2:6, 2:6] = 1.0
+    on_other = torch.zeros(16, 16)
+    on_other[9:15, 8:14] = 1.0
+    area = own.float().mean().item()
+    assert best_iou(iou_curve(on_own, own)) > 0.7 > 5 * area
+    assert best_iou(iou_curve(on_other, own)) < 0.01 and mean_iou(iou_curve(on_other, own)) < 0.01
+    assert iou_curve(on_other, own)[0] == pytest.approx(area)  # threshold 0.0: the trivial end, left out
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +70,12 @@ def test_dpl_invert_attention_and_localisation_commands(scene, capsys):
     dpl, nti = scene / "dpl", scene / "nti"
     assert main(["invert", str(scene / "scene.png"), "--prompt", "a {circle} and a {square} on grass",
                  "--method", "dpl", "--dpl-iterations", "2", "--out", str(dpl), *common]) == 0
+    printed = capsys.readouterr().out
+    assert "steps at the 2-iteration cap; last step L_at" in printed  # the saturation summary
     assert main(["invert", str(scene / "scene.png"), "--prompt", "a circle and a square on grass",
                  "--out", str(nti), *common]) == 0
     assert main(["attention", str(dpl), "--compare", str(nti)]) == 0
-    for name in ("attention_words.png", "attention_background.png", "attention_comparison.png"):
+    for name in ("attention_words.png", "attention_background.png", "attention_comparison.png", "dpl_log.png"):
         assert Image.open(dpl / name).size[0] > 100
     assert main(["attention", str(nti), "--quiet"]) == 0
     assert (nti / "attention_words.png").is_file()
@@ -54,6 +84,7 @@ def test_dpl_invert_attention_and_localisation_commands(scene, capsys):
                  "--mask", f"square={scene / 'square.png'}", "--out", str(scene / "loc.png")]) == 0
     table = capsys.readouterr().out
     assert table.count("| nti nti") == 2 and table.count("| dpl dpl") == 2
+    assert "mass on own mask" in table and "best IoU 0.1-1" in table
     assert (scene / "loc.png").is_file()
     assert main(["localisation", str(nti), "--mask", f"tree={scene / 'circle.png'}"]) == 2
     assert "no word 'tree'" in capsys.readouterr().err

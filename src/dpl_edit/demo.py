@@ -16,17 +16,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from .artifacts import Inversion
-from .editing import EditConfig, edit
-from .editing.plan import swap_mode
+from .editing import edit
 from .images import psnr
+from .localisation import attention_shares
 from .models import StableDiffusion
 from .pipeline import invert
 from .registry import SCENE_MODEL_ID, load_model
+from .scenes.edits import swap_config
 from .scenes.render import WordSwap, render, split_scene, swap_word
-from .views import background_view, comparison_grid, demo_figure, save_figure, word_attention_grid
+from .views import background_view, comparison_grid, demo_figure, save_figure, word_attention_grid, word_map
 
 DEMO_SCENE = 16  # test split: "a purple oval and a purple circle on water" (look-alikes, one colour)
 DEMO_EDIT = WordSwap("shape", "triangle", index=0)
@@ -43,6 +45,7 @@ class MethodResult:
     background_psnr: float  # outside both objects (before and after the edit), vs the source
     other_object_psnr: float  # the object that was not edited, vs the source
     edited_object_psnr: float  # the edited object's region, vs the oracle
+    shares: dict[str, list[float]]  # per noun: its map's mass on its own object, the other object, the background
 
 
 @dataclass
@@ -78,8 +81,7 @@ def run_demo(
     image.save(out / "source.png")
     oracle.save(out / "oracle.png")
     word = swap.source_word(scene)
-    # blend the swapped source word; its counterpart in the target follows through the token mapping
-    config = EditConfig(mode=swap_mode(word, swap.new, model.tokenizer), blend=(word,))
+    config = swap_config(scene, swap, model.tokenizer)  # blends the swapped noun, by position
     edited_region = masks[swap.index] | new_masks[swap.index]
     regions = {"background": ~(masks[0] | masks[1] | edited_region), "other": masks[1 - swap.index]}
     results = {}
@@ -99,6 +101,7 @@ def run_demo(
             background_psnr=psnr(edited, image, regions["background"]),
             other_object_psnr=psnr(edited, image, regions["other"]),
             edited_object_psnr=psnr(edited, oracle, edited_region),
+            shares=_noun_shares(inversion, masks),
         )
     nti, dpl = results["nti"].inversion, results["dpl"].inversion
     save_figure(demo_figure(image, oracle, {METHODS[m]: r.edited for m, r in results.items()}, nti, dpl, target.caption),
@@ -108,9 +111,17 @@ def run_demo(
     save_figure(background_view(dpl), out / "background_mask.png")
     seconds = time.perf_counter() - started
     summary = _summary(scene.caption, target.caption, f"{word} -> {swap.new} (Prompt-to-Prompt {config.mode}, "
-                       "local blend on the swapped word)", num_steps, model, results, seconds)
+                       "local blend on the swapped noun)", num_steps, model, results, seconds)
     (out / "summary.txt").write_text(summary)
     return DemoReport(out, scene.caption, target.caption, results, seconds, summary)
+
+
+def _noun_shares(inversion: Inversion, masks) -> dict[str, list[float]]:
+    """Each noun's attention mass on its own object, on the other object and on the background."""
+    objects = [torch.from_numpy(m) for m in masks]
+    return {f"{word['word']} ({k + 1})": attention_shares(word_map(inversion, word["positions"]),
+                                                          [objects[k], objects[1 - k]]).tolist()
+            for k, word in enumerate(inversion.words)}
 
 
 def _summary(source: str, target: str, what: str, steps: int, model: StableDiffusion,
@@ -129,6 +140,14 @@ def _summary(source: str, target: str, what: str, steps: int, model: StableDiffu
         "| method | background PSNR | other object PSNR | edited object PSNR vs oracle | inversion s | edit s |",
         "|---|---|---|---|---|---|",
         *rows,
+        "",
+        ("Where each noun's attention lies (step-averaged cross-attention, share of its mass; "
+         "leakage is mass off its own object):"),
+        "",
+        "| method | noun | own object | other object | background |",
+        "|---|---|---|---|---|",
+        *[f"| {METHODS[m]} | {noun} | {own:.3f} | {other:.3f} | {background:.3f} |"
+          for m, r in results.items() for noun, (own, other, background) in r.shares.items()],
         "",
         f"total time: {seconds:.1f} s",
         ("files: demo.png (edits and noun maps), attention_nti_vs_dpl.png, attention_dpl_steps.png, "

@@ -5,6 +5,7 @@
 - :func:`background_view`: the self-attention clusters and the background mask (DPL only).
 - :func:`comparison_grid`: two inversions of the same image side by side (e.g. NTI vs DPL).
 - :func:`demo_figure`: source, target and edits over the nouns' maps from two inversions.
+- :func:`dpl_log_view`: DPL's losses against their thresholds and its AdamW steps, per timestep.
 """
 
 from __future__ import annotations
@@ -97,6 +98,32 @@ def background_view(inversion: Inversion) -> plt.Figure:
     return fig
 
 
+def dpl_log_view(inversion: Inversion) -> plt.Figure:
+    """Per timestep: each DPL loss (solid) against its gradual threshold (dashed), and the AdamW
+    steps taken on the tokens against the cap."""
+    if not inversion.dpl_log:
+        raise DplEditError("Only DPL inversions made with this version keep a per-step log.")
+    log = inversion.dpl_log
+    steps = [entry["step"] for entry in log]
+    cap = inversion.settings.get("dpl", {}).get("max_iterations")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for k, colour in zip(log[0]["losses"], ("C0", "C1", "C2")):
+        axes[0].plot(steps, [e["losses"][k] for e in log], color=colour, label=f"L_{k}")
+        axes[0].plot(steps, [e["thresholds"][k] for e in log], color=colour, linestyle="--", label=f"TH_{k}")
+    axes[0].set_xlabel("step (0 = noisiest)")
+    axes[0].set_title("losses vs thresholds", fontsize=10)
+    axes[0].legend(fontsize=7, ncol=2)
+    axes[1].bar(steps, [e["iterations"] for e in log], color="C3")
+    if cap is not None:
+        axes[1].axhline(cap, color="k", linestyle=":", label=f"cap {cap}")
+        axes[1].legend(fontsize=7)
+    axes[1].set_xlabel("step (0 = noisiest)")
+    axes[1].set_title("AdamW steps on the tokens", fontsize=10)
+    fig.suptitle(f"DPL per step: {inversion.prompt}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def comparison_grid(first: Inversion, second: Inversion) -> plt.Figure:
     """Step-averaged word maps of two inversions of the same prompt side by side."""
     if first.token_ids != second.token_ids:
@@ -151,6 +178,8 @@ def write_attention_views(
     figures = {"attention_words.png": word_attention_grid(inversion)}
     if inversion.clusters is not None:
         figures["attention_background.png"] = background_view(inversion)
+    if inversion.dpl_log:
+        figures["dpl_log.png"] = dpl_log_view(inversion)
     if compare is not None:
         other = Inversion.load(compare)
         pair = (other, inversion) if inversion.method == "dpl" else (inversion, other)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from ..artifacts import Inversion
 from ..errors import DplEditError
-from ..localisation import THRESHOLDS, iou_curve, load_mask, plot_curves
+from ..localisation import THRESHOLDS, attention_shares, best_iou, iou_curve, load_mask, mean_iou, plot_curves
 from ..views import inversion_words, word_map, write_attention_views
 
 
@@ -17,7 +19,7 @@ def register(commands) -> None:
         help="draw the attention maps of an inversion as PNG grids",
         description="Write PNG grids of each word's cross-attention over the source image (averaged "
         "over all steps and over step ranges), and for DPL the self-attention clusters and background "
-        "mask; with --compare, two inversions of the same image side by side (NTI vs DPL).",
+        "mask and its per-step losses, thresholds and AdamW steps (dpl_log.png); with --compare, two inversions of the same image side by side (NTI vs DPL).",
     )
     p.add_argument("dir", type=Path, help="a folder written by `dpl invert`")
     p.add_argument("--compare", type=Path, help="another inversion of the same image and prompt")
@@ -28,9 +30,11 @@ def register(commands) -> None:
     p = commands.add_parser(
         "localisation",
         help="IoU of words' attention maps with ground-truth masks, against the threshold",
-        description="For each inversion and word, threshold the step-averaged, max-normalised "
-        "cross-attention map at 0.0, 0.1, ..., 1.0 and compute the IoU with the word's mask (the DPL "
-        "paper's Fig. 5a). Prints a table and plots the curves.",
+        description="For each inversion and word: the share of the step-averaged cross-attention map's "
+        "mass inside the word's mask, inside the other words' masks and outside them all (leakage is "
+        "mass off its own mask); and the IoU with the word's mask of the max-normalised map thresholded at "
+        "0.0, 0.1, ..., 1.0 (the DPL paper's Fig. 5a), summarised (mean, best) over 0.1 .. 1.0 since 0.0 "
+        "switches every pixel on. Prints a table and plots the curves.",
     )
     p.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="inversions of the same image")
     p.add_argument("--mask", action="append", required=True, metavar="WORD=FILE",
@@ -54,19 +58,31 @@ def localisation(args: argparse.Namespace) -> int:
         if not sep or not word or not path:
             raise DplEditError(f"--mask takes WORD=FILE, got {item!r}")
         masks[word.strip()] = load_mask(path)
-    curves = {}
+    shapes = {mask.shape for mask in masks.values()}
+    if len(shapes) > 1:
+        raise DplEditError(f"The masks have different sizes ({sorted(shapes)}); give masks of one image.")
+    curves, shares = {}, {}
     for folder in args.dirs:
         inversion = Inversion.load(folder)
         words = dict(inversion_words(inversion))
         for word, mask in masks.items():
             if word not in words:
                 raise DplEditError(f"{folder}: no word {word!r} in its prompt {inversion.prompt!r}")
-            curves[f"{folder.name} {inversion.method} {word}"] = iou_curve(word_map(inversion, words[word]), mask)
+            label = f"{folder.name} {inversion.method} {word}"
+            attention = word_map(inversion, words[word])
+            curves[label] = iou_curve(attention, mask)
+            others = [m for w, m in masks.items() if w != word]
+            shares[label] = attention_shares(attention, [mask, torch.stack(others).any(dim=0)] if others else [mask])
     plot_curves(curves, args.out, title="IoU of word attention with its mask")
     if not args.quiet:
-        print("| inversion, word | " + " | ".join(f"{t:.1f}" for t in THRESHOLDS) + " | mean |")
-        print("|---" * (len(THRESHOLDS) + 2) + "|")
+        print("| inversion, word | mass on own mask | on other masks | elsewhere | "
+              + " | ".join(f"IoU {t:.1f}" for t in THRESHOLDS) + " | mean IoU 0.1-1 | best IoU 0.1-1 |")
+        print("|---" * (len(THRESHOLDS) + 6) + "|")
         for label, curve in curves.items():
-            print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in curve.tolist()) + f" | {curve.mean():.3f} |")
+            share = shares[label].tolist()
+            own, other, rest = share if len(share) == 3 else (share[0], float("nan"), share[1])
+            print(f"| {label} | {own:.3f} | {other:.3f} | {rest:.3f} | "
+                  + " | ".join(f"{v:.3f}" for v in curve.tolist())
+                  + f" | {mean_iou(curve):.3f} | {best_iou(curve):.3f} |")
         print(f"Plot: {args.out}")
     return 0

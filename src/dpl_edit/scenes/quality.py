@@ -3,8 +3,9 @@
 - caption following: generated samples of test captions judged by the caption checker (background
   >= 90%, each object's colour >= 80%, shape >= 70%);
 - reconstruction: VAE and null-text inversion PSNR (NTI within 1 dB of the VAE);
-- noun localisation: best-threshold IoU of each noun's DDIM-inversion map with its own object and
-  with the other object of two-object scenes (own at least 0.15 above other).
+- noun localisation: where each noun's DDIM-inversion map puts its mass in two-object scenes (at
+  least half on its own object, at most a tenth on the other), and its best IoU over thresholds
+  0.1 .. 1.0 with its own object and with the other (own at least 0.15 above other).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion import DDIMSchedule
 from ..images import psnr, to_pil, to_tensor
-from ..localisation import iou_curve
+from ..localisation import attention_shares, best_iou, iou_curve
 from ..models import StableDiffusion
 from ..pipeline import invert, reconstruct
 from ..sampling import sample
@@ -32,8 +33,10 @@ class QualityReport:
     shape: float  # share of caption objects whose colour and shape are found
     vae_psnr: float
     nti_psnr: float
-    own_iou: float  # mean best-threshold IoU of a noun's map with its own object
+    own_iou: float  # mean best IoU (thresholds 0.1 .. 1.0) of a noun's map with its own object
     other_iou: float  # ... with the other object
+    own_share: float  # mean share of a noun's attention mass on its own object
+    other_share: float  # ... on the other object
 
     def rows(self) -> list[tuple[str, str, str, bool]]:
         """(check, value, bar, passed)."""
@@ -43,8 +46,10 @@ class QualityReport:
             ("object shape right", f"{100 * self.shape:.1f}%", ">= 70%", self.shape >= 0.7),
             ("VAE reconstruction PSNR", f"{self.vae_psnr:.2f} dB", "", True),
             ("NTI reconstruction PSNR", f"{self.nti_psnr:.2f} dB", ">= VAE - 1 dB", self.nti_psnr >= self.vae_psnr - 1),
-            ("noun map IoU, own object", f"{self.own_iou:.3f}", "", True),
-            ("noun map IoU, other object", f"{self.other_iou:.3f}", "own - 0.15",
+            ("noun attention mass on own object", f"{self.own_share:.3f}", ">= 0.5", self.own_share >= 0.5),
+            ("noun attention mass on other object", f"{self.other_share:.3f}", "<= 0.1", self.other_share <= 0.1),
+            ("noun map best IoU, own object", f"{self.own_iou:.3f}", "", True),
+            ("noun map best IoU, other object", f"{self.other_iou:.3f}", "<= own - 0.15",
              self.own_iou - self.other_iou >= 0.15),
         ]
 
@@ -83,23 +88,28 @@ def reconstruction(model: StableDiffusion, count: int, progress: bool = True) ->
     return sum(vae) / count, sum(nti) / count
 
 
-def localisation(model: StableDiffusion, count: int, progress: bool = True) -> tuple[float, float]:
-    """Mean best-threshold IoU of noun maps (DDIM inversion) with their own and the other object."""
-    own, other = [], []
+def localisation(model: StableDiffusion, count: int, progress: bool = True) -> tuple[float, float, float, float]:
+    """Noun maps of DDIM inversions: mean best IoU (thresholds 0.1 .. 1.0) with their own and with the
+    other object, and mean share of their mass on their own and on the other object."""
+    own, other, own_share, other_share = [], [], [], []
     for i in tqdm(range(count), desc="Localisation", disable=not progress, leave=False):
         scene = split_scene("test", i, num_objects=2)
         image, masks = render(scene)
         inversion = invert(model, image, scene.marked_caption(), method="ddim", progress=False)
         nouns = [word_map(inversion, word["positions"]) for word in inversion.words]
         for k, noun in enumerate(nouns):
-            own.append(iou_curve(noun, torch.from_numpy(masks[k])).max().item())
-            other.append(iou_curve(noun, torch.from_numpy(masks[1 - k])).max().item())
-    return sum(own) / len(own), sum(other) / len(other)
+            mine, theirs = torch.from_numpy(masks[k]), torch.from_numpy(masks[1 - k])
+            own.append(best_iou(iou_curve(noun, mine)).item())
+            other.append(best_iou(iou_curve(noun, theirs)).item())
+            shares = attention_shares(noun, [mine, theirs])
+            own_share.append(shares[0].item())
+            other_share.append(shares[1].item())
+    return tuple(sum(v) / len(v) for v in (own, other, own_share, other_share))
 
 
 def check_scene_model(model: StableDiffusion, samples: int = 64, reconstructions: int = 4,
                       localisations: int = 16, progress: bool = True) -> QualityReport:
     background, colour, shape = caption_following(model, samples, progress=progress)
     vae_psnr, nti_psnr = reconstruction(model, reconstructions, progress=progress)
-    own, other = localisation(model, localisations, progress=progress)
-    return QualityReport(background, colour, shape, vae_psnr, nti_psnr, own, other)
+    own, other, own_share, other_share = localisation(model, localisations, progress=progress)
+    return QualityReport(background, colour, shape, vae_psnr, nti_psnr, own, other, own_share, other_share)
