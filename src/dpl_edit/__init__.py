@@ -4,7 +4,14 @@ __version__ = "0.1.0"
 
 from .artifacts import Inversion
 from .editing import EditConfig, EditResult, edit
-from .errors import DplEditError, ImageLoadError, InversionFileError, ModelLoadError, PromptError
+from .errors import (
+    DplEditError,
+    ImageLoadError,
+    InversionFileError,
+    ModelLoadError,
+    PromptError,
+    SettingError,
+)
 from .images import load_image
 from .inversion import NullTextConfig, NullTextStep
 from .models import StableDiffusion
@@ -21,6 +28,7 @@ __all__ = [
     "NullTextConfig",
     "NullTextStep",
     "PromptError",
+    "SettingError",
     "StableDiffusion",
     "edit",
     "invert",

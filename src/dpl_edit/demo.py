@@ -19,15 +19,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import checks
 from .artifacts import Inversion
 from .editing import edit
+from .errors import SettingError
 from .images import psnr
 from .localisation import attention_shares
 from .models import StableDiffusion
 from .pipeline import invert
 from .registry import SCENE_MODEL_ID, load_model
 from .scenes.edits import swap_config
-from .scenes.render import WordSwap, render, split_scene, swap_word
+from .scenes.render import SPLIT_SIZE, WordSwap, render, split_scene, swap_word
 from .views import background_view, comparison_grid, demo_figure, save_figure, word_attention_grid, word_map
 
 DEMO_SCENE = 16  # test split: "a purple oval and a purple circle on water" (look-alikes, one colour)
@@ -69,7 +71,7 @@ def run_demo(
 ) -> DemoReport:
     """Run the demo into folder ``out`` (PNGs, the two inversions, summary.txt); see the module doc."""
     started = time.perf_counter()
-    out = Path(out)
+    out = check_demo_settings(out, scene_index, num_steps)
     out.mkdir(parents=True, exist_ok=True)
     model = model or load_model(SCENE_MODEL_ID)
     scene = split_scene("test", scene_index, num_objects=2)
@@ -114,6 +116,15 @@ def run_demo(
                        "local blend on the swapped noun)", num_steps, model, results, seconds)
     (out / "summary.txt").write_text(summary)
     return DemoReport(out, scene.caption, target.caption, results, seconds, summary)
+
+
+def check_demo_settings(out: str | Path, scene_index: int, num_steps: int) -> Path:
+    """The demo's settings checked (before any model is loaded); returns the output folder."""
+    checks.count("The number of steps", num_steps)
+    checks.count("The scene number", scene_index, 0)
+    if scene_index >= SPLIT_SIZE:
+        raise SettingError(f"The scene number must be below {SPLIT_SIZE} (the test split's size), got {scene_index}")
+    return checks.output_folder("The demo's output folder", out)
 
 
 def _noun_shares(inversion: Inversion, masks) -> dict[str, list[float]]:

@@ -22,3 +22,7 @@ class ImageLoadError(DplEditError, ValueError):
 
 class InversionFileError(DplEditError):
     """An inversion folder is missing, damaged, or was made with another model."""
+
+
+class SettingError(DplEditError, ValueError):
+    """A setting is out of its range, not finite, or a path of the wrong kind."""

@@ -16,6 +16,7 @@ from dataclasses import asdict
 import torch
 from PIL import Image
 
+from . import checks
 from .artifacts import Inversion, library_versions
 from .attention import AttentionLayer, AttentionStore, attention_layers, select_layers
 from .background import background_mask
@@ -71,6 +72,8 @@ def invert(
     model's own (its map sizes, from ``dpl_edit.json``).
     """
     _check_arguments(model, image, method, null, preset)
+    checks.count("num_steps", num_steps)
+    checks.finite("guidance_scale", guidance_scale, 0.0)
     dpl = dpl or model_dpl_config(model)
     null_text = null_text or (NullTextConfig.authors() if preset == "authors" else NullTextConfig())
     started = time.perf_counter()

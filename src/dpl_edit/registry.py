@@ -1,5 +1,6 @@
-"""Models by name: ``scenes`` (the bundled scene model), ``tiny`` (random weights, built on the
-fly), or any diffusers folder / hub id."""
+"""Models by name: ``scenes`` (the bundled scene model), ``scenes-plain`` (the same without the
+grounding loss: its attention leaks, as Stable Diffusion's does), ``tiny`` (random weights, built on
+the fly), or any diffusers folder / hub id."""
 
 from __future__ import annotations
 
@@ -12,17 +13,21 @@ from .random_models import TINY_MODEL_ID, tiny_model
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 SCENE_MODEL_ID = "scenes"
+PLAIN_SCENE_MODEL_ID = "scenes-plain"
+SCENE_MODEL_FOLDERS = {SCENE_MODEL_ID: "weights", PLAIN_SCENE_MODEL_ID: "weights_plain"}
 NAMED_MODELS = {
     SCENE_MODEL_ID: "the bundled 64x64 scene model (coloured shapes on textured grounds; works offline)",
+    PLAIN_SCENE_MODEL_ID: "the bundled scene model trained without the grounding loss (its nouns' attention leaks)",
     TINY_MODEL_ID: "a tiny random-weight model built on the fly (tests, trying the tools; images are noise)",
 }
 
 
 def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusion:
-    """Load a named model (``scenes``, ``tiny`` or ``tiny:SEED``), a diffusers folder, or a hub id."""
-    if name == SCENE_MODEL_ID:
-        model = StableDiffusion.from_pretrained(scene_model_folder(), device=device, dtype=dtype)
-        model.model_id = SCENE_MODEL_ID
+    """Load a named model (``scenes``, ``scenes-plain``, ``tiny`` or ``tiny:SEED``), a diffusers
+    folder, or a hub id."""
+    if name in SCENE_MODEL_FOLDERS:
+        model = StableDiffusion.from_pretrained(scene_model_folder(name), device=device, dtype=dtype)
+        model.model_id = name
         return model
     base, _, seed = name.partition(":")
     if base == TINY_MODEL_ID and (seed == "" or seed.isdigit()):
@@ -30,6 +35,6 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     return StableDiffusion.from_pretrained(name, device=device, dtype=dtype)
 
 
-def scene_model_folder() -> str:
-    """The bundled scene model's folder (inside the installed package; its README is the model card)."""
-    return str(files("dpl_edit.scenes") / "weights")
+def scene_model_folder(name: str = SCENE_MODEL_ID) -> str:
+    """A bundled scene model's folder (inside the installed package; its README is the model card)."""
+    return str(files("dpl_edit.scenes") / SCENE_MODEL_FOLDERS[name])

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
 import torch
 
@@ -27,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written for the step in progress", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 (a bug: one line here, the traceback in a log file)
+        log = Path(tempfile.gettempdir()) / f"dpl-edit-error-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        log.write_text("".join(traceback.format_exception(err)))
+        print(f"error: unexpected {type(err).__name__} ({err}); this is a bug in dpl-edit, please report it "
+              f"with the traceback written to {log}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

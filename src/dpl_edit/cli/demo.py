@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..demo import DEMO_SCENE, DEMO_STEPS, run_demo
+from ..demo import DEMO_SCENE, DEMO_STEPS, check_demo_settings, run_demo
 from ..registry import SCENE_MODEL_ID
 from .common import add_model_options, load
 
@@ -36,6 +36,7 @@ def scene_index(text: str) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
+    check_demo_settings(args.out, args.scene, args.steps)
     model = load(args, args.model)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
     report = run_demo(args.out, model, scene_index=args.scene, num_steps=args.steps, progress=not args.quiet, log=log)

@@ -7,6 +7,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from .. import checks
 from ..artifacts import Inversion
 from ..editing import MODES, EditConfig, EditResult, edit
 from ..editing.plan import TARGET_TOKENS
@@ -194,20 +195,21 @@ def write_edits(result: EditResult, source_image, out: Path) -> None:
 def edit_command(args: argparse.Namespace) -> int:
     config = edit_config(args)
     inversion = Inversion.load(args.dir)
+    out = checks.output_folder("--out", args.out or args.dir / "edits")
     model = load(args, args.model or inversion.model_id)
     started = time.perf_counter()
     result = edit(model, inversion, args.target, config, progress=not args.quiet)
     print(f"Edited {args.dir} ({inversion.method}) in {time.perf_counter() - started:.1f} s")
-    write_edits(result, inversion.source_image, args.out or args.dir / "edits")
+    write_edits(result, inversion.source_image, out)
     return 0
 
 
 def run_command(args: argparse.Namespace) -> int:
     config = edit_config(args)
     args.prompt = args.source
-    check_marks(args.prompt, args.words, require_words=args.method == "dpl")
+    settings = inversion_settings(args)
     model = load(args, args.model)
-    inversion = invert_from_args(args, model)
+    inversion = invert_from_args(args, model, settings)
     started = time.perf_counter()
     result = edit(model, inversion, args.target, config, progress=not args.quiet)
     print(f"Edited in {time.perf_counter() - started:.1f} s")
@@ -216,14 +218,19 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def invert_command(args: argparse.Namespace) -> int:
-    check_marks(args.prompt, args.words, require_words=args.method == "dpl")
-    invert_from_args(args, load(args, args.model))
+    settings = inversion_settings(args)
+    invert_from_args(args, load(args, args.model), settings)
     return 0
 
 
-def invert_from_args(args: argparse.Namespace, model) -> Inversion:
-    if args.steps < 1:
-        raise DplEditError(f"--steps must be at least 1, got {args.steps}")
+def inversion_settings(args: argparse.Namespace) -> tuple[NullTextConfig, dict]:
+    """Everything about an inversion that can be checked before loading a model: the marks, the
+    output folder, the step count and guidance, the null-text settings and the DPL settings chosen
+    on the command line (checked by building a config from them)."""
+    check_marks(args.prompt, args.words, require_words=args.method == "dpl")
+    checks.output_folder("--out", args.out)
+    checks.count("--steps", args.steps)
+    checks.finite("--guidance", args.guidance, 0.0)
     losses = tuple(name.strip() for name in args.losses.split(",") if name.strip())
     if not losses or set(losses) - set(LOSSES):
         raise DplEditError(f"--losses takes a comma-separated subset of {','.join(LOSSES)}, got {args.losses!r}")
@@ -231,11 +238,16 @@ def invert_from_args(args: argparse.Namespace, model) -> Inversion:
     if args.nti_iterations != NullTextConfig.max_iterations:
         null_text = dataclasses.replace(null_text, max_iterations=args.nti_iterations)
     chosen = {k: v for k, v in (("cross_resolution", args.cross_res), ("self_resolution", args.self_res),
-                                ("balancing_span", args.span)) if v}
-    dpl = model_dpl_config(
-        model, max_iterations=args.dpl_iterations, losses=losses, lambda_dj=args.lambda_dj,
-        lambda_bg=args.lambda_bg, **chosen,
-    )
+                                ("balancing_span", args.span)) if v is not None}
+    overrides = dict(max_iterations=args.dpl_iterations, losses=losses, lambda_dj=args.lambda_dj,
+                     lambda_bg=args.lambda_bg, **chosen)
+    DynamicPromptConfig(**overrides)  # checks the values
+    return null_text, overrides
+
+
+def invert_from_args(args: argparse.Namespace, model, settings: tuple[NullTextConfig, dict]) -> Inversion:
+    null_text, overrides = settings
+    dpl = model_dpl_config(model, **overrides)
     image = load_image(args.image, model.image_size, fit=args.fit)
     started = time.perf_counter()
     inversion = invert(
@@ -256,9 +268,9 @@ def invert_from_args(args: argparse.Namespace, model) -> Inversion:
 
 def reconstruct_command(args: argparse.Namespace) -> int:
     inversion = Inversion.load(args.dir)
+    out = checks.output_file("--out", args.out or args.dir / "reconstruction.png")
     model = load(args, args.model or inversion.model_id)
     image = reconstruct(model, inversion, progress=not args.quiet)
-    out = args.out or args.dir / "reconstruction.png"
     image.save(out)
     quality = f", PSNR {psnr(image, inversion.source_image):.2f} dB against the source" if inversion.source_image else ""
     print(f"Reconstructed {args.dir} ({inversion.method}) -> {out}{quality}")

@@ -6,8 +6,9 @@ import argparse
 import time
 from pathlib import Path
 
+from .. import checks
 from ..errors import DplEditError
-from ..scenes.quality import check_scene_model
+from ..scenes.quality import check_counts, check_scene_model
 from ..scenes.train import SceneTrainer, TrainConfig
 from .common import add_model_options, load, pick_device
 
@@ -63,6 +64,9 @@ def train_scenes(args: argparse.Namespace) -> int:
         diffusion_steps=args.steps, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
         grounding_weight=args.grounding_weight,
     )
+    checks.output_folder("--out", args.out)
+    if args.time_limit is not None:
+        checks.finite("--time-limit", args.time_limit, 0.0, above=True)
     trainer = SceneTrainer(config, args.out, device=pick_device(args.device), compile=args.compile)
     limit = None if args.time_limit is None else 60 * args.time_limit
     if args.export:
@@ -84,6 +88,7 @@ def train_scenes(args: argparse.Namespace) -> int:
 def check_scenes(args: argparse.Namespace) -> int:
     if not args.model:
         raise DplEditError("check-scenes needs --model: a scene model folder (or scenes once it is bundled)")
+    check_counts(args.samples, args.reconstructions, args.localisations)
     model = load(args, args.model)
     started = time.perf_counter()
     report = check_scene_model(model, args.samples, args.reconstructions, args.localisations, progress=not args.quiet)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import CLIPTokenizer
 
+from .. import checks
 from ..errors import PromptError
 from ..prompts import MarkedPrompt, align_tokens, parse_marked_prompt, replacement_mapper
 
@@ -42,9 +43,11 @@ class EditConfig:
         for name, value in [("cross_replace_steps", self.cross_replace_steps),
                             ("self_replace_steps", self.self_replace_steps), ("blend_start", self.blend_start),
                             ("blend_threshold", self.blend_threshold), ("subtract_threshold", self.subtract_threshold),
-                            *self.word_cross_replace_steps.items()]:
-            if not 0.0 <= value <= 1.0:
-                raise PromptError(f"{name} must be a fraction in [0, 1], got {value}")
+                            *((f"cross_replace_steps of {w!r}", v) for w, v in self.word_cross_replace_steps.items())]:
+            checks.fraction(name, value)
+        for word, factor in self.reweight.items():
+            checks.finite(f"re-weighting factor of {word!r}", factor)
+        checks.count("self_max_resolution", self.self_max_resolution)
 
 
 @dataclass

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .. import checks
 from ..attention import AttentionLayer, AttentionStore, ForwardStopped, StopAfter, attention_hook, last_layer
 from ..diffusion import DDIMSchedule, denoise_step, guided_noise
+from ..errors import SettingError
 from ..losses import (
     SPANS,
     attention_balancing_loss,
@@ -61,9 +63,20 @@ class DynamicPromptConfig:
     def __post_init__(self) -> None:
         unknown = set(self.losses) - set(LOSSES)
         if unknown or not self.losses:
-            raise ValueError(f"losses must be a non-empty subset of {LOSSES}, got {self.losses}")
+            raise SettingError(f"losses must be a non-empty subset of {LOSSES}, got {self.losses}")
         if self.balancing_span not in SPANS:
-            raise ValueError(f"balancing_span must be one of {SPANS}, got {self.balancing_span!r}")
+            raise SettingError(f"balancing_span must be one of {SPANS}, got {self.balancing_span!r}")
+        for name in ("cross_resolution", "self_resolution", "num_clusters"):
+            checks.count(f"DPL {name}", getattr(self, name))
+        checks.count("DPL max_iterations", self.max_iterations, 0)
+        checks.count("DPL cluster_seed", self.cluster_seed, 0)
+        checks.finite("DPL learning_rate", self.learning_rate, 0.0, above=True)
+        checks.finite("DPL weight_decay", self.weight_decay, 0.0)
+        for loss in LOSSES:
+            checks.finite(f"DPL lambda_{loss}", getattr(self, f"lambda_{loss}"), 0.0)
+            checks.finite(f"DPL threshold_{loss}", getattr(self, f"threshold_{loss}"), 0.0)
+            checks.finite(f"DPL decay_{loss}", getattr(self, f"decay_{loss}"), 0.0, above=True)
+        checks.fraction("DPL agreement_threshold", self.agreement_threshold)
 
     def thresholds(self, step: int) -> dict[str, float]:
         return {

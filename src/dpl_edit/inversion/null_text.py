@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import checks
 from ..diffusion import DDIMSchedule, denoise_step, guided_noise
 from ..models import StableDiffusion
 
@@ -28,6 +29,12 @@ class NullTextConfig:
     early_stop_epsilon: float = 1e-5  # ... below epsilon + i * epsilon_growth
     early_stop_growth: float = 2e-5
     reset_each_step: bool = False  # start every step from "" instead of the previous optimum
+
+    def __post_init__(self) -> None:
+        checks.count("null-text max_iterations", self.max_iterations)
+        checks.finite("null-text learning_rate", self.learning_rate, 0.0, above=True)
+        checks.finite("null-text early_stop_epsilon", self.early_stop_epsilon, 0.0)
+        checks.finite("null-text early_stop_growth", self.early_stop_growth, 0.0)
 
     @classmethod
     def authors(cls) -> NullTextConfig:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .. import checks
 from ..diffusion import DDIMSchedule
 from ..images import psnr, to_pil, to_tensor
 from ..localisation import attention_shares, best_iou, iou_curve
@@ -52,6 +53,13 @@ class QualityReport:
             ("noun map best IoU, other object", f"{self.other_iou:.3f}", "<= own - 0.15",
              self.own_iou - self.other_iou >= 0.15),
         ]
+
+
+def check_counts(samples: int, reconstructions: int, localisations: int) -> None:
+    """The numbers of scenes the checks use, checked (before any model is loaded)."""
+    checks.count("--samples", samples)
+    checks.count("--reconstructions", reconstructions)
+    checks.count("--localisations", localisations)
 
 
 @torch.no_grad()
@@ -109,6 +117,7 @@ def localisation(model: StableDiffusion, count: int, progress: bool = True) -> t
 
 def check_scene_model(model: StableDiffusion, samples: int = 64, reconstructions: int = 4,
                       localisations: int = 16, progress: bool = True) -> QualityReport:
+    check_counts(samples, reconstructions, localisations)
     background, colour, shape = caption_following(model, samples, progress=progress)
     vae_psnr, nti_psnr = reconstruction(model, reconstructions, progress=progress)
     own, other, own_share, other_share = localisation(model, localisations, progress=progress)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .. import checks
 from ..attention.hook import attention_hook
 from ..attention.layers import attention_layers, select_layers
 from ..models import SETTINGS_FILE, StableDiffusion
@@ -56,6 +57,18 @@ class TrainConfig:
     ema_decay: float = 0.999
     grounding_weight: float = 0.01  # token grounding loss at the 16x16 cross-attention layers (0: off)
     checkpoint_every: int = 1_000
+
+    def __post_init__(self) -> None:
+        for name in ("train_scenes", "vae_batch_size", "batch_size", "checkpoint_every"):
+            checks.count(name.replace("_", " "), getattr(self, name))
+        for name in ("seed", "vae_steps", "diffusion_steps", "warmup_steps"):
+            checks.count(name.replace("_", " "), getattr(self, name), 0)
+        for name in ("vae_learning_rate", "learning_rate"):
+            checks.finite(name.replace("_", " "), getattr(self, name), 0.0, above=True)
+        checks.finite("kl weight", self.kl_weight, 0.0)
+        checks.finite("grounding weight", self.grounding_weight, 0.0)
+        checks.fraction("caption dropout", self.caption_dropout)
+        checks.fraction("EMA decay", self.ema_decay)
 
 
 class SceneTrainer:

@@ -1,0 +1,55 @@
+"""Checks of settings where they enter the library (config dataclasses and entry functions), so
+the command line, the Python API and any other front end give the same message for a bad value.
+
+Each raises :class:`SettingError` saying which setting, what it got and what it takes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from .errors import SettingError
+
+
+def finite(name: str, value: float, low: float = -math.inf, high: float = math.inf, *, above: bool = False) -> None:
+    """A finite number in [low, high] (in (low, high] with ``above``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SettingError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise SettingError(f"{name} must be a finite number, got {value}")
+    if value < low or (above and value == low) or value > high:
+        low_bracket = "(" if above else "["
+        raise SettingError(f"{name} must be in {low_bracket}{low:g}, {high:g}], got {value:g}")
+
+
+def fraction(name: str, value: float) -> None:
+    """A number in [0, 1]."""
+    finite(name, value, 0.0, 1.0)
+
+
+def count(name: str, value: int, low: int = 1) -> None:
+    """An integer of at least ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingError(f"{name} must be a whole number, got {value!r}")
+    if value < low:
+        raise SettingError(f"{name} must be at least {low}, got {value}")
+
+
+def output_folder(name: str, path: str | os.PathLike) -> Path:
+    """A folder to write into: it may exist as a folder or not yet, never be a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SettingError(f"{name} {path} is a file; give a folder (it is created if missing).")
+    return path
+
+
+def output_file(name: str, path: str | os.PathLike) -> Path:
+    """A file to write: not an existing folder, and in a folder that exists."""
+    path = Path(path)
+    if path.is_dir():
+        raise SettingError(f"{name} {path} is a folder; give a file name such as {path / 'image.png'}.")
+    if not path.parent.is_dir():
+        raise SettingError(f"{name}: the folder {path.parent} does not exist; create it first.")
+    return path

@@ -1,0 +1,165 @@
+"""Bad input through every command: exit code 2, one `error:` line, no traceback, files on disk
+unchanged; the same values through the Python API raise DplEditError with the same message."""
+
+import hashlib
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from dpl_edit import DplEditError, EditConfig, NullTextConfig, SettingError, invert
+from dpl_edit.cli import main
+from dpl_edit.demo import run_demo
+from dpl_edit.images import to_pil
+from dpl_edit.inversion import DynamicPromptConfig
+from dpl_edit.scenes.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """An image, a plain file, a folder, and a small NTI inversion of the image (tiny model)."""
+    root = tmp_path_factory.mktemp("bad")
+    g = torch.Generator().manual_seed(0)
+    to_pil(torch.rand(1, 3, 128, 128, generator=g) * 2 - 1).save(root / "image.png")
+    (root / "note.txt").write_text("not an image, not a folder")
+    (root / "folder").mkdir()
+    Image.new("L", (128, 128), 255).save(root / "cat.png")
+    assert main(["invert", str(root / "image.png"), "--prompt", "a cat and a dog", "--model", "tiny", "--steps", "2",
+                 "--out", str(root / "inv"), "--quiet"]) == 0
+    return root
+
+
+INVERT = ["invert", "{image}", "--prompt", "a {{cat}} and a {{dog}}", "--model", "tiny", "--steps", "2",
+          "--out", "{root}/new"]
+EDIT = ["edit", "{root}/inv", "--target", "a cat and a tiger", "--out", "{root}/edits"]
+RUN = ["run", "{image}", "--source", "a {{cat}} and a {{dog}}", "--target", "a cat and a tiger", "--model", "tiny",
+       "--steps", "2", "--out", "{root}/run"]
+CASES = {
+    "invert guidance nan": (INVERT + ["--guidance", "nan"], "--guidance must be a finite number"),
+    "invert guidance inf": (INVERT + ["--guidance", "inf"], "--guidance must be a finite number"),
+    "invert guidance negative": (INVERT + ["--guidance", "-1"], "--guidance must be in [0, inf]"),
+    "invert guidance text": (INVERT + ["--guidance", "abc"], "invalid float value"),
+    "invert zero steps": (INVERT[:-4] + ["--steps", "0", "--out", "{root}/new"], "--steps must be at least 1"),
+    "invert negative steps": (INVERT[:-4] + ["--steps", "-3", "--out", "{root}/new"], "--steps must be at least 1"),
+    "invert steps text": (INVERT[:-4] + ["--steps", "ten", "--out", "{root}/new"], "invalid int value"),
+    "invert negative dpl iterations": (INVERT + ["--method", "dpl", "--dpl-iterations", "-1"],
+                                       "DPL max_iterations must be at least 0"),
+    "invert lambda dj nan": (INVERT + ["--lambda-dj", "nan"], "DPL lambda_dj must be a finite number"),
+    "invert lambda bg negative": (INVERT + ["--lambda-bg", "-0.5"], "DPL lambda_bg must be in [0, inf]"),
+    "invert cross res zero": (INVERT + ["--cross-res", "0"], "DPL cross_resolution must be at least 1"),
+    "invert self res negative": (INVERT + ["--self-res", "-4"], "DPL self_resolution must be at least 1"),
+    "invert zero nti iterations": (INVERT + ["--nti-iterations", "0"], "null-text max_iterations must be at least 1"),
+    "invert unknown loss": (INVERT + ["--losses", "xx"], "--losses takes a comma-separated subset"),
+    "invert unknown span": (INVERT + ["--span", "all"], "invalid choice"),
+    "invert unknown method": (INVERT + ["--method", "magic"], "invalid choice"),
+    "invert out is a file": (INVERT[:-1] + ["{root}/note.txt"], "is a file; give a folder"),
+    "invert image is a folder": (["invert", "{root}/folder"] + INVERT[2:], "No image file at"),
+    "invert image missing": (["invert", "{root}/missing.png"] + INVERT[2:], "No image file at"),
+    "invert dpl without marks": (["invert", "{image}", "--prompt", "a cat", "--method", "dpl", "--out", "{root}/x"],
+                                 "No dynamic word"),
+    "edit cross steps above 1": (EDIT + ["--cross-steps", "1.5"], "cross_replace_steps must be in [0, 1]"),
+    "edit cross steps nan": (EDIT + ["--cross-steps", "nan"], "cross_replace_steps must be a finite number"),
+    "edit self steps negative": (EDIT + ["--self-steps", "-0.1"], "self_replace_steps must be in [0, 1]"),
+    "edit blend threshold 2": (EDIT + ["--blend-threshold", "2"], "blend_threshold must be in [0, 1]"),
+    "edit blend start nan": (EDIT + ["--blend-start", "nan"], "blend_start must be a finite number"),
+    "edit reweight nan": (EDIT + ["--reweight", "tiger=nan"], "re-weighting factor of 'tiger' must be a finite"),
+    "edit reweight malformed": (EDIT + ["--reweight", "tiger"], "--reweight takes WORD=VALUE"),
+    "edit word steps above 1": (EDIT + ["--cross-steps-word", "tiger=1.2"], "cross_replace_steps of 'tiger' must be"),
+    "edit out is a file": (EDIT[:-1] + ["{root}/note.txt"], "is a file; give a folder"),
+    "edit no inversion": (["edit", "{root}/folder", "--target", "a dog"], "holds no inversion"),
+    "edit blend occurrence zero": (EDIT + ["--blend", "cat@0"], "word@N"),
+    "edit blend occurrence missing": (EDIT + ["--blend", "cat@5"], "occurrence(s) of 'cat', not 5"),
+    "edit unknown mode": (EDIT + ["--mode", "swap"], "invalid choice"),
+    "edit unknown target tokens": (EDIT + ["--target-tokens", "some"], "invalid choice"),
+    "run cross steps 3": (RUN + ["--cross-steps", "3"], "cross_replace_steps must be in [0, 1]"),
+    "run guidance nan": (RUN + ["--guidance", "nan"], "--guidance must be a finite number"),
+    "run out is a file": (RUN[:-1] + ["{root}/note.txt"], "is a file; give a folder"),
+    "reconstruct out is a folder": (["reconstruct", "{root}/inv", "--out", "{root}/folder"], "is a folder; give a file"),
+    "reconstruct out in a missing folder": (["reconstruct", "{root}/inv", "--out", "{root}/nowhere/r.png"],
+                                            "does not exist; create it first"),
+    "reconstruct no inversion": (["reconstruct", "{root}/folder"], "holds no inversion"),
+    "demo zero steps": (["demo", "--steps", "0", "--out", "{root}/demo"], "The number of steps must be at least 1"),
+    "demo scene beyond the split": (["demo", "--scene", "99999999", "--out", "{root}/demo"],
+                                    "The scene number must be below 10000000"),
+    "demo negative scene": (["demo", "--scene", "-1", "--out", "{root}/demo"], "expected a scene number"),
+    "demo out is a file": (["demo", "--out", "{root}/note.txt"], "is a file; give a folder"),
+    "check-scenes zero samples": (["check-scenes", "--model", "scenes", "--samples", "0"], "--samples must be at least 1"),
+    "check-scenes negative localisations": (["check-scenes", "--model", "scenes", "--localisations", "-1"],
+                                            "--localisations must be at least 1"),
+    "train grounding nan": (["train-scenes", "--out", "{root}/train", "--grounding-weight", "nan"],
+                            "grounding weight must be a finite number"),
+    "train zero batch": (["train-scenes", "--out", "{root}/train", "--batch-size", "0"], "batch size must be at least 1"),
+    "train negative time limit": (["train-scenes", "--out", "{root}/train", "--time-limit", "-5"],
+                                  "--time-limit must be in (0, inf]"),
+    "train out is a file": (["train-scenes", "--out", "{root}/note.txt"], "is a file; give a folder"),
+    "localisation malformed mask": (["localisation", "{root}/inv", "--mask", "cat"], "--mask takes WORD=FILE"),
+    "localisation missing mask": (["localisation", "{root}/inv", "--mask", "cat={root}/none.png"], "Could not read the mask"),
+    "attention no inversion": (["attention", "{root}/folder"], "holds no inversion"),
+}
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def _run(argv):
+    try:
+        return main(argv)
+    except SystemExit as exit:  # argparse's own errors
+        return exit.code
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_ends_in_one_error_line(case, files, capsys):
+    argv, message = CASES[case]
+    argv = [a.format(root=files, image=files / "image.png") for a in argv]
+    before = _snapshot(files)
+    capsys.readouterr()
+    assert _run(argv) == 2, case
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "error:" in line] != [] and err.count("error:") == 1, err
+    assert "Traceback" not in err and message in err, err
+    assert _snapshot(files) == before
+
+
+API_CASES = [
+    (lambda: NullTextConfig(max_iterations=0), "null-text max_iterations must be at least 1"),
+    (lambda: DynamicPromptConfig(lambda_dj=math.nan), "DPL lambda_dj must be a finite number"),
+    (lambda: DynamicPromptConfig(max_iterations=-1), "DPL max_iterations must be at least 0"),
+    (lambda: DynamicPromptConfig(cross_resolution=0), "DPL cross_resolution must be at least 1"),
+    (lambda: EditConfig(cross_replace_steps=1.5), "cross_replace_steps must be in [0, 1]"),
+    (lambda: EditConfig(blend_start=math.nan), "blend_start must be a finite number"),
+    (lambda: EditConfig(reweight={"tiger": math.nan}), "re-weighting factor of 'tiger' must be a finite"),
+    (lambda: TrainConfig(grounding_weight=math.nan), "grounding weight must be a finite number"),
+    (lambda: run_demo("unused", num_steps=0), "The number of steps must be at least 1"),
+    (lambda: run_demo("unused", scene_index=99999999), "The scene number must be below 10000000"),
+]
+
+
+@pytest.mark.parametrize("index", range(len(API_CASES)))
+def test_the_api_raises_the_same_messages(index):
+    make, message = API_CASES[index]
+    with pytest.raises(SettingError, match=message.replace("[", r"\[").replace("(", r"\(")) as raised:
+        make()
+    assert isinstance(raised.value, DplEditError) and isinstance(raised.value, ValueError)
+
+
+def test_invert_checks_guidance_and_steps(model, image):
+    for kwargs, message in (({"guidance_scale": math.nan}, "guidance_scale must be a finite number"),
+                            ({"num_steps": 0}, "num_steps must be at least 1")):
+        with pytest.raises(SettingError, match=message):
+            invert(model, to_pil(image), "a cat", progress=False, **kwargs)
+
+
+def test_an_unexpected_failure_is_one_line_and_a_log_file(monkeypatch, capsys, files):
+    def broken(folder):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("dpl_edit.cli.inversion.Inversion.load", broken)
+    assert main(["reconstruct", str(files / "inv")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "this is a bug in dpl-edit" in err[0] and "Traceback" not in err[0]
+    log = err[0].rsplit(" ", 1)[-1]
+    assert "RuntimeError: boom" in open(log).read()
