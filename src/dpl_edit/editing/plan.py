@@ -67,11 +67,6 @@ class EditPlan:
     kept_tokens: list[tuple[list[int], list[int]]]  # per target: (target positions, rows of the source vectors)
 
 
-def word_positions(prompt: MarkedPrompt, word: str, tokenizer: CLIPTokenizer) -> tuple[int, ...]:
-    """Token positions of a word in a prompt (its first whole-word occurrence); PromptError if absent."""
-    return parse_marked_prompt(prompt.text, tokenizer, [word]).words[-1].positions
-
-
 def region_positions(prompt: MarkedPrompt, spec: str, tokenizer: CLIPTokenizer) -> set[int]:
     """Token positions of the words a region spec names in a prompt.
 
@@ -149,7 +144,7 @@ def _in_targets(targets, word, tokenizer) -> list[tuple[int, list[int]]]:
     found = []
     for j, target in enumerate(targets):
         try:
-            found.append((j, list(word_positions(target, word, tokenizer))))
+            found.append((j, sorted(region_positions(target, word, tokenizer))))
         except PromptError:
             continue
     if not found:
