@@ -1,5 +1,7 @@
 """The DPL loop on the tiny model: what is optimised, the early-exit forward, the saved result."""
 
+import logging
+
 import pytest
 import torch
 
@@ -91,3 +93,11 @@ def test_dpl_needs_marked_words_and_existing_map_sizes(model, image):
     with pytest.raises(Exception, match="no cross-attention layers with 64x64"):
         invert(model, to_pil(image), "a {cat}", method="dpl", num_steps=2, progress=False,
                dpl=DynamicPromptConfig(cross_resolution=64))
+
+
+def test_most_steps_at_the_cap_log_a_warning(model, image, caplog):
+    with caplog.at_level(logging.WARNING, logger="dpl_edit.pipeline"):
+        inversion = invert(model, to_pil(image), "a {cat} and a {dog}", method="dpl", num_steps=2,
+                           dpl=DynamicPromptConfig(max_iterations=1, threshold_at=0.0), progress=False)
+    assert [e["iterations"] for e in inversion.dpl_log] == [1, 1]
+    assert "DPL: 2 of 2 steps at the 1-iteration cap" in caplog.text and "drift" in caplog.text

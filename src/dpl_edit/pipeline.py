@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -33,11 +34,12 @@ from .inversion import (
     dynamic_prompt_inversion,
     null_text_inversion,
 )
-from .inversion.dynamic_prompt import NULL_STRATEGIES
+from .inversion.dynamic_prompt import NULL_STRATEGIES, mostly_capped, saturation
 from .losses import word_maps
 from .models import StableDiffusion
 from .prompts import parse_marked_prompt
 
+logger = logging.getLogger(__name__)
 METHODS = ("ddim", "nti", "npi", "direct", "dpl")
 METHOD_NULLS = {"ddim": "empty", "nti": "optimized", "npi": "negative", "direct": "direct"}
 PRESETS = ("paper", "authors")
@@ -145,6 +147,9 @@ def _learn_tokens(result: Inversion, model, marked, pivot, null_init, store, cro
     result.token_vectors = torch.stack(learned.token_vectors)  # (num_steps, K, D_in)
     result.token_positions = marked.positions
     result.dpl_log = learned.log
+    if mostly_capped(learned.log, dpl.max_iterations):
+        logger.warning("DPL: %s. The learned token vectors may drift from their words.",
+                       saturation(learned.log, dpl.max_iterations))
     result.background_mask, result.clusters = mask.mask, mask.clusters
     result.settings.update(
         null_text=asdict(null_text), dpl=asdict(dpl), background_fallback=mask.fallback,

@@ -14,7 +14,7 @@ from ..editing.plan import TARGET_TOKENS
 from ..errors import DplEditError
 from ..images import FITS, load_image, psnr
 from ..inversion import DynamicPromptConfig, NullTextConfig
-from ..inversion.dynamic_prompt import LOSSES, NULL_STRATEGIES, mostly_capped, saturation
+from ..inversion.dynamic_prompt import LOSSES, NULL_STRATEGIES, saturation
 from ..losses import SPANS
 from ..pipeline import METHODS, PRESETS, invert, model_dpl_config, reconstruct
 from ..prompts import check_marks
@@ -258,11 +258,8 @@ def invert_from_args(args: argparse.Namespace, model, settings: tuple[NullTextCo
     inversion.settings["fit"] = args.fit
     inversion.save(args.out)
     print(f"Inverted {args.image} with {args.method} in {time.perf_counter() - started:.1f} s -> {args.out}/")
-    if inversion.dpl_log:
+    if inversion.dpl_log:  # (more than half the steps at the cap also logs a warning)
         print(saturation(inversion.dpl_log, dpl.max_iterations))
-        if mostly_capped(inversion.dpl_log, dpl.max_iterations):
-            print("warning: most steps ran out of DPL iterations without meeting the thresholds; the learned "
-                  "tokens may drift from their words (check the marked words, or try --span)")
     return inversion
 
 
