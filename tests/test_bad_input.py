@@ -3,6 +3,7 @@ unchanged; the same values through the Python API raise DplEditError with the sa
 
 import hashlib
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,4 +163,4 @@ def test_an_unexpected_failure_is_one_line_and_a_log_file(monkeypatch, capsys, f
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "this is a bug in dpl-edit" in err[0] and "Traceback" not in err[0]
     log = err[0].rsplit(" ", 1)[-1]
-    assert "RuntimeError: boom" in open(log).read()
+    assert "RuntimeError: boom" in Path(log).read_text()

@@ -39,7 +39,7 @@ def test_attention_shares_on_constructed_maps():
 
 
 def test_best_iou_tells_a_map_on_its_object_from_a_map_elsewhere():
-    own, other = _two_objects()
+    own, _ = _two_objects()
     on_own = torch.zeros(16, 16)
     on_own[2:6, 2:6] = 1.0
     on_other = torch.zeros(16, 16)
