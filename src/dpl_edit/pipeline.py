@@ -148,7 +148,7 @@ def _learn_tokens(result: Inversion, model, marked, pivot, null_init, store, cro
     result.token_positions = marked.positions
     result.dpl_log = learned.log
     if mostly_capped(learned.log, dpl.max_iterations):
-        logger.warning("DPL: %s. The learned token vectors may drift from their words.",
+        logger.warning("%s. The learned token vectors may drift from their words.",
                        saturation(learned.log, dpl.max_iterations))
     result.background_mask, result.clusters = mask.mask, mask.clusters
     result.settings.update(
