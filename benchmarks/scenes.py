@@ -38,6 +38,7 @@ from torchmetrics.functional import structural_similarity_index_measure
 from dpl_edit import edit, invert, reconstruct
 from dpl_edit.editing.plan import TARGET_TOKENS
 from dpl_edit.images import psnr, to_tensor
+from dpl_edit.inversion.dynamic_prompt import capped_steps as dpl_capped_steps
 from dpl_edit.localisation import attention_shares, best_iou, iou_curve, mean_iou, plot_curves
 from dpl_edit.losses import SPANS
 from dpl_edit.pipeline import model_dpl_config
@@ -81,8 +82,7 @@ def capped_steps(inversion) -> int | None:
     """DPL steps that ran out of AdamW iterations (None for other methods)."""
     if not inversion.dpl_log:
         return None
-    cap = inversion.settings["dpl"]["max_iterations"]
-    return sum(entry["iterations"] >= cap for entry in inversion.dpl_log)
+    return dpl_capped_steps(inversion.dpl_log, inversion.settings["dpl"]["max_iterations"])
 
 
 def main() -> None:

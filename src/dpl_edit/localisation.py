@@ -33,6 +33,11 @@ def mean_iou(curve: torch.Tensor) -> torch.Tensor:
     return curve[..., SUMMARY_FROM:].mean(dim=-1)
 
 
+def upsampled(attention: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """A map (res, res) brought bilinearly to a mask's (H, W)."""
+    return F.interpolate(attention[None, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
+
+
 def attention_shares(attention: torch.Tensor, masks: Sequence[torch.Tensor]) -> torch.Tensor:
     """Where a map's mass lies: its share (len(masks) + 1,) inside each (H, W) bool mask, then outside
     them all (the background).
@@ -40,9 +45,7 @@ def attention_shares(attention: torch.Tensor, masks: Sequence[torch.Tensor]) -> 
     The map (res, res) is upsampled bilinearly to the masks' size, not thresholded; the masks should
     not overlap (the shares then sum to 1).
     """
-    height, width = masks[0].shape
-    heat = F.interpolate(attention[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-    heat = heat.clamp_min(0)
+    heat = upsampled(attention, masks[0].shape).clamp_min(0)
     total = heat.sum().clamp_min(1e-12)
     inside = [heat[mask.bool()].sum() / total for mask in masks]
     union = torch.stack([mask.bool() for mask in masks]).any(dim=0)
@@ -53,8 +56,7 @@ def iou_curve(
     attention: torch.Tensor, mask: torch.Tensor, thresholds: Sequence[float] = THRESHOLDS
 ) -> torch.Tensor:
     """IoU (len(thresholds),) of a map (res, res) thresholded after max-normalisation, with a mask (H, W) bool."""
-    height, width = mask.shape
-    heat = F.interpolate(attention[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    heat = upsampled(attention, mask.shape)
     heat = heat / heat.max().clamp_min(1e-12)
     mask = mask.bool()
     ious = []

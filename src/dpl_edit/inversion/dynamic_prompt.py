@@ -156,10 +156,15 @@ class TokenLosses:
         return {k: compute[k]() for k in self.active}
 
 
+def capped_steps(log: Sequence[dict], max_iterations: int) -> int:
+    """How many steps of a DPL log used every AdamW iteration without meeting the thresholds."""
+    return sum(entry["iterations"] >= max_iterations for entry in log)
+
+
 def saturation(log: Sequence[dict], max_iterations: int) -> str:
-    """One line on a DPL run: how many steps used every AdamW iteration without meeting the
-    thresholds, and the losses against their thresholds at the last step."""
-    capped = sum(entry["iterations"] >= max_iterations for entry in log)
+    """One line on a DPL run: the steps at the iteration cap, and the losses against their
+    thresholds at the last step."""
+    capped = capped_steps(log, max_iterations)
     last = log[-1]
     losses = ", ".join(f"L_{k} {v:.3f}/{last['thresholds'][k]:.3f}" for k, v in last["losses"].items())
     return f"DPL: {capped} of {len(log)} steps at the {max_iterations}-iteration cap; last step {losses}"
@@ -167,7 +172,7 @@ def saturation(log: Sequence[dict], max_iterations: int) -> str:
 
 def mostly_capped(log: Sequence[dict], max_iterations: int) -> bool:
     """True when more than half the steps ran out of iterations (the tokens are likely drifting)."""
-    return sum(entry["iterations"] >= max_iterations for entry in log) > len(log) / 2
+    return capped_steps(log, max_iterations) > len(log) / 2
 
 
 def optimize_tokens(
