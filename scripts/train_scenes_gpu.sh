@@ -25,8 +25,8 @@ started=$(date +%s)
 python3 -m dpl_edit.cli train-scenes --out "$RUN" --device "$DEVICE" --compile --batch-size 256 --vae-batch-size 128 \
     --grounding-weight "${GROUNDING:-0.01}" --time-limit "${MINUTES:-8}" --quiet 2>&1 | grep -v -i "warn" | tail -5
 echo "training call: $(( $(date +%s) - started )) s"
-python3 -m dpl_edit.cli train-scenes --out "$RUN" --device "$DEVICE" --grounding-weight "${GROUNDING:-0.01}" \
-    --export /tmp/export --quiet
+python3 -m dpl_edit.cli train-scenes --out "$RUN" --device "$DEVICE" --batch-size 256 --vae-batch-size 128 \
+    --grounding-weight "${GROUNDING:-0.01}" --export /tmp/export --quiet
 cp /tmp/export/unet/diffusion_pytorch_model.safetensors "$OUT/unet.safetensors"
 cp /tmp/export/text_encoder/model.safetensors "$OUT/text_encoder.safetensors"
 cp /tmp/export/dpl_edit.json "$RUN/loss_log.jsonl" "$OUT/"

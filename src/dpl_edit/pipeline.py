@@ -124,7 +124,8 @@ def invert(
         )
     if result.null == "direct":
         result.trajectory = torch.cat(pivot)  # (num_steps + 1, C, h, w)
-    result.cross_maps = torch.stack(step_maps)[..., 1 : marked.end_position].permute(0, 3, 1, 2)  # (T, n, res, res)
+    # The maps are views for analysis (saved, drawn, scored against CPU masks): kept on the CPU.
+    result.cross_maps = torch.stack(step_maps)[..., 1 : marked.end_position].permute(0, 3, 1, 2).cpu()  # (T, n, res, res)
     result.settings["seconds"] = round(time.perf_counter() - started, 3)
     return result
 
@@ -150,7 +151,7 @@ def _learn_tokens(result: Inversion, model, marked, pivot, null_init, store, cro
     if mostly_capped(learned.log, dpl.max_iterations):
         logger.warning("%s. The learned token vectors may drift from their words.",
                        saturation(learned.log, dpl.max_iterations))
-    result.background_mask, result.clusters = mask.mask, mask.clusters
+    result.background_mask, result.clusters = mask.mask.cpu(), mask.clusters.cpu()
     result.settings.update(
         null_text=asdict(null_text), dpl=asdict(dpl), background_fallback=mask.fallback,
         background_clusters=mask.background_clusters,
