@@ -84,7 +84,7 @@ def check_marks(prompt: str, words: Sequence[str] = (), require_words: bool = Tr
     if require_words and not spans and not words:
         raise PromptError(
             f"No dynamic word in {prompt!r}: mark the nouns to learn in curly brackets, "
-            'e.g. "a {cat} and a {dog}", or list them with --words.'
+            'e.g. "a {cat} and a {dog}" (or list them: --words on the command line, words= in Python).'
         )
 
 

@@ -1,0 +1,192 @@
+"""The Gradio page of `dpl serve`: an Invert panel, an Edit panel and the views, on :class:`Workbench`.
+
+Every handler turns a :class:`~dpl_edit.errors.DplEditError` into a message in the page's status
+line and leaves what is already shown in place; an unexpected exception is logged on the server
+with its traceback and the page says only that it happened. Long work goes through Gradio's queue,
+one job on the model at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from ..cli.common import pairs
+from ..editing import MODES, EditConfig
+from ..editing.plan import TARGET_TOKENS
+from ..errors import DplEditError
+from ..images import FITS
+from .workbench import DPL_NULLS, PAGE_METHODS, InvertSettings, Workbench, enlarged
+
+logger = logging.getLogger(__name__)
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+SCENE_CHOICES = [f"test scene {i} (two objects)" for i in range(4)] + [f"test scene {i} (three objects)" for i in range(2)]
+ERROR = "**Error:** "
+
+
+def _guarded(outputs: int):
+    """Run a handler; on an error, put the message in the first output (the status line) and skip the rest."""
+
+    def wrap(handler):
+        @functools.wraps(handler)
+        def run(*args, **kwargs):
+            try:
+                return handler(*args, **kwargs)
+            except DplEditError as err:
+                message = str(err)
+            except Exception:  # a bug: the traceback goes to the server's log, never to the page
+                logger.exception("dpl serve: unexpected error in %s", handler.__name__)
+                message = "Something went wrong on the server (a bug in dpl-edit; the details are in its log)."
+            if outputs == 1:
+                return ERROR + message
+            return (ERROR + message, *[gr.skip() for _ in range(outputs - 1)])
+
+        return run
+
+    return wrap
+
+
+def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
+    """The page; ``workbench`` does all the work."""
+    cancelled: dict[str, threading.Event] = {}
+
+    def flag(request: gr.Request | None) -> threading.Event:
+        return cancelled.setdefault(getattr(request, "session_hash", None) or "", threading.Event())
+
+    @_guarded(4)
+    def pick(choice, model_name):
+        if not choice:
+            return "", gr.skip(), gr.skip(), gr.skip()
+        if choice.startswith("test scene"):
+            index, objects = int(choice.split()[2]), 3 if "three" in choice else 2
+            path, caption = workbench.scene_example(index, objects)
+        else:
+            path, caption = str(EXAMPLES / choice), "a red {circle} and a blue {square} on grass"
+        image = workbench.source_image(path, model_name)
+        return f"Picked {choice}.", path, caption, enlarged(image)
+
+    @_guarded(3)
+    def upload(path, model_name, fit):
+        image = workbench.source_image(path, model_name, fit)
+        return "Image loaded; now describe it in the source prompt.", path, enlarged(image)
+
+    @_guarded(1)
+    def show_tokens(prompt, model_name):
+        return workbench.tokens(prompt, model_name)
+
+    @_guarded(9)
+    def run_invert(path, prompt, method, model_name, null, steps, guidance, seed, fit,
+                   request: gr.Request, progress=gr.Progress()):
+        stop = flag(request)
+        stop.clear()
+        settings = InvertSettings(method=method, null=null, steps=int(steps), guidance=float(guidance),
+                                  seed=int(seed), fit=fit)
+        view = workbench.invert(path, prompt, settings, model_name,
+                                report=lambda done, what: progress(done, desc=what), cancelled=stop.is_set)
+        return (view.summary, view.key, enlarged(view.reconstruction), view.attention, view.comparison,
+                view.background, view.dpl_log, str(workbench.inversion_zip(view.key)), gr.update(interactive=True))
+
+    def cancel(request: gr.Request):
+        flag(request).set()
+        return "Cancelling the inversion..."
+
+    @_guarded(4)
+    def run_edit(key, targets, mode, cross, self_steps, reweight, blend, subtract, target_tokens):
+        config = EditConfig(
+            mode=mode, cross_replace_steps=float(cross), self_replace_steps=float(self_steps),
+            reweight=pairs((reweight or "").split(), "re-weighting"), blend=tuple((blend or "").split()),
+            subtract=tuple((subtract or "").split()), target_tokens=target_tokens,
+        )
+        view = workbench.edit(key, targets, config)
+        gallery = [(enlarged(image), caption) for image, caption in view.edits]
+        return f"{len(gallery)} edit(s) of the kept inversion (not inverted again).", gallery, view.grid, \
+            str(view.download)
+
+    examples = sorted(p.name for p in EXAMPLES.glob("*.png")) if EXAMPLES.is_dir() else []
+    with gr.Blocks(title="dpl-edit", analytics_enabled=False) as page:
+        gr.Markdown("# dpl-edit: invert once, edit many times\n"
+                    "Dynamic Prompt Learning (DPL), null-text inversion and Prompt-to-Prompt on "
+                    f"`{workbench.model_name}`. Mark the words DPL should learn in braces: `a {{cat}} and a {{dog}}`.")
+        key = gr.State(None)
+        source_path = gr.State(None)
+        with gr.Row():
+            with gr.Column():
+                gr.Markdown("## 1. Invert")
+                picker = gr.Dropdown(SCENE_CHOICES + examples, value=None, label="Pick a scene or an example",
+                                     elem_id="picker")
+                uploaded = gr.File(label="... or upload an image", type="filepath", file_types=["image"])
+                preview = gr.Image(label="Source image", interactive=False, height=256, elem_id="source-image")
+                prompt = gr.Textbox(label="Source prompt (words in {braces} are learned by DPL)", elem_id="prompt")
+                tokens = gr.Markdown(elem_id="tokens")
+                method = gr.Radio(list(PAGE_METHODS), value="dpl", label="Method")
+                with gr.Accordion("Advanced", open=False):
+                    model_name = gr.Textbox(value=workbench.model_name, label="Model (a name or a diffusers folder)")
+                    null = gr.Radio(list(DPL_NULLS), value="optimized", label="DPL's null step")
+                    steps = gr.Slider(1, 100, value=default_steps, step=1, label="Steps", elem_id="steps")
+                    guidance = gr.Number(value=7.5, label="Guidance scale")
+                    seed = gr.Number(value=0, precision=0, label="Seed (DPL's background clustering)")
+                    fit = gr.Radio(list(FITS), value="crop", label="Non-square images")
+                with gr.Row():
+                    invert_button = gr.Button("Invert", variant="primary", elem_id="invert")
+                    cancel_button = gr.Button("Cancel", elem_id="cancel")
+                status = gr.Markdown(elem_id="status")
+            with gr.Column():
+                gr.Markdown("## 2. Edit")
+                targets = gr.Textbox(label="Target prompts, one per line", lines=3, elem_id="targets")
+                mode = gr.Radio(list(MODES), value="replace", label="Mode (replace: same token count)")
+                with gr.Row():
+                    cross = gr.Slider(0, 1, value=0.8, step=0.05, label="Cross-attention steps")
+                    self_steps = gr.Slider(0, 1, value=0.4, step=0.05, label="Self-attention steps")
+                reweight = gr.Textbox(label="Re-weighting (word=factor ...)", placeholder="fluffy=2.0")
+                with gr.Row():
+                    blend = gr.Textbox(label="Local blend words", placeholder="circle")
+                    subtract = gr.Textbox(label="Subtract words", placeholder="square")
+                target_tokens = gr.Radio(list(TARGET_TOKENS), value="keep", label="Learned DPL tokens in the targets")
+                edit_button = gr.Button("Edit", variant="primary", interactive=False, elem_id="edit")
+                edit_status = gr.Markdown(elem_id="edit-status")
+        with gr.Tabs():
+            with gr.Tab("Edits"):
+                gallery = gr.Gallery(label="Edits", columns=4, height=300, object_fit="contain", preview=False,
+                                     allow_preview=False, elem_id="edits")
+                grid = gr.Image(label="Edit grid: source, reconstruction, edit, edited words' maps")
+            with gr.Tab("Reconstruction"):
+                reconstruction = gr.Image(label="Reconstruction", height=256)
+            with gr.Tab("Attention"):
+                attention = gr.Image(label="Each marked word's cross-attention, all steps and by step range",
+                                     elem_id="attention")
+                comparison = gr.Image(label="NTI vs DPL (when both are inverted for this image and prompt)")
+            with gr.Tab("DPL"):
+                background = gr.Image(label="Self-attention clusters and the background mask")
+                dpl_log = gr.Image(label="DPL's losses against their thresholds, per step")
+            with gr.Tab("Downloads"):
+                inversion_file = gr.File(label="Inversion folder (zip)")
+                edits_file = gr.File(label="Inversion and edits (zip)")
+
+        picker.change(pick, [picker, model_name], [status, source_path, prompt, preview]).then(
+            show_tokens, [prompt, model_name], [tokens])
+        uploaded.upload(upload, [uploaded, model_name, fit], [status, source_path, preview])
+        prompt.change(show_tokens, [prompt, model_name], [tokens], queue=False)
+        inverting = invert_button.click(
+            run_invert, [source_path, prompt, method, model_name, null, steps, guidance, seed, fit],
+            [status, key, reconstruction, attention, comparison, background, dpl_log, inversion_file, edit_button],
+            concurrency_id="model", concurrency_limit=1,
+        )
+        cancel_button.click(cancel, None, [status], cancels=[inverting], queue=False)
+        edit_button.click(
+            run_edit, [key, targets, mode, cross, self_steps, reweight, blend, subtract, target_tokens],
+            [edit_status, gallery, grid, edits_file], concurrency_id="model", concurrency_limit=1,
+        )
+    return page
+
+
+def serve(workbench: Workbench, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+          default_steps: int = 50, block: bool = True):
+    """Start the page (queued: one job on the model at a time); returns Gradio's (app, local url, share url)."""
+    page = build_page(workbench, default_steps)
+    page.queue(default_concurrency_limit=1)
+    return page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+                       max_file_size="25mb", allowed_paths=[str(workbench.cache_dir)], footer_links=[])

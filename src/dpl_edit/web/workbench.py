@@ -1,0 +1,320 @@
+"""What the web page does, without the page: load a model, invert once, edit many times.
+
+:class:`Workbench` holds one model at a time and an on-disk cache of inversions keyed by the
+image, the prompt, the model and the settings, so that a second edit, a page reload or a second
+browser session reuses an inversion instead of computing it again. Every method takes and returns
+plain values (paths, strings, PIL images), raises :class:`~dpl_edit.errors.DplEditError` with a
+message for a person when the input is wrong, and is what the Gradio app (:mod:`.app`) calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import shutil
+import threading
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .. import checks
+from ..artifacts import Inversion
+from ..editing import EditConfig, EditResult, edit
+from ..errors import DplEditError, PromptError
+from ..images import FITS, load_image, psnr
+from ..inversion import NullTextConfig
+from ..pipeline import invert, model_dpl_config, reconstruct
+from ..prompts import parse_marked_prompt
+from ..registry import load_model
+from ..scenes.render import render, split_scene
+from ..views import background_view, comparison_grid, dpl_log_view, edit_grid, save_figure, word_attention_grid
+
+PAGE_METHODS = ("dpl", "nti", "npi", "direct")  # what the page offers (ddim is nti's first half)
+DPL_NULLS = ("optimized", "negative", "direct")
+MAX_UPLOAD_BYTES = 25 * 1024 * 1024
+MAX_UPLOAD_PIXELS = 40_000_000
+DISPLAY_SIZE = 256  # small model images are shown enlarged (nearest neighbour)
+
+Report = Callable[[float, str], None]  # (fraction done, what is happening)
+
+
+class Cancelled(DplEditError):
+    """The person asked to stop the inversion in progress."""
+
+
+@dataclass(frozen=True)
+class InvertSettings:
+    method: str = "dpl"
+    null: str = "optimized"  # DPL's null step
+    steps: int = 50
+    guidance: float = 7.5
+    seed: int = 0  # the background clustering's seed (DPL)
+    fit: str = "crop"
+
+    def check(self) -> None:
+        if self.method not in PAGE_METHODS:
+            raise DplEditError(f"Unknown method {self.method!r}; choose one of {', '.join(PAGE_METHODS)}")
+        if self.null not in DPL_NULLS:
+            raise DplEditError(f"Unknown null step {self.null!r}; choose one of {', '.join(DPL_NULLS)}")
+        if self.fit not in FITS:
+            raise DplEditError(f"Unknown fit {self.fit!r}; choose one of {', '.join(FITS)}")
+        checks.count("steps", self.steps)
+        checks.finite("guidance", self.guidance, 0.0)
+        checks.count("seed", self.seed, 0)
+
+
+@dataclass
+class InversionView:
+    """What the page shows after an inversion."""
+
+    key: str  # the cache entry
+    inversion: Inversion
+    reconstruction: Image.Image
+    psnr: float
+    attention: Image.Image  # each marked word's map over the image, all steps and by step range
+    comparison: Image.Image | None  # NTI vs DPL maps, when both inversions of this image and prompt exist
+    background: Image.Image | None  # DPL's self-attention clusters and background mask
+    dpl_log: Image.Image | None  # DPL's losses against thresholds, per step
+    cached: bool  # reused from the cache
+    summary: str
+
+
+@dataclass
+class EditView:
+    edits: list[tuple[Image.Image, str]]
+    grid: Image.Image
+    download: Path  # a zip of the inversion folder and the edits
+
+
+@dataclass
+class Workbench:
+    """One model at a time (loaded on first use) and an inversion cache in ``cache_dir``."""
+
+    cache_dir: Path
+    model_name: str = "scenes"
+    device: str | torch.device = "cpu"
+    _model: object = field(default=None, repr=False)
+    _loaded: str | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.cache_dir = Path(self.cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+
+    # -------------------------------------------------------------- inputs
+    def model(self, name: str | None = None):
+        """The model called ``name`` (default: the one loaded last, else the server's), loaded once; a
+        clear error when it is not available offline."""
+        name = (name or self._loaded or self.model_name).strip()
+        with self._lock:
+            if self._loaded != name:
+                self._model, self._loaded = load_model(name, device=self.device), name
+            return self._model
+
+    def scene_example(self, index: int, objects: int = 2) -> tuple[str, str]:
+        """A rendered test scene saved as PNG: (path, its caption with the nouns in braces)."""
+        scene = split_scene("test", index, num_objects=objects)
+        path = self.cache_dir / "scenes" / f"test-{objects}-{index}.png"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            render(scene)[0].save(path)
+        return str(path), scene.marked_caption()
+
+    def tokens(self, prompt: str, model_name: str | None = None) -> str:
+        """A markdown table of the prompt's tokens, the marked ones in bold (Attend-and-Excite's
+        "check token indices")."""
+        if not prompt or not prompt.strip():
+            return "Type a prompt; put the words DPL should learn in braces: `a {cat} and a {dog}`."
+        model = self.model(model_name)
+        marked = parse_marked_prompt(prompt, model.tokenizer, require_words=False)
+        tokens = model.tokenizer.convert_ids_to_tokens(list(marked.token_ids[1 : marked.end_position]))
+        marks = {p for word in marked.words for p in word.positions}
+        cells = [f"**{t.replace('</w>', '')}**" if i in marks else t.replace("</w>", "")
+                 for i, t in enumerate(tokens, start=1)]
+        words = ", ".join(f"{w.word} ({', '.join(map(str, w.positions))})" for w in marked.words) or "none"
+        header = "| " + " | ".join(str(i) for i in range(1, len(tokens) + 1)) + " |"
+        return (f"{len(tokens)} tokens of 75; marked words: {words}\n\n{header}\n"
+                f"|{'---|' * len(tokens)}\n| " + " | ".join(cells) + " |")
+
+    def source_image(self, path: str | None, model_name: str | None = None, fit: str = "crop") -> Image.Image:
+        """The uploaded or picked image at the model's size; clear errors for a missing, unreadable
+        or huge file."""
+        if not path:
+            raise DplEditError("Upload an image or pick a scene first.")
+        path = Path(path)
+        if path.is_file() and path.stat().st_size > MAX_UPLOAD_BYTES:
+            raise DplEditError(f"The image file is {path.stat().st_size / 2**20:.0f} MB; the page takes images up "
+                               f"to {MAX_UPLOAD_BYTES // 2**20} MB. Resize it first.")
+        try:
+            with Image.open(path) as opened:
+                pixels = opened.width * opened.height
+        except (OSError, SyntaxError, Image.DecompressionBombError):
+            pixels = 0  # load_image gives the message
+        if pixels > MAX_UPLOAD_PIXELS:
+            raise DplEditError(f"The image has {pixels / 1e6:.0f} megapixels; the page takes up to "
+                               f"{MAX_UPLOAD_PIXELS / 1e6:.0f}. Resize it first.")
+        return load_image(path, self.model(model_name).image_size, fit=fit)
+
+    # -------------------------------------------------------------- inversion
+    def invert(self, image_path: str | None, prompt: str, settings: InvertSettings, model_name: str | None = None,
+               report: Report | None = None, cancelled: Callable[[], bool] | None = None) -> InversionView:
+        """Invert (or take from the cache) and build the views."""
+        settings.check()
+        if not prompt or not prompt.strip():
+            raise PromptError("Give the source prompt: what the image shows, e.g. 'a {cat} and a {dog}'.")
+        model = self.model(model_name)
+        image = self.source_image(image_path, model_name, settings.fit)
+        parse_marked_prompt(prompt, model.tokenizer, require_words=settings.method == "dpl")  # checks the marks
+        key = self._key(image, prompt, model, settings)
+        folder = self.cache_dir / "inversions" / key
+        cached = (folder / "inversion.json").is_file()
+        if cached:
+            inversion = Inversion.load(folder)
+        else:
+            inversion = self._invert(model, image, prompt, settings, report, cancelled)
+            inversion.settings["fit"] = settings.fit
+            inversion.save(folder)
+        return self.view(key, inversion, cached)
+
+    def _invert(self, model, image, prompt, settings: InvertSettings, report, cancelled) -> Inversion:
+        steps = settings.steps
+
+        def callback(step) -> None:
+            if cancelled is not None and cancelled():
+                raise Cancelled("Inversion cancelled; nothing was kept. Press Invert to start again.")
+            if report is None:
+                return
+            if hasattr(step, "losses"):
+                losses = ", ".join(f"L_{k} {v:.3f}/{step.thresholds[k]:.3f}" for k, v in step.losses.items())
+                report((step.step + 1) / steps, f"DPL step {step.step + 1}/{steps}: {losses}, "
+                                                 f"{step.iterations} token iterations")
+            else:
+                report((step.step + 1) / steps, f"null-text step {step.step + 1}/{steps}: loss {step.loss:.5f}")
+
+        if report is not None:
+            report(0.0, f"DDIM inversion ({steps} steps)")
+        dpl = model_dpl_config(model, cluster_seed=settings.seed)
+        method, null = settings.method, settings.null if settings.method == "dpl" else "optimized"
+        return invert(model, image, prompt, method=method, null=null, num_steps=steps,
+                      guidance_scale=settings.guidance, null_text=NullTextConfig(), dpl=dpl,
+                      callback=callback, progress=False)
+
+    def view(self, key: str, inversion: Inversion, cached: bool = True) -> InversionView:
+        model = self.model(inversion.model_id)
+        reconstruction = reconstruct(model, inversion, progress=False)
+        score = psnr(reconstruction, inversion.source_image)
+        other = self._other_method(key, inversion)
+        comparison = None
+        if other is not None:
+            pair = (other, inversion) if inversion.method == "dpl" else (inversion, other)
+            comparison = figure_image(comparison_grid(*pair))
+        seconds = inversion.settings.get("seconds")
+        summary = (f"{inversion.method.upper()} inversion, {inversion.num_steps} steps"
+                   + (" (from the cache)" if cached else f", {seconds:.1f} s" if seconds else "")
+                   + f"; reconstruction PSNR {score:.2f} dB")
+        if inversion.dpl_log:
+            cap = inversion.settings.get("dpl", {}).get("max_iterations")
+            capped = sum(entry["iterations"] >= cap for entry in inversion.dpl_log) if cap else 0
+            summary += f"; DPL steps at the {cap}-iteration cap: {capped} of {inversion.num_steps}"
+        return InversionView(
+            key=key, inversion=inversion, reconstruction=reconstruction, psnr=score,
+            attention=figure_image(word_attention_grid(inversion)),
+            comparison=comparison,
+            background=figure_image(background_view(inversion)) if inversion.clusters is not None else None,
+            dpl_log=figure_image(dpl_log_view(inversion)) if inversion.dpl_log else None,
+            cached=cached, summary=summary,
+        )
+
+    def cached(self, key: str) -> Inversion:
+        """A cached inversion by key (what a browser session keeps)."""
+        folder = self.cache_dir / "inversions" / key
+        if not key or not (folder / "inversion.json").is_file():
+            raise DplEditError("Invert an image first: editing starts from an inversion.")
+        return Inversion.load(folder)
+
+    # -------------------------------------------------------------- editing
+    def edit(self, key: str | None, targets: str, config: EditConfig) -> EditView:
+        """Edit a cached inversion towards each target prompt (one per line); never inverts again."""
+        if not key:
+            raise DplEditError("Invert an image first: editing starts from an inversion.")
+        prompts = [line.strip() for line in (targets or "").splitlines() if line.strip()]
+        if not prompts:
+            raise PromptError("Give at least one target prompt (one per line).")
+        inversion = self.cached(key)
+        result = edit(self.model(inversion.model_id), inversion, prompts, config, progress=False)
+        grid = figure_image(edit_grid(result, inversion.source_image))
+        download = self._package(key, result, grid)
+        return EditView([(image, target) for image, target in zip(result.edits, result.targets)], grid, download)
+
+    def _package(self, key: str, result: EditResult, grid: Image.Image) -> Path:
+        """inversion/ and edits/ of this edit as one zip in the cache."""
+        digest = hashlib.sha256("\n".join(result.targets).encode()).hexdigest()[:12]
+        path = self.cache_dir / "downloads" / f"{key[:16]}-{digest}.zip"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with zipfile.ZipFile(tmp, "w") as archive:
+            for file in sorted((self.cache_dir / "inversions" / key).iterdir()):
+                archive.write(file, f"inversion/{file.name}")
+            archive.writestr("edits/reconstruction.png", png_bytes(result.reconstruction))
+            for j, image in enumerate(result.edits, start=1):
+                archive.writestr(f"edits/edit_{j}.png", png_bytes(image))
+            archive.writestr("edits/edit_grid.png", png_bytes(grid))
+            archive.writestr("edits/targets.json", json.dumps(result.targets, indent=2))
+        tmp.replace(path)
+        return path
+
+    def inversion_zip(self, key: str) -> Path:
+        """The inversion folder as a zip."""
+        folder = self.cache_dir / "inversions" / key
+        path = self.cache_dir / "downloads" / f"{key[:16]}-inversion.zip"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.make_archive(str(path.with_suffix("")), "zip", folder)
+        return path
+
+    # -------------------------------------------------------------- cache
+    def _key(self, image: Image.Image, prompt: str, model, settings: InvertSettings) -> str:
+        """``<image, prompt and model>-<method settings>``: inversions of one image and prompt share a prefix."""
+        pair = hashlib.sha256(png_bytes(image) + prompt.encode() + json.dumps(model.fingerprint(), sort_keys=True,
+                                                                                default=str).encode())
+        method = hashlib.sha256(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
+        return f"{pair.hexdigest()[:20]}-{settings.method}-{method.hexdigest()[:12]}"
+
+    def _other_method(self, key: str, inversion: Inversion) -> Inversion | None:
+        """The newest cached inversion of the same image and prompt by NTI when this is DPL, or by DPL otherwise."""
+        wanted = "nti" if inversion.method == "dpl" else "dpl"
+        prefix = key.split("-")[0]
+        folders = sorted((self.cache_dir / "inversions").glob(f"{prefix}-{wanted}-*"),
+                         key=lambda f: f.stat().st_mtime, reverse=True)
+        for folder in folders:
+            if (folder / "inversion.json").is_file():
+                return Inversion.load(folder)
+        return None
+
+
+def figure_image(fig) -> Image.Image:
+    """A matplotlib figure as a PIL image (the figure is closed)."""
+    buffer = io.BytesIO()
+    save_figure(fig, buffer)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def enlarged(image: Image.Image | None) -> Image.Image | None:
+    """Small model images enlarged for the page (nearest neighbour, so pixels stay pixels)."""
+    if image is None or image.width >= DISPLAY_SIZE:
+        return image
+    factor = DISPLAY_SIZE // image.width
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)

@@ -1,0 +1,233 @@
+"""`dpl serve`: the workbench's handlers on the bundled model (few steps), and the page end to end in
+a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+
+import pytest
+from PIL import Image
+
+from dpl_edit.editing import EditConfig
+from dpl_edit.errors import DplEditError
+from dpl_edit.web.workbench import InvertSettings, Workbench, enlarged
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    return Workbench(tmp_path_factory.mktemp("serve-cache"), model_name="scenes")
+
+
+@pytest.fixture(scope="module")
+def scene(bench):
+    return bench.scene_example(0)
+
+
+def test_tokens_show_the_marked_words(bench):
+    table = bench.tokens("a white {circle} and a purple {square} on sand")
+    assert "marked words: circle (3), square (7)" in table
+    assert "**circle**" in table and "**square**" in table and "| white |" in table
+
+
+def test_invert_caches_and_edit_never_inverts_again(bench, scene, monkeypatch):
+    path, caption = scene
+    seen = []
+    view = bench.invert(path, caption, InvertSettings(steps=STEPS), report=lambda done, what: seen.append(what))
+    assert not view.cached and view.inversion.method == "dpl" and view.psnr > 20
+    assert seen[0].startswith("DDIM inversion") and seen[-1].startswith(f"DPL step {STEPS}/{STEPS}: L_at")
+    assert view.attention.width > 200 and view.background is not None and view.dpl_log is not None
+    assert view.comparison is None  # no NTI inversion of this image yet
+
+    import dpl_edit.web.workbench as workbench
+
+    def no_inversion(*args, **kwargs):
+        raise AssertionError("inverted again")
+
+    monkeypatch.setattr(workbench, "invert", no_inversion)
+    again = bench.invert(path, caption, InvertSettings(steps=STEPS))  # a reload, or a second session
+    assert again.cached and again.key == view.key and "from the cache" in again.summary
+    target = caption.replace("{", "").replace("}", "").replace("circle", "square")
+    first = bench.edit(view.key, target, EditConfig(blend=("circle",)))
+    second = bench.edit(view.key, target + "\n" + target.replace("sand", "grass"), EditConfig())
+    assert len(first.edits) == 1 and len(second.edits) == 2 and second.edits[1][1].endswith("grass")
+    with zipfile.ZipFile(second.download) as archive:
+        names = set(archive.namelist())
+    assert {"inversion/inversion.json", "edits/edit_1.png", "edits/edit_2.png", "edits/edit_grid.png"} <= names
+
+
+def test_nti_and_dpl_of_one_image_are_compared(bench, scene):
+    path, caption = scene
+    bench.invert(path, caption, InvertSettings(steps=STEPS))
+    nti = bench.invert(path, caption, InvertSettings(method="nti", steps=STEPS))
+    assert nti.comparison is not None and nti.background is None
+
+
+def test_cancel_stops_the_inversion_and_keeps_nothing(bench, scene):
+    path, caption = scene
+    settings = InvertSettings(steps=STEPS, seed=7)
+    with pytest.raises(DplEditError, match="cancelled"):
+        bench.invert(path, caption, settings, cancelled=lambda: True)
+    assert not list((bench.cache_dir / "inversions").glob("*-dpl-*" + bench._key(
+        bench.source_image(path), caption, bench.model(), settings)[-12:]))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no marked word", "curly brackets"),
+    ("unbalanced braces", "Unbalanced"),
+    ("too long", "77"),
+    ("unreadable", "Could not read"),
+    ("no image", "Upload an image"),
+    ("edit first", "Invert an image first"),
+    ("unknown model", "Could not load model"),
+    ("replace counts", "different token counts"),
+])
+def test_bad_input_gives_a_message(bench, scene, tmp_path, case, message):
+    path, caption = scene
+    plain = caption.replace("{", "").replace("}", "")
+    with pytest.raises(DplEditError, match=message):
+        if case == "no marked word":
+            bench.invert(path, plain, InvertSettings(steps=STEPS))
+        elif case == "unbalanced braces":
+            bench.invert(path, caption.replace("{circle}", "{cirle"), InvertSettings(steps=STEPS))
+        elif case == "too long":
+            bench.invert(path, "a {red} " + "very " * 80 + "circle", InvertSettings(steps=STEPS))
+        elif case == "unreadable":
+            broken = tmp_path / "broken.png"
+            broken.write_bytes(b"not a png")
+            bench.invert(str(broken), caption, InvertSettings(steps=STEPS))
+        elif case == "no image":
+            bench.invert(None, caption, InvertSettings(steps=STEPS))
+        elif case == "edit first":
+            bench.edit(None, plain, EditConfig())
+        elif case == "unknown model":
+            Workbench(tmp_path, model_name=str(tmp_path / "no-such-model")).model()
+        elif case == "replace counts":
+            view = bench.invert(path, caption, InvertSettings(steps=STEPS))
+            bench.edit(view.key, plain.replace("circle", "big round ball"), EditConfig())
+
+
+def test_small_images_are_enlarged_for_the_page():
+    image = Image.new("RGB", (64, 64))
+    assert enlarged(image).size == (256, 256)
+    assert enlarged(Image.new("RGB", (512, 512))).size == (512, 512)
+
+
+# ---------------------------------------------------------------------------- the page in a browser
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    cache = tmp_path_factory.mktemp("page-cache")
+    log = open(cache / "server.log", "w")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dpl_edit.cli", "serve", "--port", str(port), "--steps", str(STEPS),
+         "--cache", str(cache), "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert process.poll() is None, (cache / "server.log").read_text()
+                time.sleep(0.5)
+        else:
+            raise AssertionError("dpl serve did not start: " + (cache / "server.log").read_text())
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver, "the page test needs Debian's chromium and chromium-driver (install.sh installs them)"
+    options = Options()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2200"):
+        options.add_argument(argument)
+    session = webdriver.Chrome(service=Service(driver), options=options)
+    yield session
+    session.quit()
+
+
+def _wait(condition, seconds: float = 180, what: str = ""):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_the_page_inverts_edits_and_shows_errors(server, browser):
+    from selenium.webdriver.common.by import By
+
+    def text(element_id: str) -> str:
+        found = browser.find_elements(By.ID, element_id)
+        return found[0].text if found else ""
+
+    def tab(name: str) -> None:
+        for button in browser.find_elements(By.CSS_SELECTOR, "button[role='tab']"):
+            if button.text.strip() == name:
+                button.click()
+                return
+        raise AssertionError(f"no tab {name}")
+
+    browser.get(server)
+    picker = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#picker input"), 60, "the page")[0]
+    picker.click()
+    option = _wait(lambda: [o for o in browser.find_elements(By.CSS_SELECTOR, "li[role='option']")
+                            if "test scene 0 (two objects)" in o.text], 30, "the scene list")[0]
+    option.click()
+    prompt = browser.find_element(By.CSS_SELECTOR, "#prompt textarea")
+    _wait(lambda: "{circle}" in prompt.get_attribute("value"), 60, "the scene's prompt")
+    _wait(lambda: "marked words: circle" in text("tokens"), 60, "the token helper")
+
+    browser.find_element(By.ID, "invert").click()
+    _wait(lambda: "reconstruction PSNR" in text("status"), 300, "the inversion")
+    assert "DPL inversion, 3 steps" in text("status")
+    tab("Attention")
+    _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#attention img"), 30, "the attention map")
+
+    target = prompt.get_attribute("value").replace("{", "").replace("}", "").replace("circle", "square")
+    browser.find_element(By.CSS_SELECTOR, "#targets textarea").send_keys(target)
+    _wait(lambda: browser.find_element(By.ID, "edit").is_enabled(), 30, "the Edit button")
+    browser.find_element(By.ID, "edit").click()
+    tab("Edits")
+    _wait(lambda: "edit(s) of the kept inversion" in text("edit-status"), 300, "the edit")
+    _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#edits img"), 30, "the edited image")
+
+    if os.environ.get("DPL_SCREENSHOT"):  # docs/serve.png
+        tab("Attention")
+        browser.save_screenshot(os.environ["DPL_SCREENSHOT"])
+        tab("Edits")
+    prompt.clear()
+    prompt.send_keys(target)  # no word in braces: DPL has nothing to learn
+    time.sleep(1)
+    browser.find_element(By.ID, "invert").click()
+    _wait(lambda: "Error:" in text("status"), 120, "the error message")
+    assert "curly brackets" in text("status") and "Traceback" not in browser.page_source
+    assert browser.find_elements(By.CSS_SELECTOR, "#edits img"), "the edit shown before the error was lost"
