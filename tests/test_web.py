@@ -231,3 +231,28 @@ def test_the_page_inverts_edits_and_shows_errors(server, browser):
     _wait(lambda: "Error:" in text("status"), 120, "the error message")
     assert "curly brackets" in text("status") and "Traceback" not in browser.page_source
     assert browser.find_elements(By.CSS_SELECTOR, "#edits img"), "the edit shown before the error was lost"
+
+
+def test_huge_uploads_are_refused_before_decoding(bench, tmp_path, monkeypatch):
+    import dpl_edit.web.workbench as workbench
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (300, 200)).save(big)
+    monkeypatch.setattr(workbench, "MAX_UPLOAD_PIXELS", 50_000)
+    with pytest.raises(DplEditError, match="megapixels"):
+        bench.source_image(str(big))
+    monkeypatch.setattr(workbench, "MAX_UPLOAD_BYTES", 100)
+    with pytest.raises(DplEditError, match="MB"):
+        bench.source_image(str(big))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--model", "/no/such/model"], "Could not load model"),
+    (["serve", "--port", "70000"], "at most 65535"),
+    (["serve", "--steps", "0"], "--steps"),
+])
+def test_serve_refuses_bad_settings_before_starting(argv, message, capsys):
+    from dpl_edit.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
