@@ -47,7 +47,7 @@ def test_invert_caches_and_edit_never_inverts_again(bench, scene, monkeypatch):
     assert view.attention.width > 200 and view.background is not None and view.dpl_log is not None
     assert view.comparison is None  # no NTI inversion of this image yet
 
-    import dpl_edit.web.workbench as workbench
+    from dpl_edit.web import workbench
 
     def no_inversion(*args, **kwargs):
         raise AssertionError("inverted again")
@@ -132,27 +132,26 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     port = _free_port()
     cache = tmp_path_factory.mktemp("page-cache")
-    log = open(cache / "server.log", "w")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dpl_edit.cli", "serve", "--port", str(port), "--steps", str(STEPS),
-         "--cache", str(cache), "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                assert process.poll() is None, (cache / "server.log").read_text()
-                time.sleep(0.5)
-        else:
-            raise AssertionError("dpl serve did not start: " + (cache / "server.log").read_text())
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+    with open(cache / "server.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dpl_edit.cli", "serve", "--port", str(port), "--steps", str(STEPS),
+             "--cache", str(cache), "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            for _ in range(240):
+                try:
+                    urllib.request.urlopen(url, timeout=2)
+                    break
+                except OSError:
+                    assert process.poll() is None, (cache / "server.log").read_text()
+                    time.sleep(0.5)
+            else:
+                raise AssertionError("dpl serve did not start: " + (cache / "server.log").read_text())
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +233,7 @@ def test_the_page_inverts_edits_and_shows_errors(server, browser):
 
 
 def test_huge_uploads_are_refused_before_decoding(bench, tmp_path, monkeypatch):
-    import dpl_edit.web.workbench as workbench
+    from dpl_edit.web import workbench
 
     big = tmp_path / "big.png"
     Image.new("RGB", (300, 200)).save(big)

@@ -80,7 +80,7 @@ def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
 
     @_guarded(9)
     def run_invert(path, prompt, method, model_name, null, steps, guidance, seed, fit,
-                   request: gr.Request, progress=gr.Progress()):
+                   request: gr.Request, progress=gr.Progress()):  # noqa: B008 (how Gradio asks for a progress bar)
         stop = flag(request)
         stop.clear()
         settings = InvertSettings(method=method, null=null, steps=int(steps), guidance=float(guidance),

@@ -33,7 +33,14 @@ from ..pipeline import invert, model_dpl_config, reconstruct
 from ..prompts import parse_marked_prompt
 from ..registry import load_model
 from ..scenes.render import render, split_scene
-from ..views import background_view, comparison_grid, dpl_log_view, edit_grid, save_figure, word_attention_grid
+from ..views import (
+    background_view,
+    comparison_grid,
+    dpl_log_view,
+    edit_grid,
+    save_figure,
+    word_attention_grid,
+)
 
 PAGE_METHODS = ("dpl", "nti", "npi", "direct")  # what the page offers (ddim is nti's first half)
 DPL_NULLS = ("optimized", "negative", "direct")
