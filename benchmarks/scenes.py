@@ -36,6 +36,7 @@ import torch
 from torchmetrics.functional import structural_similarity_index_measure
 
 from dpl_edit import edit, invert, reconstruct
+from dpl_edit.editing import EditConfig, recommended_edit_config
 from dpl_edit.editing.plan import TARGET_TOKENS
 from dpl_edit.images import psnr, to_tensor
 from dpl_edit.inversion.dynamic_prompt import capped_steps as dpl_capped_steps
@@ -95,15 +96,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
-    parser.add_argument("--target-tokens", default="keep",
+    parser.add_argument("--target-tokens",
                         help=f"comma-separated modes of {','.join(TARGET_TOKENS)}: which learned DPL vectors the "
-                        "targets keep; each DPL edit is run once per mode (default: keep, the authors')")
+                        "targets keep; each DPL edit is run once per mode (default: the model's recommendation, "
+                        "else keep, the authors')")
     parser.add_argument("--span", choices=SPANS, help="DPL's re-softmax span (default: the model's recommendation)")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     args = parser.parse_args()
     chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
     if unknown := set(chosen) - set(METHODS):
         parser.error(f"unknown methods {sorted(unknown)}; choose from {','.join(METHODS)}")
+    model = load_model(args.model)
+    if args.target_tokens is None:
+        args.target_tokens = recommended_edit_config(EditConfig(), model.settings).target_tokens
     modes = [m.strip() for m in args.target_tokens.split(",") if m.strip()]
     if not modes or set(modes) - set(TARGET_TOKENS):
         parser.error(f"--target-tokens takes a comma-separated subset of {','.join(TARGET_TOKENS)}")
@@ -112,7 +117,6 @@ def main() -> None:
     editing = [(label, mode) for label in EDITING if label in labels
                for mode in (modes if EDITING[label][0] == "dpl" else modes[:1])]
     count = FULL_TEST if args.full else args.scenes
-    model = load_model(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     curves = defaultdict(list)

@@ -178,3 +178,15 @@ def test_target_tokens_keep_plain_and_auto():
     assert plan.kept_tokens == [([3], [0])]
     with pytest.raises(PromptError, match="target_tokens"):
         EditConfig(target_tokens="some")
+
+
+def test_a_model_recommends_its_target_tokens_unless_the_user_chose():
+    from dpl_edit.editing import recommended_edit_config
+    from dpl_edit.registry import load_model
+
+    plain, scenes = load_model("scenes-plain").settings, load_model("scenes").settings
+    assert recommended_edit_config(EditConfig(), plain).target_tokens == "auto"  # chosen on its validation scenes
+    assert recommended_edit_config(EditConfig(), scenes).target_tokens == "keep"  # the authors' default
+    chosen = EditConfig(target_tokens="plain")
+    assert recommended_edit_config(chosen, plain, chosen=["target_tokens"]).target_tokens == "plain"
+    assert recommended_edit_config(EditConfig(), {"edit": {"mode": "refine"}}).mode == "replace"  # not recommendable

@@ -21,7 +21,7 @@ from PIL import Image
 
 from . import checks
 from .artifacts import Inversion
-from .editing import edit
+from .editing import EditConfig, edit, recommended_edit_config
 from .errors import SettingError
 from .images import psnr
 from .localisation import attention_shares
@@ -83,7 +83,8 @@ def run_demo(
     image.save(out / "source.png")
     oracle.save(out / "oracle.png")
     word = swap.source_word(scene)
-    config = swap_config(scene, swap, model.tokenizer)  # blends the swapped noun, by position
+    recommended = recommended_edit_config(EditConfig(), model.settings)  # the model's choice of target tokens
+    config = swap_config(scene, swap, model.tokenizer, recommended.target_tokens)  # blends the swapped noun, by position
     edited_region = masks[swap.index] | new_masks[swap.index]
     regions = {"background": ~(masks[0] | masks[1] | edited_region), "other": masks[1 - swap.index]}
     results = {}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import checks
 from ..artifacts import Inversion
-from ..editing import MODES, EditConfig, EditResult, edit
+from ..editing import MODES, EditConfig, EditResult, edit, recommended_edit_config
 from ..editing.plan import TARGET_TOKENS
 from ..errors import DplEditError
 from ..images import FITS, load_image, psnr
@@ -159,10 +159,10 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
                    help=f"local blend threshold on the max-normalised maps (default: {edit.blend_threshold})")
     p.add_argument("--blend-start", type=float, default=edit.blend_start,
                    help=f"share of the steps before local blending starts (default: {edit.blend_start})")
-    p.add_argument("--target-tokens", choices=TARGET_TOKENS, default=edit.target_tokens,
+    p.add_argument("--target-tokens", choices=TARGET_TOKENS, default=None,
                    help="which learned DPL vectors the targets keep: keep (every kept marked word, as the "
-                        "authors; default), plain (none), auto (not a word whose attribute the target changes, "
-                        "e.g. its colour)")
+                        "authors), plain (none), auto (not a word whose attribute the target changes, e.g. its "
+                        "colour); default: the model's recommendation (dpl_edit.json), else keep")
     p.add_argument("--cross-steps", type=float, default=edit.cross_replace_steps,
                    help=f"share of the steps whose cross-attention comes from the source (default: {edit.cross_replace_steps})")
     p.add_argument("--cross-steps-word", nargs="+", default=[], metavar="WORD=SHARE",
@@ -172,13 +172,19 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
 
 
 def edit_config(args: argparse.Namespace) -> EditConfig:
+    defaults = EditConfig()
     return EditConfig(
         mode=args.mode, cross_replace_steps=args.cross_steps,
         word_cross_replace_steps=pairs(args.cross_steps_word, "--cross-steps-word"),
         self_replace_steps=args.self_steps, reweight=pairs(args.reweight, "--reweight"),
         blend=tuple(args.blend), blend_threshold=args.blend_threshold, blend_start=args.blend_start,
-        subtract=tuple(args.subtract), target_tokens=args.target_tokens,
+        subtract=tuple(args.subtract), target_tokens=args.target_tokens or defaults.target_tokens,
     )
+
+
+def model_edit_config(args: argparse.Namespace, config: EditConfig, model) -> EditConfig:
+    """The checked config with the model's recommendations where the command line chose nothing."""
+    return recommended_edit_config(config, model.settings, chosen=["target_tokens"] if args.target_tokens else [])
 
 
 def write_edits(result: EditResult, source_image, out: Path) -> None:
@@ -197,6 +203,7 @@ def edit_command(args: argparse.Namespace) -> int:
     inversion = Inversion.load(args.dir)
     out = checks.output_folder("--out", args.out or args.dir / "edits")
     model = load(args, args.model or inversion.model_id)
+    config = model_edit_config(args, config, model)
     started = time.perf_counter()
     result = edit(model, inversion, args.target, config, progress=not args.quiet)
     print(f"Edited {args.dir} ({inversion.method}) in {time.perf_counter() - started:.1f} s")
@@ -210,6 +217,7 @@ def run_command(args: argparse.Namespace) -> int:
     settings = inversion_settings(args)
     model = load(args, args.model)
     inversion = invert_from_args(args, model, settings)
+    config = model_edit_config(args, config, model)
     started = time.perf_counter()
     result = edit(model, inversion, args.target, config, progress=not args.quiet)
     print(f"Edited in {time.perf_counter() - started:.1f} s")

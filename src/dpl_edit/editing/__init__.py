@@ -2,6 +2,6 @@
 and the sampling run that applies them."""
 
 from .edit import EditResult, edit, reconstruct_latents
-from .plan import MODES, EditConfig, EditPlan, make_plan
+from .plan import MODES, EditConfig, EditPlan, make_plan, recommended_edit_config
 
-__all__ = ["MODES", "EditConfig", "EditPlan", "EditResult", "edit", "make_plan", "reconstruct_latents"]
+__all__ = ["MODES", "EditConfig", "EditPlan", "EditResult", "edit", "make_plan", "recommended_edit_config", "reconstruct_latents"]

@@ -3,8 +3,9 @@ re-weighting, local-blend words and which target tokens reuse DPL's learned vect
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,16 @@ class EditConfig:
         for word, factor in self.reweight.items():
             checks.finite(f"re-weighting factor of {word!r}", factor)
         checks.count("self_max_resolution", self.self_max_resolution)
+
+
+RECOMMENDABLE = ("target_tokens",)  # EditConfig fields a model's dpl_edit.json may recommend ("edit" section)
+
+
+def recommended_edit_config(config: EditConfig, model_settings: dict, chosen: Iterable[str] = ()) -> EditConfig:
+    """``config`` with the model's recommended editing settings (the ``edit`` section of its
+    dpl_edit.json, chosen on validation scenes) in every field the user did not choose."""
+    recommended = {k: v for k, v in model_settings.get("edit", {}).items() if k in RECOMMENDABLE and k not in set(chosen)}
+    return dataclasses.replace(config, **recommended)
 
 
 @dataclass

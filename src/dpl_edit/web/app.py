@@ -16,7 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..cli.common import pairs
-from ..editing import MODES, EditConfig
+from ..editing import MODES, EditConfig, recommended_edit_config
 from ..editing.plan import TARGET_TOKENS
 from ..errors import DplEditError
 from ..images import FITS
@@ -145,7 +145,9 @@ def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
                 with gr.Row():
                     blend = gr.Textbox(label="Local blend words", placeholder="circle")
                     subtract = gr.Textbox(label="Subtract words", placeholder="square")
-                target_tokens = gr.Radio(list(TARGET_TOKENS), value="keep", label="Learned DPL tokens in the targets")
+                recommended = recommended_edit_config(EditConfig(), workbench.model().settings).target_tokens
+                target_tokens = gr.Radio(list(TARGET_TOKENS), value=recommended,
+                                         label="Learned DPL tokens in the targets (default: the model's choice)")
                 edit_button = gr.Button("Edit", variant="primary", interactive=False, elem_id="edit")
                 edit_status = gr.Markdown(elem_id="edit-status")
         with gr.Tabs():
