@@ -12,10 +12,10 @@ from dpl_edit.scenes.classify import check_caption
 from dpl_edit.scenes.render import split_scene
 
 
-@pytest.mark.parametrize("name, indices", [(SCENE_MODEL_ID, [0, 1, 2, 3]), (PLAIN_SCENE_MODEL_ID, [0, 4, 5])])
+@pytest.mark.parametrize("name, indices", [(SCENE_MODEL_ID, [0, 1, 2, 3]), (PLAIN_SCENE_MODEL_ID, [0, 2, 4, 5])])
 def test_a_bundled_scene_model_loads_offline_from_anywhere_and_draws_its_captions(name, indices, tmp_path,
                                                                                    monkeypatch):
-    """scenes-plain misses the shape bar (about 2 shapes in 3 right): test scenes it draws right are checked."""
+    """scenes-plain gets about 7 shapes in 10 right (its bar is 70%): test scenes it draws right are checked."""
     monkeypatch.chdir(tmp_path)
     model = load_model(name)
     assert model.model_id == name and model.settings["dpl"]["cross_resolution"] == 16
