@@ -14,7 +14,7 @@ import torch
 
 from .. import __version__
 from ..errors import DplEditError
-from . import analysis, demo, inversion, scenes, serve
+from . import analysis, batch, demo, inversion, scenes, serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dpl-edit {__version__}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    for module in (demo, inversion, analysis, scenes, serve):
+    for module in (demo, inversion, analysis, scenes, serve, batch):
         module.register(commands)
     return parser
 

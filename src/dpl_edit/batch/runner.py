@@ -1,0 +1,151 @@
+"""`dpl batch`: every method on every item of a PIE-Bench folder, resumable, on one or many processes.
+
+Each item is inverted once per method and edited towards its target prompt with the Prompt-to-Prompt
+settings PIE-Bench used for P2P (``run_editing_p2p.py``: refine controller, cross-attention
+replaced for 0.4 of the steps, self-attention for 0.6, local blend on the ``blended_word`` pair,
+the target word re-weighted by 2, guidance 7.5, 50 DDIM steps). The edit goes to PIE-Bench's
+output layout; beside it, ``records/<method>/<key>.json`` says how it went (settings, times, DPL's
+steps at the cap, versions, or why it failed). Both are written under temporary names and renamed,
+the record last, so a killed run loses at most the item in flight and a rerun skips what is done.
+Under ``accelerate launch`` the items are split between the processes (accelerate's
+``split_between_processes``); each process writes only its own items, so the files are those of
+one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..artifacts import library_versions
+from ..editing import EditConfig, edit, recommended_edit_config
+from ..errors import DplEditError
+from ..images import load_image
+from ..inversion.dynamic_prompt import capped_steps
+from ..pipeline import invert
+from .piebench import EditItem, edit_path
+
+# dpl-edit's method -> the folder PIE-Bench's scripts use for it (its own names where it has one).
+METHOD_FOLDERS = {
+    "ddim": "ddim+p2p", "nti": "null-text-inversion+p2p", "npi": "negative-prompt-inversion+p2p",
+    "direct": "directinversion+p2p", "dpl": "dpl+p2p",
+}
+PIE_CROSS_STEPS, PIE_SELF_STEPS, PIE_REWEIGHT, PIE_GUIDANCE, PIE_STEPS = 0.4, 0.6, 2.0, 7.5, 50
+
+
+@dataclass
+class BatchSummary:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    process: int = 0
+    processes: int = 1
+
+    def line(self) -> str:
+        who = f"process {self.process + 1} of {self.processes}: " if self.processes > 1 else ""
+        return f"{who}{self.done} done, {self.skipped} skipped (already done), {self.failed} failed"
+
+
+def pie_edit_config(item: EditItem, model_settings: dict) -> EditConfig:
+    """PIE-Bench's P2P settings for an item (and the model's recommended target tokens)."""
+    blend, reweight = (), {}
+    if len(item.blended_word) >= 2:
+        source_word, target_word = item.blended_word[0], item.blended_word[-1]
+        blend, reweight = (source_word, target_word), {target_word: PIE_REWEIGHT}
+    config = EditConfig(mode="refine", cross_replace_steps=PIE_CROSS_STEPS, self_replace_steps=PIE_SELF_STEPS,
+                        blend=blend, reweight=reweight)
+    return recommended_edit_config(config, model_settings)
+
+
+def record_path(out: str | Path, method: str, item: EditItem) -> Path:
+    return Path(out) / "records" / method / f"{item.key}.json"
+
+
+def is_done(out: str | Path, method: str, item: EditItem) -> bool:
+    path = record_path(out, method, item)
+    if not path.is_file() or not edit_path(out, METHOD_FOLDERS[method], item).is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("status") == "done"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def run_batch(model, dataset: str | Path, items: Sequence[EditItem], methods: Sequence[str], out: str | Path,
+              num_steps: int = PIE_STEPS, guidance_scale: float = PIE_GUIDANCE, split: bool = True,
+              progress: bool = True) -> BatchSummary:
+    """Invert and edit this process's share of ``items`` with each method; returns the counts."""
+    unknown = set(methods) - set(METHOD_FOLDERS)
+    if unknown:
+        raise DplEditError(f"Unknown methods {sorted(unknown)}; choose from {', '.join(METHOD_FOLDERS)}")
+    mine, summary = _share(list(items), split, cpu=model.device.type == "cpu")
+    bar = tqdm(mine, desc="Items", unit="item", disable=not progress)
+    for item in bar:
+        for method in methods:
+            if is_done(out, method, item):
+                summary.skipped += 1
+                continue
+            record = _run_one(model, Path(dataset), item, method, Path(out), num_steps, guidance_scale)
+            summary.done += record["status"] == "done"
+            summary.failed += record["status"] == "failed"
+            bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=summary.failed)
+    return summary
+
+
+def _run_one(model, dataset: Path, item: EditItem, method: str, out: Path, num_steps: int, guidance: float) -> dict:
+    record = {"key": item.key, "method": method, "image_path": item.image_path, "editing_type_id": item.editing_type_id,
+              "source_prompt": item.source_prompt, "target_prompt": item.target_prompt, "model": model.model_id,
+              "steps": num_steps, "guidance": guidance, "versions": library_versions()}
+    started = time.perf_counter()
+    try:
+        image = load_image(dataset / "annotation_images" / item.image_path, model.image_size, fit="crop")
+        prompt = item.marked_prompt() if method == "dpl" else item.source_prompt
+        inversion = invert(model, image, prompt, method=method, num_steps=num_steps, guidance_scale=guidance,
+                           progress=False)
+        inverted = time.perf_counter()
+        config = pie_edit_config(item, model.settings)
+        result = edit(model, inversion, [item.target_prompt], config, progress=False)
+        target = edit_path(out, METHOD_FOLDERS[method], item)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        result.edits[0].save(tmp, format=Image.registered_extensions().get(target.suffix.lower(), "PNG"))
+        tmp.replace(target)
+        record.update(status="done", settings=asdict(config), dpl_prompt=prompt if method == "dpl" else None,
+                      inversion_s=round(inverted - started, 3), edit_s=round(time.perf_counter() - inverted, 3))
+        if inversion.dpl_log:
+            record["dpl_steps_at_cap"] = capped_steps(inversion.dpl_log, inversion.settings["dpl"]["max_iterations"])
+    except (DplEditError, OSError, ValueError) as err:  # a bad item is recorded and the run goes on
+        record.update(status="failed", reason=f"{type(err).__name__}: {err}")
+    _write_json(record_path(out, method, item), record)
+    return record
+
+
+def _share(items: list[EditItem], split: bool, cpu: bool) -> tuple[list[EditItem], BatchSummary]:
+    """This process's items under `accelerate launch` or torchrun (all of them otherwise); ``cpu``:
+    CPU processes (gloo), which accelerate only sees when asked."""
+    if not split:
+        return items, BatchSummary()
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        return items, BatchSummary()
+    state = PartialState(cpu=cpu)
+    if state.num_processes == 1:
+        return items, BatchSummary()
+    with state.split_between_processes(items) as mine:
+        return list(mine), BatchSummary(process=state.process_index, processes=state.num_processes)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+

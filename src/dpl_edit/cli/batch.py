@@ -1,0 +1,141 @@
+"""`dpl batch`, `dpl metrics` and `dpl scenes export`: datasets in PIE-Bench's layout, edited and scored."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .. import checks
+from ..errors import DplEditError
+from .common import add_model_options, load
+
+
+def register(commands) -> None:
+    p = commands.add_parser(
+        "batch",
+        help="invert and edit every item of a PIE-Bench folder with several methods (resumable; accelerate)",
+        description="Run each method's inversion and Prompt-to-Prompt edit (PIE-Bench's P2P settings) on the items "
+        "of DATASET (mapping_file.json + annotation_images/), writing the edits in PIE-Bench's output layout under "
+        "OUT and a record per item. A rerun skips finished items; a failing item is recorded and the run goes on. "
+        "Under `accelerate launch dpl batch ...` the items are split between the processes.",
+    )
+    p.add_argument("dataset", type=Path, help="a PIE-Bench folder")
+    p.add_argument("--methods", default="nti,dpl", help="comma-separated of ddim,nti,npi,direct,dpl (default: nti,dpl)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (PIE-Bench layout: OUT/<method>/annotation_images/)")
+    add_selection(p)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50, as PIE-Bench)")
+    add_model_options(p, required_default="CompVis/stable-diffusion-v1-4")
+    p.set_defaults(run=batch_command)
+
+    p = commands.add_parser(
+        "metrics",
+        help="PIE-Bench's metrics of a batch folder, methods side by side",
+        description="Score the edits in OUT against DATASET as PIE-Bench's evaluation script does: PSNR, MSE and "
+        "SSIM of the unedited part (no weights needed), Structure distance (DINO ViT-B/8: --dino), CLIP similarity "
+        "of the whole edit and of its edited part (CLIP ViT-L/14: --clip), and for rendered scenes the PSNR of the "
+        "edited part against the oracle. Writes OUT/metrics.md and OUT/metrics.json.",
+    )
+    p.add_argument("out", type=Path, help="a folder written by dpl batch")
+    p.add_argument("--dataset", type=Path, required=True, help="the PIE-Bench folder it was run on")
+    p.add_argument("--methods", default="nti,dpl", help="comma-separated methods to score (default: nti,dpl)")
+    add_selection(p)
+    p.add_argument("--dino", help="local transformers folder of facebook/dino-vitb8 (or set DPL_DINO)")
+    p.add_argument("--clip", help="local transformers folder of openai/clip-vit-large-patch14 (or set DPL_CLIP)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(run=metrics_command)
+
+    p = commands.add_parser("scenes", help="the scene world as a dataset: `dpl scenes export DIR`")
+    scene_commands = p.add_subparsers(title="scene commands", required=True, metavar="COMMAND")
+    p = scene_commands.add_parser(
+        "export",
+        help="write rendered scenes and their edits as a PIE-Bench folder (with the oracle edits)",
+        description="Write COUNT scenes per object count, three word swaps each (shape, colour, ground), as a "
+        "PIE-Bench folder: images, prompts with [brackets], edit masks, and the renderer's true edits.",
+    )
+    p.add_argument("folder", type=Path)
+    p.add_argument("--split", choices=("validation", "test"), default="test")
+    p.add_argument("--objects", default="2,3", help="comma-separated object counts (default: 2,3)")
+    p.add_argument("--count", type=int, default=8, help="scenes per object count (default: 8)")
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(run=export_command)
+
+
+def add_selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--types", help="comma-separated editing_type_id values to keep (default: all)")
+    p.add_argument("--range", dest="index_range", metavar="START:STOP",
+                   help="items START..STOP-1 of the mapping file (default: all)")
+
+
+def selection(args: argparse.Namespace):
+    from ..batch.piebench import read_dataset
+
+    start, stop = 0, None
+    if args.index_range:
+        first, sep, last = args.index_range.partition(":")
+        try:
+            start, stop = int(first or 0), (int(last) if last else None)
+        except ValueError:
+            sep = ""
+        if not sep or start < 0 or (stop is not None and stop <= start):
+            raise DplEditError(f"--range takes START:STOP with 0 <= START < STOP, got {args.index_range!r}")
+    types = {t.strip() for t in args.types.split(",") if t.strip()} if args.types else None
+    items = read_dataset(args.dataset, types, start, stop)
+    if not items:
+        raise DplEditError(f"No items of {args.dataset} match --types/--range")
+    return items
+
+
+def methods_of(args: argparse.Namespace) -> list[str]:
+    from ..batch.runner import METHOD_FOLDERS
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or set(methods) - set(METHOD_FOLDERS):
+        raise DplEditError(f"--methods takes a comma-separated subset of {','.join(METHOD_FOLDERS)}, got {args.methods!r}")
+    return methods
+
+
+def batch_command(args: argparse.Namespace) -> int:
+    from ..batch.runner import run_batch
+
+    methods = methods_of(args)
+    checks.count("--steps", args.steps)
+    checks.output_folder("--out", args.out)
+    items = selection(args)
+    model = load(args, args.model)
+    summary = run_batch(model, args.dataset, items, methods, args.out, num_steps=args.steps, progress=not args.quiet)
+    print(f"dpl batch: {summary.line()} -> {args.out}")
+    return 0
+
+
+def metrics_command(args: argparse.Namespace) -> int:
+    from ..batch.metrics import evaluate, tables, write_tables
+
+    methods = methods_of(args)
+    items = selection(args)
+    result = evaluate(args.dataset, args.out, items, methods, dino=args.dino, clip=args.clip, progress=not args.quiet)
+    markdown, _ = tables(result)
+    paths = write_tables(result, args.out)
+    print(markdown)
+    print(f"Written: {paths[0]}, {paths[1]}", file=sys.stderr)
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from ..scenes.export import export_scenes
+
+    try:
+        objects = tuple(int(n) for n in args.objects.split(","))
+    except ValueError:
+        objects = ()
+    if not objects or set(objects) - {2, 3}:
+        raise DplEditError(f"--objects takes a comma-separated subset of 2,3 (a colour swap needs a second "
+                           f"object), got {args.objects!r}")
+    checks.count("--count", args.count)
+    checks.output_folder("folder", args.folder)
+    args.folder.mkdir(parents=True, exist_ok=True)
+    entries = export_scenes(args.folder, args.split, objects, args.count)
+    print(f"Wrote {entries} edits of {args.count * len(objects)} {args.split} scenes to {args.folder}")
+    return 0

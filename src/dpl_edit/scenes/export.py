@@ -1,0 +1,78 @@
+"""`dpl scenes export`: rendered scenes as a PIE-Bench folder, so that the scene world is evaluated by
+the same `dpl batch` + `dpl metrics` path as real images (plus the oracle, which only scenes have).
+
+Per scene, three word swaps (as the scene benchmark draws them): the first object's shape, the
+second object's colour and the ground. Each becomes one PIE-Bench entry with its own copy of the
+source image (PIE-Bench's output layout has one edit per image path), the edited words in
+[brackets], the edit mask (the object before and after the swap, or the ground) as PIE-Bench's
+run-length list at the image's size, ``blended_word`` as P2P would blend it, ``dpl_prompt`` (the
+nouns in braces) and ``oracle_image_path`` (the renderer's edit).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..batch.piebench import IMAGES, encode_mask, write_dataset
+from .render import BACKGROUNDS, COLOURS, SHAPES, Scene, WordSwap, render, split_scene, swap_word
+
+ORACLES = "oracle_images"
+KIND_TYPES = {"shape": ("1", "1_change_object"), "colour": ("6", "6_change_attribute_color"),
+              "background": ("8", "8_change_background")}
+
+
+def scene_swaps(scene: Scene, rng: np.random.Generator) -> list[WordSwap]:
+    """An object-noun swap (first object), a colour swap (second object) and a background swap."""
+    shape = rng.choice([s for s in SHAPES if s != scene.objects[0].shape])
+    colour = rng.choice([c for c in COLOURS if c not in (scene.objects[1].colour,)])
+    background = rng.choice([b for b in BACKGROUNDS if b != scene.background])
+    return [WordSwap("shape", str(shape), 0), WordSwap("colour", str(colour), 1), WordSwap("background", str(background))]
+
+
+def bracketed(scene: Scene, swap: WordSwap) -> str:
+    """The caption with the swapped word in [brackets] (at its own object, not a look-alike's)."""
+    names = []
+    for k, obj in enumerate(scene.objects):
+        colour = f"[{obj.colour}]" if swap.kind == "colour" and k == swap.index else obj.colour
+        shape = f"[{obj.shape}]" if swap.kind == "shape" and k == swap.index else obj.shape
+        names.append(f"a {colour} {shape}")
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    ground = f"[{scene.background}]" if swap.kind == "background" else scene.background
+    return f"{listed} on {ground}"
+
+
+def export_scenes(folder: str | Path, split: str = "test", objects: tuple[int, ...] = (2, 3), count: int = 8,
+                  seed: int = 0) -> int:
+    """Write ``count`` scenes of each object count as a PIE-Bench folder; returns the number of entries."""
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    entries = {}
+    for n in objects:
+        for index in range(count):
+            scene = split_scene(split, index, num_objects=n)
+            image, masks = render(scene)
+            for swap in scene_swaps(scene, rng):
+                target = swap_word(scene, swap)
+                oracle, new_masks = render(target)
+                type_id, type_folder = KIND_TYPES[swap.kind]
+                name = f"{type_folder}/{split}_{n}obj_{index:04d}.png"
+                if swap.kind == "background":
+                    mask = ~np.any(masks, axis=0)
+                    words = (scene.background, swap.new)
+                else:
+                    mask = masks[swap.index] | new_masks[swap.index]
+                    shape = scene.objects[swap.index].shape
+                    words = (shape, swap.new if swap.kind == "shape" else shape)
+                for root, picture in ((IMAGES, image), (ORACLES, oracle)):
+                    (folder / root / name).parent.mkdir(parents=True, exist_ok=True)
+                    picture.save(folder / root / name)
+                entries[f"{n}{index:05d}{type_id}"] = {
+                    "image_path": name, "original_prompt": bracketed(scene, swap),
+                    "editing_prompt": bracketed(target, swap), "editing_instruction": f"{swap.kind} -> {swap.new}",
+                    "editing_type_id": type_id, "blended_word": " ".join(words), "mask": encode_mask(mask),
+                    "dpl_prompt": scene.marked_caption(), "oracle_image_path": name,
+                }
+    write_dataset(folder, entries)
+    return len(entries)

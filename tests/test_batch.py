@@ -1,0 +1,201 @@
+"""PIE-Bench's layout, `dpl batch` (resume, failures, two accelerate processes) and `dpl metrics`, on a
+PIE-format mini dataset made here (rendered scenes, 2 DDIM steps, the bundled model)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dpl_edit.batch.metrics import StructureDistance, oracle_psnr, tables, unedited_part
+from dpl_edit.batch.piebench import decode_mask, edit_path, encode_mask, read_dataset
+from dpl_edit.batch.runner import METHOD_FOLDERS, pie_edit_config, record_path, run_batch
+from dpl_edit.cli import main
+from dpl_edit.errors import DplEditError
+from dpl_edit.registry import load_model
+from dpl_edit.scenes.export import export_scenes
+
+STEPS = 2
+
+
+def pie_decode(encoded, shape=(512, 512)):
+    """PIE-Bench's mask_decode (run_editing_p2p.py / evaluate.py), written out from its description."""
+    length = shape[0] * shape[1]
+    flat = np.zeros((length,))
+    for i in range(0, len(encoded), 2):
+        for j in range(min(encoded[i + 1], length - encoded[i])):
+            flat[encoded[i] + j] = 1
+    mask = flat.reshape(shape)
+    mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = 1
+    return mask
+
+
+def test_masks_decode_as_pie_bench_and_round_trip():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((512, 512), dtype=bool)
+    for _ in range(6):  # blobs and stripes, some touching the border
+        y, x, h, w = rng.integers(0, 512, 4)
+        mask[y : y + h // 3, x : x + w // 3] = True
+    mask |= rng.random((512, 512)) < 0.01
+    rle = encode_mask(mask)
+    assert np.array_equal(decode_mask(rle), pie_decode(rle).astype(bool))
+    inner = (slice(1, -1), slice(1, -1))
+    assert np.array_equal(decode_mask(rle)[inner], mask[inner])
+    assert decode_mask([10, 5, 262140, 100])[511, 511] and decode_mask([]).sum() == 4 * 511  # runs clipped; border
+    with pytest.raises(DplEditError, match="pairs"):
+        decode_mask([1, 2, 3])
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pie")
+    assert export_scenes(folder, "test", (2,), 2) == 6
+    return folder
+
+
+def test_scene_export_is_a_pie_bench_folder(dataset):
+    items = read_dataset(dataset)
+    assert [i.editing_type_id for i in items] == ["1", "6", "8"] * 2
+    shape = items[0]
+    assert shape.original_prompt.count("[") == 1 and "[" in shape.editing_prompt
+    assert shape.marked_prompt() == shape.dpl_prompt and "{" in shape.marked_prompt()
+    assert len(shape.blended_word) == 2 and shape.blended_word[0] in shape.source_prompt
+    with Image.open(dataset / "annotation_images" / shape.image_path) as image:
+        mask = decode_mask(shape.mask_rle, image.size[::-1])
+    assert 0 < mask[1:-1, 1:-1].mean() < 0.5  # an object before and after its swap
+    assert read_dataset(dataset, types={"8"}, start=0, stop=3)[0].editing_type_id == "8"
+    config = pie_edit_config(shape, {})
+    assert (config.mode, config.cross_replace_steps, config.self_replace_steps) == ("refine", 0.4, 0.6)
+    assert config.reweight == {shape.blended_word[1]: 2.0} and config.blend == shape.blended_word
+
+
+def test_brackets_become_dpl_words_without_a_dpl_prompt(tmp_path):
+    (tmp_path / "mapping_file.json").write_text(json.dumps({"7": {
+        "image_path": "a.jpg", "original_prompt": "a [cat] sitting on a [mat]", "editing_prompt": "a [dog] sitting",
+        "editing_type_id": "1", "blended_word": "cat dog", "mask": []}}))
+    assert read_dataset(tmp_path)[0].marked_prompt() == "a {cat} sitting on a {mat}"
+    (tmp_path / "mapping_file.json").write_text(json.dumps({"7": {"image_path": "a.jpg"}}))
+    with pytest.raises(DplEditError, match="lacks a field"):
+        read_dataset(tmp_path)
+    with pytest.raises(DplEditError, match="No mapping_file.json"):
+        read_dataset(tmp_path / "nowhere")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("scenes")
+
+
+def test_batch_writes_pie_layout_resumes_and_records_failures(dataset, model, tmp_path):
+    broken = tmp_path / "data"
+    shutil.copytree(dataset, broken)
+    items = read_dataset(broken)
+    (broken / "annotation_images" / items[4].image_path).write_bytes(b"not an image")
+    out = tmp_path / "out"
+    summary = run_batch(model, broken, items, ["nti", "dpl"], out, num_steps=STEPS, progress=False)
+    assert (summary.done, summary.skipped, summary.failed) == (10, 0, 2)
+    for item in items:
+        for method in ("nti", "dpl"):
+            record = json.loads(record_path(out, method, item).read_text())
+            assert record["status"] == ("failed" if item is items[4] else "done"), record
+            if item is not items[4]:
+                assert edit_path(out, METHOD_FOLDERS[method], item).is_file()
+    failed = json.loads(record_path(out, "nti", items[4]).read_text())
+    assert "Could not read" in failed["reason"]
+    done = json.loads(record_path(out, "dpl", items[0]).read_text())
+    assert done["dpl_steps_at_cap"] >= 0 and done["settings"]["mode"] == "refine" and done["versions"]["torch"]
+
+    record_path(out, "dpl", items[1]).unlink()  # killed after writing the image, before its record
+    again = run_batch(model, broken, items, ["nti", "dpl"], out, num_steps=STEPS, progress=False)
+    assert (again.done, again.skipped, again.failed) == (1, 9, 2)
+
+
+def test_two_accelerate_processes_write_what_one_does(dataset, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    common = ["batch", str(dataset), "--model", "scenes", "--methods", "nti", "--steps", str(STEPS),
+              "--device", "cpu", "--quiet", "--range", "0:4"]
+    one = subprocess.run([sys.executable, "-m", "dpl_edit.cli", *common, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "-m", "dpl_edit.cli", *common, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert two.returncode == 0, two.stderr
+    assert "process 1 of 2" in two.stdout and "process 2 of 2" in two.stdout
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
+    assert len(files) == 4 and files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.png"))
+    for name in files:
+        a = np.asarray(Image.open(tmp_path / "one" / name), dtype=np.int16)
+        b = np.asarray(Image.open(tmp_path / "two" / name), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, name  # the same computation; at most a rounding apart
+
+
+def test_unedited_part_metrics_mask_as_pie_bench():
+    rng = np.random.default_rng(1)
+    a = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    pixels = np.asarray(a).copy()
+    pixels[20:40, 20:40] = 0  # changed inside the mask only
+    b = Image.fromarray(pixels)
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[16:44, 16:44] = True
+    scores = unedited_part(a, b, mask)
+    assert math.isinf(scores["psnr_unedit_part"]) and scores["mse_unedit_part"] == 0
+    assert scores["ssim_unedit_part"] == pytest.approx(1.0)
+    mask[:] = False
+    scores = unedited_part(a, b, mask)
+    x, y = np.asarray(a, dtype=np.float32) / 255, pixels.astype(np.float32) / 255
+    mse = float(np.mean((x - y) ** 2))
+    assert scores["mse_unedit_part"] == pytest.approx(mse, rel=1e-5)
+    assert scores["psnr_unedit_part"] == pytest.approx(10 * math.log10(1 / mse), rel=1e-5)
+    assert oracle_psnr(b, b, mask | True) == pytest.approx(120.0)
+    assert all(math.isnan(v) for v in unedited_part(a, b, np.ones((64, 64), dtype=bool)).values())
+
+
+def test_structure_distance_is_the_key_self_similarity_of_dino_s_last_layer(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=224, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "dino")
+    distance = StructureDistance(tmp_path / "dino")
+    rng = np.random.default_rng(0)
+    a = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    b = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    assert distance(a, a) == 0 and distance(a, b) > 0
+    pixels = torch.from_numpy(np.asarray(a, dtype=np.float32)).permute(2, 0, 1)[None]  # 0..255, as PIE-Bench
+    pixels = torch.nn.functional.interpolate(pixels, size=(224, 224), mode="bilinear", antialias=True)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    vit = distance.model
+    with torch.no_grad():
+        hidden = vit((pixels - mean) / std, output_hidden_states=True).hidden_states[-2]
+        last = vit.layers[-1]
+        keys = last.attention.k_proj(last.layernorm_before(hidden))[0]
+    cosine = torch.nn.functional.cosine_similarity(keys[:, None], keys[None], dim=-1)
+    assert torch.allclose(distance.self_similarity(a), cosine, atol=1e-5)
+    assert keys.shape[0] == 1 + (224 // 8) ** 2
+
+
+def test_metrics_command_runs_without_weights_and_names_them(dataset, model, tmp_path, capsys):
+    items = read_dataset(dataset)[:3]
+    run_batch(model, dataset, items, ["nti"], tmp_path, num_steps=STEPS, progress=False)
+    assert main(["metrics", str(tmp_path), "--dataset", str(dataset), "--methods", "nti", "--range", "0:3",
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "psnr unedit part" in printed and "psnr edit part vs oracle" in printed and "--dino" in printed
+    means = json.loads((tmp_path / "metrics.json").read_text())["means"]
+    assert means["all"]["nti"]["items"] == 3 and set(means) == {"all", "1", "6", "8"}
+    assert main(["metrics", str(tmp_path), "--dataset", str(dataset), "--dino", str(tmp_path / "none")]) == 2
+    assert "DINO ViT-B/8" in capsys.readouterr().err
+    markdown, _ = tables({"rows": [{"key": "k", "method": "dpl", "editing_type_id": "1", "missing": True}],
+                          "notes": []})
+    assert "0 (+1 missing)" in markdown
