@@ -45,7 +45,8 @@ from dpl_edit.losses import SPANS
 from dpl_edit.pipeline import model_dpl_config
 from dpl_edit.registry import load_model
 from dpl_edit.scenes.edits import swap_config
-from dpl_edit.scenes.render import BACKGROUNDS, COLOURS, SHAPES, WordSwap, render, split_scene, swap_word
+from dpl_edit.scenes.export import scene_swaps
+from dpl_edit.scenes.render import render, split_scene, swap_word
 from dpl_edit.views import word_map
 
 FULL_TEST = 60  # the paper reports on 60 test images
@@ -59,14 +60,6 @@ METHODS = {"ddim": ["ddim"], "dpl": ["dpl", "dpl + p2p"], "dpl-at": ["dpl L_at o
            "direct": ["direct + p2p"], "dpl-direct": ["dpl (direct) + p2p"]}  # --methods names -> table rows
 EDIT_COLUMNS = ["reconstruction PSNR", "unedited PSNR", "unedited SSIM", "edited PSNR vs oracle", "distractor PSNR",
                 "inversion s", "edit s"]
-
-
-def edits_for(scene, rng: np.random.Generator) -> list[WordSwap]:
-    """An object-noun swap (first object), a colour swap (second object) and a background swap."""
-    shape = rng.choice([s for s in SHAPES if s != scene.objects[0].shape])
-    colour = rng.choice([c for c in COLOURS if c not in (scene.objects[1].colour,)])
-    background = rng.choice([b for b in BACKGROUNDS if b != scene.background])
-    return [WordSwap("shape", str(shape), 0), WordSwap("colour", str(colour), 1), WordSwap("background", str(background))]
 
 
 def region_ssim(a: torch.Tensor, b: torch.Tensor, mask: np.ndarray) -> float:
@@ -153,7 +146,7 @@ def main() -> None:
                              "best IoU own": float(best_iou(curves[f"{label}, own"][-1])),
                              "best IoU other": float(best_iou(curves[f"{label}, other"][-1])),
                              "capped steps": capped_steps(inversion)})
-        edits = edits_for(scene, rng)
+        edits = scene_swaps(scene, rng)
         for label, mode in editing:
             method, null = EDITING[label]
             name = label if mode == modes[0] else f"{label}, {mode} tokens"
