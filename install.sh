@@ -13,7 +13,8 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q -e ".[test]"
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null
+        { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+            || echo "Could not install chromium and chromium-driver with apt-get; the page test will say so" >&2
     else
         echo "The page test needs a browser: sudo apt-get install chromium chromium-driver" >&2
     fi
