@@ -26,7 +26,7 @@ from PIL import Image
 from .. import checks
 from ..artifacts import Inversion
 from ..editing import EditConfig, EditResult, edit
-from ..errors import DplEditError, PromptError
+from ..errors import DplEditError, ImageLoadError, PromptError
 from ..images import FITS, load_image, psnr
 from ..inversion import NullTextConfig
 from ..pipeline import invert, model_dpl_config, reconstruct
@@ -166,7 +166,11 @@ class Workbench:
         if pixels > MAX_UPLOAD_PIXELS:
             raise DplEditError(f"The image has {pixels / 1e6:.0f} megapixels; the page takes up to "
                                f"{MAX_UPLOAD_PIXELS / 1e6:.0f}. Resize it first.")
-        return load_image(path, self.model(model_name).image_size, fit=fit)
+        size = self.model(model_name).image_size
+        try:
+            return load_image(path, size, fit=fit)
+        except ImageLoadError as err:  # the page shows the file's name, not the server's upload folder
+            raise ImageLoadError(str(err).replace(str(path), path.name)) from err
 
     # -------------------------------------------------------------- inversion
     def invert(self, image_path: str | None, prompt: str, settings: InvertSettings, model_name: str | None = None,
