@@ -199,3 +199,32 @@ def test_metrics_command_runs_without_weights_and_names_them(dataset, model, tmp
     markdown, _ = tables({"rows": [{"key": "k", "method": "dpl", "editing_type_id": "1", "missing": True}],
                           "notes": []})
     assert "0 (+1 missing)" in markdown
+
+
+def test_clip_similarity_is_torchmetrics_clip_score_of_a_local_folder(tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from dpl_edit.batch.metrics import ClipSimilarity
+    from dpl_edit.tokenizer import clip_tokenizer
+
+    torch.manual_seed(0)
+    tower = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    config = CLIPConfig(text_config={**tower, "vocab_size": 49408},
+                        vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    CLIPModel(config).save_pretrained(tmp_path)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=clip_tokenizer())
+    processor.save_pretrained(tmp_path)
+    clip = ClipSimilarity(tmp_path)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[:32] = True
+    model = CLIPModel.from_pretrained(tmp_path).eval()
+    for pixels, score in [(np.asarray(image), clip(image, "a red circle")),
+                          (np.uint8(np.asarray(image) * mask[..., None]), clip(image, "a red circle", mask))]:
+        inputs = processor(text=["a red circle"], images=[pixels], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model(**inputs)
+        cosine = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).item()
+        assert score == pytest.approx(100 * max(cosine, 0), abs=1e-3)

@@ -9,7 +9,7 @@ and ``matrics_calculator.py`` of cure-lab/PnPInversion) computes them.
   whole images, each resized to 224 on its short side (at most 480 on the long one) and normalised
   with ImageNet's mean and std. As in PIE-Bench the pixels enter in 0..255, not 0..1.
 - **CLIP similarity** (CLIP ViT-L/14, ``--clip DIR`` or ``DPL_CLIP``): torchmetrics' CLIPScore
-  (100 x the cosine, at least 0) of the edit with the target prompt, whole and with the pixels
+  (100 x the cosine, at least 0; computed here as it computes it) of the edit with the target prompt, whole and with the pixels
   outside the mask set to 0 (the edited part).
 - **LPIPS** (SqueezeNet, torchmetrics' LPIPS: needs torchvision and its weights in the torch hub
   cache) of the unedited part, as PSNR.
@@ -107,13 +107,16 @@ class StructureDistance:
 
 
 class ClipSimilarity:
-    """torchmetrics' CLIPScore from a local CLIP folder."""
+    """CLIP score (torchmetrics' CLIPScore: 100 x the cosine of the projected image and text embeddings,
+    at least 0) from a local CLIP folder. Computed here with transformers, as torchmetrics computes it:
+    torchmetrics 1.9's CLIPScore takes hub names only and breaks on transformers 5's feature outputs."""
 
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu"):
-        from torchmetrics.multimodal import CLIPScore
+        from transformers import CLIPModel, CLIPProcessor
 
         try:
-            self.score = CLIPScore(model_name_or_path=str(folder)).to(device)
+            self.model = CLIPModel.from_pretrained(str(folder)).to(device).eval()
+            self.processor = CLIPProcessor.from_pretrained(str(folder))
         except (OSError, ValueError) as err:
             raise DplEditError(f"Could not load the CLIP weights from {folder} ({err}); give a local transformers "
                                "folder of openai/clip-vit-large-patch14 with --clip or DPL_CLIP") from err
@@ -123,7 +126,15 @@ class ClipSimilarity:
         pixels = np.asarray(image.convert("RGB"))
         if mask is not None:
             pixels = np.uint8(pixels * mask[..., None])
-        return self.score(torch.from_numpy(pixels).permute(2, 0, 1).to(self.device), text).item()
+        images = self.processor(images=[torch.from_numpy(pixels.copy()).permute(2, 0, 1)], return_tensors="pt")
+        words = self.processor(text=[text], return_tensors="pt", padding=True)
+        longest = self.model.config.text_config.max_position_embeddings  # torchmetrics cuts longer captions
+        with torch.no_grad():
+            out = self.model(input_ids=words["input_ids"][..., :longest].to(self.device),
+                             attention_mask=words["attention_mask"][..., :longest].to(self.device),
+                             pixel_values=images["pixel_values"].to(self.device))
+        cosine = F.cosine_similarity(out.image_embeds, out.text_embeds).item()
+        return max(100 * cosine, 0.0)
 
 
 def weighted_metrics(dino: str | None, clip: str | None, device="cpu") -> tuple[dict, list[str]]:
