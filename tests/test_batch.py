@@ -208,7 +208,7 @@ def test_clip_similarity_is_torchmetrics_clip_score_of_a_local_folder(tmp_path):
     from dpl_edit.tokenizer import clip_tokenizer
 
     torch.manual_seed(0)
-    tower = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
     config = CLIPConfig(text_config={**tower, "vocab_size": 49408},
                         vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=16)
     CLIPModel(config).save_pretrained(tmp_path)
