@@ -106,7 +106,7 @@ class Inversion:
         skip = (*_TENSOR_FIELDS, "source_image")
         metadata = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         metadata.update(format=FORMAT, format_version=FORMAT_VERSION, tensors_sha256=digest)
-        _write_atomic(folder / METADATA_FILE, json.dumps(metadata, indent=2))
+        write_atomic(folder / METADATA_FILE, json.dumps(metadata, indent=2))
         return folder
 
     @classmethod
@@ -176,7 +176,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file under a temporary name, then rename it: readers see the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifacts import write_atomic
 from ..errors import DplEditError
 
 MAPPING_FILE = "mapping_file.json"
@@ -123,9 +124,7 @@ def read_dataset(folder: str | Path, types: set[str] | None = None, start: int =
 def write_dataset(folder: str | Path, entries: dict[str, dict]) -> Path:
     """Write ``mapping_file.json`` (entries as PIE-Bench's, keys in order)."""
     path = Path(folder) / MAPPING_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entries, indent=1))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(entries, indent=1))
     return path
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..artifacts import library_versions
+from ..artifacts import library_versions, write_atomic
 from ..editing import EditConfig, edit, recommended_edit_config
 from ..errors import DplEditError
 from ..images import load_image
@@ -123,7 +123,9 @@ def _run_one(model, dataset: Path, item: EditItem, method: str, out: Path, num_s
             record["dpl_steps_at_cap"] = capped_steps(inversion.dpl_log, inversion.settings["dpl"]["max_iterations"])
     except (DplEditError, OSError, ValueError) as err:  # a bad item is recorded and the run goes on
         record.update(status="failed", reason=f"{type(err).__name__}: {err}")
-    _write_json(record_path(out, method, item), record)
+    path = record_path(out, method, item)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(record, indent=1))
     return record
 
 
@@ -141,11 +143,4 @@ def _share(items: list[EditItem], split: bool, cpu: bool) -> tuple[list[EditItem
         return items, BatchSummary()
     with state.split_between_processes(items) as mine:
         return list(mine), BatchSummary(process=state.process_index, processes=state.num_processes)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
 

@@ -24,11 +24,12 @@ import torch
 from PIL import Image
 
 from .. import checks
-from ..artifacts import Inversion
+from ..artifacts import METADATA_FILE, Inversion
 from ..editing import EditConfig, EditResult, edit
 from ..errors import DplEditError, ImageLoadError, PromptError
 from ..images import FITS, load_image, psnr
 from ..inversion import NullTextConfig
+from ..inversion.dynamic_prompt import capped_steps
 from ..pipeline import invert, model_dpl_config, reconstruct
 from ..prompts import parse_marked_prompt
 from ..registry import load_model
@@ -184,7 +185,7 @@ class Workbench:
         parse_marked_prompt(prompt, model.tokenizer, require_words=settings.method == "dpl")  # checks the marks
         key = self._key(image, prompt, model, settings)
         folder = self.cache_dir / "inversions" / key
-        cached = (folder / "inversion.json").is_file()
+        cached = (folder / METADATA_FILE).is_file()
         if cached:
             inversion = Inversion.load(folder)
         else:
@@ -230,9 +231,9 @@ class Workbench:
                    + (" (from the cache)" if cached else f", {seconds:.1f} s" if seconds else "")
                    + f"; reconstruction PSNR {score:.2f} dB")
         if inversion.dpl_log:
-            cap = inversion.settings.get("dpl", {}).get("max_iterations")
-            capped = sum(entry["iterations"] >= cap for entry in inversion.dpl_log) if cap else 0
-            summary += f"; DPL steps at the {cap}-iteration cap: {capped} of {inversion.num_steps}"
+            cap = inversion.settings["dpl"]["max_iterations"]
+            summary += (f"; DPL steps at the {cap}-iteration cap: {capped_steps(inversion.dpl_log, cap)} "
+                        f"of {inversion.num_steps}")
         return InversionView(
             key=key, inversion=inversion, reconstruction=reconstruction, psnr=score,
             attention=figure_image(word_attention_grid(inversion)),
@@ -245,7 +246,7 @@ class Workbench:
     def cached(self, key: str) -> Inversion:
         """A cached inversion by key (what a browser session keeps)."""
         folder = self.cache_dir / "inversions" / key
-        if not key or not (folder / "inversion.json").is_file():
+        if not key or not (folder / METADATA_FILE).is_file():
             raise DplEditError("Invert an image first: editing starts from an inversion.")
         return Inversion.load(folder)
 
@@ -304,7 +305,7 @@ class Workbench:
         folders = sorted((self.cache_dir / "inversions").glob(f"{prefix}-{wanted}-*"),
                          key=lambda f: f.stat().st_mtime, reverse=True)
         for folder in folders:
-            if (folder / "inversion.json").is_file():
+            if (folder / METADATA_FILE).is_file():
                 return Inversion.load(folder)
         return None
 
