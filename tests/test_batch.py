@@ -228,3 +228,81 @@ def test_clip_similarity_is_torchmetrics_clip_score_of_a_local_folder(tmp_path):
             out = model(**inputs)
         cosine = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).item()
         assert score == pytest.approx(100 * max(cosine, 0), abs=1e-3)
+
+
+def torchvision_squeezenet_state(seed=0):
+    """A state dict in torchvision's squeezenet1_1 names (features + the 1000-class classifier)."""
+    from dpl_edit.batch.lpips import squeezenet1_1_features
+
+    torch.manual_seed(seed)
+    features = squeezenet1_1_features()
+    state = {f"features.{k}": v for k, v in features.state_dict().items()}
+    state["classifier.1.weight"] = torch.randn(1000, 512, 1, 1) * 0.01
+    state["classifier.1.bias"] = torch.zeros(1000)
+    return state
+
+
+def test_squeezenet_has_torchvision_s_published_size_and_names():
+    from dpl_edit.batch.lpips import SQUEEZENET_PARAMETERS
+
+    state = torchvision_squeezenet_state()
+    assert sum(v.numel() for v in state.values()) == SQUEEZENET_PARAMETERS == 1_235_496
+    assert {"features.0.weight", "features.3.squeeze.weight", "features.12.expand3x3.bias"} <= set(state)
+    assert state["features.12.expand3x3.weight"].shape == (256, 64, 3, 3)
+
+
+def test_lpips_is_torchmetrics_lpips_squeeze_on_pie_bench_s_masked_inputs(monkeypatch, tmp_path):
+    """torchmetrics' own _LPIPS (its scaling, normalisation, linear layers and sums), given our backbone
+    through a stand-in torchvision, against ours: full 512 x 512 images, PIE-Bench's masking."""
+    import types
+
+    import torchmetrics.functional.image.lpips as tm_lpips
+
+    from dpl_edit.batch.lpips import Lpips, squeezenet1_1_features
+    from dpl_edit.batch.metrics import unedited_lpips
+
+    torch.save(torchvision_squeezenet_state(), tmp_path / "squeezenet1_1-b8a52dc0.pth")
+    ours = Lpips.from_file(tmp_path)
+
+    backbone = squeezenet1_1_features()
+    backbone.load_state_dict(ours.features.state_dict())
+    fake = types.ModuleType("torchvision")
+    fake.models = types.SimpleNamespace(squeezenet1_1=lambda weights=None: types.SimpleNamespace(features=backbone))
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    monkeypatch.setattr(tm_lpips, "_TORCHVISION_AVAILABLE", True)
+    reference = tm_lpips._LPIPS(pretrained=True, net="squeeze", pnet_rand=True)
+
+    rng = np.random.default_rng(3)
+    source = Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8))
+    edited = Image.fromarray(np.clip(np.asarray(source) + rng.normal(0, 30, (512, 512, 3)), 0, 255).astype(np.uint8))
+    mask = np.zeros((512, 512), dtype=bool)
+    mask[100:300, 150:400] = True
+    keep = 1 - mask[..., None].astype(np.float32)
+    as_pie = [torch.tensor(np.asarray(im).astype(np.float32) / 255 * keep).permute(2, 0, 1)[None] * 2 - 1
+              for im in (source, edited)]
+    with torch.no_grad():
+        expected = reference(*as_pie).item()
+    assert expected > 0
+    assert unedited_lpips(ours, source, edited, mask) == pytest.approx(expected, rel=1e-5)
+    assert unedited_lpips(ours, source, source, mask) == 0
+
+
+def test_lpips_weights_flag_and_clear_errors(dataset, model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("DPL_LPIPS", raising=False)
+    items = read_dataset(dataset)[:1]
+    run_batch(model, dataset, items, ["nti"], tmp_path, num_steps=STEPS, progress=False)
+    common = ["metrics", str(tmp_path), "--dataset", str(dataset), "--methods", "nti", "--range", "0:1", "--quiet"]
+    assert main(common) == 0
+    assert "--lpips FILE" in capsys.readouterr().out
+    weights = tmp_path / "squeezenet1_1-b8a52dc0.pth"
+    torch.save(torchvision_squeezenet_state(), weights)
+    assert main([*common, "--lpips", str(weights)]) == 0
+    means = json.loads((tmp_path / "metrics.json").read_text())["means"]
+    assert means["all"]["nti"]["lpips_unedit_part"] > 0
+    assert "lpips unedit part x10^3" in capsys.readouterr().out
+    assert main([*common, "--lpips", str(tmp_path / "missing.pth")]) == 2
+    assert "SqueezeNet 1.1 weights not found" in capsys.readouterr().err
+    (tmp_path / "broken.pth").write_text("not a state dict")
+    assert main([*common, "--lpips", str(tmp_path / "broken.pth")]) == 2
+    assert "Could not load SqueezeNet 1.1 weights" in capsys.readouterr().err

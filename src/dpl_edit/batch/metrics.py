@@ -11,8 +11,9 @@ and ``matrics_calculator.py`` of cure-lab/PnPInversion) computes them.
 - **CLIP similarity** (CLIP ViT-L/14, ``--clip DIR`` or ``DPL_CLIP``): torchmetrics' CLIPScore
   (100 x the cosine, at least 0; computed here as it computes it) of the edit with the target prompt, whole and with the pixels
   outside the mask set to 0 (the edited part).
-- **LPIPS** (SqueezeNet, torchmetrics' LPIPS: needs torchvision and its weights in the torch hub
-  cache) of the unedited part, as PSNR.
+- **LPIPS** (SqueezeNet 1.1, ``--lpips FILE`` or ``DPL_LPIPS``, else torchvision's file in the torch hub
+  cache): torchmetrics' LPIPS (net_type "squeeze", as PIE-Bench) of the unedited parts mapped to
+  [-1, 1] (see ``lpips.py``).
 - **Edited part vs oracle** (scenes only): PSNR of the edit against the renderer's true edit inside
   the mask, the one number a photograph cannot give.
 
@@ -37,6 +38,7 @@ from torchmetrics.functional.regression import mean_squared_error
 from tqdm.auto import tqdm
 
 from ..errors import DplEditError
+from .lpips import Lpips, default_weights
 from .piebench import EDIT_TYPES, IMAGES, EditItem, decode_mask, edit_path
 from .runner import METHOD_FOLDERS
 
@@ -137,9 +139,23 @@ class ClipSimilarity:
         return max(100 * cosine, 0.0)
 
 
-def weighted_metrics(dino: str | None, clip: str | None, device="cpu") -> tuple[dict, list[str]]:
+def unedited_lpips(lpips: Lpips, source: Image.Image, edited: Image.Image, mask: np.ndarray) -> float:
+    """LPIPS of source and edit with the edited part zeroed, mapped to [-1, 1] as PIE-Bench does."""
+    keep = torch.from_numpy(1 - mask.astype(np.float32))
+    a, b = unit(source) * keep, unit(edited) * keep
+    return lpips(a.to(lpips.shift.device) * 2 - 1, b.to(lpips.shift.device) * 2 - 1).item()
+
+
+def weighted_metrics(dino: str | None, clip: str | None, lpips: str | None = None,
+                     device="cpu") -> tuple[dict, list[str]]:
     """The metrics that need weights which are available, and a note for each one left out."""
     available, notes = {}, []
+    lpips = lpips or default_weights()
+    if lpips:
+        available["lpips"] = Lpips.from_file(lpips, device)
+    else:
+        notes.append("lpips_unedit_part left out: no SqueezeNet 1.1 weights (give torchvision's "
+                     "squeezenet1_1-b8a52dc0.pth with --lpips FILE or set DPL_LPIPS)")
     dino = dino or os.environ.get("DPL_DINO")
     clip = clip or os.environ.get("DPL_CLIP")
     if dino:
@@ -150,16 +166,16 @@ def weighted_metrics(dino: str | None, clip: str | None, device="cpu") -> tuple[
         available["clip"] = ClipSimilarity(clip, device)
     else:
         notes.append("clip_similarity left out: no CLIP ViT-L/14 weights (give --clip DIR or set DPL_CLIP)")
-    notes.append("lpips_unedit_part left out: it needs torchvision's SqueezeNet weights, which dpl-edit does not load")
     return available, notes
 
 
 def evaluate(dataset: str | Path, out: str | Path, items: Sequence[EditItem], methods: Sequence[str],
-             dino: str | None = None, clip: str | None = None, device="cpu", progress: bool = True) -> dict:
+             dino: str | None = None, clip: str | None = None, lpips: str | None = None, device="cpu",
+             progress: bool = True) -> dict:
     """Per-item metrics of each method's edits in ``out`` (PIE-Bench layout); returns
     {"rows": [...], "notes": [...]}. Missing edits are counted, not scored."""
     dataset, out = Path(dataset), Path(out)
-    weighted, notes = weighted_metrics(dino, clip, device)
+    weighted, notes = weighted_metrics(dino, clip, lpips, device)
     rows = []
     for item in tqdm(items, desc="Metrics", unit="item", disable=not progress):
         with Image.open(dataset / IMAGES / item.image_path) as opened:
@@ -181,6 +197,8 @@ def evaluate(dataset: str | Path, out: str | Path, items: Sequence[EditItem], me
                 edited = edited.crop((edited.width - source.width, edited.height - source.height,
                                       edited.width, edited.height))
             row.update(unedited_part(source, edited, mask))
+            if "lpips" in weighted:
+                row["lpips_unedit_part"] = unedited_lpips(weighted["lpips"], source, edited, mask)
             if oracle is not None:
                 row["psnr_edit_part_vs_oracle"] = oracle_psnr(edited, oracle, mask)
             if "structure_distance" in weighted:
@@ -193,8 +211,8 @@ def evaluate(dataset: str | Path, out: str | Path, items: Sequence[EditItem], me
 
 
 # PIE-Bench's table units: structure distance x 10^3, LPIPS x 10^3, MSE x 10^4, SSIM x 10^2.
-SCALES = {"structure_distance": 1e3, "mse_unedit_part": 1e4, "ssim_unedit_part": 1e2}
-ORDER = ("structure_distance", "psnr_unedit_part", "mse_unedit_part", "ssim_unedit_part",
+SCALES = {"structure_distance": 1e3, "lpips_unedit_part": 1e3, "mse_unedit_part": 1e4, "ssim_unedit_part": 1e2}
+ORDER = ("structure_distance", "psnr_unedit_part", "lpips_unedit_part", "mse_unedit_part", "ssim_unedit_part",
          "clip_similarity_target_image", "clip_similarity_target_image_edit_part", "psnr_edit_part_vs_oracle")
 
 

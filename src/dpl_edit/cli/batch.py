@@ -32,8 +32,8 @@ def register(commands) -> None:
         "metrics",
         help="PIE-Bench's metrics of a batch folder, methods side by side",
         description="Score the edits in OUT against DATASET as PIE-Bench's evaluation script does: PSNR, MSE and "
-        "SSIM of the unedited part (no weights needed), Structure distance (DINO ViT-B/8: --dino), CLIP similarity "
-        "of the whole edit and of its edited part (CLIP ViT-L/14: --clip), and for rendered scenes the PSNR of the "
+        "SSIM of the unedited part (no weights needed), its LPIPS (SqueezeNet 1.1: --lpips), Structure distance "
+        "(DINO ViT-B/8: --dino), CLIP similarity of the whole edit and of its edited part (CLIP ViT-L/14: --clip), and for rendered scenes the PSNR of the "
         "edited part against the oracle. Writes OUT/metrics.md and OUT/metrics.json.",
     )
     p.add_argument("out", type=Path, help="a folder written by dpl batch")
@@ -42,6 +42,8 @@ def register(commands) -> None:
     add_selection(p)
     p.add_argument("--dino", help="local transformers folder of facebook/dino-vitb8 (or set DPL_DINO)")
     p.add_argument("--clip", help="local transformers folder of openai/clip-vit-large-patch14 (or set DPL_CLIP)")
+    p.add_argument("--lpips", help="torchvision's SqueezeNet 1.1 weights, squeezenet1_1-b8a52dc0.pth (or set DPL_LPIPS; "
+                   "default: that file in the torch hub cache if it is there)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(run=metrics_command)
@@ -115,7 +117,8 @@ def metrics_command(args: argparse.Namespace) -> int:
 
     methods = methods_of(args)
     items = selection(args)
-    result = evaluate(args.dataset, args.out, items, methods, dino=args.dino, clip=args.clip, progress=not args.quiet)
+    result = evaluate(args.dataset, args.out, items, methods, dino=args.dino, clip=args.clip, lpips=args.lpips,
+                      progress=not args.quiet)
     markdown, _ = tables(result)
     paths = write_tables(result, args.out)
     print(markdown)
