@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dpl_edit.batch.metrics import StructureDistance, oracle_psnr, tables, unedited_part
+from dpl_edit.batch.metrics import StructureDistance, region_psnr, tables, unedited_part
 from dpl_edit.batch.piebench import decode_mask, edit_path, encode_mask, read_dataset
 from dpl_edit.batch.runner import METHOD_FOLDERS, pie_edit_config, record_path, run_batch
 from dpl_edit.cli import main
@@ -71,6 +71,8 @@ def test_scene_export_is_a_pie_bench_folder(dataset):
     with Image.open(dataset / "annotation_images" / shape.image_path) as image:
         mask = decode_mask(shape.mask_rle, image.size[::-1])
     assert 0 < mask[1:-1, 1:-1].mean() < 0.5  # an object before and after its swap
+    distractor = decode_mask(shape.distractor_rle, mask.shape, border=False)
+    assert distractor.any() and not (distractor & mask).any() and not items[2].distractor_rle  # ground: none
     assert read_dataset(dataset, types={"8"}, start=0, stop=3)[0].editing_type_id == "8"
     config = pie_edit_config(shape, {})
     assert (config.mode, config.cross_replace_steps, config.self_replace_steps) == ("refine", 0.4, 0.6)
@@ -100,8 +102,11 @@ def test_batch_writes_pie_layout_resumes_and_records_failures(dataset, model, tm
     items = read_dataset(broken)
     (broken / "annotation_images" / items[4].image_path).write_bytes(b"not an image")
     out = tmp_path / "out"
-    summary = run_batch(model, broken, items, ["nti", "dpl"], out, num_steps=STEPS, progress=False)
+    seen = []
+    summary = run_batch(model, broken, items, ["nti", "dpl"], out, num_steps=STEPS, progress=False,
+                        on_inversion=lambda method, group, image, inversion: seen.append((method, len(group))))
     assert (summary.done, summary.skipped, summary.failed) == (10, 0, 2)
+    assert seen == [("nti", 3), ("dpl", 3), ("nti", 2), ("dpl", 2)]  # one inversion per scene and method
     for item in items:
         for method in ("nti", "dpl"):
             record = json.loads(record_path(out, method, item).read_text())
@@ -112,6 +117,7 @@ def test_batch_writes_pie_layout_resumes_and_records_failures(dataset, model, tm
     assert "Could not read" in failed["reason"]
     done = json.loads(record_path(out, "dpl", items[0]).read_text())
     assert done["dpl_steps_at_cap"] >= 0 and done["settings"]["mode"] == "refine" and done["versions"]["torch"]
+    assert done["inversion_shared_by"] == 3 and done["inversion_s"] > 0 and done["edit_s"] > 0
 
     record_path(out, "dpl", items[1]).unlink()  # killed after writing the image, before its record
     again = run_batch(model, broken, items, ["nti", "dpl"], out, num_steps=STEPS, progress=False)
@@ -156,7 +162,7 @@ def test_unedited_part_metrics_mask_as_pie_bench():
     mse = float(np.mean((x - y) ** 2))
     assert scores["mse_unedit_part"] == pytest.approx(mse, rel=1e-5)
     assert scores["psnr_unedit_part"] == pytest.approx(10 * math.log10(1 / mse), rel=1e-5)
-    assert oracle_psnr(b, b, mask | True) == pytest.approx(120.0)
+    assert region_psnr(b, b, mask | True) == pytest.approx(120.0)
     assert all(math.isnan(v) for v in unedited_part(a, b, np.ones((64, 64), dtype=bool)).values())
 
 
@@ -192,6 +198,7 @@ def test_metrics_command_runs_without_weights_and_names_them(dataset, model, tmp
                  "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "psnr unedit part" in printed and "psnr edit part vs oracle" in printed and "--dino" in printed
+    assert "psnr distractors" in printed
     means = json.loads((tmp_path / "metrics.json").read_text())["means"]
     assert means["all"]["nti"]["items"] == 3 and set(means) == {"all", "1", "6", "8"}
     assert main(["metrics", str(tmp_path), "--dataset", str(dataset), "--dino", str(tmp_path / "none")]) == 2

@@ -14,8 +14,9 @@ and ``matrics_calculator.py`` of cure-lab/PnPInversion) computes them.
 - **LPIPS** (SqueezeNet 1.1, ``--lpips FILE`` or ``DPL_LPIPS``, else torchvision's file in the torch hub
   cache): torchmetrics' LPIPS (net_type "squeeze", as PIE-Bench) of the unedited parts mapped to
   [-1, 1] (see ``lpips.py``).
-- **Edited part vs oracle** (scenes only): PSNR of the edit against the renderer's true edit inside
-  the mask, the one number a photograph cannot give.
+- **Edited part vs oracle** and **distractors** (scenes only): PSNR of the edit against the renderer's
+  true edit inside the mask, and against the source on the other objects (``distractor_mask``):
+  what an edit did where it should, and what it leaked onto look-alikes.
 
 Metrics whose weights are missing are left out with a note naming what is missing; the others run.
 """
@@ -64,9 +65,11 @@ def unedited_part(source: Image.Image, edited: Image.Image, mask: np.ndarray) ->
     }
 
 
-def oracle_psnr(edited: Image.Image, oracle: Image.Image, mask: np.ndarray) -> float:
-    """PSNR of the edit against the true edit inside the mask (pixels in [0, 1])."""
+def region_psnr(edited: Image.Image, oracle: Image.Image, mask: np.ndarray) -> float:
+    """PSNR of the edit against another image (the true edit, or the source) inside the mask (pixels in [0, 1])."""
     inside = torch.from_numpy(mask)
+    if not inside.any():
+        return math.nan
     error = ((unit(edited) - unit(oracle))[0].permute(1, 2, 0)[inside] ** 2).mean().item()
     return 10 * math.log10(1 / max(error, 1e-12))
 
@@ -200,7 +203,10 @@ def evaluate(dataset: str | Path, out: str | Path, items: Sequence[EditItem], me
             if "lpips" in weighted:
                 row["lpips_unedit_part"] = unedited_lpips(weighted["lpips"], source, edited, mask)
             if oracle is not None:
-                row["psnr_edit_part_vs_oracle"] = oracle_psnr(edited, oracle, mask)
+                row["psnr_edit_part_vs_oracle"] = region_psnr(edited, oracle, mask)
+            if item.distractor_rle:
+                distractor = decode_mask(item.distractor_rle, mask.shape, border=False)
+                row["psnr_distractors"] = region_psnr(edited, source, distractor)
             if "structure_distance" in weighted:
                 row["structure_distance"] = weighted["structure_distance"](source, edited)
             if "clip" in weighted:
@@ -213,7 +219,8 @@ def evaluate(dataset: str | Path, out: str | Path, items: Sequence[EditItem], me
 # PIE-Bench's table units: structure distance x 10^3, LPIPS x 10^3, MSE x 10^4, SSIM x 10^2.
 SCALES = {"structure_distance": 1e3, "lpips_unedit_part": 1e3, "mse_unedit_part": 1e4, "ssim_unedit_part": 1e2}
 ORDER = ("structure_distance", "psnr_unedit_part", "lpips_unedit_part", "mse_unedit_part", "ssim_unedit_part",
-         "clip_similarity_target_image", "clip_similarity_target_image_edit_part", "psnr_edit_part_vs_oracle")
+         "clip_similarity_target_image", "clip_similarity_target_image_edit_part", "psnr_edit_part_vs_oracle",
+         "psnr_distractors")
 
 
 def tables(result: dict) -> tuple[str, dict]:

@@ -14,9 +14,11 @@ pairs over a 512x512 image, and PIE-Bench's decoder also sets the image's border
 "annotation errors in boundary" guard). Methods write their edits to
 ``OUT/<method>/annotation_images/<image_path>``, which PIE-Bench's own evaluation reads.
 
-Two optional fields are dpl-edit's (PIE-Bench's scripts ignore them): ``dpl_prompt`` (the source
-prompt with DPL's words in braces, when the bracketed words are not the nouns to learn) and
-``oracle_image_path`` (the edit's true result, which only rendered scenes have).
+Three optional fields are dpl-edit's (PIE-Bench's scripts ignore them): ``dpl_prompt`` (the source
+prompt with DPL's words in braces, when the bracketed words are not the nouns to learn), and two
+that only rendered scenes have: ``oracle_image_path`` (the edit's true result) and
+``distractor_mask`` (run-length, as ``mask``, no border: the other objects, which the edit must
+leave alone).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class EditItem:
     mask_rle: tuple[int, ...]
     dpl_prompt: str | None = None
     oracle_image_path: str | None = None
+    distractor_rle: tuple[int, ...] = ()
 
     @property
     def source_prompt(self) -> str:
@@ -71,8 +74,9 @@ class EditItem:
         return decode_mask(self.mask_rle, shape)
 
 
-def decode_mask(rle, shape: tuple[int, int] = MASK_SIZE) -> np.ndarray:
-    """A PIE-Bench mask (H, W) bool from its run-length list, border pixels set as PIE-Bench sets them."""
+def decode_mask(rle, shape: tuple[int, int] = MASK_SIZE, border: bool = True) -> np.ndarray:
+    """A PIE-Bench mask (H, W) bool from its run-length list, border pixels set as PIE-Bench sets them
+    (unless ``border`` is False)."""
     if len(rle) % 2:
         raise DplEditError(f"A PIE-Bench mask is a list of (start, length) pairs; got {len(rle)} numbers")
     length = shape[0] * shape[1]
@@ -80,7 +84,8 @@ def decode_mask(rle, shape: tuple[int, int] = MASK_SIZE) -> np.ndarray:
     for start, run in zip(rle[0::2], rle[1::2]):
         flat[start : start + max(0, min(run, length - start))] = True
     mask = flat.reshape(shape)
-    mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = True
+    if border:
+        mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = True
     return mask
 
 
@@ -113,6 +118,7 @@ def read_dataset(folder: str | Path, types: set[str] | None = None, start: int =
                 editing_prompt=entry["editing_prompt"], editing_type_id=str(entry["editing_type_id"]),
                 blended_word=tuple(entry.get("blended_word", "").split()), mask_rle=tuple(entry.get("mask", [])),
                 dpl_prompt=entry.get("dpl_prompt"), oracle_image_path=entry.get("oracle_image_path"),
+                distractor_rle=tuple(entry.get("distractor_mask", [])),
             )
         except (KeyError, TypeError, AttributeError) as err:
             raise DplEditError(f"Entry {key!r} of {path} lacks a field PIE-Bench has ({err})") from err

@@ -1,6 +1,7 @@
 """`dpl batch`: every method on every item of a PIE-Bench folder, resumable, on one or many processes.
 
-Each item is inverted once per method and edited towards its target prompt with the Prompt-to-Prompt
+Each source image is inverted once per method (items that share an image and its prompts share the
+inversion) and each item is edited towards its target prompt with the Prompt-to-Prompt
 settings PIE-Bench used for P2P (``run_editing_p2p.py``: refine controller, cross-attention
 replaced for 0.4 of the steps, self-attention for 0.6, local blend on the ``blended_word`` pair,
 the target word re-weighted by 2, guidance 7.5, 50 DDIM steps). The edit goes to PIE-Bench's
@@ -14,10 +15,11 @@ one process.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from ..errors import DplEditError
 from ..images import load_image
 from ..inversion.dynamic_prompt import capped_steps
 from ..pipeline import invert
-from .piebench import EditItem, edit_path
+from .piebench import IMAGES, EditItem, edit_path
 
 # dpl-edit's method -> the folder PIE-Bench's scripts use for it (its own names where it has one).
 METHOD_FOLDERS = {
@@ -78,59 +80,96 @@ def is_done(out: str | Path, method: str, item: EditItem) -> bool:
         return False
 
 
+def image_groups(dataset: str | Path, items: Sequence[EditItem]) -> list[list[EditItem]]:
+    """The items grouped by source image (its bytes) and prompts, in first-seen order: one inversion per
+    method serves every edit of a group (PIE-Bench has one edit per image; an exported scene has three)."""
+    groups: dict[tuple, list[EditItem]] = {}
+    for item in items:
+        try:
+            digest = hashlib.sha256((Path(dataset) / IMAGES / item.image_path).read_bytes()).hexdigest()
+        except OSError:
+            digest = f"unreadable {item.key}"  # fails on its own, with its reason
+        groups.setdefault((digest, item.source_prompt, item.marked_prompt()), []).append(item)
+    return list(groups.values())
+
+
 def run_batch(model, dataset: str | Path, items: Sequence[EditItem], methods: Sequence[str], out: str | Path,
               num_steps: int = PIE_STEPS, guidance_scale: float = PIE_GUIDANCE, split: bool = True,
-              progress: bool = True) -> BatchSummary:
-    """Invert and edit this process's share of ``items`` with each method; returns the counts."""
+              progress: bool = True, on_inversion: Callable | None = None) -> BatchSummary:
+    """Invert each of this process's source images once per method and edit all its items; returns the
+    counts. ``on_inversion(method, items, image, inversion)``, if given, sees each fresh inversion."""
     unknown = set(methods) - set(METHOD_FOLDERS)
     if unknown:
         raise DplEditError(f"Unknown methods {sorted(unknown)}; choose from {', '.join(METHOD_FOLDERS)}")
-    mine, summary = _share(list(items), split, cpu=model.device.type == "cpu")
-    bar = tqdm(mine, desc="Items", unit="item", disable=not progress)
-    for item in bar:
+    mine, summary = _share(image_groups(dataset, items), split, cpu=model.device.type == "cpu")
+    bar = tqdm(total=sum(len(group) for group in mine), desc="Items", unit="item", disable=not progress)
+    for group in mine:
         for method in methods:
-            if is_done(out, method, item):
-                summary.skipped += 1
-                continue
-            record = _run_one(model, Path(dataset), item, method, Path(out), num_steps, guidance_scale)
-            summary.done += record["status"] == "done"
-            summary.failed += record["status"] == "failed"
+            todo = [item for item in group if not is_done(out, method, item)]
+            summary.skipped += len(group) - len(todo)
+            for record in _run_group(model, Path(dataset), todo, method, Path(out), num_steps, guidance_scale,
+                                     on_inversion):
+                summary.done += record["status"] == "done"
+                summary.failed += record["status"] == "failed"
             bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=summary.failed)
+        bar.update(len(group))
+    bar.close()
     return summary
 
 
-def _run_one(model, dataset: Path, item: EditItem, method: str, out: Path, num_steps: int, guidance: float) -> dict:
-    record = {"key": item.key, "method": method, "image_path": item.image_path, "editing_type_id": item.editing_type_id,
-              "source_prompt": item.source_prompt, "target_prompt": item.target_prompt, "model": model.model_id,
-              "steps": num_steps, "guidance": guidance, "versions": library_versions()}
+def _run_group(model, dataset: Path, items: list[EditItem], method: str, out: Path, num_steps: int,
+               guidance: float, on_inversion: Callable | None) -> list[dict]:
+    """One inversion of the group's image, then each item's edit; a record per item."""
+    if not items:
+        return []
+    base = {"method": method, "model": model.model_id, "steps": num_steps, "guidance": guidance,
+            "versions": library_versions()}
+    records = [{"key": item.key, "image_path": item.image_path, "editing_type_id": item.editing_type_id,
+                "source_prompt": item.source_prompt, "target_prompt": item.target_prompt, **base} for item in items]
+    prompt = items[0].marked_prompt() if method == "dpl" else items[0].source_prompt
     started = time.perf_counter()
     try:
-        image = load_image(dataset / "annotation_images" / item.image_path, model.image_size, fit="crop")
-        prompt = item.marked_prompt() if method == "dpl" else item.source_prompt
+        image = load_image(dataset / IMAGES / items[0].image_path, model.image_size, fit="crop")
         inversion = invert(model, image, prompt, method=method, num_steps=num_steps, guidance_scale=guidance,
                            progress=False)
-        inverted = time.perf_counter()
-        config = pie_edit_config(item, model.settings)
-        result = edit(model, inversion, [item.target_prompt], config, progress=False)
-        target = edit_path(out, METHOD_FOLDERS[method], item)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        result.edits[0].save(tmp, format=Image.registered_extensions().get(target.suffix.lower(), "PNG"))
-        tmp.replace(target)
-        record.update(status="done", settings=asdict(config), dpl_prompt=prompt if method == "dpl" else None,
-                      inversion_s=round(inverted - started, 3), edit_s=round(time.perf_counter() - inverted, 3))
-        if inversion.dpl_log:
-            record["dpl_steps_at_cap"] = capped_steps(inversion.dpl_log, inversion.settings["dpl"]["max_iterations"])
-    except (DplEditError, OSError, ValueError) as err:  # a bad item is recorded and the run goes on
-        record.update(status="failed", reason=f"{type(err).__name__}: {err}")
+    except (DplEditError, OSError, ValueError) as err:  # a bad image is recorded and the run goes on
+        for item, record in zip(items, records, strict=True):
+            record.update(status="failed", reason=f"{type(err).__name__}: {err}")
+            _write_record(out, method, item, record)
+        return records
+    inversion_s = round(time.perf_counter() - started, 3)
+    if on_inversion is not None:
+        on_inversion(method, items, image, inversion)
+    shared = {"dpl_prompt": prompt if method == "dpl" else None, "inversion_s": inversion_s,
+              "inversion_shared_by": len(items)}
+    if inversion.dpl_log:
+        shared["dpl_steps_at_cap"] = capped_steps(inversion.dpl_log, inversion.settings["dpl"]["max_iterations"])
+    for item, record in zip(items, records, strict=True):
+        started = time.perf_counter()
+        try:
+            config = pie_edit_config(item, model.settings)
+            result = edit(model, inversion, [item.target_prompt], config, progress=False)
+            target = edit_path(out, METHOD_FOLDERS[method], item)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+            result.edits[0].save(tmp, format=Image.registered_extensions().get(target.suffix.lower(), "PNG"))
+            tmp.replace(target)
+            record.update(status="done", settings=asdict(config), **shared,
+                          edit_s=round(time.perf_counter() - started, 3))
+        except (DplEditError, OSError, ValueError) as err:
+            record.update(status="failed", reason=f"{type(err).__name__}: {err}")
+        _write_record(out, method, item, record)
+    return records
+
+
+def _write_record(out: Path, method: str, item: EditItem, record: dict) -> None:
     path = record_path(out, method, item)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(record, indent=1))
-    return record
 
 
-def _share(items: list[EditItem], split: bool, cpu: bool) -> tuple[list[EditItem], BatchSummary]:
-    """This process's items under `accelerate launch` or torchrun (all of them otherwise); ``cpu``:
+def _share(items: list, split: bool, cpu: bool) -> tuple[list, BatchSummary]:
+    """This process's share of ``items`` (here: image groups) under `accelerate launch` or torchrun (all of them otherwise); ``cpu``:
     CPU processes (gloo), which accelerate only sees when asked."""
     if not split:
         return items, BatchSummary()

@@ -6,7 +6,8 @@ second object's colour and the ground. Each becomes one PIE-Bench entry with its
 source image (PIE-Bench's output layout has one edit per image path), the edited words in
 [brackets], the edit mask (the object before and after the swap, or the ground) as PIE-Bench's
 run-length list at the image's size, ``blended_word`` as P2P would blend it, ``dpl_prompt`` (the
-nouns in braces) and ``oracle_image_path`` (the renderer's edit).
+nouns in braces), ``oracle_image_path`` (the renderer's edit) and, for object swaps,
+``distractor_mask`` (the other objects, less the edited one's pixels).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def export_scenes(folder: str | Path, split: str = "test", objects: tuple[int, .
                 oracle, new_masks = render(target)
                 type_id, type_folder = KIND_TYPES[swap.kind]
                 name = f"{type_folder}/{split}_{n}obj_{index:04d}.png"
+                distractors = {}
                 if swap.kind == "background":
                     mask = ~np.any(masks, axis=0)
                     words = (scene.background, swap.new)
@@ -65,6 +67,8 @@ def export_scenes(folder: str | Path, split: str = "test", objects: tuple[int, .
                     mask = masks[swap.index] | new_masks[swap.index]
                     shape = scene.objects[swap.index].shape
                     words = (shape, swap.new if swap.kind == "shape" else shape)
+                    others = np.any([m for j, m in enumerate(masks) if j != swap.index], axis=0) & ~mask
+                    distractors = {"distractor_mask": encode_mask(others)}
                 for root, picture in ((IMAGES, image), (ORACLES, oracle)):
                     (folder / root / name).parent.mkdir(parents=True, exist_ok=True)
                     picture.save(folder / root / name)
@@ -72,7 +76,7 @@ def export_scenes(folder: str | Path, split: str = "test", objects: tuple[int, .
                     "image_path": name, "original_prompt": bracketed(scene, swap),
                     "editing_prompt": bracketed(target, swap), "editing_instruction": f"{swap.kind} -> {swap.new}",
                     "editing_type_id": type_id, "blended_word": " ".join(words), "mask": encode_mask(mask),
-                    "dpl_prompt": scene.marked_caption(), "oracle_image_path": name,
+                    "dpl_prompt": scene.marked_caption(), "oracle_image_path": name, **distractors,
                 }
     write_dataset(folder, entries)
     return len(entries)
