@@ -313,3 +313,17 @@ def test_lpips_weights_flag_and_clear_errors(dataset, model, tmp_path, capsys, m
     (tmp_path / "broken.pth").write_text("not a state dict")
     assert main([*common, "--lpips", str(tmp_path / "broken.pth")]) == 2
     assert "Could not load SqueezeNet 1.1 weights" in capsys.readouterr().err
+
+
+def test_scene_benchmark_runs_through_batch_and_metrics(tmp_path):
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "scenes.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "torch")}
+    run = subprocess.run([sys.executable, str(script), "--scenes", "1", "--steps", str(STEPS), "--methods", "nti,dpl",
+                          "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr
+    table = (tmp_path / "scenes.md").read_text()
+    assert "| ddim | 1 |" in table and "| dpl | 1 |" in table  # localisation rows (NTI keeps DDIM's maps)
+    assert "| all | dpl | 3 |" in table and "psnr distractors" in table
+    assert (tmp_path / "dpl+p2p" / "annotation_images").is_dir() and (tmp_path / "localisation.png").is_file()

@@ -30,7 +30,7 @@ from ..artifacts import library_versions, write_atomic
 from ..editing import EditConfig, edit, recommended_edit_config
 from ..errors import DplEditError
 from ..images import load_image
-from ..inversion.dynamic_prompt import capped_steps
+from ..inversion.dynamic_prompt import DynamicPromptConfig, capped_steps
 from ..pipeline import invert
 from .piebench import IMAGES, EditItem, edit_path
 
@@ -55,15 +55,15 @@ class BatchSummary:
         return f"{who}{self.done} done, {self.skipped} skipped (already done), {self.failed} failed"
 
 
-def pie_edit_config(item: EditItem, model_settings: dict) -> EditConfig:
-    """PIE-Bench's P2P settings for an item (and the model's recommended target tokens)."""
+def pie_edit_config(item: EditItem, model_settings: dict, target_tokens: str | None = None) -> EditConfig:
+    """PIE-Bench's P2P settings for an item (and ``target_tokens``, else the model's recommendation)."""
     blend, reweight = (), {}
     if len(item.blended_word) >= 2:
         source_word, target_word = item.blended_word[0], item.blended_word[-1]
         blend, reweight = (source_word, target_word), {target_word: PIE_REWEIGHT}
     config = EditConfig(mode="refine", cross_replace_steps=PIE_CROSS_STEPS, self_replace_steps=PIE_SELF_STEPS,
-                        blend=blend, reweight=reweight)
-    return recommended_edit_config(config, model_settings)
+                        blend=blend, reweight=reweight, **({"target_tokens": target_tokens} if target_tokens else {}))
+    return recommended_edit_config(config, model_settings, chosen=["target_tokens"] if target_tokens else [])
 
 
 def record_path(out: str | Path, method: str, item: EditItem) -> Path:
@@ -95,9 +95,11 @@ def image_groups(dataset: str | Path, items: Sequence[EditItem]) -> list[list[Ed
 
 def run_batch(model, dataset: str | Path, items: Sequence[EditItem], methods: Sequence[str], out: str | Path,
               num_steps: int = PIE_STEPS, guidance_scale: float = PIE_GUIDANCE, split: bool = True,
-              progress: bool = True, on_inversion: Callable | None = None) -> BatchSummary:
+              progress: bool = True, on_inversion: Callable | None = None, target_tokens: str | None = None,
+              dpl: DynamicPromptConfig | None = None) -> BatchSummary:
     """Invert each of this process's source images once per method and edit all its items; returns the
-    counts. ``on_inversion(method, items, image, inversion)``, if given, sees each fresh inversion."""
+    counts. ``on_inversion(method, items, image, inversion)``, if given, sees each fresh inversion;
+    ``target_tokens`` and ``dpl`` replace the model's recommended settings."""
     unknown = set(methods) - set(METHOD_FOLDERS)
     if unknown:
         raise DplEditError(f"Unknown methods {sorted(unknown)}; choose from {', '.join(METHOD_FOLDERS)}")
@@ -108,7 +110,7 @@ def run_batch(model, dataset: str | Path, items: Sequence[EditItem], methods: Se
             todo = [item for item in group if not is_done(out, method, item)]
             summary.skipped += len(group) - len(todo)
             for record in _run_group(model, Path(dataset), todo, method, Path(out), num_steps, guidance_scale,
-                                     on_inversion):
+                                     on_inversion, target_tokens, dpl):
                 summary.done += record["status"] == "done"
                 summary.failed += record["status"] == "failed"
             bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=summary.failed)
@@ -118,7 +120,8 @@ def run_batch(model, dataset: str | Path, items: Sequence[EditItem], methods: Se
 
 
 def _run_group(model, dataset: Path, items: list[EditItem], method: str, out: Path, num_steps: int,
-               guidance: float, on_inversion: Callable | None) -> list[dict]:
+               guidance: float, on_inversion: Callable | None, target_tokens: str | None,
+               dpl: DynamicPromptConfig | None) -> list[dict]:
     """One inversion of the group's image, then each item's edit; a record per item."""
     if not items:
         return []
@@ -126,12 +129,12 @@ def _run_group(model, dataset: Path, items: list[EditItem], method: str, out: Pa
             "versions": library_versions()}
     records = [{"key": item.key, "image_path": item.image_path, "editing_type_id": item.editing_type_id,
                 "source_prompt": item.source_prompt, "target_prompt": item.target_prompt, **base} for item in items]
-    prompt = items[0].marked_prompt() if method == "dpl" else items[0].source_prompt
+    prompt = items[0].marked_prompt()  # braces only name words (for maps); DPL learns them
     started = time.perf_counter()
     try:
         image = load_image(dataset / IMAGES / items[0].image_path, model.image_size, fit="crop")
         inversion = invert(model, image, prompt, method=method, num_steps=num_steps, guidance_scale=guidance,
-                           progress=False)
+                           dpl=dpl, progress=False)
     except (DplEditError, OSError, ValueError) as err:  # a bad image is recorded and the run goes on
         for item, record in zip(items, records, strict=True):
             record.update(status="failed", reason=f"{type(err).__name__}: {err}")
@@ -140,14 +143,14 @@ def _run_group(model, dataset: Path, items: list[EditItem], method: str, out: Pa
     inversion_s = round(time.perf_counter() - started, 3)
     if on_inversion is not None:
         on_inversion(method, items, image, inversion)
-    shared = {"dpl_prompt": prompt if method == "dpl" else None, "inversion_s": inversion_s,
+    shared = {"marked_prompt": prompt, "inversion_s": inversion_s,
               "inversion_shared_by": len(items)}
     if inversion.dpl_log:
         shared["dpl_steps_at_cap"] = capped_steps(inversion.dpl_log, inversion.settings["dpl"]["max_iterations"])
     for item, record in zip(items, records, strict=True):
         started = time.perf_counter()
         try:
-            config = pie_edit_config(item, model.settings)
+            config = pie_edit_config(item, model.settings, target_tokens)
             result = edit(model, inversion, [item.target_prompt], config, progress=False)
             target = edit_path(out, METHOD_FOLDERS[method], item)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .. import checks
+from ..editing.plan import TARGET_TOKENS
 from ..errors import DplEditError
 from .common import add_model_options, load
 
@@ -25,6 +26,9 @@ def register(commands) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (PIE-Bench layout: OUT/<method>/annotation_images/)")
     add_selection(p)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50, as PIE-Bench)")
+    p.add_argument("--target-tokens", choices=TARGET_TOKENS, default=None,
+                   help="which learned DPL vectors the target prompts keep (default: the model's recommendation, "
+                   "else keep, the authors')")
     add_model_options(p, required_default="CompVis/stable-diffusion-v1-4")
     p.set_defaults(run=batch_command)
 
@@ -107,7 +111,8 @@ def batch_command(args: argparse.Namespace) -> int:
     checks.output_folder("--out", args.out)
     items = selection(args)
     model = load(args, args.model)
-    summary = run_batch(model, args.dataset, items, methods, args.out, num_steps=args.steps, progress=not args.quiet)
+    summary = run_batch(model, args.dataset, items, methods, args.out, num_steps=args.steps, progress=not args.quiet,
+                        target_tokens=args.target_tokens)
     print(f"dpl batch: {summary.line()} -> {args.out}")
     return 0
 

@@ -12,11 +12,13 @@ nouns in braces), ``oracle_image_path`` (the renderer's edit) and, for object sw
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 from ..batch.piebench import IMAGES, encode_mask, write_dataset
+from ..errors import DplEditError
 from .render import BACKGROUNDS, COLOURS, SHAPES, Scene, WordSwap, render, split_scene, swap_word
 
 ORACLES = "oracle_images"
@@ -30,6 +32,18 @@ def scene_swaps(scene: Scene, rng: np.random.Generator) -> list[WordSwap]:
     colour = rng.choice([c for c in COLOURS if c not in (scene.objects[1].colour,)])
     background = rng.choice([b for b in BACKGROUNDS if b != scene.background])
     return [WordSwap("shape", str(shape), 0), WordSwap("colour", str(colour), 1), WordSwap("background", str(background))]
+
+
+def image_name(type_folder: str, split: str, objects: int, index: int) -> str:
+    return f"{type_folder}/{split}_{objects}obj_{index:04d}.png"
+
+
+def exported_scene(image_path: str) -> Scene:
+    """The scene an exported image shows, from its name (``image_name``)."""
+    found = re.fullmatch(r"(?:.*/)?(validation|test)_([23])obj_(\d{4})\.png", image_path)
+    if not found:
+        raise DplEditError(f"{image_path} is not the name of an exported scene")
+    return split_scene(found[1], int(found[3]), num_objects=int(found[2]))
 
 
 def bracketed(scene: Scene, swap: WordSwap) -> str:
@@ -58,7 +72,7 @@ def export_scenes(folder: str | Path, split: str = "test", objects: tuple[int, .
                 target = swap_word(scene, swap)
                 oracle, new_masks = render(target)
                 type_id, type_folder = KIND_TYPES[swap.kind]
-                name = f"{type_folder}/{split}_{n}obj_{index:04d}.png"
+                name = image_name(type_folder, split, n, index)
                 distractors = {}
                 if swap.kind == "background":
                     mask = ~np.any(masks, axis=0)
