@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +79,9 @@ def save_localisation(out: Path, label: str, image_path: str, inversion) -> None
 
 
 def localisation_table(out: Path, labels: list[str]) -> tuple[list[str], dict]:
-    lines = ["| localisation | scenes | mass on own object | mass on other objects | mass on background | mean IoU own "
-             "| mean IoU other | best IoU own | best IoU other | DPL steps at the cap |", "|---" * 10 + "|"]
+    header = ("| localisation | scenes | mass on own object | mass on other objects | mass on background | mean IoU own "
+              "| mean IoU other | best IoU own | best IoU other | DPL steps at the cap |")
+    lines = [header, "|---" * 10 + "|"]
     curves = {}
     for label in labels:
         files = sorted((out / "localisation" / label).glob("*.json"))
