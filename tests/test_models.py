@@ -22,7 +22,7 @@ def test_save_and_load_a_diffusers_folder_offline(model, tmp_path):
 def test_half_precision_copy_keeps_the_fingerprint(model, tmp_path):
     model.save_pretrained(tmp_path / "m")
     half = StableDiffusion.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
-    assert half.dtype == torch.bfloat16
+    assert half.dtype == torch.bfloat16 == half.unet.dtype and half.device == half.unet.device  # O(1) reads agree
     assert fingerprints_match(half.fingerprint(), model.fingerprint())
 
 

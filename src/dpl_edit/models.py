@@ -131,13 +131,15 @@ class StableDiffusion:
         return self
 
     # ----------------------------------------------------------------- properties
+    # The UNet's first parameter, read directly: diffusers' `unet.dtype` / `.device` walk every
+    # parameter (about 1.6 ms on the scene model, paid on every UNet call of an inversion).
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.unet.conv_in.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return self.unet.conv_in.weight.dtype
 
     @property
     def vae_scale_factor(self) -> int:
@@ -216,7 +218,7 @@ class StableDiffusion:
     def predict(self, latents: torch.Tensor, t: int, text_states: torch.Tensor) -> torch.Tensor:
         """The UNet's raw output for scaled latents (B, C, h, w) at timestep t."""
         timestep = torch.tensor(t, device=latents.device)
-        return self.unet(latents.to(self.unet.dtype), timestep, encoder_hidden_states=text_states).sample
+        return self.unet(latents.to(self.dtype), timestep, encoder_hidden_states=text_states).sample
 
     # ----------------------------------------------------------------- identity
     def fingerprint(self) -> dict:

@@ -141,7 +141,8 @@ class TokenLosses:
                 self.model.predict(z, t, states)
             except ForwardStopped:
                 pass
-        maps = self.store.step_maps("cross", self.config.cross_resolution)[0]  # (res, res, 77)
+        # (res, res, 77); the losses are computed in fp32 whatever the model's dtype
+        maps = self.store.step_maps("cross", self.config.cross_resolution)[0].float()
         self.store.end_step()
         return self.losses_of(maps)
 
