@@ -22,17 +22,19 @@ NAMED_MODELS = {
 }
 
 
-def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusion:
+def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               compile: bool = False) -> StableDiffusion:
     """Load a named model (``scenes``, ``scenes-plain``, ``tiny`` or ``tiny:SEED``), a diffusers
-    folder, or a hub id."""
+    folder, or a hub id; ``compile=True`` compiles its UNet (:meth:`StableDiffusion.compile`)."""
+    base, _, seed = name.partition(":")
     if name in SCENE_MODEL_FOLDERS:
         model = StableDiffusion.from_pretrained(scene_model_folder(name), device=device, dtype=dtype)
         model.model_id = name
-        return model
-    base, _, seed = name.partition(":")
-    if base == TINY_MODEL_ID and (seed == "" or seed.isdigit()):
-        return tiny_model(seed=int(seed or 0)).to(device, dtype)
-    return StableDiffusion.from_pretrained(name, device=device, dtype=dtype)
+    elif base == TINY_MODEL_ID and (seed == "" or seed.isdigit()):
+        model = tiny_model(seed=int(seed or 0)).to(device, dtype)
+    else:
+        model = StableDiffusion.from_pretrained(name, device=device, dtype=dtype)
+    return model.compile() if compile else model
 
 
 def scene_model_folder(name: str = SCENE_MODEL_ID) -> str:

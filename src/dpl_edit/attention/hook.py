@@ -14,6 +14,11 @@ from .processor import AttentionObserver, InspectingProcessor
 _HOOKED = "_dpl_edit_attention_hook"
 
 
+def is_hooked(unet: UNet2DConditionModel) -> bool:
+    """Whether an ``attention_hook`` block is open on this UNet."""
+    return getattr(unet, _HOOKED, False)
+
+
 class AttentionHookError(RuntimeError):
     """The UNet is already hooked, or a layer is unknown."""
 
@@ -30,7 +35,7 @@ def attention_hook(
         with attention_hook(model.unet, select_layers(layers, kinds=["cross"], resolutions=[16]), store):
             model.predict(z, t, states)
     """
-    if getattr(unet, _HOOKED, False):
+    if is_hooked(unet):
         raise AttentionHookError(
             "This UNet already has an attention hook installed; leave the first `with "
             "attention_hook(...)` block before entering another (one observer can serve both)."

@@ -26,6 +26,9 @@ def add_model_options(p: argparse.ArgumentParser, required_default: str | None) 
         help="cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu (default: auto)",
     )
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model precision (default: float32)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the UNet with torch.compile (CUDA graphs on CUDA; minutes of compiling on a CPU, "
+                   "where it does not pay: see README, Benchmarks)")
     p.add_argument("--seed", type=int, default=None, help="seed for torch's random generator")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
 
@@ -48,9 +51,11 @@ def pick_device(name: str) -> torch.device:
 
 def load(args: argparse.Namespace, name: str) -> StableDiffusion:
     device = pick_device(args.device)
+    compiled = getattr(args, "compile", False)
     if not args.quiet:
-        print(f"Loading model {name} on {device} ({args.dtype})", file=sys.stderr)
-    return load_model(name, device=device, dtype=DTYPES[args.dtype])
+        print(f"Loading model {name} on {device} ({args.dtype}{', compiling its UNet' if compiled else ''})",
+              file=sys.stderr)
+    return load_model(name, device=device, dtype=DTYPES[args.dtype], compile=compiled)
 
 
 def pairs(items: list[str], option: str, convert=float) -> dict:
