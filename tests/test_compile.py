@@ -78,7 +78,7 @@ def test_hooked_forwards_run_eager(pair, inputs):
 
 
 def test_ddim_inversion_and_sampling_match(pair, inputs):
-    eager, compiled = pair
+    eager, _ = pair
     z, cond, null = inputs
     schedule = DDIMSchedule.from_scheduler(eager.scheduler, STEPS)
     trajectories = [ddim_inversion(m, z, cond, schedule, progress=False).trajectory[-1] for m in pair]
