@@ -1,0 +1,165 @@
+"""Whole inversions and an edit, ours beside the DPL authors' schedule in the same process.
+
+Rows (50 steps, guidance 7.5, one image):
+- NTI: null-text inversion (at most 10 Adam iterations per step, early stop);
+- DPL: DDIM inversion, background mask, at most 21 token iterations (UNet forward stopped after the
+  last layer the losses read, frozen weights) and 10 null iterations per step;
+- DPL tokens with direct inversion (no null optimisation);
+- P2P edit: source and one target, refine, 50 steps, both decoded;
+- authors: DPL as their code runs it: fp32, full UNet forward, UNet and text-encoder weights
+  trainable, 51 null iterations per step without early stop, the null reset to "" every step.
+
+The worst case is when no loss meets its threshold: random weights (`--model sd14`, `tiny`) and
+test scene 0 on `scenes` run every step to the iteration cap. Before each row a 2-step run of the
+same work warms up (with `--compile` it compiles: its time is the cold cost). Peak GPU memory is
+torch.cuda.max_memory_allocated per row; reconstruction PSNR is meaningful on the scene models only.
+
+    python benchmarks/inversion.py                                        # scene model, CPU
+    python benchmarks/inversion.py --model sd14 --device cuda --compile   # SD-1.4 size, CUDA graphs
+    python benchmarks/inversion.py --model sd14 --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from timing import machine
+
+from dpl_edit import edit, invert, reconstruct
+from dpl_edit.editing import EditConfig
+from dpl_edit.images import psnr
+from dpl_edit.inversion.dynamic_prompt import capped_steps
+from dpl_edit.pipeline import model_dpl_config
+from dpl_edit.random_models import sd14_sized_model
+from dpl_edit.registry import load_model
+from dpl_edit.scenes.render import WordSwap, render, split_scene, swap_word
+
+RANDOM_PROMPT, RANDOM_TARGET = "a {cat} and a {dog} on the grass", "a cat and a tiger on the grass"
+
+
+def load(name: str, device: str, dtype: torch.dtype):
+    if name == "sd14":
+        return sd14_sized_model().to(device, dtype)
+    return load_model(name, device=device, dtype=dtype)
+
+
+def subject(model, name: str) -> tuple[Image.Image, str, str]:
+    """The image, its marked prompt and an edit's target prompt."""
+    if name.startswith("scenes"):
+        scene = split_scene("test", 0, num_objects=2)
+        target = swap_word(scene, WordSwap("shape", "triangle" if scene.objects[0].shape != "triangle" else "circle", 0))
+        return render(scene)[0], scene.marked_caption(), target.caption
+    pixels = np.random.default_rng(0).integers(0, 256, (model.image_size, model.image_size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels), RANDOM_PROMPT, RANDOM_TARGET
+
+
+@contextlib.contextmanager
+def trainable(model):
+    """The authors' code leaves the UNet and text encoder weights trainable (every backward computes
+    their gradients)."""
+    for module in (model.unet, model.text_encoder):
+        module.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for module in (model.unet, model.text_encoder):
+            module.requires_grad_(False)
+
+
+def measure(model, work) -> dict:
+    """Run work(steps) for 2 steps (warm-up: compilation) and then for 50; times, peak memory."""
+    cuda = model.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    started = time.perf_counter()
+    work(2)
+    sync()
+    warmup = time.perf_counter() - started
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    result = work(50)
+    sync()
+    row = {"seconds": time.perf_counter() - started, "warm-up s": warmup}
+    if cuda:
+        row["peak GB"] = torch.cuda.max_memory_allocated() / 2**30
+    return row | result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="scenes", help="scenes, scenes-plain, tiny, sd14 (random, SD-1.4 size) or a folder")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--compile", action="store_true", help="ours with the compiled UNet")
+    parser.add_argument("--skip-authors", action="store_true", help="leave out the authors' row (the slowest)")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    model = load(args.model, args.device, dtype)
+    if args.compile:
+        model.compile()
+    image, prompt, target = subject(model, args.model)
+    dpl = model_dpl_config(model)
+
+    def inversion_row(method, null="optimized"):
+        def work(steps):
+            inversion = invert(model, image, prompt, method=method, null=null, num_steps=steps, dpl=dpl,
+                               progress=False)
+            work.inversion = inversion
+            return {"capped": capped_steps(inversion.dpl_log, dpl.max_iterations) if inversion.dpl_log else None}
+        row = measure(model, work)
+        row["reconstruction PSNR"] = psnr(reconstruct(model, work.inversion, progress=False), image)
+        return row, work.inversion
+
+    rows = {}
+    rows["NTI"], _ = inversion_row("nti")
+    rows["DPL"], dpl_inversion = inversion_row("dpl")
+    rows["DPL tokens, direct inversion"], _ = inversion_row("dpl", null="direct")
+
+    def edit_work(steps):
+        inversion = dpl_inversion if steps == 50 else invert(model, image, prompt, method="nti", num_steps=2,
+                                                              progress=False)
+        edit(model, inversion, [target], EditConfig(mode="refine"), progress=False)
+        return {}
+    rows["P2P edit (source + 1 target)"] = measure(model, edit_work)
+
+    if not args.skip_authors:
+        authors = model if (dtype == torch.float32 and not args.compile) else load(args.model, args.device, torch.float32)
+        authors_dpl = model_dpl_config(authors, early_exit=False)
+
+        def authors_work(steps):
+            with trainable(authors):
+                inversion = invert(authors, image, prompt, method="dpl", preset="authors", num_steps=steps,
+                                   dpl=authors_dpl, progress=False)
+            authors_work.inversion = inversion
+            return {"capped": capped_steps(inversion.dpl_log, authors_dpl.max_iterations)}
+        rows["authors' DPL"] = measure(authors, authors_work)
+        rows["authors' DPL"]["reconstruction PSNR"] = psnr(reconstruct(authors, authors_work.inversion,
+                                                                        progress=False), image)
+
+    base = rows.get("authors' DPL", {}).get("seconds")
+    title = (f"model {args.model}, {args.dtype}{', compiled' if args.compile else ''}, {machine(model.device)}, "
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    columns = ["seconds", "warm-up s", "peak GB", "reconstruction PSNR", "capped"]
+    present = [c for c in columns if any(c in r and r[c] is not None for r in rows.values())]
+    print(f"\n{title}\n")
+    print("| row | " + " | ".join(present) + " | authors' DPL / row |")
+    print("|---" * (len(present) + 2) + "|")
+    for name, row in rows.items():
+        cells = [f"{row[c]:.2f}" if isinstance(row.get(c), float) else "" if row.get(c) is None else str(row[c])
+                 for c in present]
+        ratio = f"{base / row['seconds']:.1f}x" if base else ""
+        print(f"| {name} | " + " | ".join(cells) + f" | {ratio} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"title": title, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
