@@ -72,8 +72,9 @@ def trainable(model):
             module.requires_grad_(False)
 
 
-def measure(model, work) -> dict:
-    """Run work(steps) for 2 steps (warm-up: compilation) and then for 50; times, peak memory."""
+def measure(model, work, steps: int) -> dict:
+    """Run work for 2 steps (warm-up: compilation), then for ``steps``; times (scaled to 50 steps),
+    peak memory."""
     cuda = model.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     started = time.perf_counter()
@@ -83,9 +84,9 @@ def measure(model, work) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = work(50)
+    result = work(steps)
     sync()
-    row = {"seconds": time.perf_counter() - started, "warm-up s": warmup}
+    row = {"seconds": (time.perf_counter() - started) * 50 / steps, "warm-up s": warmup}
     if cuda:
         row["peak GB"] = torch.cuda.max_memory_allocated() / 2**30
     return row | result
@@ -98,6 +99,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--compile", action="store_true", help="ours with the compiled UNet")
     parser.add_argument("--skip-authors", action="store_true", help="leave out the authors' row (the slowest)")
+    parser.add_argument("--steps", type=int, default=50,
+                        help="time a schedule of this many steps and scale to 50 (exact in the worst case, where "
+                        "every step runs the same iterations; default: 50)")
     parser.add_argument("--json")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -113,7 +117,7 @@ def main() -> None:
                                progress=False)
             work.inversion = inversion
             return {"capped": capped_steps(inversion.dpl_log, dpl.max_iterations) if inversion.dpl_log else None}
-        row = measure(model, work)
+        row = measure(model, work, args.steps)
         row["reconstruction PSNR"] = psnr(reconstruct(model, work.inversion, progress=False), image)
         return row, work.inversion
 
@@ -123,11 +127,11 @@ def main() -> None:
     rows["DPL tokens, direct inversion"], _ = inversion_row("dpl", null="direct")
 
     def edit_work(steps):
-        inversion = dpl_inversion if steps == 50 else invert(model, image, prompt, method="nti", num_steps=2,
-                                                              progress=False)
+        inversion = dpl_inversion if steps == args.steps else invert(model, image, prompt, method="nti",
+                                                                      num_steps=2, progress=False)
         edit(model, inversion, [target], EditConfig(mode="refine"), progress=False)
         return {}
-    rows["P2P edit (source + 1 target)"] = measure(model, edit_work)
+    rows["P2P edit (source + 1 target)"] = measure(model, edit_work, args.steps)
 
     if not args.skip_authors:
         authors = model if (dtype == torch.float32 and not args.compile) else load(args.model, args.device, torch.float32)
@@ -139,13 +143,14 @@ def main() -> None:
                                    dpl=authors_dpl, progress=False)
             authors_work.inversion = inversion
             return {"capped": capped_steps(inversion.dpl_log, authors_dpl.max_iterations)}
-        rows["authors' DPL"] = measure(authors, authors_work)
+        rows["authors' DPL"] = measure(authors, authors_work, args.steps)
         rows["authors' DPL"]["reconstruction PSNR"] = psnr(reconstruct(authors, authors_work.inversion,
                                                                         progress=False), image)
 
     base = rows.get("authors' DPL", {}).get("seconds")
     title = (f"model {args.model}, {args.dtype}{', compiled' if args.compile else ''}, {machine(model.device)}, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads; seconds for 50 steps"
+             + (f" (measured on {args.steps} and scaled)" if args.steps != 50 else ""))
     columns = ["seconds", "warm-up s", "peak GB", "reconstruction PSNR", "capped"]
     present = [c for c in columns if any(c in r and r[c] is not None for r in rows.values())]
     print(f"\n{title}\n")

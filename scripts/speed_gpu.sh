@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 11's GPU table in one device call (about 8 minutes on an H100/H200): SD-1.4-sized random
+# weights, worst case (no loss meets its threshold), each run beside the authors' DPL schedule in the
+# same process. Carry .whl (diffusers and what it needs; see ../shared/GPU.md). The JSON files and
+# the log come back under $OUT.
+#
+#   python benchmarks/inversion.py rows: NTI, DPL, DPL + direct inversion, a P2P edit, authors' DPL
+#   1. eager fp32 with the authors' row, 10-step schedule scaled to 50 (exact in the worst case)
+#   2. compiled fp32, 50 steps   3. compiled bf16, 50 steps   (2 and 3 skip the authors' row)
+#   A batch item costs one inversion and one edit: images per hour follow from the rows.
+#
+# Usage: bash scripts/speed_gpu.sh
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:src HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+cd benchmarks || exit 1
+run() {  # name, seconds, arguments...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name"
+    timeout "$limit" python3 inversion.py --model sd14 --device cuda --json "$OUT/$name.json" "$@" 2>&1 \
+        | grep -v -i "warn" | tail -12
+}
+run eager-fp32 200 --steps 10
+run compiled-fp32 150 --compile --skip-authors
+run compiled-bf16 120 --compile --dtype bfloat16 --skip-authors
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt"
