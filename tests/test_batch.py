@@ -84,6 +84,11 @@ def test_brackets_become_dpl_words_without_a_dpl_prompt(tmp_path):
         "image_path": "a.jpg", "original_prompt": "a [cat] sitting on a [mat]", "editing_prompt": "a [dog] sitting",
         "editing_type_id": "1", "blended_word": "cat dog", "mask": []}}))
     assert read_dataset(tmp_path)[0].marked_prompt() == "a {cat} sitting on a {mat}"
+    (tmp_path / "mapping_file.json").write_text(json.dumps({"8": {
+        "image_path": "a.jpg", "original_prompt": "a [] cat on a [ mat ]", "editing_prompt": "a [red] cat on a mat",
+        "editing_type_id": "2", "blended_word": "", "mask": []}}))
+    item = read_dataset(tmp_path)[0]
+    assert item.marked_prompt() == "a  cat on a { mat }" and item.source_prompt == "a  cat on a  mat "
     (tmp_path / "mapping_file.json").write_text(json.dumps({"7": {"image_path": "a.jpg"}}))
     with pytest.raises(DplEditError, match="lacks a field"):
         read_dataset(tmp_path)

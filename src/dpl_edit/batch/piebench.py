@@ -40,7 +40,7 @@ EDIT_TYPES = {
     "0": "random", "1": "change object", "2": "add object", "3": "delete object", "4": "change content",
     "5": "change pose", "6": "change colour", "7": "change material", "8": "change background", "9": "change style",
 }
-_BRACKETS = re.compile(r"\[([^\[\]]+)\]")
+_BRACKETS = re.compile(r"\[([^\[\]]*\S[^\[\]]*)\]")  # a bracketed span with a word in it
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,8 @@ class EditItem:
 
     def marked_prompt(self) -> str:
         """The source prompt as DPL takes it: ``dpl_prompt`` if given, else the bracketed words in braces."""
-        return self.dpl_prompt or _BRACKETS.sub(r"{\1}", self.original_prompt)
+        # brackets with no word in them ("[]") are dropped, as source_prompt drops them
+        return self.dpl_prompt or _BRACKETS.sub(r"{\1}", self.original_prompt).replace("[", "").replace("]", "")
 
     def mask(self, shape: tuple[int, int] = MASK_SIZE) -> np.ndarray:
         return decode_mask(self.mask_rle, shape)
