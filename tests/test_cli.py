@@ -73,3 +73,13 @@ def test_faster_inversions(photo, tmp_path, method):
     assert main(["invert", str(photo), "--prompt", "a red wall", "--method", method, "--out", str(out),
                  "--model", "tiny", "--steps", "3", "--quiet"]) == 0
     assert main(["edit", str(out), "--target", "a blue wall", "--quiet"]) == 0
+
+
+def test_compile_flag_compiles_the_loaded_model(photo, tmp_path, monkeypatch):
+    from dpl_edit.models import StableDiffusion
+
+    compiled = []
+    monkeypatch.setattr(StableDiffusion, "compile", lambda self, mode=None: compiled.append(self.model_id) or self)
+    assert main(["invert", str(photo), "--prompt", "a red wall", "--method", "direct", "--out", str(tmp_path / "c"),
+                 "--model", "tiny", "--steps", "2", "--quiet", "--compile"]) == 0
+    assert len(compiled) == 1  # (the compiled path itself: tests/test_compile.py)
