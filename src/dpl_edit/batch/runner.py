@@ -7,7 +7,7 @@ replaced for 0.4 of the steps, self-attention for 0.6, local blend on the ``blen
 the target word re-weighted by 2, guidance 7.5, 50 DDIM steps). The edit goes to PIE-Bench's
 output layout; beside it, ``records/<method>/<key>.json`` says how it went (settings, times, DPL's
 steps at the cap, versions, or why it failed). Both are written under temporary names and renamed,
-the record last, so a killed run loses at most the item in flight and a rerun skips what is done.
+the record last, so a killed run loses at most the image in flight and a rerun skips what is done.
 Under ``accelerate launch`` the items are split between the processes (accelerate's
 ``split_between_processes``); each process writes only its own items, so the files are those of
 one process.
