@@ -68,12 +68,16 @@ def localise(inversion, scene) -> list[dict]:
     return rows
 
 
+def localisation_file(out: Path, label: str, image_path: str) -> Path:
+    return out / "localisation" / label / Path(image_path).with_suffix(".json").name
+
+
 def save_localisation(out: Path, label: str, image_path: str, inversion) -> None:
     """One file per (row, scene), so that a resumed run keeps what it measured."""
     scene = exported_scene(image_path)
     capped = (capped_steps(inversion.dpl_log, inversion.settings["dpl"]["max_iterations"])
               if inversion.dpl_log else None)
-    path = out / "localisation" / label / Path(image_path).with_suffix(".json").name
+    path = localisation_file(out, label, image_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps({"caption": scene.caption, "capped steps": capped, "words": localise(inversion, scene)}))
 
@@ -152,7 +156,7 @@ def main() -> None:
         for index, item in enumerate(items[::3]):  # one item per scene
             scene = exported_scene(item.image_path)
             for label, losses in ABLATIONS.items():
-                if (args.out / "localisation" / label / Path(item.image_path).with_suffix(".json").name).is_file():
+                if localisation_file(args.out, label, item.image_path).is_file():
                     continue
                 inversion = invert(model, render(scene)[0], scene.marked_caption(), method="dpl", num_steps=args.steps,
                                    dpl=model_dpl_config(model, losses=losses), progress=False)

@@ -52,12 +52,17 @@ def unit(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
 
 
+def unedited_images(source: Image.Image, edited: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source and edit in [0, 1] with the edited part (mask) zeroed, as PIE-Bench compares them."""
+    keep = torch.from_numpy(1 - mask.astype(np.float32))
+    return unit(source) * keep, unit(edited) * keep
+
+
 def unedited_part(source: Image.Image, edited: Image.Image, mask: np.ndarray) -> dict[str, float]:
     """PSNR, MSE and SSIM of source and edit with the edited part (mask) zeroed, as PIE-Bench."""
-    keep = torch.from_numpy(1 - mask.astype(np.float32))
-    if keep.sum() == 0:
+    if mask.all():
         return dict.fromkeys(PIXEL_METRICS, math.nan)
-    a, b = unit(source) * keep, unit(edited) * keep
+    a, b = unedited_images(source, edited, mask)
     return {
         "psnr_unedit_part": peak_signal_noise_ratio(a, b, data_range=1.0).item(),
         "mse_unedit_part": mean_squared_error(a[0].contiguous(), b[0].contiguous()).item(),
@@ -144,8 +149,7 @@ class ClipSimilarity:
 
 def unedited_lpips(lpips: Lpips, source: Image.Image, edited: Image.Image, mask: np.ndarray) -> float:
     """LPIPS of source and edit with the edited part zeroed, mapped to [-1, 1] as PIE-Bench does."""
-    keep = torch.from_numpy(1 - mask.astype(np.float32))
-    a, b = unit(source) * keep, unit(edited) * keep
+    a, b = unedited_images(source, edited, mask)
     return lpips(a.to(lpips.shift.device) * 2 - 1, b.to(lpips.shift.device) * 2 - 1).item()
 
 

@@ -51,11 +51,10 @@ def pick_device(name: str) -> torch.device:
 
 def load(args: argparse.Namespace, name: str) -> StableDiffusion:
     device = pick_device(args.device)
-    compiled = getattr(args, "compile", False)
     if not args.quiet:
-        print(f"Loading model {name} on {device} ({args.dtype}{', compiling its UNet' if compiled else ''})",
+        print(f"Loading model {name} on {device} ({args.dtype}{', compiling its UNet' if args.compile else ''})",
               file=sys.stderr)
-    return load_model(name, device=device, dtype=DTYPES[args.dtype], compile=compiled)
+    return load_model(name, device=device, dtype=DTYPES[args.dtype], compile=args.compile)
 
 
 def pairs(items: list[str], option: str, convert=float) -> dict:
