@@ -1,5 +1,6 @@
 """The compiled path (``StableDiffusion.compile``) against eager on the tiny model: a forward, the
-gradient the null-text step takes, hooked forwards, a DDIM inversion and guided sampling.
+gradient the null-text step takes, hooked forwards, a DDIM inversion and guided sampling, and DPL's
+token step (one captured graph, checked against eager).
 
 Tolerances come from the arithmetic: compiled fp32 code reorders reductions and fuses ops, which
 moved one forward by 1.4e-6 (relative L2) here, and that error can grow by a step's worth each DDIM
@@ -10,11 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.backends.registry import lookup_backend
 
 from dpl_edit.attention import AttentionStore, attention_hook, attention_layers, select_layers
 from dpl_edit.diffusion import DDIMSchedule
-from dpl_edit.inversion import ddim_inversion
+from dpl_edit.inversion import DynamicPromptConfig, ddim_inversion
+from dpl_edit.inversion.dynamic_prompt import TokenLosses
 from dpl_edit.models import COMPILE_TOLERANCE
+from dpl_edit.prompts import parse_marked_prompt
 from dpl_edit.random_models import tiny_model
 from dpl_edit.sampling import sample
 
@@ -87,3 +91,71 @@ def test_ddim_inversion_and_sampling_match(pair, inputs):
     assert relative(trajectories[1], trajectories[0]) < STEPS * FORWARD
     samples = [sample(m, trajectories[0], schedule, cond, null, 7.5, progress=False) for m in pair]
     assert relative(samples[1], samples[0]) < 7.5 * STEPS * FORWARD  # guidance scales the difference of two forwards
+
+
+def _token_losses(model):
+    marked = parse_marked_prompt("a {cat} and a {dog}", model.tokenizer)
+    layers = select_layers(attention_layers(model.unet), kinds=["cross"], resolutions=[16])
+    background = torch.zeros(16, 16)
+    background[:, :8] = 1
+    return TokenLosses(model, marked, layers, background, DynamicPromptConfig())
+
+
+def _token_gradient(losses_at, step, z, t, vectors):
+    param = vectors.clone().requires_grad_(True)
+    with losses_at.hook:
+        values = step(z, torch.tensor(t), param)
+    losses_at.weighted(values).backward()
+    return values.detach(), param.grad
+
+
+def test_token_step_is_one_graph(pair, inputs):
+    """Dynamo traces the whole token step, early exit (an exception) and map store included."""
+    eager, _ = pair
+    losses_at = _token_losses(eager)
+    vectors = eager.token_embedding(losses_at.token_ids[0, losses_at.prompt.positions]).float().requires_grad_(True)
+    with losses_at.hook:
+        explained = torch._dynamo.explain(losses_at.stacked_losses)(inputs[0], torch.tensor(501), vectors)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
+def test_captured_token_step_matches_eager_without_recompiling(pair, inputs):
+    """The captured graph (dynamo + AOTAutograd, no code generation) against eager at two timesteps
+    and two sets of vectors, and from a second TokenLosses: one compilation serves them all."""
+    eager, _ = pair
+    z = inputs[0]
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    for run in range(2):
+        losses_at = _token_losses(eager)
+        captured = torch.compile(losses_at.stacked_losses, backend=counting, dynamic=False)
+        start = eager.token_embedding(losses_at.token_ids[0, losses_at.prompt.positions]).float()
+        for t, vectors in ((501, start), (301, start + 0.01 * run + 0.02)):
+            want = _token_gradient(losses_at, losses_at.stacked_losses, z, t, vectors)
+            got = _token_gradient(losses_at, captured, z, t, vectors)
+            assert relative(got[0], want[0]) < FORWARD and relative(got[1], want[1]) < FORWARD
+    assert len(graphs) == 1
+
+
+def test_compiled_token_step_is_checked(pair, inputs):
+    """The compiled token step is used only where its gradient matches eager's (torch 2.13's
+    inductor on CPU gets the tiny UNet's UpBlock2D backward wrong: there it must run eager)."""
+    eager, compiled = pair
+    z = inputs[0]
+    grads = []
+    for m in (eager, compiled):
+        losses_at = _token_losses(m)
+        vectors = m.token_embedding(losses_at.token_ids[0, losses_at.prompt.positions]).float()
+        with losses_at.hook:
+            losses_at.values(z, torch.tensor(501), vectors.clone().requires_grad_(True))  # the check
+        grads.append(_token_gradient(losses_at, losses_at.values, z, 501, vectors)[1])
+    assert losses_at.checked
+    if losses_at.compiled_step is not None:
+        assert relative(grads[1], grads[0]) <= COMPILE_TOLERANCE[torch.float32]
+    else:
+        assert torch.equal(grads[1], grads[0])

@@ -262,9 +262,10 @@ class StableDiffusion:
         eager, compiled = grads
         return ((compiled - eager).norm() / eager.norm().clamp_min(1e-30)).item()
 
-    def predict(self, latents: torch.Tensor, t: int, text_states: torch.Tensor) -> torch.Tensor:
-        """The UNet's raw output for scaled latents (B, C, h, w) at timestep t."""
-        timestep = torch.tensor(t, device=latents.device)
+    def predict(self, latents: torch.Tensor, t: int | torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
+        """The UNet's raw output for scaled latents (B, C, h, w) at timestep t (an int, or a 0-d
+        tensor: a compiled caller passes a tensor so that a new timestep is not a recompilation)."""
+        timestep = t if isinstance(t, torch.Tensor) else torch.tensor(t, device=latents.device)
         latents = latents.to(self.dtype)
         if self.compiled is None:
             return self.unet(latents, timestep, encoder_hidden_states=text_states).sample

@@ -2,12 +2,13 @@
 attention probabilities, a scoped hook that installs it, and a store that averages the maps."""
 
 from .early_exit import ForwardStopped, StopAfter, execution_order, last_layer
-from .hook import AttentionHookError, attention_hook
+from .hook import AttentionHook, AttentionHookError, attention_hook
 from .layers import AttentionLayer, attention_layers, select_layers
 from .processor import AttentionObserver, InspectingProcessor
 from .store import AttentionStore
 
 __all__ = [
+    "AttentionHook",
     "AttentionHookError",
     "AttentionLayer",
     "AttentionObserver",

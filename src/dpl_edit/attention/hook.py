@@ -3,8 +3,8 @@ original processors on exit (exceptions included), refuse to hook a UNet twice."
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+from typing import Self
 
 from diffusers import UNet2DConditionModel
 
@@ -23,43 +23,58 @@ class AttentionHookError(RuntimeError):
     """The UNet is already hooked, or a layer is unknown."""
 
 
-@contextlib.contextmanager
-def attention_hook(
-    unet: UNet2DConditionModel, layers: Iterable[AttentionLayer], observer: AttentionObserver
-) -> Iterator[None]:
-    """Within the block, ``observer`` sees (and may edit) the attention of ``layers``.
+class AttentionHook:
+    """Within ``with hook:``, ``observer`` sees (and may edit) the attention of ``layers``.
 
-    Every other layer keeps its own (fast, fused) processor. Example::
+    Every other layer keeps its own (fast, fused) processor. The hook can be entered any number of
+    times and installs the same processor objects each time (a compiled forward's guards then see
+    the same objects, so it is not recompiled). Example::
 
         store = AttentionStore()
         with attention_hook(model.unet, select_layers(layers, kinds=["cross"], resolutions=[16]), store):
             model.predict(z, t, states)
     """
-    if is_hooked(unet):
-        raise AttentionHookError(
-            "This UNet already has an attention hook installed; leave the first `with "
-            "attention_hook(...)` block before entering another (one observer can serve both)."
-        )
-    layers = list(layers)
-    modules = {}
-    for layer in layers:
-        path = layer.name.removesuffix(".processor")
-        try:
-            module = unet.get_submodule(path)
-        except AttributeError:
-            module = None
-        if module is None or not hasattr(module, "set_processor"):
-            raise AttentionHookError(f"No attention layers named {[layer.name]} in this UNet")
-        modules[layer.name] = module
-    # Only the hooked layers' processors are swapped (a walk over the whole UNet, as
-    # set_attn_processor does, costs about as much as a tenth of a small UNet's forward).
-    original = {name: module.processor for name, module in modules.items()}
-    for layer in layers:
-        modules[layer.name].set_processor(InspectingProcessor(layer, observer))
-    setattr(unet, _HOOKED, True)
-    try:
-        yield
-    finally:
-        for name, module in modules.items():
-            module.set_processor(original[name])
-        setattr(unet, _HOOKED, False)
+
+    def __init__(self, unet: UNet2DConditionModel, layers: Iterable[AttentionLayer], observer: AttentionObserver):
+        self.unet = unet
+        self.modules = {}
+        self.processors = {}
+        for layer in layers:
+            path = layer.name.removesuffix(".processor")
+            try:
+                module = unet.get_submodule(path)
+            except AttributeError:
+                module = None
+            if module is None or not hasattr(module, "set_processor"):
+                raise AttentionHookError(f"No attention layers named {[layer.name]} in this UNet")
+            self.modules[layer.name] = module
+            self.processors[layer.name] = InspectingProcessor(layer, observer)
+        self.original: dict[str, object] = {}
+
+    def __enter__(self) -> Self:
+        if is_hooked(self.unet):
+            raise AttentionHookError(
+                "This UNet already has an attention hook installed; leave the first `with "
+                "attention_hook(...)` block before entering another (one observer can serve both)."
+            )
+        # Only the hooked layers' processors are swapped (a walk over the whole UNet, as
+        # set_attn_processor does, costs about as much as a tenth of a small UNet's forward).
+        self.original = {name: module.processor for name, module in self.modules.items()}
+        for name, module in self.modules.items():
+            module.set_processor(self.processors[name])
+        setattr(self.unet, _HOOKED, True)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for name, module in self.modules.items():
+            module.set_processor(self.original[name])
+        self.original = {}
+        setattr(self.unet, _HOOKED, False)
+
+
+def attention_hook(
+    unet: UNet2DConditionModel, layers: Iterable[AttentionLayer], observer: AttentionObserver
+) -> AttentionHook:
+    """A hook of ``layers`` for ``observer``, to use as ``with attention_hook(...):`` (see
+    :class:`AttentionHook`); the original processors come back on exit, exceptions included."""
+    return AttentionHook(unet, layers, observer)

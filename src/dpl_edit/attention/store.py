@@ -69,6 +69,10 @@ class AttentionStore:
         self._step.clear()
         self.steps += 1
 
+    def discard_step(self) -> None:
+        """Drop this step's maps without closing a step (a loss's forward, not a step of a run)."""
+        self._step.clear()
+
     def average_maps(self, kind: str, resolution: int) -> torch.Tensor:
         """Maps (B, res, res, K) averaged over heads, layers and all closed steps."""
         key = (kind, resolution)

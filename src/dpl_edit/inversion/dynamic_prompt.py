@@ -9,6 +9,7 @@ untouched and get no gradients.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,7 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import checks
-from ..attention import AttentionLayer, AttentionStore, ForwardStopped, StopAfter, attention_hook, last_layer
+from ..attention import (
+    AttentionHook,
+    AttentionLayer,
+    AttentionStore,
+    ForwardStopped,
+    StopAfter,
+    last_layer,
+)
 from ..diffusion import DDIMSchedule, denoise_step, guided_noise
 from ..errors import SettingError
 from ..losses import (
@@ -27,10 +35,11 @@ from ..losses import (
     gradual_threshold,
     word_maps,
 )
-from ..models import StableDiffusion
+from ..models import COMPILE_TOLERANCE, StableDiffusion
 from ..prompts import MarkedPrompt
 from .null_text import NullTextConfig, optimize_null
 
+logger = logging.getLogger(__name__)
 LOSSES = ("at", "dj", "bg")  # attention balancing, disjoint object, background leakage
 NULL_STRATEGIES = ("optimized", "negative", "direct")
 
@@ -112,7 +121,14 @@ class DynamicPromptResult:
 
 
 class TokenLosses:
-    """The DPL losses of one timestep as a function of the token vectors (a UNet forward each)."""
+    """The DPL losses of one timestep as a function of the token vectors (a UNet forward each).
+
+    On a compiled model (:meth:`StableDiffusion.compile`) the whole token step is compiled as one
+    graph: the text encoder with the vectors, the hooked UNet forward up to the last layer the
+    losses read (the early exit is an exception dynamo traces, not a graph break), the losses, and
+    so the backward to the vectors. Its gradient is checked once against eager, and the step runs
+    eager (with a warning) where the two disagree or compilation fails.
+    """
 
     def __init__(
         self,
@@ -132,19 +148,39 @@ class TokenLosses:
         self.store = AttentionStore(keep_grad=True, average_steps=False)
         self.observer = StopAfter(self.store, last_layer(layers)) if config.early_exit else self.store
         self.layers = list(layers)
+        self.hook = AttentionHook(model.unet, self.layers, self.observer)
+        self.compiled_step = None  # the compiled stacked_losses, while it is trusted
+        self.checked = False
+        if model.compiled is not None:  # checked against eager at the first call
+            self.compiled_step = torch.compile(self.stacked_losses, mode=model.compiled, dynamic=False)
 
     def __call__(self, z: torch.Tensor, t: int, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
         """Active losses (scalars with gradients to ``vectors``) at latent z, timestep t."""
+        with self.hook:
+            return dict(zip(self.active, self.values(z, torch.tensor(t, device=self.model.device), vectors)))
+
+    def values(self, z: torch.Tensor, timestep: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """The active losses stacked (in ``self.active``'s order); inside ``with self.hook``."""
+        if self.compiled_step is not None and not self.checked:
+            self._check_compiled(z, timestep, vectors)
+        if self.compiled_step is None:
+            return self.stacked_losses(z, timestep, vectors)
+        if self.model.compiled == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
+        return self.compiled_step(z, timestep, vectors)
+
+    def stacked_losses(self, z: torch.Tensor, timestep: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """One forward: text encoder with the vectors, UNet to the last layer read, the losses."""
         states = self.model.encode_tokens(self.token_ids, vectors.to(self.model.dtype), self.prompt.positions)
-        with attention_hook(self.model.unet, self.layers, self.observer):
-            try:
-                self.model.predict(z, t, states)
-            except ForwardStopped:
-                pass
+        try:
+            self.model.predict(z, timestep, states)
+        except ForwardStopped:
+            pass
         # (res, res, 77); the losses are computed in fp32 whatever the model's dtype
         maps = self.store.step_maps("cross", self.config.cross_resolution)[0].float()
-        self.store.end_step()
-        return self.losses_of(maps)
+        self.store.discard_step()
+        losses = self.losses_of(maps)
+        return torch.stack([losses[k] for k in self.active])
 
     def losses_of(self, maps: torch.Tensor) -> dict[str, torch.Tensor]:
         a = word_maps(maps, self.words)  # (K, res, res)
@@ -155,6 +191,33 @@ class TokenLosses:
             "bg": lambda: background_leakage_loss(a, self.background),
         }
         return {k: compute[k]() for k in self.active}
+
+    def weighted(self, losses: torch.Tensor) -> torch.Tensor:
+        """The objective: the sum of the weighted active losses."""
+        weights = self.config.weights
+        return sum(weights[k] * losses[j] for j, k in enumerate(self.active))
+
+    def _check_compiled(self, z: torch.Tensor, timestep: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Compare the compiled step's gradient with eager's once; fall back to eager if they differ."""
+        self.checked = True
+        grads = []
+        try:
+            for step in (self.stacked_losses, self.compiled_step):
+                param = vectors.detach().clone().requires_grad_(True)
+                if step is self.compiled_step and self.model.compiled == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
+                self.weighted(step(z, timestep, param)).backward()
+                grads.append(param.grad.float())
+        except Exception as err:  # noqa: BLE001 - any compiler failure: the eager step is always right
+            logger.warning("torch.compile could not compile DPL's token step (%s); it runs eager.", err)
+            self.compiled_step = None
+            return
+        eager, compiled = grads
+        error = ((compiled - eager).norm() / eager.norm().clamp_min(1e-30)).item()
+        if not error <= COMPILE_TOLERANCE[self.model.dtype]:
+            logger.warning("torch.compile's backward of DPL's token step disagrees with eager here (relative error "
+                           "%.2g > %.0e): the token step runs eager.", error, COMPILE_TOLERANCE[self.model.dtype])
+            self.compiled_step = None
 
 
 def capped_steps(log: Sequence[dict], max_iterations: int) -> int:
@@ -187,16 +250,18 @@ def optimize_tokens(
     config = losses_at.config
     param = vectors.detach().float().clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([param], lr=config.learning_rate, weight_decay=config.weight_decay)
-    thresholds, weights = config.thresholds(step), config.weights
+    thresholds = config.thresholds(step)
+    timestep = torch.tensor(t, device=losses_at.model.device)
     values: dict[str, float] = {}
-    for iteration in range(config.max_iterations):
-        losses = losses_at(z, t, param)
-        values = dict(zip(losses, torch.stack(list(losses.values())).tolist()))  # one host sync
-        if all(values[k] < thresholds[k] for k in values):
-            return param.detach(), values, iteration
-        optimizer.zero_grad(set_to_none=True)
-        sum(weights[k] * losses[k] for k in losses).backward()
-        optimizer.step()
+    with losses_at.hook:  # installed once per timestep
+        for iteration in range(config.max_iterations):
+            losses = losses_at.values(z, timestep, param)
+            values = dict(zip(losses_at.active, losses.tolist()))  # one host sync
+            if all(values[k] < thresholds[k] for k in values):
+                return param.detach(), values, iteration
+            optimizer.zero_grad(set_to_none=True)
+            losses_at.weighted(losses).backward()
+            optimizer.step()
     return param.detach(), values, config.max_iterations
 
 
@@ -232,6 +297,7 @@ def dynamic_prompt_inversion(
     losses_at = TokenLosses(model, prompt, layers, background, config)
     key = ("cross", config.cross_resolution)
     record = AttentionStore(average_steps=False, history=[key])
+    record_hook = AttentionHook(model.unet, layers, record)
     result = DynamicPromptResult([], [], [], [])
     null_states, z = null_init, pivot[0]
     bar = tqdm(range(schedule.num_steps), desc="DPL inversion", disable=not progress, leave=False)
@@ -240,7 +306,7 @@ def dynamic_prompt_inversion(
         vectors, losses, iterations = optimize_tokens(losses_at, z, t, i, vectors)
         with torch.no_grad():
             cond = model.encode_tokens(token_ids, vectors.to(model.dtype), prompt.positions)
-            with attention_hook(model.unet, layers, record):
+            with record_hook:
                 eps_cond = model.predict(z, t, cond)
             record.end_step()
         null_loss, null_iterations = 0.0, 0
