@@ -9,12 +9,18 @@ gradient steps where the compiler gets it wrong."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
+from PIL import Image
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.backends.registry import lookup_backend
 
 from dpl_edit.attention import AttentionStore, attention_hook, attention_layers, select_layers
+from dpl_edit import edit, invert
 from dpl_edit.diffusion import DDIMSchedule
+from dpl_edit.editing import EditConfig
 from dpl_edit.inversion import DynamicPromptConfig, ddim_inversion
 from dpl_edit.inversion.dynamic_prompt import TokenLosses
 from dpl_edit.models import COMPILE_TOLERANCE
@@ -69,7 +75,8 @@ def test_gradient_steps_use_a_checked_backward(pair, inputs):
         assert torch.equal(grads[1], grads[0])
 
 
-def test_hooked_forwards_run_eager(pair, inputs):
+def test_hooked_forwards_match_eager(pair, inputs):
+    """Forwards under an attention hook are compiled too: the processors and the store are traced."""
     eager, compiled = pair
     z, cond, _ = inputs
     layers = select_layers(attention_layers(eager.unet), kinds=["cross"])
@@ -80,7 +87,26 @@ def test_hooked_forwards_run_eager(pair, inputs):
             outputs.append(m.predict(z, 501, cond))
         store.end_step()
         maps.append(store.average_maps("cross", eager.latent_size // 2))
-    assert torch.equal(outputs[0], outputs[1]) and torch.equal(maps[0], maps[1])
+    assert relative(outputs[1], outputs[0]) < FORWARD and relative(maps[1], maps[0]) < FORWARD
+
+
+def test_edit_is_one_graph_for_every_step_and_matches_eager(pair):
+    """A Prompt-to-Prompt edit (refinement, re-weighting, self-attention injection for 2 of 5 steps,
+    cross-attention replacement for 4) compiles once: the window and the switch are tensors."""
+    eager, compiled = pair
+    pixels = np.random.default_rng(0).integers(0, 256, (eager.image_size, eager.image_size, 3), dtype=np.uint8)
+    inversion = invert(eager, Image.fromarray(pixels), "a cat and a dog", method="ddim", num_steps=STEPS,
+                       progress=False)
+    config = EditConfig(mode="refine", reweight={"tiger": 2.0})
+    cache = UNet2DConditionModel.forward.__code__
+    results = []
+    for m in (eager, compiled):
+        before = len(_debug_get_cache_entry_list(cache))
+        results.append(edit(m, inversion, ["a cat and a big tiger"], config, progress=False))
+        graphs = len(_debug_get_cache_entry_list(cache)) - before
+    assert graphs == 1
+    assert relative(results[1].latents, results[0].latents) < 7.5 * STEPS * FORWARD
+    assert relative(results[1].maps, results[0].maps) < STEPS * FORWARD
 
 
 def test_ddim_inversion_and_sampling_match(pair, inputs):

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,8 +61,9 @@ class StableDiffusion:
     scheduler: DDIMScheduler
     model_id: str
     settings: dict = field(default_factory=dict)  # method settings shipped with the model (dpl_edit.json)
-    compiled: str | None = None  # torch.compile mode of the UNet's unwatched forwards (see compile())
+    compiled: str | None = None  # torch.compile mode of the UNet's forwards (see compile())
     compiled_backward: bool = False  # whether gradient-carrying calls use the compiled UNet too
+    hooked_forward: Callable | None = field(default=None, repr=False)  # the compiled forward under attention hooks
 
     def __post_init__(self) -> None:
         for module in (self.text_encoder, self.unet, self.vae):
@@ -222,18 +223,19 @@ class StableDiffusion:
         return self.vae.decode(latents).sample.clamp(-1, 1)
 
     def compile(self, mode: str | None = None) -> StableDiffusion:
-        """Compile the UNet's forward (``torch.compile``, static shapes) for the calls no attention
-        hook watches: DDIM steps, the null-text step (forward and backward to the null states) and
-        unedited sampling. Forwards inside ``attention_hook`` (DPL's token step, recorded
-        inversions, Prompt-to-Prompt edits), whose processors record and edit maps in Python, run
-        eager: the one known graph break. ``mode``: ``"reduce-overhead"`` (CUDA graphs) on CUDA,
-        inductor's ``"default"`` elsewhere.
+        """Compile the UNet's forward (``torch.compile``, static shapes): DDIM steps, the null-text
+        step (forward and backward to the null states), unedited sampling, and the forwards an
+        attention hook watches (recorded inversions, Prompt-to-Prompt sampling: the processors and
+        what they record or edit are traced into the graph; each hook set-up is its own graph).
+        DPL's token step compiles itself on a compiled model (see ``TokenLosses``). ``mode``:
+        ``"reduce-overhead"`` (CUDA graphs) on CUDA, inductor's ``"default"`` elsewhere.
 
         The compiled backward is checked once against eager on a random input; where it disagrees
         (torch 2.13's inductor on CPU drops the gradient through UpBlock2D's skip connections),
         calls that carry a gradient run eager and a warning says so. Returns self."""
         mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
         self.unet.compile(mode=mode, dynamic=False)
+        self.hooked_forward = torch.compile(self.unet.forward, mode=mode, dynamic=False)
         self.compiled = mode
         error = self.compiled_gradient_error()
         self.compiled_backward = error <= COMPILE_TOLERANCE[self.dtype]
@@ -270,13 +272,15 @@ class StableDiffusion:
         if self.compiled is None:
             return self.unet(latents, timestep, encoder_hidden_states=text_states).sample
         needs_grad = torch.is_grad_enabled() and (latents.requires_grad or text_states.requires_grad)
-        if is_hooked(self.unet) or (needs_grad and not self.compiled_backward):
-            # eager: an attention hook's processors run Python per layer; or the compiled backward is off
+        hooked = is_hooked(self.unet)
+        if (needs_grad and not self.compiled_backward) or (hooked and torch.compiler.is_compiling()):
+            # eager: the compiled backward is off; or a caller's graph (DPL's token step) takes this forward in
             return self.unet.forward(latents, timestep, encoder_hidden_states=text_states).sample
+        unet = self.hooked_forward if hooked else self.unet
         if self.compiled == "reduce-overhead":  # a CUDA graph's outputs are overwritten by its next replay
             torch.compiler.cudagraph_mark_step_begin()
-            return self.unet(latents, timestep, encoder_hidden_states=text_states).sample.clone()
-        return self.unet(latents, timestep, encoder_hidden_states=text_states).sample
+            return unet(latents, timestep, encoder_hidden_states=text_states).sample.clone()
+        return unet(latents, timestep, encoder_hidden_states=text_states).sample
 
     # ----------------------------------------------------------------- identity
     def fingerprint(self) -> dict:

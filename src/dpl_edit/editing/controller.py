@@ -6,6 +6,10 @@ Only conditional rows are edited (as in Prompt-to-Prompt). The controller also a
 conditional cross-attention maps at one map size, for local blending and for views: the maps as
 edited, as Prompt-to-Prompt stores them (it edits the stored tensor in place), so inside the
 cross-replace window a target's map of a swapped word is the source word's.
+
+What changes from step to step (the replacement window, whether self-attention is injected) is
+held in tensors that ``step_end`` updates, so a compiled UNet forward traces the controller once
+for all steps.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class PromptToPrompt:
         self_max_resolution: int,
         blend_thresholds: tuple[float, float] = (0.3, 0.3),
         source_trajectory: torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
     ):
         self.plan = plan
         self.branches = 1 + len(plan.targets)
@@ -34,10 +39,18 @@ class PromptToPrompt:
         self.self_max_resolution = self_max_resolution
         self.blend_thresholds = blend_thresholds  # (blend words, subtract words), P2P's th
         self.source_trajectory = source_trajectory  # direct inversion: (T + 1, C, h, w), sampling order
+        self.mapper, self.mapped, self.windows = (x.to(device) for x in (plan.mapper, plan.mapped, plan.windows))
+        self.equalizer = None if plan.equalizer is None else plan.equalizer.to(device)
         self.step = 0
         self._step_maps: list[torch.Tensor] = []
         self.maps: torch.Tensor | None = None  # (B, res, res, 77) conditional maps summed over steps
         self.blend_masks: torch.Tensor | None = None
+        self._begin_step()
+
+    def _begin_step(self) -> None:
+        """This step's replacement window (n, 77) and self-attention switch (0-d bool), as tensors."""
+        self.window = self.windows[min(self.step, len(self.windows) - 1)].clone()
+        self.inject_self = torch.tensor(self.step < self.plan.self_steps, device=self.windows.device)
 
     @property
     def cond_rows(self) -> slice:
@@ -57,14 +70,9 @@ class PromptToPrompt:
         cond = probs[self.cond_rows]  # (B, heads, Q, K)
         base, target = cond[0], cond[1:]
         if layer.kind == "cross":
-            plan = self.plan
-            device = probs.device
-            edited = edit_cross_attention(
-                base, target, plan.mapper.to(device), plan.mapped.to(device), plan.windows[self.step].to(device),
-                None if plan.equalizer is None else plan.equalizer.to(device),
-            )
-        elif self.step < self.plan.self_steps and layer.resolution <= self.self_max_resolution:
-            edited = inject_self_attention(base, target)
+            edited = edit_cross_attention(base, target, self.mapper, self.mapped, self.window, self.equalizer)
+        elif self.plan.self_steps > 0 and layer.resolution <= self.self_max_resolution:
+            edited = torch.where(self.inject_self, inject_self_attention(base, target), target)
         else:
             return None
         probs = probs.clone()
@@ -88,6 +96,7 @@ class PromptToPrompt:
             self.blend_masks = self._blend_masks(latents.shape[-1])
             latents = local_blend(latents, self.blend_masks)
         self.step += 1
+        self._begin_step()
         return latents
 
     def _blend_masks(self, size: int) -> torch.Tensor:

@@ -60,7 +60,8 @@ def edit(
     plan = make_plan(source, prompts, inversion.token_positions, config, inversion.num_steps, model.tokenizer)
     resolution = inversion.settings.get("cross_resolution", 16)
     controller = PromptToPrompt(plan, resolution, config.self_max_resolution,
-                                (config.blend_threshold, config.subtract_threshold), _trajectory(model, inversion))
+                                (config.blend_threshold, config.subtract_threshold), _trajectory(model, inversion),
+                                model.device)
     layers = [layer for layer in attention_layers(model.unet)
               if layer.kind == "cross" or layer.resolution <= config.self_max_resolution]
     with attention_hook(model.unet, layers, controller):
