@@ -14,11 +14,11 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
-from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.backends.registry import lookup_backend
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-from dpl_edit.attention import AttentionStore, attention_hook, attention_layers, select_layers
 from dpl_edit import edit, invert
+from dpl_edit.attention import AttentionStore, attention_hook, attention_layers, select_layers
 from dpl_edit.diffusion import DDIMSchedule
 from dpl_edit.editing import EditConfig
 from dpl_edit.inversion import DynamicPromptConfig, ddim_inversion
