@@ -71,6 +71,18 @@ def test_hook_restores_on_exception_and_refuses_twice(model):
     assert model.unet.attn_processors == original
 
 
+def test_a_hook_enters_again_with_the_same_processors(model):
+    original = dict(model.unet.attn_processors)
+    chosen = select_layers(attention_layers(model.unet), kinds=["cross"], resolutions=[16])
+    hook = attention_hook(model.unet, chosen, AttentionStore())
+    installed = []
+    for _ in range(2):
+        with hook:
+            installed.append({l.name: model.unet.attn_processors[l.name] for l in chosen})
+        assert model.unet.attn_processors == original
+    assert all(installed[0][name] is installed[1][name] for name in installed[0])
+
+
 def test_maps_carry_gradients_when_asked(model):
     z, _ = _inputs(model, batch=1)
     states = torch.randn(1, 77, 32, requires_grad=True)
