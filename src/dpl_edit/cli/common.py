@@ -27,8 +27,8 @@ def add_model_options(p: argparse.ArgumentParser, required_default: str | None) 
     )
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model precision (default: float32)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the UNet with torch.compile (CUDA graphs on CUDA; minutes of compiling on a CPU, "
-                   "where it does not pay: see README, Benchmarks)")
+                   help="compile the inner loops with torch.compile (UNet, hooked forwards, DPL's token step; CUDA "
+                   "graphs on CUDA; minutes of compiling on a CPU, where it does not pay: see README, Benchmarks)")
     p.add_argument("--seed", type=int, default=None, help="seed for torch's random generator")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
 
