@@ -90,6 +90,19 @@ def test_hooked_forwards_match_eager(pair, inputs):
     assert relative(outputs[1], outputs[0]) < FORWARD and relative(maps[1], maps[0]) < FORWARD
 
 
+def test_hooked_forwards_with_a_gradient_run_eager(pair, inputs):
+    """The eager reference (and fallback) of DPL's token step: a hooked forward carrying a gradient."""
+    z, cond, _ = inputs
+    layers = select_layers(attention_layers(pair[0].unet), kinds=["cross"])
+    grads = []
+    for m in pair:
+        param = cond.clone().requires_grad_(True)
+        with attention_hook(m.unet, layers, AttentionStore(keep_grad=True)):
+            (m.predict(z, 501, param) ** 2).mean().backward()
+        grads.append(param.grad)
+    assert torch.equal(grads[1], grads[0])
+
+
 def test_edit_is_one_graph_for_every_step_and_matches_eager(pair):
     """A Prompt-to-Prompt edit (refinement, re-weighting, self-attention injection for 2 of 5 steps,
     cross-attention replacement for 4) compiles once: the window and the switch are tensors."""

@@ -273,8 +273,10 @@ class StableDiffusion:
             return self.unet(latents, timestep, encoder_hidden_states=text_states).sample
         needs_grad = torch.is_grad_enabled() and (latents.requires_grad or text_states.requires_grad)
         hooked = is_hooked(self.unet)
-        if (needs_grad and not self.compiled_backward) or (hooked and torch.compiler.is_compiling()):
-            # eager: the compiled backward is off; or a caller's graph (DPL's token step) takes this forward in
+        if torch.compiler.is_compiling() or (needs_grad and (hooked or not self.compiled_backward)):
+            # eager: inside a caller's graph (DPL's token step) this forward is traced into it; a hooked
+            # forward with a gradient is the token step's eager reference or fallback; or the compiled
+            # backward is off
             return self.unet.forward(latents, timestep, encoder_hidden_states=text_states).sample
         unet = self.hooked_forward if hooked else self.unet
         if self.compiled == "reduce-overhead":  # a CUDA graph's outputs are overwritten by its next replay
