@@ -121,17 +121,32 @@ def main() -> None:
         row["reconstruction PSNR"] = psnr(reconstruct(model, work.inversion, progress=False), image)
         return row, work.inversion
 
+    title = (f"model {args.model}, {args.dtype}{', compiled' if args.compile else ''}, {machine(model.device)}, "
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads; seconds for 50 steps"
+             + (f" (measured on {args.steps} and scaled)" if args.steps != 50 else ""))
     rows = {}
-    rows["NTI"], _ = inversion_row("nti")
-    rows["DPL"], dpl_inversion = inversion_row("dpl")
-    rows["DPL tokens, direct inversion"], _ = inversion_row("dpl", null="direct")
+
+    def keep(name: str, row: dict) -> None:
+        """Each row as soon as it is measured (printed, and in the JSON file), in case the run is cut short."""
+        rows[name] = row
+        print(name + ": " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+              flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"title": title, "rows": rows}, f, indent=1)
+
+    row, _ = inversion_row("nti")
+    keep("NTI", row)
+    row, dpl_inversion = inversion_row("dpl")
+    keep("DPL", row)
+    keep("DPL tokens, direct inversion", inversion_row("dpl", null="direct")[0])
 
     def edit_work(steps):
         inversion = dpl_inversion if steps == args.steps else invert(model, image, prompt, method="nti",
                                                                       num_steps=2, progress=False)
         edit(model, inversion, [target], EditConfig(mode="refine"), progress=False)
         return {}
-    rows["P2P edit (source + 1 target)"] = measure(model, edit_work, args.steps)
+    keep("P2P edit (source + 1 target)", measure(model, edit_work, args.steps))
 
     if not args.skip_authors:
         authors = model if (dtype == torch.float32 and not args.compile) else load(args.model, args.device, torch.float32)
@@ -143,14 +158,11 @@ def main() -> None:
                                    dpl=authors_dpl, progress=False)
             authors_work.inversion = inversion
             return {"capped": capped_steps(inversion.dpl_log, authors_dpl.max_iterations)}
-        rows["authors' DPL"] = measure(authors, authors_work, args.steps)
-        rows["authors' DPL"]["reconstruction PSNR"] = psnr(reconstruct(authors, authors_work.inversion,
-                                                                        progress=False), image)
+        row = measure(authors, authors_work, args.steps)
+        row["reconstruction PSNR"] = psnr(reconstruct(authors, authors_work.inversion, progress=False), image)
+        keep("authors' DPL", row)
 
     base = rows.get("authors' DPL", {}).get("seconds")
-    title = (f"model {args.model}, {args.dtype}{', compiled' if args.compile else ''}, {machine(model.device)}, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads; seconds for 50 steps"
-             + (f" (measured on {args.steps} and scaled)" if args.steps != 50 else ""))
     columns = ["seconds", "warm-up s", "peak GB", "reconstruction PSNR", "capped"]
     present = [c for c in columns if any(c in r and r[c] is not None for r in rows.values())]
     print(f"\n{title}\n")
@@ -161,9 +173,6 @@ def main() -> None:
                  for c in present]
         ratio = f"{base / row['seconds']:.1f}x" if base else ""
         print(f"| {name} | " + " | ".join(cells) + f" | {ratio} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"title": title, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

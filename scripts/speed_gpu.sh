@@ -22,9 +22,9 @@ run() {  # name, seconds, arguments...
     shift 2
     echo "== $name"
     timeout "$limit" python3 inversion.py --model sd14 --device cuda --json "$OUT/$name.json" "$@" 2>&1 \
-        | grep -v -i "warn" | tail -12
+        | tee "$OUT/$name.log" | grep -v -i "warn" | tail -16
 }
-run compiled-fp32 270 --compile --skip-authors --steps 10
-run eager-fp32 180 --steps 10
-run compiled-bf16 120 --compile --dtype bfloat16 --skip-authors --steps 10
+run compiled-fp32 330 --compile --skip-authors --steps 10
+run eager-fp32 150 --steps 10
+run compiled-bf16 90 --compile --dtype bfloat16 --skip-authors --steps 10
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt"
