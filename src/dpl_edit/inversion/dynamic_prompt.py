@@ -35,7 +35,7 @@ from ..losses import (
     gradual_threshold,
     word_maps,
 )
-from ..models import COMPILE_TOLERANCE, StableDiffusion
+from ..models import COMPILE_TOLERANCE, StableDiffusion, relative_error
 from ..prompts import MarkedPrompt
 from .null_text import NullTextConfig, optimize_null
 
@@ -207,13 +207,12 @@ class TokenLosses:
                 if step is self.compiled_step and self.model.compiled == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()
                 self.weighted(step(z, timestep, param)).backward()
-                grads.append(param.grad.float())
+                grads.append(param.grad)
         except Exception as err:  # noqa: BLE001 - any compiler failure: the eager step is always right
             logger.warning("torch.compile could not compile DPL's token step (%s); it runs eager.", err)
             self.compiled_step = None
             return
-        eager, compiled = grads
-        error = ((compiled - eager).norm() / eager.norm().clamp_min(1e-30)).item()
+        error = relative_error(grads[1], grads[0])
         if not error <= COMPILE_TOLERANCE[self.model.dtype]:
             logger.warning("torch.compile's backward of DPL's token step disagrees with eager here (relative error "
                            "%.2g > %.0e): the token step runs eager.", error, COMPILE_TOLERANCE[self.model.dtype])
