@@ -6,9 +6,10 @@
 #
 #   python benchmarks/inversion.py rows: NTI, DPL, DPL + direct inversion, a P2P edit, authors' DPL
 #   1. compiled fp32 (CUDA graphs: the UNet, the hooked forwards, DPL's token step; the warm-up
-#      column is the cold compilation)   2. eager fp32 with the authors' row   3. compiled bf16
+#      column is the cold compilation) with the authors' row last, in the same process
+#   2. eager fp32   3. compiled bf16
 #   Each times a 10-step schedule scaled to 50 (exact in the worst case, where every step runs the
-#   same iterations); 2 and 3 come after the one that matters most, in case time runs out.
+#   same iterations); each row is saved as soon as it is measured, in case time runs out.
 #   A batch item costs one inversion and one edit: images per hour follow from the rows.
 #
 # Usage: bash scripts/speed_gpu.sh
@@ -24,7 +25,7 @@ run() {  # name, seconds, arguments...
     timeout "$limit" python3 inversion.py --model sd14 --device cuda --json "$OUT/$name.json" "$@" 2>&1 \
         | tee "$OUT/$name.log" | grep -v -i "warn" | tail -16
 }
-run compiled-fp32 330 --compile --skip-authors --steps 10
-run eager-fp32 150 --steps 10
+run compiled-fp32 360 --compile --steps 10
+run eager-fp32 120 --skip-authors --steps 10
 run compiled-bf16 90 --compile --dtype bfloat16 --skip-authors --steps 10
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt"
