@@ -252,17 +252,12 @@ class StableDiffusion:
         side = self.latent_size
         latents = torch.randn(1, self.unet.config.in_channels, side, side, generator=g).to(self.device, self.dtype)
         states = self.encode_prompt("")
-        grads = []
-        for call in (self.unet.forward, self.unet):
-            param = states.detach().clone().requires_grad_(True)
-            timestep = torch.tensor(501, device=self.device)
-            if call is self.unet and self.compiled == "reduce-overhead":
-                torch.compiler.cudagraph_mark_step_begin()
-            out = call(latents, timestep, encoder_hidden_states=param).sample
-            (out.float() ** 2).mean().backward()
-            grads.append(param.grad.float())
-        eager, compiled = grads
-        return relative_error(compiled, eager)
+        timestep = torch.tensor(501, device=self.device)
+
+        def loss(call: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda param: (call(latents, timestep, encoder_hidden_states=param).sample.float() ** 2).mean()
+
+        return gradient_error(loss(self.unet.forward), loss(self.unet), states, self.compiled == "reduce-overhead")
 
     def predict(self, latents: torch.Tensor, t: int | torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
         """The UNet's raw output for scaled latents (B, C, h, w) at timestep t (an int, or a 0-d
@@ -331,11 +326,24 @@ def _quiet_diffusers() -> Iterator[None]:
         transformers_logging.enable_progress_bar()
 
 
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    """Relative L2 error of a compiled result against eager's (in fp32): what the compile checks compare
-    with ``COMPILE_TOLERANCE``."""
-    reference = reference.float()
-    return ((value.float() - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+def gradient_error(
+    eager: Callable[[torch.Tensor], torch.Tensor],
+    compiled: Callable[[torch.Tensor], torch.Tensor],
+    start: torch.Tensor,
+    cuda_graphs: bool,
+) -> float:
+    """Relative L2 error (in fp32) of the compiled loss's gradient at ``start`` against the eager
+    one's: what the compile checks compare with ``COMPILE_TOLERANCE``. Each function maps a
+    parameter to a scalar loss."""
+    grads = []
+    for loss in (eager, compiled):
+        param = start.detach().clone().requires_grad_(True)
+        if loss is compiled and cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        loss(param).backward()
+        grads.append(param.grad.float())
+    compiled_grad, reference = grads[1], grads[0]
+    return ((compiled_grad - reference).norm() / reference.norm().clamp_min(1e-30)).item()
 
 
 def fingerprints_match(a: dict, b: dict) -> bool:

@@ -35,7 +35,7 @@ from ..losses import (
     gradual_threshold,
     word_maps,
 )
-from ..models import COMPILE_TOLERANCE, StableDiffusion, relative_error
+from ..models import COMPILE_TOLERANCE, StableDiffusion, gradient_error
 from ..prompts import MarkedPrompt
 from .null_text import NullTextConfig, optimize_null
 
@@ -200,19 +200,14 @@ class TokenLosses:
     def _check_compiled(self, z: torch.Tensor, timestep: torch.Tensor, vectors: torch.Tensor) -> None:
         """Compare the compiled step's gradient with eager's once; fall back to eager if they differ."""
         self.checked = True
-        grads = []
         try:
-            for step in (self.stacked_losses, self.compiled_step):
-                param = vectors.detach().clone().requires_grad_(True)
-                if step is self.compiled_step and self.model.compiled == "reduce-overhead":
-                    torch.compiler.cudagraph_mark_step_begin()
-                self.weighted(step(z, timestep, param)).backward()
-                grads.append(param.grad)
+            error = gradient_error(lambda param: self.weighted(self.stacked_losses(z, timestep, param)),
+                                   lambda param: self.weighted(self.compiled_step(z, timestep, param)),
+                                   vectors, self.model.compiled == "reduce-overhead")
         except Exception as err:  # noqa: BLE001 - any compiler failure: the eager step is always right
             logger.warning("torch.compile could not compile DPL's token step (%s); it runs eager.", err)
             self.compiled_step = None
             return
-        error = relative_error(grads[1], grads[0])
         if not error <= COMPILE_TOLERANCE[self.model.dtype]:
             logger.warning("torch.compile's backward of DPL's token step disagrees with eager here (relative error "
                            "%.2g > %.0e): the token step runs eager.", error, COMPILE_TOLERANCE[self.model.dtype])
