@@ -25,6 +25,8 @@ import argparse
 import contextlib
 import json
 import time
+import traceback
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -111,6 +113,8 @@ def main() -> None:
     image, prompt, target = subject(model, args.model)
     dpl = model_dpl_config(model)
 
+    inversions = {}  # the inversions timed, by row: the edit row edits DPL's
+
     def inversion_row(method, null="optimized"):
         def work(steps):
             inversion = invert(model, image, prompt, method=method, null=null, num_steps=steps, dpl=dpl,
@@ -119,15 +123,22 @@ def main() -> None:
             return {"capped": capped_steps(inversion.dpl_log, dpl.max_iterations) if inversion.dpl_log else None}
         row = measure(model, work, args.steps)
         row["reconstruction PSNR"] = psnr(reconstruct(model, work.inversion, progress=False), image)
-        return row, work.inversion
+        inversions[method, null] = work.inversion
+        return row
 
     title = (f"model {args.model}, {args.dtype}{', compiled' if args.compile else ''}, {machine(model.device)}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads; seconds for 50 steps"
              + (f" (measured on {args.steps} and scaled)" if args.steps != 50 else ""))
     rows = {}
 
-    def keep(name: str, row: dict) -> None:
-        """Each row as soon as it is measured (printed, and in the JSON file), in case the run is cut short."""
+    def keep(name: str, measure_row: Callable[[], dict]) -> None:
+        """Measure a row and keep it at once (printed, and in the JSON file), in case the run is cut
+        short; a row that fails is kept as its error and the next rows still run."""
+        try:
+            row = measure_row()
+        except Exception as err:  # noqa: BLE001 - one failing row (e.g. a CUDA-graph error) must not lose the others
+            traceback.print_exc()
+            row = {"error": f"{type(err).__name__}: {err}".splitlines()[0][:200]}
         rows[name] = row
         print(name + ": " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
               flush=True)
@@ -135,18 +146,21 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump({"title": title, "rows": rows}, f, indent=1)
 
-    row, _ = inversion_row("nti")
-    keep("NTI", row)
-    row, dpl_inversion = inversion_row("dpl")
-    keep("DPL", row)
-    keep("DPL tokens, direct inversion", inversion_row("dpl", null="direct")[0])
+    keep("NTI", lambda: inversion_row("nti"))
+    keep("DPL", lambda: inversion_row("dpl"))
+    keep("DPL tokens, direct inversion", lambda: inversion_row("dpl", null="direct"))
 
-    def edit_work(steps):
-        inversion = dpl_inversion if steps == args.steps else invert(model, image, prompt, method="nti",
-                                                                      num_steps=2, progress=False)
-        edit(model, inversion, [target], EditConfig(mode="refine"), progress=False)
-        return {}
-    keep("P2P edit (source + 1 target)", measure(model, edit_work, args.steps))
+    def edit_row():
+        source = inversions.get(("dpl", "optimized"))  # NTI's where DPL's row failed (not timed)
+        source = source or invert(model, image, prompt, method="nti", num_steps=args.steps, progress=False)
+
+        def edit_work(steps):
+            inversion = source if steps == args.steps else invert(model, image, prompt, method="nti",
+                                                                  num_steps=2, progress=False)
+            edit(model, inversion, [target], EditConfig(mode="refine"), progress=False)
+            return {}
+        return measure(model, edit_work, args.steps)
+    keep("P2P edit (source + 1 target)", edit_row)
 
     if not args.skip_authors:
         authors = model if (dtype == torch.float32 and not args.compile) else load(args.model, args.device, torch.float32)
@@ -158,12 +172,14 @@ def main() -> None:
                                    dpl=authors_dpl, progress=False)
             authors_work.inversion = inversion
             return {"capped": capped_steps(inversion.dpl_log, authors_dpl.max_iterations)}
-        row = measure(authors, authors_work, args.steps)
-        row["reconstruction PSNR"] = psnr(reconstruct(authors, authors_work.inversion, progress=False), image)
-        keep("authors' DPL", row)
+        def authors_row():
+            row = measure(authors, authors_work, args.steps)
+            row["reconstruction PSNR"] = psnr(reconstruct(authors, authors_work.inversion, progress=False), image)
+            return row
+        keep("authors' DPL", authors_row)
 
     base = rows.get("authors' DPL", {}).get("seconds")
-    columns = ["seconds", "warm-up s", "peak GB", "reconstruction PSNR", "capped"]
+    columns = ["seconds", "warm-up s", "peak GB", "reconstruction PSNR", "capped", "error"]
     present = [c for c in columns if any(c in r and r[c] is not None for r in rows.values())]
     print(f"\n{title}\n")
     print("| row | " + " | ".join(present) + " | authors' DPL / row |")
@@ -171,7 +187,7 @@ def main() -> None:
     for name, row in rows.items():
         cells = [f"{row[c]:.2f}" if isinstance(row.get(c), float) else "" if row.get(c) is None else str(row[c])
                  for c in present]
-        ratio = f"{base / row['seconds']:.1f}x" if base else ""
+        ratio = f"{base / row['seconds']:.1f}x" if base and "seconds" in row else ""
         print(f"| {name} | " + " | ".join(cells) + f" | {ratio} |")
 
 
