@@ -101,3 +101,24 @@ def test_most_steps_at_the_cap_log_a_warning(model, image, caplog):
                            dpl=DynamicPromptConfig(max_iterations=1, threshold_at=0.0), progress=False)
     assert [e["iterations"] for e in inversion.dpl_log] == [1, 1]
     assert "DPL: 2 of 2 steps at the 1-iteration cap" in caplog.text and "drift" in caplog.text
+
+
+def test_a_failing_compiled_token_step_falls_back_to_eager(model, caplog):
+    """A compiled token step that raises mid-run (a compiler or CUDA-graph failure, after whatever it
+    recorded) is answered by the eager step: the same vectors as an eager run, and a warning."""
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for broken in (False, True):
+        losses_at, marked = _token_losses(model, "a {cat} and a {dog}", FAST)
+        if broken:
+            def failing(z, timestep, vectors, store=losses_at.store, layer=losses_at.layers[0]):
+                store(layer, torch.rand(1, 8, 256, 77))  # a map the failed call left behind
+                raise RuntimeError("simulated CUDA-graph replay failure")
+            losses_at.compiled_step, losses_at.checked = failing, True
+        start = model.token_embedding(torch.tensor(marked.token_ids)[marked.positions])
+        with caplog.at_level(logging.WARNING, logger="dpl_edit"):
+            runs.append(optimize_tokens(losses_at, z, 501, 0, start))
+    (expected, expected_values, _), (vectors, values, iterations) = runs
+    assert torch.equal(vectors, expected) and values == expected_values and iterations == 3
+    assert losses_at.compiled_step is None
+    assert "token step" in caplog.text and "simulated CUDA-graph replay failure" in caplog.text

@@ -1,8 +1,12 @@
+import logging
+
 import pytest
 import torch
 
 from dpl_edit import ModelLoadError, PromptError, StableDiffusion
+from dpl_edit.attention import AttentionStore, attention_hook, attention_layers, select_layers
 from dpl_edit.models import fingerprints_match
+from dpl_edit.random_models import tiny_model
 
 
 def test_save_and_load_a_diffusers_folder_offline(model, tmp_path):
@@ -62,3 +66,38 @@ def test_substituted_token_vectors(model):
     changed.sum().backward()
     assert vectors.grad is not None
     assert model.text_encoder.get_input_embeddings().weight.grad is None
+
+
+def _broken_compiled_call(*args, **kwargs):
+    raise RuntimeError("simulated CUDA-graph replay failure\nwith a second line")
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_a_failing_compiled_forward_falls_back_to_eager(hooked, caplog):
+    """A compiled UNet call that raises (a compiler or CUDA-graph failure) is answered by the eager
+    forward, the model stays eager from then on, and a warning says so: no work is lost."""
+    model = tiny_model(seed=0)
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    states = model.encode_prompt("a cat and a dog")
+    layers = select_layers(attention_layers(model.unet), kinds=["cross"], resolutions=[16])
+    stores = []
+    for broken in (False, True):
+        if broken:  # what compile() sets, with compiled calls that fail
+            model.unet._compiled_call_impl = _broken_compiled_call
+            model.compiled, model.compiled_backward, model.hooked_forward = "default", True, _broken_compiled_call
+        store = AttentionStore()
+        with torch.no_grad(), caplog.at_level(logging.WARNING, logger="dpl_edit"):
+            if hooked:
+                with attention_hook(model.unet, layers, store):
+                    out = model.predict(z, 501, states)
+            else:
+                out = model.predict(z, 501, states)
+        stores.append((out, store))
+    (expected, reference), (out, store) = stores
+    assert torch.equal(out, expected)
+    if hooked:  # the eager rerun recorded each layer's map once, as an eager forward does
+        assert len(store._step[("cross", 16)]) == len(reference._step[("cross", 16)]) == len(layers)
+        assert torch.equal(store.step_maps("cross", 16), reference.step_maps("cross", 16))
+    assert model.compiled is None and model.hooked_forward is None and not model.compiled_backward
+    assert model.unet._compiled_call_impl is None
+    assert "runs eager from now on" in caplog.text and "simulated CUDA-graph replay failure" in caplog.text

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
+from .attention.early_exit import ForwardStopped
 from .attention.hook import is_hooked
 from .errors import ModelLoadError, PromptError
 
@@ -274,10 +275,26 @@ class StableDiffusion:
             # backward is off
             return self.unet.forward(latents, timestep, encoder_hidden_states=text_states).sample
         unet = self.hooked_forward if hooked else self.unet
-        if self.compiled == "reduce-overhead":  # a CUDA graph's outputs are overwritten by its next replay
-            torch.compiler.cudagraph_mark_step_begin()
-            return unet(latents, timestep, encoder_hidden_states=text_states).sample.clone()
-        return unet(latents, timestep, encoder_hidden_states=text_states).sample
+        try:
+            if self.compiled == "reduce-overhead":  # a CUDA graph's outputs are overwritten by its next replay
+                torch.compiler.cudagraph_mark_step_begin()
+                return unet(latents, timestep, encoder_hidden_states=text_states).sample.clone()
+            return unet(latents, timestep, encoder_hidden_states=text_states).sample
+        except ForwardStopped:
+            raise
+        except Exception as err:  # noqa: BLE001 - a compiler or CUDA-graph failure: eager is always right
+            self.uncompile(f"{type(err).__name__}: {err}")
+            return self.unet(latents, timestep, encoder_hidden_states=text_states).sample
+
+    def uncompile(self, reason: str) -> None:
+        """Back to eager UNet forwards (after a compiled call failed; ``reason`` is logged). Dynamo
+        applies what a traced forward does to Python objects (the maps an attention store keeps, a
+        controller's state) only after its graph has run, and the hooked forwards are one graph, so
+        the eager call that replaces a failed one finds them as they were."""
+        logger.warning("torch.compile failed on a UNet forward (%s); this model runs eager from now on.",
+                       reason.splitlines()[0] if reason else "no message")
+        self.unet._compiled_call_impl = None  # what nn.Module.compile set
+        self.compiled, self.compiled_backward, self.hooked_forward = None, False, None
 
     # ----------------------------------------------------------------- identity
     def fingerprint(self) -> dict:

@@ -165,9 +165,16 @@ class TokenLosses:
             self._check_compiled(z, timestep, vectors)
         if self.compiled_step is None:
             return self.stacked_losses(z, timestep, vectors)
-        if self.model.compiled == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
-        return self.compiled_step(z, timestep, vectors)
+        try:
+            if self.model.compiled == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
+            return self.compiled_step(z, timestep, vectors)
+        except Exception as err:  # noqa: BLE001 - a compiler or CUDA-graph failure: the eager step is always right
+            logger.warning("torch.compile failed on DPL's token step (%s: %s); it runs eager from now on.",
+                           type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            self.compiled_step = None
+            self.store.discard_step()  # whatever the failed call recorded
+            return self.stacked_losses(z, timestep, vectors)
 
     def stacked_losses(self, z: torch.Tensor, timestep: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """One forward: text encoder with the vectors, UNet to the last layer read, the losses."""
