@@ -101,3 +101,12 @@ def test_a_failing_compiled_forward_falls_back_to_eager(hooked, caplog):
     assert model.compiled is None and model.hooked_forward is None and not model.compiled_backward
     assert model.unet._compiled_call_impl is None
     assert "runs eager from now on" in caplog.text and "simulated CUDA-graph replay failure" in caplog.text
+
+
+def test_a_unet_that_does_not_compile_stays_eager(monkeypatch, caplog):
+    model = tiny_model(seed=0)
+    monkeypatch.setattr(StableDiffusion, "compiled_gradient_error", _broken_compiled_call)
+    with caplog.at_level(logging.WARNING, logger="dpl_edit"):
+        assert model.compile() is model
+    assert model.compiled is None and model.hooked_forward is None and model.unet._compiled_call_impl is None
+    assert "runs eager from now on" in caplog.text
