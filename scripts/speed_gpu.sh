@@ -13,7 +13,11 @@
 #   A batch item costs one inversion and one edit: images per hour follow from the rows.
 #
 # Usage: bash scripts/speed_gpu.sh
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# Dry run on the CPU machine (same rows, tiny model, one step):
+#   PYTHON=.venv/bin/python MODEL=tiny DEVICE=cpu STEPS=1 OUT=/tmp/dry bash scripts/speed_gpu.sh
+PYTHON=${PYTHON:-python3} MODEL=${MODEL:-sd14} DEVICE=${DEVICE:-cuda} STEPS=${STEPS:-10}
+[[ $PYTHON == */* ]] && PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")  # still found after the cd below
+$PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:src HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -22,10 +26,10 @@ run() {  # name, seconds, arguments...
     local name=$1 limit=$2
     shift 2
     echo "== $name"
-    timeout "$limit" python3 inversion.py --model sd14 --device cuda --json "$OUT/$name.json" "$@" 2>&1 \
+    timeout "$limit" "$PYTHON" inversion.py --model "$MODEL" --device "$DEVICE" --steps "$STEPS" --json "$OUT/$name.json" "$@" 2>&1 \
         | tee "$OUT/$name.log" | grep -v -i "warn" | tail -16
 }
-run compiled-fp32 360 --compile --steps 10
-run eager-fp32 120 --skip-authors --steps 10
-run compiled-bf16 90 --compile --dtype bfloat16 --skip-authors --steps 10
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt"
+run compiled-fp32 360 --compile
+run eager-fp32 120 --skip-authors
+run compiled-bf16 90 --compile --dtype bfloat16 --skip-authors
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1

@@ -105,7 +105,8 @@ def test_hooked_forwards_with_a_gradient_run_eager(pair, inputs):
 
 def test_edit_is_one_graph_for_every_step_and_matches_eager(pair):
     """A Prompt-to-Prompt edit (refinement, re-weighting, self-attention injection for 2 of 5 steps,
-    cross-attention replacement for 4) compiles once: the window and the switch are tensors."""
+    cross-attention replacement for 4) compiles once: the window and the switch are tensors, and
+    later edits, of any length, reuse the graph."""
     eager, compiled = pair
     pixels = np.random.default_rng(0).integers(0, 256, (eager.image_size, eager.image_size, 3), dtype=np.uint8)
     inversion = invert(eager, Image.fromarray(pixels), "a cat and a dog", method="ddim", num_steps=STEPS,
@@ -120,6 +121,13 @@ def test_edit_is_one_graph_for_every_step_and_matches_eager(pair):
     assert graphs == 1
     assert relative(results[1].latents, results[0].latents) < 7.5 * STEPS * FORWARD
     assert relative(results[1].maps, results[0].maps) < STEPS * FORWARD
+    # invert once, edit many: another edit, and an edit of a shorter inversion (other windows and
+    # self-injection steps), reuse that graph
+    shorter = invert(eager, Image.fromarray(pixels), "a cat and a dog", method="ddim", num_steps=3, progress=False)
+    for source in (inversion, shorter):
+        before = len(_debug_get_cache_entry_list(cache))
+        edit(compiled, source, ["a cat and a big tiger"], config, progress=False)
+        assert len(_debug_get_cache_entry_list(cache)) == before
 
 
 def test_ddim_inversion_and_sampling_match(pair, inputs):

@@ -9,7 +9,8 @@ cross-replace window a target's map of a swapped word is the source word's.
 
 What changes from step to step (the replacement window, whether self-attention is injected) is
 held in tensors that ``step_end`` updates, so a compiled UNet forward traces the controller once
-for all steps.
+for all steps, and nothing it reads depends on the number of steps, so edits of any length share
+that graph.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class PromptToPrompt:
         self.source_trajectory = source_trajectory  # direct inversion: (T + 1, C, h, w), sampling order
         self.mapper, self.mapped, self.windows = (x.to(device) for x in (plan.mapper, plan.mapped, plan.windows))
         self.equalizer = None if plan.equalizer is None else plan.equalizer.to(device)
+        # a bool, not the step count: a compiled forward specialises on the ints it reads, and edits of
+        # other lengths or self_replace_steps would each compile again
+        self.injects_self = plan.self_steps > 0
         self.step = 0
         self._step_maps: list[torch.Tensor] = []
         self.maps: torch.Tensor | None = None  # (B, res, res, 77) conditional maps summed over steps
@@ -71,7 +75,7 @@ class PromptToPrompt:
         base, target = cond[0], cond[1:]
         if layer.kind == "cross":
             edited = edit_cross_attention(base, target, self.mapper, self.mapped, self.window, self.equalizer)
-        elif self.plan.self_steps > 0 and layer.resolution <= self.self_max_resolution:
+        elif self.injects_self and layer.resolution <= self.self_max_resolution:
             edited = torch.where(self.inject_self, inject_self_attention(base, target), target)
         else:
             return None
