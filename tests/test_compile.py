@@ -140,12 +140,12 @@ def test_ddim_inversion_and_sampling_match(pair, inputs):
     assert relative(samples[1], samples[0]) < 7.5 * STEPS * FORWARD  # guidance scales the difference of two forwards
 
 
-def _token_losses(model):
-    marked = parse_marked_prompt("a {cat} and a {dog}", model.tokenizer)
+def _token_losses(model, prompt="a {cat} and a {dog}", span="padded"):
+    marked = parse_marked_prompt(prompt, model.tokenizer)
     layers = select_layers(attention_layers(model.unet), kinds=["cross"], resolutions=[16])
     background = torch.zeros(16, 16)
     background[:, :8] = 1
-    return TokenLosses(model, marked, layers, background, DynamicPromptConfig())
+    return TokenLosses(model, marked, layers, background, DynamicPromptConfig(balancing_span=span))
 
 
 def _token_gradient(losses_at, step, z, t, vectors):
@@ -166,9 +166,11 @@ def test_token_step_is_one_graph(pair, inputs):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
 
 
-def test_captured_token_step_matches_eager_without_recompiling(pair, inputs):
+@pytest.mark.parametrize("span", ["padded", "prompt"])
+def test_captured_token_step_matches_eager_without_recompiling(pair, inputs, span):
     """The captured graph (dynamo + AOTAutograd, no code generation) against eager at two timesteps
-    and two sets of vectors, and from a second TokenLosses: one compilation serves them all."""
+    and two sets of vectors, and from a second TokenLosses of another prompt (its words and end
+    token at other positions, as many words): one compilation serves them all."""
     eager, _ = pair
     z = inputs[0]
     graphs = []
@@ -178,8 +180,8 @@ def test_captured_token_step_matches_eager_without_recompiling(pair, inputs):
         return lookup_backend("aot_eager")(gm, example_inputs)
 
     torch._dynamo.reset()
-    for run in range(2):
-        losses_at = _token_losses(eager)
+    for run, prompt in enumerate(["a {cat} and a {dog}", "one small {horse} beside a tall {tree} at dusk"]):
+        losses_at = _token_losses(eager, prompt, span)
         captured = torch.compile(losses_at.stacked_losses, backend=counting, dynamic=False)
         start = eager.token_embedding(losses_at.token_ids[0, losses_at.prompt.positions]).float()
         for t, vectors in ((501, start), (301, start + 0.01 * run + 0.02)):

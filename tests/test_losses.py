@@ -15,6 +15,7 @@ from dpl_edit.losses import (
     disjoint_object_loss,
     gradual_threshold,
     word_maps,
+    word_matrix,
 )
 
 
@@ -106,6 +107,22 @@ def test_a_several_token_word_gets_the_sum_of_its_columns():
 def test_multi_token_words_sum_their_columns():
     maps = torch.rand(4, 4, 77)
     torch.testing.assert_close(word_maps(maps, [[2, 3]])[0], maps[..., 2] + maps[..., 3])
+
+
+@pytest.mark.parametrize("span", ["padded", "prompt"])
+def test_words_and_end_as_tensors_give_the_same_losses(span):
+    """The compiled token step passes the prompt's layout as tensors (a word matrix, a 0-d end
+    position): the same values and gradients as positions and ints."""
+    words = [[2], [5, 6]]
+    grads = []
+    for layout in ((words, 8), (word_matrix(words, 77), torch.tensor(8))):
+        maps = _random_maps(3).requires_grad_(True)
+        a = word_maps(maps, layout[0])
+        loss = attention_balancing_loss(maps, *layout, span=span) + a.sum()
+        loss.backward()
+        grads.append((loss.detach(), a.detach(), maps.grad))
+    for ours, reference in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
 
 
 def test_span_is_checked():

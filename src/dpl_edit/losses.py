@@ -2,7 +2,8 @@
 section 3.2, Eq. 6-10; REFERENCE section 5). Pure functions on tensors.
 
 ``maps`` are one step's cross-attention maps (res, res, 77) of the conditional branch, averaged
-over heads and layers; a word is the list of its token positions (the start token is position 0).
+over heads and layers; a word is the list of its token positions (the start token is position 0),
+and the words may be given as a matrix (:func:`word_matrix`).
 """
 
 from __future__ import annotations
@@ -14,24 +15,40 @@ import torch
 import torch.nn.functional as F
 
 Word = Sequence[int]
+# Words as token positions, or as a (K, 77) 0/1 matrix (row k marks word k's token columns): the
+# matrix is a tensor, so a compiled token step takes it as an input and serves every prompt with
+# the same number of words instead of compiling again for other positions.
+Words = Sequence[Word] | torch.Tensor
 SPANS = ("padded", "prompt")  # token columns re-softmaxed by the attention balancing loss
 
 
-def word_maps(maps: torch.Tensor, words: Sequence[Word]) -> torch.Tensor:
+def word_matrix(words: Sequence[Word], num_columns: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(K, num_columns) float: 1 at each word's token columns."""
+    matrix = torch.zeros(len(words), num_columns, device=device)
+    for k, word in enumerate(words):
+        matrix[k, list(word)] = 1.0
+    return matrix
+
+
+def word_maps(maps: torch.Tensor, words: Words) -> torch.Tensor:
     """Raw maps (K, res, res) of K words: the sum of each word's token columns (its share of the
     attention, bounded by 1 like a one-token word's)."""
-    return torch.stack([maps[..., list(word)].sum(dim=-1) for word in words])
+    matrix = words if isinstance(words, torch.Tensor) else word_matrix(words, maps.shape[-1], maps.device)
+    return torch.einsum("...c,kc->k...", maps, matrix.to(maps.dtype))
 
 
-def softmax_columns(num_columns: int, end_position: int, span: str = "padded") -> slice:
-    """The token columns that Attend-and-Excite re-softmaxes: ``"padded"`` drops the start token
-    and the last column (``1:-1`` on all 77, end-of-text and padding included: the DPL authors'
-    code and Attend-and-Excite for SD 1.x, on which the paper's thresholds were tuned);
-    ``"prompt"`` keeps the prompt's own tokens 1 .. end_position - 1 (Attend-and-Excite for SD 2.1).
+def softmax_columns(num_columns: int, end_position: int | torch.Tensor, span: str = "padded",
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """(num_columns,) bool: the token columns that Attend-and-Excite re-softmaxes. ``"padded"``
+    drops the start token and the last column (``1:-1`` on all 77, end-of-text and padding
+    included: the DPL authors' code and Attend-and-Excite for SD 1.x, on which the paper's
+    thresholds were tuned); ``"prompt"`` keeps the prompt's own tokens 1 .. end_position - 1
+    (Attend-and-Excite for SD 2.1). ``end_position`` may be a 0-d tensor (a compiled step's input).
     """
     if span not in SPANS:
         raise ValueError(f"span must be one of {SPANS}, got {span!r}")
-    return slice(1, num_columns - 1 if span == "padded" else end_position)
+    columns = torch.arange(num_columns, device=device)
+    return (columns >= 1) & (columns < (num_columns - 1 if span == "padded" else end_position))
 
 
 def attend_and_excite_kernel(sigma: float = 0.5, size: int = 3) -> torch.Tensor:
@@ -47,23 +64,21 @@ def attend_and_excite_kernel(sigma: float = 0.5, size: int = 3) -> torch.Tensor:
 
 
 def attention_balancing_loss(
-    maps: torch.Tensor, words: Sequence[Word], end_position: int, span: str = "padded"
+    maps: torch.Tensor, words: Words, end_position: int | torch.Tensor, span: str = "padded"
 ) -> torch.Tensor:
     """L_at = max_k (1 - m_k) (Attend-and-Excite, Chefer et al. 2023; DPL Eq. 8).
 
     The token columns of ``span`` (see :func:`softmax_columns`) are re-softmaxed at temperature
-    1/100 over the token axis; each word's map (the sum of its tokens' columns: its share of the
-    distribution) is smoothed with the 3x3 kernel under reflect padding; m_k is its maximum.
+    1/100 over the token axis (the others masked out); each word's map (the sum of its tokens'
+    columns: its share of the distribution) is smoothed with the 3x3 kernel under reflect padding;
+    m_k is its maximum.
     """
-    columns = softmax_columns(maps.shape[-1], end_position, span)
-    text = torch.softmax(100 * maps[..., columns].float(), dim=-1)  # (res, res, n)
+    inside = softmax_columns(maps.shape[-1], end_position, span, maps.device)
+    text = torch.softmax((100 * maps.float()).masked_fill(~inside, -math.inf), dim=-1)  # (res, res, 77)
+    shares = word_maps(text, words)[:, None]  # (K, 1, res, res)
     kernel = attend_and_excite_kernel().to(text.device)[None, None]  # (1, 1, 3, 3)
-    losses = []
-    for word in words:
-        image = text[..., [p - columns.start for p in word]].sum(dim=-1)[None, None]  # (1, 1, res, res)
-        smoothed = F.conv2d(F.pad(image, (1, 1, 1, 1), mode="reflect"), kernel)
-        losses.append(1 - smoothed.max())
-    return torch.stack(losses).max()
+    smoothed = F.conv2d(F.pad(shares, (1, 1, 1, 1), mode="reflect"), kernel)
+    return (1 - smoothed.flatten(1).max(dim=1).values).max()
 
 
 def disjoint_object_loss(word_maps: torch.Tensor) -> torch.Tensor:

@@ -187,17 +187,18 @@ class StableDiffusion:
         self,
         token_ids: torch.Tensor,
         vectors: torch.Tensor | None = None,
-        positions: Sequence[int] = (),
+        positions: Sequence[int] | torch.Tensor = (),
     ) -> torch.Tensor:
         """Text-encoder hidden states (B, 77, D) for token ids (B, 77).
 
-        ``vectors`` (K, D_in) replace the input token embeddings at ``positions`` (K ints) before
+        ``vectors`` (K, D_in) replace the input token embeddings at ``positions`` (K ints, or a
+        tensor of them) before
         the whole encoder runs, so later tokens see them through causal attention (DPL's dynamic
         tokens, REFERENCE section 5). Gradients flow to ``vectors`` only.
         """
         if vectors is None:
             return self.text_encoder(token_ids).last_hidden_state
-        with _substituted_embeddings(self.text_encoder, vectors, list(positions)):
+        with _substituted_embeddings(self.text_encoder, vectors, positions):
             return self.text_encoder(token_ids).last_hidden_state
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -379,7 +380,7 @@ def fingerprints_match(a: dict, b: dict) -> bool:
 class _SubstitutedEmbedding(nn.Module):
     """A token-embedding table whose rows at given positions are replaced by given vectors."""
 
-    def __init__(self, table: nn.Embedding, vectors: torch.Tensor, positions: list[int]):
+    def __init__(self, table: nn.Embedding, vectors: torch.Tensor, positions: Sequence[int] | torch.Tensor):
         super().__init__()
         self.table = table
         self.vectors = vectors
@@ -387,14 +388,14 @@ class _SubstitutedEmbedding(nn.Module):
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         embeds = self.table(token_ids)  # (B, L, D_in)
-        index = torch.tensor(self.positions, device=embeds.device)
+        index = torch.as_tensor(self.positions, device=embeds.device)
         vectors = self.vectors.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
         return embeds.index_copy(1, index, vectors)
 
 
 @contextlib.contextmanager
 def _substituted_embeddings(
-    text_encoder: CLIPTextModel, vectors: torch.Tensor, positions: list[int]
+    text_encoder: CLIPTextModel, vectors: torch.Tensor, positions: Sequence[int] | torch.Tensor
 ) -> Iterator[None]:
     if vectors.shape[0] != len(positions):
         raise ValueError(f"{vectors.shape[0]} token vectors for {len(positions)} positions")

@@ -34,6 +34,7 @@ from ..losses import (
     disjoint_object_loss,
     gradual_threshold,
     word_maps,
+    word_matrix,
 )
 from ..models import COMPILE_TOLERANCE, StableDiffusion, gradient_error
 from ..prompts import MarkedPrompt
@@ -140,8 +141,12 @@ class TokenLosses:
     ):
         self.model = model
         self.prompt = prompt
+        # the prompt's layout as tensors (inputs of a compiled step, not constants: another prompt with
+        # as many words and tokens reuses its graph)
         self.token_ids = torch.tensor([prompt.token_ids], device=model.device)
-        self.words = [word.positions for word in prompt.words]
+        self.positions = torch.tensor(prompt.positions, device=model.device)
+        self.words = word_matrix([word.positions for word in prompt.words], model.max_tokens, model.device)
+        self.end_position = torch.tensor(prompt.end_position, device=model.device)
         self.background = background.to(model.device)
         self.config = config
         self.active = [k for k in config.losses if k == "bg" or len(self.words) > 1]  # K=1: L_bg only
@@ -178,7 +183,7 @@ class TokenLosses:
 
     def stacked_losses(self, z: torch.Tensor, timestep: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """One forward: text encoder with the vectors, UNet to the last layer read, the losses."""
-        states = self.model.encode_tokens(self.token_ids, vectors.to(self.model.dtype), self.prompt.positions)
+        states = self.model.encode_tokens(self.token_ids, vectors.to(self.model.dtype), self.positions)
         try:
             self.model.predict(z, timestep, states)
         except ForwardStopped:
@@ -192,8 +197,7 @@ class TokenLosses:
     def losses_of(self, maps: torch.Tensor) -> dict[str, torch.Tensor]:
         a = word_maps(maps, self.words)  # (K, res, res)
         compute = {
-            "at": lambda: attention_balancing_loss(maps, self.words, self.prompt.end_position,
-                                                   self.config.balancing_span),
+            "at": lambda: attention_balancing_loss(maps, self.words, self.end_position, self.config.balancing_span),
             "dj": lambda: disjoint_object_loss(a),
             "bg": lambda: background_leakage_loss(a, self.background),
         }
