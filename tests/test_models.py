@@ -5,7 +5,7 @@ import torch
 
 from dpl_edit import ModelLoadError, PromptError, StableDiffusion
 from dpl_edit.attention import AttentionStore, attention_hook, attention_layers, select_layers
-from dpl_edit.models import fingerprints_match
+from dpl_edit.models import RECOMPILE_LIMIT, fingerprints_match
 from dpl_edit.random_models import tiny_model
 
 
@@ -110,3 +110,12 @@ def test_a_unet_that_does_not_compile_stays_eager(monkeypatch, caplog):
         assert model.compile() is model
     assert model.compiled is None and model.hooked_forward is None and model.unet._compiled_call_impl is None
     assert "runs eager from now on" in caplog.text
+
+
+def test_compile_leaves_room_for_every_hooked_graph(monkeypatch):
+    """Plain, gradient and hooked forwards (recordings, edits) are all graphs of the UNet's forward:
+    dynamo's default cap of 8 per code object would send a batch's later variants eager."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(StableDiffusion, "compiled_gradient_error", lambda self: 0.0)
+    model = tiny_model(seed=0).compile()
+    assert model.compiled == "default" and torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT

@@ -33,6 +33,7 @@ COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 # Largest relative error of the compiled UNet's gradient against eager that compile() accepts: about
 # 100x what reordered reductions give (fp32: 1.4e-6 measured on the tiny model; bf16/fp16 eps 8e-3 / 1e-3).
 COMPILE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float64: 1e-8}
+RECOMPILE_LIMIT = 32  # graphs of the UNet's forward a compiled model may hold (dynamo's default: 8)
 SETTINGS_FILE = "dpl_edit.json"  # optional: the method settings a model recommends, e.g. its map sizes
 
 
@@ -237,6 +238,11 @@ class StableDiffusion:
         calls that carry a gradient run eager and a warning says so; where the UNet does not compile at
         all, the model stays eager (with a warning). Returns self."""
         mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
+        # Every graph of the UNet's forward (plain, with a gradient, under each hook set-up: recorded
+        # inversions, DPL's recorded forward, each kind of edit) is an entry of one code object's
+        # cache, which dynamo caps at 8 before running that code eager: room for a batch's variety.
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
         self.unet.compile(mode=mode, dynamic=False)
         self.hooked_forward = torch.compile(self.unet.forward, mode=mode, dynamic=False)
         self.compiled = mode
