@@ -193,9 +193,8 @@ class StableDiffusion:
         """Text-encoder hidden states (B, 77, D) for token ids (B, 77).
 
         ``vectors`` (K, D_in) replace the input token embeddings at ``positions`` (K ints, or a
-        tensor of them) before
-        the whole encoder runs, so later tokens see them through causal attention (DPL's dynamic
-        tokens, REFERENCE section 5). Gradients flow to ``vectors`` only.
+        tensor of them) before the whole encoder runs, so later tokens see them through causal
+        attention (DPL's dynamic tokens, REFERENCE section 5). Gradients flow to ``vectors`` only.
         """
         if vectors is None:
             return self.text_encoder(token_ids).last_hidden_state
@@ -249,7 +248,7 @@ class StableDiffusion:
         try:
             error = self.compiled_gradient_error()
         except Exception as err:  # noqa: BLE001 - the UNet does not compile here: eager is always right
-            self.uncompile(f"{type(err).__name__}: {err}")
+            self.uncompile(err)
             return self
         self.compiled_backward = error <= COMPILE_TOLERANCE[self.dtype]
         if not self.compiled_backward:
@@ -295,16 +294,16 @@ class StableDiffusion:
         except ForwardStopped:
             raise
         except Exception as err:  # noqa: BLE001 - a compiler or CUDA-graph failure: eager is always right
-            self.uncompile(f"{type(err).__name__}: {err}")
+            self.uncompile(err)
             return self.unet(latents, timestep, encoder_hidden_states=text_states).sample
 
-    def uncompile(self, reason: str) -> None:
-        """Back to eager UNet forwards (after a compiled call failed; ``reason`` is logged). Dynamo
+    def uncompile(self, failure: Exception) -> None:
+        """Back to eager UNet forwards after a compiled call raised ``failure`` (logged). Dynamo
         applies what a traced forward does to Python objects (the maps an attention store keeps, a
         controller's state) only after its graph has run, and the hooked forwards are one graph, so
         the eager call that replaces a failed one finds them as they were."""
         logger.warning("torch.compile failed on a UNet forward (%s); this model runs eager from now on.",
-                       reason.splitlines()[0] if reason else "no message")
+                       compile_failure(failure))
         self.unet._compiled_call_impl = None  # what nn.Module.compile set
         self.compiled, self.compiled_backward, self.hooked_forward = None, False, None
 
@@ -353,6 +352,12 @@ def _quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(levels[0])
         transformers_logging.set_verbosity(levels[1])
         transformers_logging.enable_progress_bar()
+
+
+def compile_failure(err: Exception) -> str:
+    """A compiler or CUDA-graph exception in one line, for the warnings of the eager fallbacks."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def gradient_error(

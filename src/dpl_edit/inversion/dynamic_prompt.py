@@ -36,7 +36,7 @@ from ..losses import (
     word_maps,
     word_matrix,
 )
-from ..models import COMPILE_TOLERANCE, StableDiffusion, gradient_error
+from ..models import COMPILE_TOLERANCE, StableDiffusion, compile_failure, gradient_error
 from ..prompts import MarkedPrompt
 from .null_text import NullTextConfig, optimize_null
 
@@ -175,8 +175,8 @@ class TokenLosses:
                 torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
             return self.compiled_step(z, timestep, vectors)
         except Exception as err:  # noqa: BLE001 - a compiler or CUDA-graph failure: the eager step is always right
-            logger.warning("torch.compile failed on DPL's token step (%s: %s); it runs eager from now on.",
-                           type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            logger.warning("torch.compile failed on DPL's token step (%s); it runs eager from now on.",
+                           compile_failure(err))
             self.compiled_step = None
             self.store.discard_step()  # whatever the failed call recorded
             return self.stacked_losses(z, timestep, vectors)
