@@ -183,7 +183,7 @@ class TokenLosses:
 
     def stacked_losses(self, z: torch.Tensor, timestep: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """One forward: text encoder with the vectors, UNet to the last layer read, the losses."""
-        states = self.model.encode_tokens(self.token_ids, vectors.to(self.model.dtype), self.positions)
+        states = self.text_states(vectors)
         try:
             self.model.predict(z, timestep, states)
         except ForwardStopped:
@@ -193,6 +193,10 @@ class TokenLosses:
         self.store.discard_step()
         losses = self.losses_of(maps)
         return torch.stack([losses[k] for k in self.active])
+
+    def text_states(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The prompt's text-encoder states with the dynamic tokens' vectors (K, D_in) substituted."""
+        return self.model.encode_tokens(self.token_ids, vectors.to(self.model.dtype), self.positions)
 
     def losses_of(self, maps: torch.Tensor) -> dict[str, torch.Tensor]:
         a = word_maps(maps, self.words)  # (K, res, res)
@@ -297,9 +301,8 @@ def dynamic_prompt_inversion(
     """
     if null not in NULL_STRATEGIES:
         raise ValueError(f"null must be one of {NULL_STRATEGIES}, got {null!r}")
-    token_ids = torch.tensor([prompt.token_ids], device=model.device)
-    vectors = model.token_embedding(token_ids[0, prompt.positions]).float()  # (K, D_in)
     losses_at = TokenLosses(model, prompt, layers, background, config)
+    vectors = model.token_embedding(losses_at.token_ids[0, losses_at.positions]).float()  # (K, D_in)
     key = ("cross", config.cross_resolution)
     record = AttentionStore(average_steps=False, history=[key])
     record_hook = AttentionHook(model.unet, layers, record)
@@ -310,7 +313,7 @@ def dynamic_prompt_inversion(
         t = schedule.timesteps[i]
         vectors, losses, iterations = optimize_tokens(losses_at, z, t, i, vectors)
         with torch.no_grad():
-            cond = model.encode_tokens(token_ids, vectors.to(model.dtype), prompt.positions)
+            cond = losses_at.text_states(vectors)
             with record_hook:
                 eps_cond = model.predict(z, t, cond)
             record.end_step()
