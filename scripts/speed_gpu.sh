@@ -18,7 +18,8 @@
 PYTHON=${PYTHON:-python3} MODEL=${MODEL:-sd14} DEVICE=${DEVICE:-cuda} STEPS=${STEPS:-10}
 [[ $PYTHON == */* ]] && PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")  # still found after the cd below
 $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:src HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+# src as an absolute path: the runs start in benchmarks/
+export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 cd benchmarks || exit 1
