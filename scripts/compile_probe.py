@@ -1,0 +1,90 @@
+"""Where a compiled model's time goes, one stage at a time (issue 11's GPU diagnosis).
+
+Prints, as each is measured: model build, compile() (with its gradient check), the compiled UNet's
+forward and forward+backward to the text states through ``StableDiffusion.predict`` (ms per call),
+then a 1-step NTI and a 1-step DPL inversion twice each (the first compiles). Run it with
+``TORCH_LOGS=perf_hints,recompiles,graph_breaks`` to see why CUDA graphs are skipped or a graph
+compiles again. Lines are also appended as JSON to ``--json``.
+
+    TORCH_LOGS=perf_hints,recompiles,graph_breaks python scripts/compile_probe.py --model sd14 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dpl_edit import invert
+from dpl_edit.random_models import sd14_sized_model, tiny_model
+
+PROMPT = "a {cat} and a {dog}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sd14", choices=["sd14", "tiny"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def report(stage: str, seconds: float, calls: int = 1) -> None:
+        line = {"stage": stage, "seconds": round(seconds, 3), "ms per call": round(1000 * seconds / calls, 2)}
+        print(json.dumps(line), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def timed(stage: str, work: Callable[[], object], calls: int = 1) -> None:
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            work()
+        sync()
+        report(stage, time.perf_counter() - start, calls)
+
+    start = time.perf_counter()
+    model = (sd14_sized_model() if args.model == "sd14" else tiny_model()).to(device)
+    report("build", time.perf_counter() - start)
+    timed("compile() and its gradient check", model.compile)
+    print(f"compiled={model.compiled} compiled_backward={model.compiled_backward}", flush=True)
+
+    side = model.latent_size
+    z = torch.randn(1, model.unet.config.in_channels, side, side, device=device)
+    states = model.encode_prompt("")
+    t = torch.tensor(501, device=device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model.predict(z, t, states)
+
+    param = states.detach().clone().requires_grad_(True)
+
+    def forward_backward() -> None:  # as an optimiser step reads it: a fresh gradient each call
+        param.grad = None  # (accumulating into the last call's would read a CUDA graph output it overwrote)
+        (model.predict(z, t, param) ** 2).mean().backward()
+
+    for calls in (3, 20):  # the first 3 record the graphs
+        timed(f"predict, no grad, x{calls}", forward, calls)
+        timed(f"predict + backward to the states, x{calls}", forward_backward, calls)
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (model.image_size, model.image_size, 3),
+                                                              dtype=np.uint8))
+    for method in ("nti", "dpl"):
+        for attempt in ("first", "second"):
+            timed(f"{method} 1 step ({attempt})",
+                  lambda method=method: invert(model, image, PROMPT, method=method, num_steps=1, progress=False))
+
+
+if __name__ == "__main__":
+    main()
