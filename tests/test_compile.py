@@ -204,7 +204,7 @@ def test_compiled_token_step_is_checked(pair, inputs):
             losses_at.values(z, torch.tensor(501), vectors.clone().requires_grad_(True))  # the check
         grads.append(_token_gradient(losses_at, losses_at.values, z, 501, vectors)[1])
     assert losses_at.checked
-    if losses_at.compiled_step is not None:
+    if losses_at.fast_step is not None:
         assert relative(grads[1], grads[0]) <= COMPILE_TOLERANCE[torch.float32]
     else:
         assert torch.equal(grads[1], grads[0])

@@ -114,11 +114,11 @@ def test_a_failing_compiled_token_step_falls_back_to_eager(model, caplog):
             def failing(z, timestep, vectors, store=losses_at.store, layer=losses_at.layers[0]):
                 store(layer, torch.rand(1, 8, 256, 77))  # a map the failed call left behind
                 raise RuntimeError("simulated CUDA-graph replay failure")
-            losses_at.compiled_step, losses_at.checked = failing, True
+            losses_at.fast_step, losses_at.checked = failing, True
         start = model.token_embedding(torch.tensor(marked.token_ids)[marked.positions])
         with caplog.at_level(logging.WARNING, logger="dpl_edit"):
             runs.append(optimize_tokens(losses_at, z, 501, 0, start))
     (expected, expected_values, _), (vectors, values, iterations) = runs
     assert torch.equal(vectors, expected) and values == expected_values and iterations == 3
-    assert losses_at.compiled_step is None
+    assert losses_at.fast_step is None
     assert "token step" in caplog.text and "simulated CUDA-graph replay failure" in caplog.text

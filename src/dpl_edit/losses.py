@@ -51,13 +51,15 @@ def softmax_columns(num_columns: int, end_position: int | torch.Tensor, span: st
     return (columns >= 1) & (columns < (num_columns - 1 if span == "padded" else end_position))
 
 
-def attend_and_excite_kernel(sigma: float = 0.5, size: int = 3) -> torch.Tensor:
+def attend_and_excite_kernel(sigma: float = 0.5, size: int = 3, device: torch.device | str | None = None
+                             ) -> torch.Tensor:
     """Attend-and-Excite's (size x size) smoothing kernel.
 
     Coded there as exp(-((x - mean) / (2 sigma))^2), i.e. a Gaussian of standard deviation
-    sigma * sqrt(2) (about 0.71 for sigma = 0.5), normalised to sum 1.
+    sigma * sqrt(2) (about 0.71 for sigma = 0.5), normalised to sum 1. Made on ``device`` (no copy
+    from the host: none may happen while a CUDA graph is captured).
     """
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    x = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
     g = torch.exp(-((x / (2 * sigma)) ** 2))
     kernel = torch.outer(g, g)
     return (kernel / kernel.sum()).float()
@@ -76,7 +78,7 @@ def attention_balancing_loss(
     inside = softmax_columns(maps.shape[-1], end_position, span, maps.device)
     text = torch.softmax((100 * maps.float()).masked_fill(~inside, -math.inf), dim=-1)  # (res, res, 77)
     shares = word_maps(text, words)[:, None]  # (K, 1, res, res)
-    kernel = attend_and_excite_kernel().to(text.device)[None, None]  # (1, 1, 3, 3)
+    kernel = attend_and_excite_kernel(device=text.device)[None, None]  # (1, 1, 3, 3)
     smoothed = F.conv2d(F.pad(shares, (1, 1, 1, 1), mode="reflect"), kernel)
     return (1 - smoothed.flatten(1).max(dim=1).values).max()
 
@@ -85,7 +87,7 @@ def disjoint_object_loss(word_maps: torch.Tensor) -> torch.Tensor:
     """L_dj: mean over pairs i > j of cos(A^i, A^j) on raw word maps (K, res, res) (DPL Eq. 7)."""
     flat = F.normalize(word_maps.flatten(1).float(), dim=1)  # (K, res*res)
     cosine = flat @ flat.T  # (K, K)
-    i, j = torch.tril_indices(len(flat), len(flat), offset=-1)
+    i, j = torch.tril_indices(len(flat), len(flat), offset=-1, device=flat.device)
     return cosine[i, j].mean()
 
 

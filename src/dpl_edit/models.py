@@ -25,6 +25,7 @@ from transformers.utils import logging as transformers_logging
 
 from .attention.early_exit import ForwardStopped
 from .attention.hook import is_hooked
+from .cuda_graphs import Capture, GraphedFunction, capture_cuda_graph
 from .errors import ModelLoadError, PromptError
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class StableDiffusion:
     compiled: str | None = None  # torch.compile mode of the UNet's forwards (see compile())
     compiled_backward: bool = False  # whether gradient-carrying calls use the compiled UNet too
     hooked_forward: Callable | None = field(default=None, repr=False)  # the compiled forward under attention hooks
+    graphed_unet: GraphedFunction | None = field(default=None, repr=False)  # see use_cuda_graphs()
 
     def __post_init__(self) -> None:
         for module in (self.text_encoder, self.unet, self.vae):
@@ -276,8 +278,13 @@ class StableDiffusion:
         tensor: a compiled caller passes a tensor so that a new timestep is not a recompilation)."""
         timestep = t if isinstance(t, torch.Tensor) else torch.tensor(t, device=latents.device)
         latents = latents.to(self.dtype)
+        if self.graphed_unet is not None and not is_hooked(self.unet):  # (a hooked forward records: eager)
+            try:
+                return self.graphed_unet(latents, timestep, text_states)
+            except Exception as err:  # noqa: BLE001 - a capture or replay failure: eager is always right
+                self.drop_cuda_graphs(err)
         if self.compiled is None:
-            return self.unet(latents, timestep, encoder_hidden_states=text_states).sample
+            return self.unet_sample(latents, timestep, text_states)
         needs_grad = torch.is_grad_enabled() and (latents.requires_grad or text_states.requires_grad)
         hooked = is_hooked(self.unet)
         if torch.compiler.is_compiling() or (needs_grad and (hooked or not self.compiled_backward)):
@@ -296,6 +303,46 @@ class StableDiffusion:
         except Exception as err:  # noqa: BLE001 - a compiler or CUDA-graph failure: eager is always right
             self.uncompile(err)
             return self.unet(latents, timestep, encoder_hidden_states=text_states).sample
+
+    def unet_sample(self, latents: torch.Tensor, timestep: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
+        """The eager UNet's output (what :meth:`use_cuda_graphs` captures)."""
+        return self.unet(latents, timestep, encoder_hidden_states=text_states).sample
+
+    def use_cuda_graphs(self, capture: Capture = capture_cuda_graph) -> StableDiffusion:
+        """Replay the UNet's unhooked forwards (DDIM steps, the null-text step with its backward,
+        unedited sampling) and DPL's token step (see ``TokenLosses``) as CUDA graphs of the eager
+        kernels (:mod:`dpl_edit.cuda_graphs`): no compiler, a few eager calls to capture each input
+        signature. Forwards under other attention hooks (recorded inversions, Prompt-to-Prompt
+        edits) stay eager. The graphed gradient is checked once against eager, and a capture or replay
+        that fails leaves the model eager, with a warning. ``capture`` is how a function is captured
+        (the tests pass a stand-in on the CPU). Call it after moving the model. Returns self."""
+        if capture is capture_cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; this model is on {self.device.type}")
+        if self.compiled is not None:
+            raise ValueError("this model is compiled (its CUDA graphs are torch.compile's); use one or the other")
+        self.graphed_unet = GraphedFunction(self.unet_sample, capture)
+        g = torch.Generator().manual_seed(0)
+        side = self.latent_size
+        latents = torch.randn(1, self.unet.config.in_channels, side, side, generator=g).to(self.device, self.dtype)
+        timestep = torch.tensor(501, device=self.device)
+
+        def loss(call: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda param: (call(latents, timestep, param).float() ** 2).mean()
+
+        try:
+            error = gradient_error(loss(self.unet_sample), loss(self.graphed_unet), self.encode_prompt(""), False)
+        except Exception as err:  # noqa: BLE001 - the UNet does not capture here: eager is always right
+            self.drop_cuda_graphs(err)
+            return self
+        if not error <= COMPILE_TOLERANCE[self.dtype]:
+            self.drop_cuda_graphs(ValueError(f"the graphed gradient differs from eager's by {error:.2g}"))
+        return self
+
+    def drop_cuda_graphs(self, failure: Exception) -> None:
+        """Back to eager UNet forwards after a CUDA-graph capture or replay failed (logged)."""
+        logger.warning("CUDA graphs failed on a UNet forward (%s); this model runs eager from now on.",
+                       compile_failure(failure))
+        self.graphed_unet = None
 
     def uncompile(self, failure: Exception) -> None:
         """Back to eager UNet forwards after a compiled call raised ``failure`` (logged). Dynamo

@@ -25,6 +25,7 @@ from ..attention import (
     StopAfter,
     last_layer,
 )
+from ..cuda_graphs import GraphedFunction
 from ..diffusion import DDIMSchedule, denoise_step, guided_noise
 from ..errors import SettingError
 from ..losses import (
@@ -127,8 +128,10 @@ class TokenLosses:
     On a compiled model (:meth:`StableDiffusion.compile`) the whole token step is compiled as one
     graph: the text encoder with the vectors, the hooked UNet forward up to the last layer the
     losses read (the early exit is an exception dynamo traces, not a graph break), the losses, and
-    so the backward to the vectors. Its gradient is checked once against eager, and the step runs
-    eager (with a warning) where the two disagree or compilation fails.
+    so the backward to the vectors. On a model with CUDA graphs (:meth:`StableDiffusion.use_cuda_graphs`)
+    the same step is captured as CUDA graphs of its eager kernels (the maps the hook records stay
+    inside the step). Either fast step's gradient is checked once against eager, and the step runs
+    eager (with a warning) where the two disagree or compilation or capture fails.
     """
 
     def __init__(
@@ -154,10 +157,16 @@ class TokenLosses:
         self.observer = StopAfter(self.store, last_layer(layers)) if config.early_exit else self.store
         self.layers = list(layers)
         self.hook = AttentionHook(model.unet, self.layers, self.observer)
-        self.compiled_step = None  # the compiled stacked_losses, while it is trusted
+        # the compiled or graphed stacked_losses, while it is trusted (checked against eager at the first call)
+        self.fast_step: Callable | None = None
+        self.fast_kind = ""  # what made it, for the warnings
         self.checked = False
-        if model.compiled is not None:  # checked against eager at the first call
-            self.compiled_step = torch.compile(self.stacked_losses, mode=model.compiled, dynamic=False)
+        if model.compiled is not None:
+            self.fast_step = torch.compile(self.stacked_losses, mode=model.compiled, dynamic=False)
+            self.fast_kind = "torch.compile"
+        elif model.graphed_unet is not None:
+            self.fast_step = GraphedFunction(self.stacked_losses, model.graphed_unet.capture)
+            self.fast_kind = "CUDA graphs"
 
     def __call__(self, z: torch.Tensor, t: int, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
         """Active losses (scalars with gradients to ``vectors``) at latent z, timestep t."""
@@ -166,18 +175,18 @@ class TokenLosses:
 
     def values(self, z: torch.Tensor, timestep: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """The active losses stacked (in ``self.active``'s order); inside ``with self.hook``."""
-        if self.compiled_step is not None and not self.checked:
-            self._check_compiled(z, timestep, vectors)
-        if self.compiled_step is None:
+        if self.fast_step is not None and not self.checked:
+            self._check_fast_step(z, timestep, vectors)
+        if self.fast_step is None:
             return self.stacked_losses(z, timestep, vectors)
         try:
             if self.model.compiled == "reduce-overhead":
                 torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
-            return self.compiled_step(z, timestep, vectors)
+            return self.fast_step(z, timestep, vectors)
         except Exception as err:  # noqa: BLE001 - a compiler or CUDA-graph failure: the eager step is always right
-            logger.warning("torch.compile failed on DPL's token step (%s); it runs eager from now on.",
-                           compile_failure(err))
-            self.compiled_step = None
+            logger.warning("%s failed on DPL's token step (%s); it runs eager from now on.",
+                           self.fast_kind, compile_failure(err))
+            self.fast_step = None
             self.store.discard_step()  # whatever the failed call recorded
             return self.stacked_losses(z, timestep, vectors)
 
@@ -212,21 +221,24 @@ class TokenLosses:
         weights = self.config.weights
         return sum(weights[k] * losses[j] for j, k in enumerate(self.active))
 
-    def _check_compiled(self, z: torch.Tensor, timestep: torch.Tensor, vectors: torch.Tensor) -> None:
-        """Compare the compiled step's gradient with eager's once; fall back to eager if they differ."""
+    def _check_fast_step(self, z: torch.Tensor, timestep: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Compare the fast step's gradient with eager's once; fall back to eager if they differ."""
         self.checked = True
         try:
             error = gradient_error(lambda param: self.weighted(self.stacked_losses(z, timestep, param)),
-                                   lambda param: self.weighted(self.compiled_step(z, timestep, param)),
+                                   lambda param: self.weighted(self.fast_step(z, timestep, param)),
                                    vectors, self.model.compiled == "reduce-overhead")
-        except Exception as err:  # noqa: BLE001 - any compiler failure: the eager step is always right
-            logger.warning("torch.compile could not compile DPL's token step (%s); it runs eager.", err)
-            self.compiled_step = None
+        except Exception as err:  # noqa: BLE001 - any compiler or capture failure: the eager step is always right
+            self.store.discard_step()  # whatever the failed call recorded
+            logger.warning("%s could not make DPL's token step (%s); it runs eager.", self.fast_kind,
+                           compile_failure(err))
+            self.fast_step = None
             return
         if not error <= COMPILE_TOLERANCE[self.model.dtype]:
-            logger.warning("torch.compile's backward of DPL's token step disagrees with eager here (relative error "
-                           "%.2g > %.0e): the token step runs eager.", error, COMPILE_TOLERANCE[self.model.dtype])
-            self.compiled_step = None
+            logger.warning("%s's backward of DPL's token step disagrees with eager here (relative error "
+                           "%.2g > %.0e): the token step runs eager.", self.fast_kind, error,
+                           COMPILE_TOLERANCE[self.model.dtype])
+            self.fast_step = None
 
 
 def capped_steps(log: Sequence[dict], max_iterations: int) -> int:

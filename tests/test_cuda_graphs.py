@@ -1,0 +1,192 @@
+"""CUDA graphs without a compiler (``StableDiffusion.use_cuda_graphs``), checked on the CPU.
+
+A CUDA graph cannot run here, so these tests take the two properties of a capture that our code
+must live with and check them on the real code path: a replay writes its outputs and its input
+gradients into the same fixed buffers every time (``fixed_memory`` below does that on the CPU), and
+nothing may be copied from the host or read back while a graph is captured (checked by running the
+captured functions on the meta device, where any host tensor that enters shows)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from dpl_edit import invert
+from dpl_edit.attention import attention_layers, select_layers
+from dpl_edit.cuda_graphs import GraphedFunction
+from dpl_edit.images import to_pil
+from dpl_edit.inversion import DynamicPromptConfig
+from dpl_edit.inversion.dynamic_prompt import TokenLosses
+from dpl_edit.prompts import parse_marked_prompt
+from dpl_edit.random_models import tiny_model
+
+
+def fixed_memory(function, samples):
+    """``torch.cuda.make_graphed_callables``' memory behaviour on the CPU: the inputs are copied into
+    ``samples``; the output and the input gradients come back as views of buffers that the next
+    call overwrites."""
+    buffers = {}
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            with torch.no_grad():
+                for sample, x in zip(samples, inputs, strict=True):
+                    sample.copy_(x)
+            with torch.enable_grad():
+                live = [s.detach().requires_grad_(s.requires_grad) for s in samples]
+                out = function(*live)
+            ctx.live, ctx.out = live, out
+            buffers.setdefault("out", torch.empty_like(out)).copy_(out.detach())
+            return buffers["out"].detach()
+
+        @staticmethod
+        def backward(ctx, grad):
+            wanted = [s for s in ctx.live if s.requires_grad]
+            grads = iter(torch.autograd.grad(ctx.out, wanted, grad, allow_unused=True))
+            result = []
+            for i, s in enumerate(ctx.live):
+                g = next(grads) if s.requires_grad else None
+                if g is not None:
+                    g = buffers.setdefault(i, torch.empty_like(g)).copy_(g).detach()
+                result.append(g)
+            return tuple(result)
+
+    return lambda *args: Replay.apply(*args)
+
+
+def counting(captures):
+    def capture(function, samples):
+        captures.append(samples)
+        return fixed_memory(function, samples)
+    return capture
+
+
+def test_one_capture_per_signature_on_copies_of_the_inputs():
+    captures = []
+    graphed = GraphedFunction(lambda x, w: (x * w).sum(dim=-1), counting(captures))
+    x, w = torch.randn(2, 3), torch.randn(3, requires_grad=True)
+    graphed(x, w)
+    graphed(torch.randn(2, 3), w)  # same signature
+    assert len(captures) == 1 and all(s is not x and s is not w for s in captures[0])
+    graphed(torch.randn(4, 3), w)  # another shape
+    with torch.no_grad():
+        graphed(x, w)  # grad mode
+    graphed(x, w.detach())  # which inputs want a gradient
+    assert len(captures) == 4
+
+
+def test_outputs_and_gradients_outlive_the_next_replay():
+    """What an optimiser keeps (the last output, the gradient it accumulated) is not overwritten
+    by the next call, though the capture hands out the same buffers each time."""
+    graphed = GraphedFunction(lambda x, w: x * w, fixed_memory)
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    first = graphed(torch.tensor([3.0, 4.0]), w)
+    first.sum().backward()
+    second = graphed(torch.tensor([5.0, 6.0]), w)
+    second.sum().backward()  # accumulates into w.grad
+    assert first.tolist() == [3.0, 8.0] and second.tolist() == [5.0, 12.0]
+    assert w.grad.tolist() == [8.0, 10.0]
+
+
+@pytest.fixture(scope="module")
+def graphed_model():
+    return tiny_model(seed=0).use_cuda_graphs(capture=fixed_memory)
+
+
+@pytest.mark.parametrize("method", ["nti", "dpl"])
+def test_inversions_with_graphs_equal_eager(model, graphed_model, image, method, caplog):
+    """The same arithmetic replayed: NTI's null states and DPL's token vectors are bit-equal, and
+    the graphed paths were taken (the UNet's no-grad and null-step captures, DPL's token step)."""
+    runs = []
+    with caplog.at_level(logging.WARNING, logger="dpl_edit"):
+        for m in (model, graphed_model):
+            runs.append(invert(m, to_pil(image), "a {cat} and a {dog}", method=method, num_steps=2,
+                               dpl=DynamicPromptConfig(max_iterations=3), progress=False))
+    assert "CUDA graphs" not in caplog.text
+    eager, graphed = runs
+    assert torch.equal(graphed.null_states, eager.null_states)
+    assert torch.equal(graphed.latent_T, eager.latent_T)
+    if method == "dpl":
+        assert torch.equal(graphed.token_vectors, eager.token_vectors)
+    signatures = graphed_model.graphed_unet.captures
+    assert {key[0] for key in signatures} == {False, True}  # no-grad forwards and the null step's
+
+
+def test_token_step_is_graphed_and_checked(graphed_model):
+    marked = parse_marked_prompt("a {cat} and a {dog}", graphed_model.tokenizer)
+    layers = select_layers(attention_layers(graphed_model.unet), kinds=["cross"], resolutions=[16])
+    losses_at = TokenLosses(graphed_model, marked, layers, torch.ones(16, 16), DynamicPromptConfig())
+    vectors = graphed_model.token_embedding(losses_at.token_ids[0, losses_at.positions]).requires_grad_(True)
+    with losses_at.hook:
+        for _ in range(2):
+            losses_at.values(torch.randn(1, 4, 32, 32), torch.tensor(501), vectors)
+    assert losses_at.checked and losses_at.fast_kind == "CUDA graphs"
+    assert len(losses_at.fast_step.captures) == 1
+    with pytest.raises(KeyError):  # the maps each call recorded stayed inside it
+        losses_at.store.step_maps("cross", 16)
+
+
+def test_a_failing_capture_leaves_the_model_eager(model, image, caplog):
+    def broken(function, samples):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with caplog.at_level(logging.WARNING, logger="dpl_edit"):
+        broken_model = tiny_model(seed=0).use_cuda_graphs(capture=broken)
+    assert broken_model.graphed_unet is None
+    assert "CUDA graphs failed" in caplog.text and "operation not permitted" in caplog.text
+    runs = [invert(m, to_pil(image), "a cat", num_steps=2, progress=False) for m in (model, broken_model)]
+    assert torch.equal(runs[1].null_states, runs[0].null_states)
+
+
+def test_cuda_graphs_need_cuda_and_no_compiler(model):
+    with pytest.raises(ValueError, match="need a CUDA device; this model is on cpu"):
+        tiny_model(seed=0).use_cuda_graphs()
+    compiled = tiny_model(seed=0)
+    compiled.compiled = "default"  # what compile() sets
+    with pytest.raises(ValueError, match="compiled"):
+        compiled.use_cuda_graphs(capture=fixed_memory)
+
+
+class HostTensors(TorchDispatchMode):
+    """Records the ops on meta tensors that also take a host tensor (not a 0-d scalar): on CUDA each
+    is a copy from the host, which a CUDA graph capture refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "meta" for t in tensors) and any(t.device.type == "cpu" and t.dim() for t in tensors):
+            self.ops.append(str(func))
+        return out
+
+
+def test_the_graphed_functions_take_nothing_from_the_host():
+    """The UNet's forward + backward and DPL's whole token step (text encoder, hooked UNet to its
+    early exit, the three losses, the backward) run on the meta device with no host tensor (and
+    no ``.item()``, which meta tensors refuse). Without this, the Attend-and-Excite kernel and
+    L_dj's pair indices, made on the CPU, made the token step's capture fail on a GPU."""
+    model = tiny_model(seed=0)
+    marked = parse_marked_prompt("a {cat} and a {dog}", model.tokenizer)
+    model.unet.to("meta")
+    model.text_encoder.to("meta")
+    z = torch.randn(1, 4, 32, 32, device="meta")
+    timestep = torch.tensor(501, device="meta")
+    states = torch.randn(1, 77, model.text_encoder.config.hidden_size, device="meta", requires_grad=True)
+    with HostTensors() as unet:
+        (model.unet_sample(z, timestep, states) ** 2).mean().backward()
+    layers = select_layers(attention_layers(model.unet), kinds=["cross"], resolutions=[16])
+    losses_at = TokenLosses(model, marked, layers, torch.ones(16, 16, device="meta"), DynamicPromptConfig())
+    vectors = torch.randn(2, model.text_encoder.config.hidden_size, device="meta", requires_grad=True)
+    with losses_at.hook, HostTensors() as token_step:
+        losses_at.weighted(losses_at.stacked_losses(z, timestep, vectors)).backward()
+    assert unet.ops == [] and token_step.ops == []
+    assert vectors.grad is not None
