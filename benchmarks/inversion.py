@@ -11,11 +11,13 @@ Rows (50 steps, guidance 7.5, one image):
 
 The worst case is when no loss meets its threshold: random weights (`--model sd14`, `tiny`) and
 test scene 0 on `scenes` run every step to the iteration cap. Before each row a 2-step run of the
-same work warms up (with `--compile` it compiles: its time is the cold cost). Peak GPU memory is
+same work warms up (with `--compile` it compiles, with `--cuda-graphs` it captures: its time is the
+cold cost). Peak GPU memory is
 torch.cuda.max_memory_allocated per row; reconstruction PSNR is meaningful on the scene models only.
 
     python benchmarks/inversion.py                                        # scene model, CPU
-    python benchmarks/inversion.py --model sd14 --device cuda --compile   # SD-1.4 size, CUDA graphs
+    python benchmarks/inversion.py --model sd14 --device cuda --cuda-graphs   # SD-1.4 size, captured eager kernels
+    python benchmarks/inversion.py --model sd14 --device cuda --compile       # torch.compile's CUDA graphs
     python benchmarks/inversion.py --model sd14 --device cuda --dtype bfloat16
 """
 
@@ -101,6 +103,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--compile", action="store_true", help="ours with the compiled UNet")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="ours with CUDA graphs of the eager kernels (StableDiffusion.use_cuda_graphs; CUDA only)")
     parser.add_argument("--skip-authors", action="store_true", help="leave out the authors' row (the slowest)")
     parser.add_argument("--steps", type=int, default=50,
                         help="time a schedule of this many steps and scale to 50 (exact in the worst case, where "
@@ -111,6 +115,8 @@ def main() -> None:
     model = load(args.model, args.device, dtype)
     if args.compile:
         model.compile()
+    if args.cuda_graphs:
+        model.use_cuda_graphs()
     image, prompt, target = subject(model, args.model)
     dpl = model_dpl_config(model)
 
@@ -127,7 +133,8 @@ def main() -> None:
         inversions[method, null] = work.inversion
         return row
 
-    title = (f"model {args.model}, {args.dtype}{', compiled' if args.compile else ''}, {machine(model.device)}, "
+    how = ", compiled" if args.compile else ", CUDA graphs" if args.cuda_graphs else ""
+    title = (f"model {args.model}, {args.dtype}{how}, {machine(model.device)}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads; seconds for 50 steps"
              + (f" (measured on {args.steps} and scaled)" if args.steps != 50 else ""))
     rows = {}
@@ -164,7 +171,8 @@ def main() -> None:
     keep("P2P edit (source + 1 target)", edit_row)
 
     if not args.skip_authors:
-        authors = model if (dtype == torch.float32 and not args.compile) else load(args.model, args.device, torch.float32)
+        plain = dtype == torch.float32 and not (args.compile or args.cuda_graphs)
+        authors = model if plain else load(args.model, args.device, torch.float32)
         authors_dpl = model_dpl_config(authors, early_exit=False)
 
         def authors_work(steps):

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Issue 11's GPU table in one device call (at most 9.5 minutes on an H100/H200): SD-1.4-sized random
+# Issue 11's GPU table in one device call (at most 7 minutes on an H100/H200): SD-1.4-sized random
 # weights, worst case (no loss meets its threshold), each run beside the authors' DPL schedule in the
 # same process. Carry .whl (diffusers and what it needs; see ../shared/GPU.md). The JSON files and
 # the log come back under $OUT.
 #
 #   python benchmarks/inversion.py rows: NTI, DPL, DPL + direct inversion, a P2P edit, authors' DPL
-#   1. compiled fp32 (CUDA graphs: the UNet, the hooked forwards, DPL's token step; the warm-up
-#      column is the cold compilation) with the authors' row last, in the same process
-#   2. eager fp32   3. compiled bf16
+#   1. CUDA graphs fp32 (use_cuda_graphs: captured eager kernels; the warm-up column holds the
+#      captures) with the authors' row last, in the same process
+#   2. eager fp32   3. CUDA graphs bf16
 #   Each times a 10-step schedule scaled to 50 (exact in the worst case, where every step runs the
 #   same iterations); each row is saved as soon as it is measured, in case time runs out.
 #   A batch item costs one inversion and one edit: images per hour follow from the rows.
+#   torch.compile's CUDA graphs are left out: on the H200 each new graph took 45-90 s of inductor
+#   compilation and DPL's graphs outran a 6-minute run (scripts/compile_probe.py times them).
 #
 # Usage: bash scripts/speed_gpu.sh
-# Dry run on the CPU machine (same rows, tiny model, one step):
+# Dry run on the CPU machine (same rows, tiny model, one step; eager, since CUDA graphs need CUDA):
 #   PYTHON=.venv/bin/python MODEL=tiny DEVICE=cpu STEPS=1 OUT=/tmp/dry bash scripts/speed_gpu.sh
 PYTHON=${PYTHON:-python3} MODEL=${MODEL:-sd14} DEVICE=${DEVICE:-cuda} STEPS=${STEPS:-10}
 [[ $PYTHON == */* ]] && PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")  # still found after the cd below
@@ -28,9 +30,11 @@ run() {  # name, seconds, arguments...
     shift 2
     echo "== $name"
     timeout "$limit" "$PYTHON" inversion.py --model "$MODEL" --device "$DEVICE" --steps "$STEPS" --json "$OUT/$name.json" "$@" 2>&1 \
-        | tee "$OUT/$name.log" | grep -v -i "warn" | tail -16
+        | tee "$OUT/$name.log" | tail -20
 }
-run compiled-fp32 360 --compile
+graphs=--cuda-graphs
+[[ $DEVICE == cuda* ]] || graphs=
+run graphs-fp32 200 $graphs
 run eager-fp32 120 --skip-authors
-run compiled-bf16 90 --compile --dtype bfloat16 --skip-authors
+run graphs-bf16 90 $graphs --dtype bfloat16 --skip-authors
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1

@@ -83,3 +83,13 @@ def test_compile_flag_compiles_the_loaded_model(photo, tmp_path, monkeypatch):
     assert main(["invert", str(photo), "--prompt", "a red wall", "--method", "direct", "--out", str(tmp_path / "c"),
                  "--model", "tiny", "--steps", "2", "--quiet", "--compile"]) == 0
     assert len(compiled) == 1  # (the compiled path itself: tests/test_compile.py)
+
+
+def test_cuda_graphs_flag_needs_cuda(photo, tmp_path, capsys):
+    """On this CPU the flag is refused with what to do, before any work (the path itself:
+    tests/test_cuda_graphs.py)."""
+    assert main(["invert", str(photo), "--prompt", "a red wall", "--out", str(tmp_path / "g"),
+                 "--model", "tiny", "--device", "cpu", "--steps", "2", "--quiet", "--cuda-graphs"]) != 0
+    err = capsys.readouterr().err
+    assert "--cuda-graphs needs a CUDA device" in err and "Traceback" not in err
+    assert not (tmp_path / "g").exists()

@@ -68,6 +68,7 @@ class StableDiffusion:
     compiled_backward: bool = False  # whether gradient-carrying calls use the compiled UNet too
     hooked_forward: Callable | None = field(default=None, repr=False)  # the compiled forward under attention hooks
     graphed_unet: GraphedFunction | None = field(default=None, repr=False)  # see use_cuda_graphs()
+    _timesteps: dict = field(default_factory=dict, repr=False)  # (t, device) -> 0-d tensor, see timestep()
 
     def __post_init__(self) -> None:
         for module in (self.text_encoder, self.unet, self.vae):
@@ -276,7 +277,7 @@ class StableDiffusion:
     def predict(self, latents: torch.Tensor, t: int | torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
         """The UNet's raw output for scaled latents (B, C, h, w) at timestep t (an int, or a 0-d
         tensor: a compiled caller passes a tensor so that a new timestep is not a recompilation)."""
-        timestep = t if isinstance(t, torch.Tensor) else torch.tensor(t, device=latents.device)
+        timestep = t if isinstance(t, torch.Tensor) else self.timestep(t, latents.device)
         latents = latents.to(self.dtype)
         if self.graphed_unet is not None and not is_hooked(self.unet):  # (a hooked forward records: eager)
             try:
@@ -303,6 +304,14 @@ class StableDiffusion:
         except Exception as err:  # noqa: BLE001 - a compiler or CUDA-graph failure: eager is always right
             self.uncompile(err)
             return self.unet(latents, timestep, encoder_hidden_states=text_states).sample
+
+    def timestep(self, t: int, device: torch.device) -> torch.Tensor:
+        """Timestep t as a 0-d tensor on ``device``, made once: on CUDA each copy from the host waits
+        for the GPU to finish its queue, which an inner loop must not do at every call."""
+        key = (t, device)
+        if key not in self._timesteps:
+            self._timesteps[key] = torch.tensor(t, device=device)
+        return self._timesteps[key]
 
     def unet_sample(self, latents: torch.Tensor, timestep: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
         """The eager UNet's output (what :meth:`use_cuda_graphs` captures)."""

@@ -29,6 +29,9 @@ def add_model_options(p: argparse.ArgumentParser, required_default: str | None) 
     p.add_argument("--compile", action="store_true",
                    help="compile the inner loops with torch.compile (UNet, hooked forwards, DPL's token step; CUDA "
                    "graphs on CUDA; minutes of compiling on a CPU, where it does not pay: see README, Benchmarks)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA only: replay the UNet's plain forwards, the null-text step and DPL's token step as CUDA "
+                   "graphs of their eager kernels (no compiler; a few eager calls to capture each)")
     p.add_argument("--seed", type=int, default=None, help="seed for torch's random generator")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
 
@@ -51,10 +54,14 @@ def pick_device(name: str) -> torch.device:
 
 def load(args: argparse.Namespace, name: str) -> StableDiffusion:
     device = pick_device(args.device)
+    if args.cuda_graphs and (args.compile or device.type != "cuda"):
+        raise DplEditError("--cuda-graphs needs a CUDA device and no --compile (torch.compile makes its own CUDA "
+                           f"graphs); here the device is {device}{' and --compile was given' if args.compile else ''}")
     if not args.quiet:
-        print(f"Loading model {name} on {device} ({args.dtype}{', compiling its UNet' if args.compile else ''})",
-              file=sys.stderr)
-    return load_model(name, device=device, dtype=DTYPES[args.dtype], compile=args.compile)
+        how = ", compiling its UNet" if args.compile else ", with CUDA graphs" if args.cuda_graphs else ""
+        print(f"Loading model {name} on {device} ({args.dtype}{how})", file=sys.stderr)
+    return load_model(name, device=device, dtype=DTYPES[args.dtype], compile=args.compile,
+                      cuda_graphs=args.cuda_graphs)
 
 
 def pairs(items: list[str], option: str, convert=float) -> dict:

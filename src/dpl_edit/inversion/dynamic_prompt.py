@@ -171,7 +171,7 @@ class TokenLosses:
     def __call__(self, z: torch.Tensor, t: int, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
         """Active losses (scalars with gradients to ``vectors``) at latent z, timestep t."""
         with self.hook:
-            return dict(zip(self.active, self.values(z, torch.tensor(t, device=self.model.device), vectors)))
+            return dict(zip(self.active, self.values(z, self.model.timestep(t, self.model.device), vectors)))
 
     def values(self, z: torch.Tensor, timestep: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """The active losses stacked (in ``self.active``'s order); inside ``with self.hook``."""
@@ -272,7 +272,7 @@ def optimize_tokens(
     param = vectors.detach().float().clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([param], lr=config.learning_rate, weight_decay=config.weight_decay)
     thresholds = config.thresholds(step)
-    timestep = torch.tensor(t, device=losses_at.model.device)
+    timestep = losses_at.model.timestep(t, losses_at.model.device)
     values: dict[str, float] = {}
     with losses_at.hook:  # installed once per timestep
         for iteration in range(config.max_iterations):
