@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Issue 11's GPU table in one device call (at most 7 minutes on an H100/H200): SD-1.4-sized random
+# Issue 11's GPU table in one device call (at most 9 minutes on an H100/H200): SD-1.4-sized random
 # weights, worst case (no loss meets its threshold), each run beside the authors' DPL schedule in the
 # same process. Carry .whl (diffusers and what it needs; see ../shared/GPU.md). The JSON files and
-# the log come back under $OUT.
+# the logs come back under $OUT (8 files: the device tool's limit).
 #
-#   python benchmarks/inversion.py rows: NTI, DPL, DPL + direct inversion, a P2P edit, authors' DPL
+#   First the CUDA-graph tests on the GPU (tests/test_cuda_graphs.py -k real) and the graphed UNet's
+#   ms per call (scripts/speed_probe.py), then benchmarks/inversion.py's rows (NTI, DPL, DPL + direct
+#   inversion, a P2P edit, authors' DPL):
 #   1. CUDA graphs fp32 (use_cuda_graphs: captured eager kernels; the warm-up column holds the
 #      captures) with the authors' row last, in the same process
 #   2. eager fp32   3. CUDA graphs bf16
@@ -12,7 +14,7 @@
 #   same iterations); each row is saved as soon as it is measured, in case time runs out.
 #   A batch item costs one inversion and one edit: images per hour follow from the rows.
 #   torch.compile's CUDA graphs are left out: on the H200 each new graph took 45-90 s of inductor
-#   compilation and DPL's graphs outran a 6-minute run (scripts/compile_probe.py times them).
+#   compilation and DPL's graphs outran a 6-minute run (scripts/speed_probe.py times them).
 #
 # Usage: bash scripts/speed_gpu.sh
 # Dry run on the CPU machine (same rows, tiny model, one step; eager, since CUDA graphs need CUDA):
@@ -24,6 +26,13 @@ $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+if [[ $DEVICE == cuda* ]]; then  # the CUDA-graph path on the real thing first: its tests, then ms per call
+    echo "== CUDA-graph tests"
+    timeout 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py -k real 2>&1 | tee "$OUT/tests.log" | tail -5
+    echo "== probe"
+    timeout 60 "$PYTHON" scripts/speed_probe.py --model "$MODEL" --device "$DEVICE" --mode cuda-graphs \
+        --json "$OUT/probe.jsonl" 2>&1 | tail -12
+fi
 cd benchmarks || exit 1
 run() {  # name, seconds, arguments...
     local name=$1 limit=$2
@@ -37,4 +46,3 @@ graphs=--cuda-graphs
 run graphs-fp32 200 $graphs
 run eager-fp32 120 --skip-authors
 run graphs-bf16 90 $graphs --dtype bfloat16 --skip-authors
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1

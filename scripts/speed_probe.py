@@ -1,12 +1,14 @@
-"""Where a compiled model's time goes, one stage at a time (issue 11's GPU diagnosis).
+"""Where a compiled or graphed model's time goes, one stage at a time (issue 11's GPU diagnosis).
 
-Prints, as each is measured: model build, compile() (with its gradient check), the compiled UNet's
-forward and forward+backward to the text states through ``StableDiffusion.predict`` (ms per call),
-then a 1-step NTI and a 1-step DPL inversion twice each (the first compiles). Run it with
+Prints, as each is measured: model build, compile() (with its gradient check) or use_cuda_graphs()
+(with its capture and check), the UNet's forward and forward+backward to the text states through
+``StableDiffusion.predict`` (ms per call; the first calls compile or capture), then a 1-step NTI and
+a 1-step DPL inversion twice each. With ``--mode compile`` run it under
 ``TORCH_LOGS=perf_hints,recompiles,graph_breaks`` to see why CUDA graphs are skipped or a graph
 compiles again. Lines are also appended as JSON to ``--json``.
 
-    TORCH_LOGS=perf_hints,recompiles,graph_breaks python scripts/compile_probe.py --model sd14 --device cuda
+    TORCH_LOGS=perf_hints,recompiles,graph_breaks python scripts/speed_probe.py --model sd14 --device cuda
+    python scripts/speed_probe.py --model sd14 --device cuda --mode cuda-graphs
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sd14", choices=["sd14", "tiny"])
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--mode", choices=["compile", "cuda-graphs", "eager"], default="compile")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -56,8 +59,12 @@ def main() -> None:
     start = time.perf_counter()
     model = (sd14_sized_model() if args.model == "sd14" else tiny_model()).to(device)
     report("build", time.perf_counter() - start)
-    timed("compile() and its gradient check", model.compile)
-    print(f"compiled={model.compiled} compiled_backward={model.compiled_backward}", flush=True)
+    if args.mode == "compile":
+        timed("compile() and its gradient check", model.compile)
+        print(f"compiled={model.compiled} compiled_backward={model.compiled_backward}", flush=True)
+    elif args.mode == "cuda-graphs":
+        timed("use_cuda_graphs(), its capture and check", model.use_cuda_graphs)
+        print(f"graphed={model.graphed_unet is not None}", flush=True)
 
     side = model.latent_size
     z = torch.randn(1, model.unet.config.in_channels, side, side, device=device)
