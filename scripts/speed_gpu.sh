@@ -5,7 +5,7 @@
 # the logs come back under $OUT (8 files: the device tool's limit).
 #
 #   First the CUDA-graph tests on the GPU (tests/test_cuda_graphs.py -k real) and the graphed UNet's
-#   ms per call (scripts/speed_probe.py), then benchmarks/inversion.py's rows (NTI, DPL, DPL + direct
+#   ms per call and a profile of one DPL step (scripts/speed_probe.py), then benchmarks/inversion.py's rows (NTI, DPL, DPL + direct
 #   inversion, a P2P edit, authors' DPL):
 #   1. CUDA graphs fp32 (use_cuda_graphs: captured eager kernels; the warm-up column holds the
 #      captures) with the authors' row last, in the same process
@@ -30,8 +30,8 @@ if [[ $DEVICE == cuda* ]]; then  # the CUDA-graph path on the real thing first: 
     echo "== CUDA-graph tests"
     timeout 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py -k real 2>&1 | tee "$OUT/tests.log" | tail -5
     echo "== probe"
-    timeout 60 "$PYTHON" scripts/speed_probe.py --model "$MODEL" --device "$DEVICE" --mode cuda-graphs \
-        --json "$OUT/probe.jsonl" 2>&1 | tail -12
+    timeout 90 "$PYTHON" scripts/speed_probe.py --model "$MODEL" --device "$DEVICE" --mode cuda-graphs --profile \
+        2>&1 | tee "$OUT/probe.log" | grep '^{' 
 fi
 cd benchmarks || exit 1
 run() {  # name, seconds, arguments...
@@ -45,4 +45,4 @@ graphs=--cuda-graphs
 [[ $DEVICE == cuda* ]] || graphs=
 run graphs-fp32 200 $graphs
 run eager-fp32 120 --skip-authors
-run graphs-bf16 90 $graphs --dtype bfloat16 --skip-authors
+run graphs-bf16 80 $graphs --dtype bfloat16 --skip-authors

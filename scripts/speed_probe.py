@@ -5,7 +5,8 @@ Prints, as each is measured: model build, compile() (with its gradient check) or
 ``StableDiffusion.predict`` (ms per call; the first calls compile or capture), then a 1-step NTI and
 a 1-step DPL inversion twice each. With ``--mode compile`` run it under
 ``TORCH_LOGS=perf_hints,recompiles,graph_breaks`` to see why CUDA graphs are skipped or a graph
-compiles again. Lines are also appended as JSON to ``--json``.
+compiles again. Lines are also appended as JSON to ``--json``; ``--profile`` ends with a profile of
+a 1-step DPL inversion (ops by self time: on CUDA, GPU time; the gaps between are launches).
 
     TORCH_LOGS=perf_hints,recompiles,graph_breaks python scripts/speed_probe.py --model sd14 --device cuda
     python scripts/speed_probe.py --model sd14 --device cuda --mode cuda-graphs
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("--model", default="sd14", choices=["sd14", "tiny"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--mode", choices=["compile", "cuda-graphs", "eager"], default="compile")
+    parser.add_argument("--profile", action="store_true",
+                        help="last, profile a 1-step DPL inversion (torch.profiler; ops by self time)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -91,6 +94,15 @@ def main() -> None:
         for attempt in ("first", "second"):
             timed(f"{method} 1 step ({attempt})",
                   lambda method=method: invert(model, image, PROMPT, method=method, num_steps=1, progress=False))
+    if args.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as profile:
+            invert(model, image, PROMPT, method="dpl", num_steps=1, progress=False)
+            sync()
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(profile.key_averages().table(sort_by=key, row_limit=20), flush=True)
 
 
 if __name__ == "__main__":
