@@ -134,7 +134,10 @@ class StableDiffusion:
             (path / SETTINGS_FILE).write_text(json.dumps(self.settings, indent=2))
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
-        """Move the components (in place); returns self."""
+        """Move the components (in place); returns self. CUDA graphs captured before are dropped
+        (the next calls capture again)."""
+        if self.graphed_unet is not None:
+            self.graphed_unet.captures.clear()
         for module in (self.text_encoder, self.unet, self.vae):
             module.to(device)
             if dtype is not None and module.dtype != dtype:
@@ -261,18 +264,26 @@ class StableDiffusion:
         return self
 
     def compiled_gradient_error(self) -> float:
-        """Relative error (L2) of the compiled UNet's gradient with respect to the text states
-        against eager's, at a seeded random latent and the states of ""."""
+        """:meth:`unet_gradient_error` of the compiled UNet."""
+        return self.unet_gradient_error(lambda latents, timestep, states: self.unet(
+            latents, timestep, encoder_hidden_states=states).sample, self.compiled == "reduce-overhead")
+
+    def unet_gradient_error(self, fast: Callable, cuda_graph_trees: bool = False) -> float:
+        """Relative error (L2) of the gradient with respect to the text states of ``fast`` (a
+        compiled or graphed UNet call: latents, timestep, states -> output) against the eager UNet's,
+        at a seeded random latent and the states of ""."""
         g = torch.Generator().manual_seed(0)
         side = self.latent_size
         latents = torch.randn(1, self.unet.config.in_channels, side, side, generator=g).to(self.device, self.dtype)
-        states = self.encode_prompt("")
         timestep = torch.tensor(501, device=self.device)
 
         def loss(call: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
-            return lambda param: (call(latents, timestep, encoder_hidden_states=param).sample.float() ** 2).mean()
+            return lambda param: (call(latents, timestep, param).float() ** 2).mean()
 
-        return gradient_error(loss(self.unet.forward), loss(self.unet), states, self.compiled == "reduce-overhead")
+        def eager(latents: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+            return self.unet.forward(latents, timestep, encoder_hidden_states=states).sample
+
+        return gradient_error(loss(eager), loss(fast), self.encode_prompt(""), cuda_graph_trees)
 
     def predict(self, latents: torch.Tensor, t: int | torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
         """The UNet's raw output for scaled latents (B, C, h, w) at timestep t (an int, or a 0-d
@@ -330,16 +341,8 @@ class StableDiffusion:
         if self.compiled is not None:
             raise ValueError("this model is compiled (its CUDA graphs are torch.compile's); use one or the other")
         self.graphed_unet = GraphedFunction(self.unet_sample, capture)
-        g = torch.Generator().manual_seed(0)
-        side = self.latent_size
-        latents = torch.randn(1, self.unet.config.in_channels, side, side, generator=g).to(self.device, self.dtype)
-        timestep = torch.tensor(501, device=self.device)
-
-        def loss(call: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
-            return lambda param: (call(latents, timestep, param).float() ** 2).mean()
-
         try:
-            error = gradient_error(loss(self.unet_sample), loss(self.graphed_unet), self.encode_prompt(""), False)
+            error = self.unet_gradient_error(self.graphed_unet)
         except Exception as err:  # noqa: BLE001 - the UNet does not capture here: eager is always right
             self.drop_cuda_graphs(err)
             return self
