@@ -1,10 +1,12 @@
 """CUDA graphs without a compiler (``StableDiffusion.use_cuda_graphs``), checked on the CPU.
 
-A CUDA graph cannot run here, so these tests take the two properties of a capture that our code
-must live with and check them on the real code path: a replay writes its outputs and its input
-gradients into the same fixed buffers every time (``fixed_memory`` below does that on the CPU), and
-nothing may be copied from the host or read back while a graph is captured (checked by running the
-captured functions on the meta device, where any host tensor that enters shows)."""
+A CUDA graph cannot run here, so these tests take the three properties of a capture that our code
+must live with and check them on the real code path: a replay runs the captured kernels, not the
+Python that launched them (``traced_once`` below traces the function once with ``make_fx`` and
+replays the trace, forward and backward); it writes its outputs and its input gradients into the
+same fixed buffers every time (``fixed_memory``); and nothing may be copied from the host or read
+back while a graph is captured (checked by running the captured functions on the meta device,
+where any host tensor that enters shows)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import logging
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -59,6 +62,47 @@ def fixed_memory(function, samples):
     return lambda *args: Replay.apply(*args)
 
 
+def traced_once(function, samples):
+    """The function's Python run once, at capture: its forward and its backward (a
+    vector-Jacobian product for the inputs that want a gradient) traced to aten ops with
+    ``make_fx`` and replayed. What the Python did per call (a counter, a value read into an int, a
+    tensor made afresh) is frozen at its captured value, as in a CUDA graph."""
+    wants = [s.requires_grad for s in samples]
+    forward = make_fx(lambda *args: function(*args), tracing_mode="real")(*samples)  # (bound methods too)
+
+    def vjp(*args):
+        *inputs, grad = args
+        inputs = [x.detach().requires_grad_(w) for x, w in zip(inputs, wants, strict=True)]
+        with torch.enable_grad():
+            out = function(*inputs)
+        return torch.autograd.grad(out, [x for x, w in zip(inputs, wants, strict=True) if w], grad,
+                                   allow_unused=True)
+
+    backward = None
+    if any(wants):
+        with torch.enable_grad():
+            shape = function(*samples)
+        backward = make_fx(vjp, tracing_mode="real")(*samples, torch.ones_like(shape))
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            ctx.save_for_backward(*inputs)
+            return forward(*inputs)
+
+        @staticmethod
+        def backward(ctx, grad):
+            grads = iter(backward(*ctx.saved_tensors, grad))
+            return tuple(next(grads) if w else None for w in wants)
+
+    return lambda *args: Replay.apply(*args)
+
+
+def captured(function, samples):
+    """Both: Python run once, fixed buffers."""
+    return fixed_memory(traced_once(function, samples), samples)
+
+
 def counting(captures):
     def capture(function, samples):
         captures.append(samples)
@@ -95,13 +139,14 @@ def test_outputs_and_gradients_outlive_the_next_replay():
 
 @pytest.fixture(scope="module")
 def graphed_model():
-    return tiny_model(seed=0).use_cuda_graphs(capture=fixed_memory)
+    return tiny_model(seed=0).use_cuda_graphs(capture=captured)
 
 
 @pytest.mark.parametrize("method", ["nti", "dpl"])
 def test_inversions_with_graphs_equal_eager(model, graphed_model, image, method, caplog):
     """The same arithmetic replayed: NTI's null states and DPL's token vectors are bit-equal, and
-    the graphed paths were taken (the UNet's no-grad and null-step captures, DPL's token step)."""
+    the graphed paths were taken (the UNet's no-grad and null-step captures, DPL's token step), each
+    traced once and replayed at every timestep."""
     runs = []
     with caplog.at_level(logging.WARNING, logger="dpl_edit"):
         for m in (model, graphed_model):
