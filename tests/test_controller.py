@@ -70,7 +70,7 @@ def test_local_blend_and_stored_maps_equal_prompt_to_prompt(direct):
     branches = 3
     g = torch.Generator().manual_seed(0)
     trajectory = torch.randn(STEPS + 1, 4, 64, 64, generator=g) if direct else None
-    controller = PromptToPrompt(plan, 16, 16, (0.3, 0.3), trajectory)
+    controller = PromptToPrompt(plan, 16, 16, (0.3, 0.3), trajectory, map_layers=CROSS)
     alpha, subtract = _word_alpha(plan.blend_positions), _word_alpha(plan.subtract_positions)
     assert plan.blend_positions == [[3, 9], [3, 9], [3, 9]] and plan.subtract_positions == [[7]] * 3 and plan.blend_start == 10
     stored = [torch.zeros(branches, HEADS, 256, 77) for _ in CROSS]  # P2P's attention_store (sums over steps)
@@ -114,7 +114,7 @@ def test_self_attention_is_injected_only_at_16x16_and_below_inside_its_window():
 
 def test_word_windows_replace_only_their_columns_inside_their_steps():
     plan = _plan(EditConfig(cross_replace_steps=0.8, word_cross_replace_steps={"sand": 0.2}))
-    controller = PromptToPrompt(plan, 16, 16)
+    controller = PromptToPrompt(plan, 16, 16, map_layers=CROSS)
     g = torch.Generator().manual_seed(2)
     for i in range(STEPS):
         probs = _probs(g, 3, 256, 77)

@@ -18,9 +18,12 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from dpl_edit import invert
-from dpl_edit.attention import attention_layers, select_layers
+from dpl_edit import edit, invert
+from dpl_edit.attention import attention_hook, attention_layers, select_layers
 from dpl_edit.cuda_graphs import GraphedFunction
+from dpl_edit.editing import EditConfig
+from dpl_edit.editing.controller import PromptToPrompt
+from dpl_edit.editing.plan import make_plan
 from dpl_edit.images import to_pil
 from dpl_edit.inversion import DynamicPromptConfig
 from dpl_edit.inversion.dynamic_prompt import TokenLosses
@@ -106,7 +109,7 @@ def captured(function, samples):
 def counting(captures):
     def capture(function, samples):
         captures.append(samples)
-        return fixed_memory(function, samples)
+        return captured(function, samples)
     return capture
 
 
@@ -162,6 +165,25 @@ def test_inversions_with_graphs_equal_eager(model, graphed_model, image, method,
     assert {key[0] for key in signatures} == {False, True}  # no-grad forwards and the null step's
 
 
+@pytest.mark.parametrize("config", [EditConfig(mode="replace", blend=("cat",), self_replace_steps=0.5),
+                                    EditConfig(mode="refine", reweight={"tiger": 2.0}, word_cross_replace_steps={"tiger": 0.4})])
+def test_edits_with_graphs_equal_eager(model, image, config):
+    """A Prompt-to-Prompt edit replays its forwards under the controller (window, self-attention
+    switch and recorded maps live in tensors it updates in place): the same latents, maps and
+    local-blend masks as eager, bit for bit, with one capture for all its steps."""
+    inversion = invert(model, to_pil(image), "a {cat} and a {dog}", num_steps=3, progress=False)
+    captures = []
+    graphed_model = tiny_model(seed=0).use_cuda_graphs(capture=counting(captures))
+    target = "a cat and a tiger" if config.mode == "replace" else "a cat and a big tiger"
+    eager, graphed = (edit(m, inversion, [target], config, progress=False) for m in (model, graphed_model))
+    assert torch.equal(graphed.latents, eager.latents) and torch.equal(graphed.maps, eager.maps)
+    assert (graphed.blend_masks is None) == (eager.blend_masks is None)
+    if eager.blend_masks is not None:
+        assert torch.equal(graphed.blend_masks, eager.blend_masks)
+    edit_captures = [samples for samples in captures if samples[0].shape[0] == 4]  # source + target, twice
+    assert len(edit_captures) == 1
+
+
 def test_token_step_is_graphed_and_checked(graphed_model):
     marked = parse_marked_prompt("a {cat} and a {dog}", graphed_model.tokenizer)
     layers = select_layers(attention_layers(graphed_model.unet), kinds=["cross"], resolutions=[16])
@@ -215,9 +237,9 @@ class HostTensors(TorchDispatchMode):
 
 
 def test_the_graphed_functions_take_nothing_from_the_host():
-    """The UNet's forward + backward and DPL's whole token step (text encoder, hooked UNet to its
-    early exit, the three losses, the backward) run on the meta device with no host tensor (and
-    no ``.item()``, which meta tensors refuse). Without this, the Attend-and-Excite kernel and
+    """The UNet's forward + backward, DPL's whole token step (text encoder, hooked UNet to its
+    early exit, the three losses, the backward) and a forward under a Prompt-to-Prompt controller
+    run on the meta device with no host tensor (and no ``.item()``, which meta tensors refuse). Without this, the Attend-and-Excite kernel and
     L_dj's pair indices, made on the CPU, made the token step's capture fail on a GPU."""
     model = tiny_model(seed=0)
     marked = parse_marked_prompt("a {cat} and a {dog}", model.tokenizer)
@@ -233,7 +255,13 @@ def test_the_graphed_functions_take_nothing_from_the_host():
     vectors = torch.randn(2, model.text_encoder.config.hidden_size, device="meta", requires_grad=True)
     with losses_at.hook, HostTensors() as token_step:
         losses_at.weighted(losses_at.stacked_losses(z, timestep, vectors)).backward()
-    assert unet.ops == [] and token_step.ops == []
+    target = parse_marked_prompt("a cat and a tiger", model.tokenizer, require_words=False)
+    plan = make_plan(marked, [target], [2, 5], EditConfig(blend=("cat",)), 3, model.tokenizer)
+    hooked = [layer for layer in attention_layers(model.unet) if layer.kind == "cross" or layer.resolution <= 16]
+    controller = PromptToPrompt(plan, 16, 16, device="meta", map_layers=hooked)
+    with attention_hook(model.unet, hooked, controller), HostTensors() as edit_step, torch.no_grad():
+        model.unet_sample(z.expand(4, -1, -1, -1), timestep, states.expand(4, -1, -1))
+    assert unet.ops == [] and token_step.ops == [] and edit_step.ops == []
     assert vectors.grad is not None
 
 

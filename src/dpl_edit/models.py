@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from .attention.early_exit import ForwardStopped
-from .attention.hook import is_hooked
+from .attention.hook import AttentionHook, active_hook, is_hooked
 from .cuda_graphs import Capture, GraphedFunction, capture_cuda_graph
 from .errors import ModelLoadError, PromptError
 
@@ -68,6 +69,8 @@ class StableDiffusion:
     compiled_backward: bool = False  # whether gradient-carrying calls use the compiled UNet too
     hooked_forward: Callable | None = field(default=None, repr=False)  # the compiled forward under attention hooks
     graphed_unet: GraphedFunction | None = field(default=None, repr=False)  # see use_cuda_graphs()
+    # the UNet graphed under each open hook whose observer replays in graphs (a P2P edit's)
+    graphed_hooks: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _timesteps: dict = field(default_factory=dict, repr=False)  # (t, device) -> 0-d tensor, see timestep()
 
     def __post_init__(self) -> None:
@@ -138,6 +141,7 @@ class StableDiffusion:
         (the next calls capture again)."""
         if self.graphed_unet is not None:
             self.graphed_unet.captures.clear()
+            self.graphed_hooks.clear()
         for module in (self.text_encoder, self.unet, self.vae):
             module.to(device)
             if dtype is not None and module.dtype != dtype:
@@ -290,9 +294,10 @@ class StableDiffusion:
         tensor: a compiled caller passes a tensor so that a new timestep is not a recompilation)."""
         timestep = t if isinstance(t, torch.Tensor) else self.timestep(t, latents.device)
         latents = latents.to(self.dtype)
-        if self.graphed_unet is not None and not is_hooked(self.unet):  # (a hooked forward records: eager)
+        graphed = None if self.graphed_unet is None else self.graphed(active_hook(self.unet))
+        if graphed is not None:
             try:
-                return self.graphed_unet(latents, timestep, text_states)
+                return graphed(latents, timestep, text_states)
             except Exception as err:  # noqa: BLE001 - a capture or replay failure: eager is always right
                 self.drop_cuda_graphs(err)
         if self.compiled is None:
@@ -316,6 +321,19 @@ class StableDiffusion:
             self.uncompile(err)
             return self.unet(latents, timestep, encoder_hidden_states=text_states).sample
 
+    def graphed(self, hook: AttentionHook | None) -> GraphedFunction | None:
+        """The graphed UNet to use under ``hook`` (None: no hook open), or None for eager: a hook
+        whose observer records or edits in Python at each call (an attention store, DPL's early
+        exit) needs the eager forward; a Prompt-to-Prompt controller keeps its state in tensors
+        and declares ``replays_in_graphs``, and gets its own captures."""
+        if hook is None:
+            return self.graphed_unet
+        if not getattr(hook.observer, "replays_in_graphs", False):
+            return None
+        if hook not in self.graphed_hooks:
+            self.graphed_hooks[hook] = GraphedFunction(self.unet_sample, self.graphed_unet.capture)
+        return self.graphed_hooks[hook]
+
     def timestep(self, t: int, device: torch.device) -> torch.Tensor:
         """Timestep t as a 0-d tensor on ``device``, made once: on CUDA each copy from the host waits
         for the GPU to finish its queue, which an inner loop must not do at every call."""
@@ -330,10 +348,10 @@ class StableDiffusion:
 
     def use_cuda_graphs(self, capture: Capture = capture_cuda_graph) -> StableDiffusion:
         """Replay the UNet's unhooked forwards (DDIM steps, the null-text step with its backward,
-        unedited sampling) and DPL's token step (see ``TokenLosses``) as CUDA graphs of the eager
-        kernels (:mod:`dpl_edit.cuda_graphs`): no compiler, a few eager calls to capture each input
-        signature. Forwards under other attention hooks (recorded inversions, Prompt-to-Prompt
-        edits) stay eager. The graphed gradient is checked once against eager, and a capture or replay
+        unedited sampling), its forwards under a Prompt-to-Prompt controller (an edit's sampling) and
+        DPL's token step (see ``TokenLosses``) as CUDA graphs of the eager kernels
+        (:mod:`dpl_edit.cuda_graphs`): no compiler, a few eager calls to capture each input
+        signature. Forwards under an attention store (recorded inversions) stay eager. The graphed gradient is checked once against eager, and a capture or replay
         that fails leaves the model eager, with a warning. ``capture`` is how a function is captured
         (the tests pass a stand-in on the CPU). Call it after moving the model. Returns self."""
         if capture is capture_cuda_graph and self.device.type != "cuda":
@@ -355,6 +373,7 @@ class StableDiffusion:
         logger.warning("CUDA graphs failed on a UNet forward (%s); this model runs eager from now on.",
                        compile_failure(failure))
         self.graphed_unet = None
+        self.graphed_hooks.clear()
 
     def uncompile(self, failure: Exception) -> None:
         """Back to eager UNet forwards after a compiled call raised ``failure`` (logged). Dynamo

@@ -16,7 +16,12 @@ _HOOKED = "_dpl_edit_attention_hook"
 
 def is_hooked(unet: UNet2DConditionModel) -> bool:
     """Whether an ``attention_hook`` block is open on this UNet."""
-    return getattr(unet, _HOOKED, False)
+    return active_hook(unet) is not None
+
+
+def active_hook(unet: UNet2DConditionModel) -> AttentionHook | None:
+    """The hook whose ``with`` block is open on this UNet, if any."""
+    return getattr(unet, _HOOKED, None)
 
 
 class AttentionHookError(RuntimeError):
@@ -37,6 +42,7 @@ class AttentionHook:
 
     def __init__(self, unet: UNet2DConditionModel, layers: Iterable[AttentionLayer], observer: AttentionObserver):
         self.unet = unet
+        self.observer = observer
         self.modules = {}
         self.processors = {}
         for layer in layers:
@@ -62,14 +68,14 @@ class AttentionHook:
         self.original = {name: module.processor for name, module in self.modules.items()}
         for name, module in self.modules.items():
             module.set_processor(self.processors[name])
-        setattr(self.unet, _HOOKED, True)
+        setattr(self.unet, _HOOKED, self)
         return self
 
     def __exit__(self, *exc_info) -> None:
         for name, module in self.modules.items():
             module.set_processor(self.original[name])
         self.original = {}
-        setattr(self.unet, _HOOKED, False)
+        setattr(self.unet, _HOOKED, None)
 
 
 def attention_hook(

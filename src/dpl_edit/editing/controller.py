@@ -8,22 +8,32 @@ edited, as Prompt-to-Prompt stores them (it edits the stored tensor in place), s
 cross-replace window a target's map of a swapped word is the source word's.
 
 What changes from step to step (the replacement window, whether self-attention is injected) is
-held in tensors that ``step_end`` updates, so a compiled UNet forward traces the controller once
-for all steps, and nothing it reads depends on the number of steps, so edits of any length share
-that graph.
+held in tensors that ``step_end`` updates in place, so a compiled UNet forward traces the
+controller once for all steps, and nothing it reads depends on the number of steps, so edits of
+any length share that graph. The maps of a step are written in place into one slot per layer, so a
+CUDA graph of the forward (``StableDiffusion.use_cuda_graphs``), which replays the kernels and not
+the Python, edits and records every step as the eager forward does (``replays_in_graphs``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from ..attention import AttentionLayer
+from ..attention import AttentionLayer, execution_order
 from .attention_edits import blend_mask, edit_cross_attention, inject_self_attention, local_blend
 from .plan import EditPlan
 
 
 class PromptToPrompt:
-    """Edits attention per :class:`EditPlan`; ``step_end`` closes each sampling step."""
+    """Edits attention per :class:`EditPlan`; ``step_end`` closes each sampling step.
+
+    ``map_layers``: the hooked layers (those that are not cross-attention at ``map_resolution`` are
+    ignored); their conditional maps are kept for local blending and views.
+    """
+
+    replays_in_graphs = True  # a CUDA graph of a forward it watches is right at every step (see above)
 
     def __init__(
         self,
@@ -33,6 +43,9 @@ class PromptToPrompt:
         blend_thresholds: tuple[float, float] = (0.3, 0.3),
         source_trajectory: torch.Tensor | None = None,
         device: torch.device | str = "cpu",
+        *,
+        map_layers: Sequence[AttentionLayer] = (),
+        dtype: torch.dtype = torch.float32,
     ):
         self.plan = plan
         self.branches = 1 + len(plan.targets)
@@ -46,15 +59,22 @@ class PromptToPrompt:
         # other lengths or self_replace_steps would each compile again
         self.injects_self = plan.self_steps > 0
         self.step = 0
-        self._step_maps: list[torch.Tensor] = []
+        # this step's conditional maps (B, Q, 77), one slot per map layer in the order the forward runs them
+        recorded = sorted((layer for layer in map_layers if layer.kind == "cross" and layer.resolution == map_resolution),
+                          key=execution_order)
+        self._slot = {layer.name: k for k, layer in enumerate(recorded)}
+        self._step_maps = torch.zeros(len(recorded), self.branches, map_resolution**2, self.windows.shape[-1],
+                                      device=device, dtype=dtype)
         self.maps: torch.Tensor | None = None  # (B, res, res, 77) conditional maps summed over steps
         self.blend_masks: torch.Tensor | None = None
+        self.window = self.windows[0].clone()  # this step's replacement window (n, 77)
+        self.inject_self = torch.zeros((), dtype=torch.bool, device=device)  # this step's self-attention switch
         self._begin_step()
 
     def _begin_step(self) -> None:
-        """This step's replacement window (n, 77) and self-attention switch (0-d bool), as tensors."""
-        self.window = self.windows[min(self.step, len(self.windows) - 1)].clone()
-        self.inject_self = torch.tensor(self.step < self.plan.self_steps, device=self.windows.device)
+        """Set this step's window and switch, in place (a CUDA graph reads them where they are)."""
+        self.window.copy_(self.windows[min(self.step, len(self.windows) - 1)])
+        self.inject_self.fill_(self.step < self.plan.self_steps)
 
     @property
     def cond_rows(self) -> slice:
@@ -62,9 +82,9 @@ class PromptToPrompt:
 
     def __call__(self, layer: AttentionLayer, probs: torch.Tensor) -> torch.Tensor | None:
         edited = self._edit(layer, probs)
-        if layer.kind == "cross" and layer.resolution == self.map_resolution:
+        if layer.name in self._slot:
             stored = probs if edited is None else edited
-            self._step_maps.append(stored[self.cond_rows].mean(dim=1).detach())
+            self._step_maps[self._slot[layer.name]].copy_(stored[self.cond_rows].mean(dim=1).detach())
         return edited
 
     def _edit(self, layer: AttentionLayer, probs: torch.Tensor) -> torch.Tensor | None:
@@ -86,12 +106,11 @@ class PromptToPrompt:
     def step_end(self, i: int, latents: torch.Tensor) -> torch.Tensor:
         """After sampling step i: accumulate maps, keep the source on its pivot (direct inversion),
         then local-blend from ``plan.blend_start`` on (PnP-Inversion's order)."""
-        if self._step_maps:
-            maps = torch.stack(self._step_maps).mean(dim=0)  # (B, Q, 77)
+        if len(self._step_maps):
+            maps = self._step_maps.mean(dim=0)  # (B, Q, 77)
             res = self.map_resolution
             maps = maps.view(self.branches, res, res, -1)
             self.maps = maps if self.maps is None else self.maps + maps
-            self._step_maps.clear()
         if self.source_trajectory is not None:
             latents = latents.clone()
             latents[0] = self.source_trajectory[i + 1].to(latents)

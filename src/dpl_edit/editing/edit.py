@@ -59,11 +59,11 @@ def edit(
     prompts = [parse_marked_prompt(t, model.tokenizer, require_words=False) for t in targets]
     plan = make_plan(source, prompts, inversion.token_positions, config, inversion.num_steps, model.tokenizer)
     resolution = inversion.settings.get("cross_resolution", 16)
-    controller = PromptToPrompt(plan, resolution, config.self_max_resolution,
-                                (config.blend_threshold, config.subtract_threshold), _trajectory(model, inversion),
-                                model.device)
     layers = [layer for layer in attention_layers(model.unet)
               if layer.kind == "cross" or layer.resolution <= config.self_max_resolution]
+    controller = PromptToPrompt(plan, resolution, config.self_max_resolution,
+                                (config.blend_threshold, config.subtract_threshold), _trajectory(model, inversion),
+                                model.device, map_layers=layers, dtype=model.dtype)
     with attention_hook(model.unet, layers, controller):
         latents = _sample_branches(model, inversion, plan, controller.step_end, progress)
     images = [to_pil(model.decode_latents(latents[b : b + 1])) for b in range(latents.shape[0])]
