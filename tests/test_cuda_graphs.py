@@ -217,6 +217,8 @@ def test_cuda_graphs_need_cuda_and_no_compiler(model):
     compiled.compiled = "default"  # what compile() sets
     with pytest.raises(ValueError, match="compiled"):
         compiled.use_cuda_graphs(capture=fixed_memory)
+    with pytest.raises(ValueError, match="one or the other"):
+        tiny_model(seed=0).use_cuda_graphs(capture=fixed_memory).compile()
 
 
 class HostTensors(TorchDispatchMode):

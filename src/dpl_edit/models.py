@@ -246,6 +246,8 @@ class StableDiffusion:
         (torch 2.13's inductor on CPU drops the gradient through UpBlock2D's skip connections),
         calls that carry a gradient run eager and a warning says so; where the UNet does not compile at
         all, the model stays eager (with a warning). Returns self."""
+        if self.graphed_unet is not None:
+            raise ValueError("this model replays CUDA graphs (use_cuda_graphs); use one or the other")
         mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
         # Every graph of the UNet's forward (plain, with a gradient, under each hook set-up: recorded
         # inversions, DPL's recorded forward, each kind of edit) is an entry of one code object's
