@@ -106,7 +106,7 @@ class PromptToPrompt:
     def step_end(self, i: int, latents: torch.Tensor) -> torch.Tensor:
         """After sampling step i: accumulate maps, keep the source on its pivot (direct inversion),
         then local-blend from ``plan.blend_start`` on (PnP-Inversion's order)."""
-        if len(self._step_maps):
+        if self._slot:
             maps = self._step_maps.mean(dim=0)  # (B, Q, 77)
             res = self.map_resolution
             maps = maps.view(self.branches, res, res, -1)
