@@ -3,7 +3,7 @@
 Prints, as each is measured: model build, compile() (with its gradient check) or use_cuda_graphs()
 (with its capture and check), the UNet's forward and forward+backward to the text states through
 ``StableDiffusion.predict`` (ms per call; the first calls compile or capture), then a 1-step NTI and
-a 1-step DPL inversion twice each. With ``--mode compile`` run it under
+a 1-step DPL inversion twice each, and a 10-step P2P edit twice. With ``--mode compile`` run it under
 ``TORCH_LOGS=perf_hints,recompiles,graph_breaks`` to see why CUDA graphs are skipped or a graph
 compiles again. Lines are also appended as JSON to ``--json``; ``--profile`` ends with a profile of
 a 1-step DPL inversion (ops by self time: on CUDA, GPU time; the gaps between are launches).
@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dpl_edit import invert
+from dpl_edit import edit, invert
+from dpl_edit.editing import EditConfig
 from dpl_edit.random_models import sd14_sized_model, tiny_model
 
-PROMPT = "a {cat} and a {dog}"
+PROMPT, TARGET = "a {cat} and a {dog}", "a cat and a big tiger"
 
 
 def main() -> None:
@@ -94,6 +95,10 @@ def main() -> None:
         for attempt in ("first", "second"):
             timed(f"{method} 1 step ({attempt})",
                   lambda method=method: invert(model, image, PROMPT, method=method, num_steps=1, progress=False))
+    inversion = invert(model, image, PROMPT, method="nti", num_steps=10, progress=False)
+    for attempt in ("first", "second"):  # each edit captures its own graph
+        timed(f"P2P edit, 10 steps ({attempt})",
+              lambda: edit(model, inversion, [TARGET], EditConfig(mode="refine"), progress=False))
     if args.profile:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
