@@ -102,9 +102,10 @@ def main() -> None:
     parser.add_argument("--model", default="scenes", help="scenes, scenes-plain, tiny, sd14 (random, SD-1.4 size) or a folder")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--compile", action="store_true", help="ours with the compiled UNet")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="ours with CUDA graphs of the eager kernels (StableDiffusion.use_cuda_graphs; CUDA only)")
+    fast = parser.add_mutually_exclusive_group()
+    fast.add_argument("--compile", action="store_true", help="ours with the compiled UNet")
+    fast.add_argument("--cuda-graphs", action="store_true",
+                      help="ours with CUDA graphs of the eager kernels (StableDiffusion.use_cuda_graphs; CUDA only)")
     parser.add_argument("--skip-authors", action="store_true", help="leave out the authors' row (the slowest)")
     parser.add_argument("--steps", type=int, default=50,
                         help="time a schedule of this many steps and scale to 50 (exact in the worst case, where "
