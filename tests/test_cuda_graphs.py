@@ -47,8 +47,10 @@ def fixed_memory(function, samples):
                 live = [s.detach().requires_grad_(s.requires_grad) for s in samples]
                 out = function(*live)
             ctx.live, ctx.out = live, out
-            buffers.setdefault("out", torch.empty_like(out)).copy_(out.detach())
-            return buffers["out"].detach()
+            outs = out if isinstance(out, tuple) else (out,)
+            fixed = tuple(buffers.setdefault(("out", k), torch.empty_like(o)).copy_(o.detach()).detach()
+                          for k, o in enumerate(outs))
+            return fixed if isinstance(out, tuple) else fixed[0]
 
         @staticmethod
         def backward(ctx, grad):
@@ -108,7 +110,7 @@ def captured(function, samples):
 
 def counting(captures):
     def capture(function, samples):
-        captures.append(samples)
+        captures.append((function, samples))
         return captured(function, samples)
     return capture
 
@@ -119,12 +121,12 @@ def test_one_capture_per_signature_on_copies_of_the_inputs():
     x, w = torch.randn(2, 3), torch.randn(3, requires_grad=True)
     graphed(x, w)
     graphed(torch.randn(2, 3), w)  # same signature
-    assert len(captures) == 1 and all(s is not x and s is not w for s in captures[0])
+    assert len(captures) == 1 and all(s is not x and s is not w for s in captures[0][1])
     graphed(torch.randn(4, 3), w)  # another shape
     with torch.no_grad():
         graphed(x, w)  # grad mode
     graphed(x, w.detach())  # which inputs want a gradient
-    assert len(captures) == 4
+    assert len(captures) == 4 and all(function is graphed.function for function, _ in captures)
 
 
 def test_outputs_and_gradients_outlive_the_next_replay():
@@ -140,29 +142,36 @@ def test_outputs_and_gradients_outlive_the_next_replay():
     assert w.grad.tolist() == [8.0, 10.0]
 
 
+CAPTURES = []
+
+
 @pytest.fixture(scope="module")
 def graphed_model():
-    return tiny_model(seed=0).use_cuda_graphs(capture=captured)
+    return tiny_model(seed=0).use_cuda_graphs(capture=counting(CAPTURES))
 
 
 @pytest.mark.parametrize("method", ["nti", "dpl"])
 def test_inversions_with_graphs_equal_eager(model, graphed_model, image, method, caplog):
-    """The same arithmetic replayed: NTI's null states and DPL's token vectors are bit-equal, and
-    the graphed paths were taken (the UNet's no-grad and null-step captures, DPL's token step), each
-    traced once and replayed at every timestep."""
+    """The same arithmetic replayed: every tensor of NTI's and DPL's inversions is bit-equal (null
+    states, token vectors, the recorded maps, DPL's background mask and clusters), and the graphed
+    paths were taken: the UNet's no-grad and null-step captures, the DDIM inversion recorded under
+    an attention store (and DPL's recorded forward), DPL's token step; each traced once and
+    replayed at every timestep."""
     runs = []
+    CAPTURES.clear()
     with caplog.at_level(logging.WARNING, logger="dpl_edit"):
         for m in (model, graphed_model):
             runs.append(invert(m, to_pil(image), "a {cat} and a {dog}", method=method, num_steps=2,
                                dpl=DynamicPromptConfig(max_iterations=3), progress=False))
     assert "CUDA graphs" not in caplog.text
     eager, graphed = runs
-    assert torch.equal(graphed.null_states, eager.null_states)
-    assert torch.equal(graphed.latent_T, eager.latent_T)
-    if method == "dpl":
-        assert torch.equal(graphed.token_vectors, eager.token_vectors)
+    for name in ("latent_T", "null_states", "token_vectors", "cross_maps", "background_mask", "clusters"):
+        a, b = getattr(graphed, name), getattr(eager, name)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
     signatures = graphed_model.graphed_unet.captures
     assert {key[0] for key in signatures} == {False, True}  # no-grad forwards and the null step's
+    recordings = [f for f, _ in CAPTURES if getattr(f, "__name__", "") == "recorded"]
+    assert len(recordings) == (2 if method == "dpl" else 1)  # the recorded DDIM inversion (and DPL's step forward)
 
 
 @pytest.mark.parametrize("config", [EditConfig(mode="replace", blend=("cat",), self_replace_steps=0.5),
@@ -180,7 +189,7 @@ def test_edits_with_graphs_equal_eager(model, image, config):
     assert (graphed.blend_masks is None) == (eager.blend_masks is None)
     if eager.blend_masks is not None:
         assert torch.equal(graphed.blend_masks, eager.blend_masks)
-    edit_captures = [samples for samples in captures if samples[0].shape[0] == 4]  # source + target, twice
+    edit_captures = [samples for _, samples in captures if samples[0].shape[0] == 4]  # source + target, twice
     assert len(edit_captures) == 1
 
 

@@ -10,7 +10,8 @@ captures the eager kernels after three warm-up calls instead, forward and backwa
 :class:`GraphedFunction` wraps a function of tensors: one capture per input signature (shapes,
 dtypes, which inputs require a gradient, grad mode). A graph replays into fixed memory, so its
 outputs are handed out as copies and the gradients it gives its inputs are copied too (an
-optimiser may keep them while the graph replays again).
+optimiser may keep them while the graph replays again). :class:`GraphedRecording` does the same
+for a forward under an attention store, whose maps it hands back to the store after each replay.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from .attention.store import AttentionStore
 
 Capture = Callable[[Callable, tuple[torch.Tensor, ...]], Callable]
 
@@ -59,7 +62,7 @@ class GraphedFunction:
         self.capture = capture
         self.captures: dict[tuple, Callable] = {}
 
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         key = signature(args)
         graphed = self.captures.get(key)
         if graphed is None:
@@ -68,4 +71,35 @@ class GraphedFunction:
             graphed = self.captures[key] = self.capture(self.function, samples)
         args = tuple(CopyGradient.apply(a) if requires_grad else a
                      for a, (*_, requires_grad) in zip(args, key[1:], strict=True))
-        return graphed(*args).clone()
+        out = graphed(*args)
+        return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
+
+
+class GraphedRecording:
+    """A UNet call under an attention store that records maps (in Python, at each call), graphed:
+    the captured function returns the output and the maps the store recorded during the call,
+    taken back out of it; after each replay they are given back to the store, under the keys and
+    in the order the capture recorded them."""
+
+    def __init__(self, call: Callable, store: AttentionStore, capture: Capture = capture_cuda_graph):
+        self.call = call
+        self.store = store
+        self.keys: list[tuple[str, int]] = []
+        self.graphed = GraphedFunction(self.recorded, capture)
+
+    def recorded(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mark = self.store.mark()
+        output = self.call(*args)
+        taken = self.store.take_since(mark)
+        self.keys = [key for key, _ in taken]
+        return (output, *(maps for _, maps in taken))
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        mark = self.store.mark()
+        try:
+            output, *maps = self.graphed(*args)
+        except Exception:
+            self.store.take_since(mark)  # whatever a failed capture left (the eager forward records again)
+            raise
+        self.store.give_back(list(zip(self.keys, maps, strict=True)))
+        return output

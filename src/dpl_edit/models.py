@@ -26,7 +26,8 @@ from transformers.utils import logging as transformers_logging
 
 from .attention.early_exit import ForwardStopped
 from .attention.hook import AttentionHook, active_hook, is_hooked
-from .cuda_graphs import Capture, GraphedFunction, capture_cuda_graph
+from .attention.store import AttentionStore
+from .cuda_graphs import Capture, GraphedFunction, GraphedRecording, capture_cuda_graph
 from .errors import ModelLoadError, PromptError
 
 logger = logging.getLogger(__name__)
@@ -323,17 +324,22 @@ class StableDiffusion:
             self.uncompile(err)
             return self.unet(latents, timestep, encoder_hidden_states=text_states).sample
 
-    def graphed(self, hook: AttentionHook | None) -> GraphedFunction | None:
-        """The graphed UNet to use under ``hook`` (None: no hook open), or None for eager: a hook
-        whose observer records or edits in Python at each call (an attention store, DPL's early
-        exit) needs the eager forward; a Prompt-to-Prompt controller keeps its state in tensors
-        and declares ``replays_in_graphs``, and gets its own captures."""
+    def graphed(self, hook: AttentionHook | None) -> Callable | None:
+        """The graphed UNet to use under ``hook`` (None: no hook open), or None for eager. Each
+        hook gets its own captures: a Prompt-to-Prompt controller keeps its state in tensors and
+        declares ``replays_in_graphs``; an attention store that records detached maps gets them
+        back after each replay (:class:`GraphedRecording`); any other observer (DPL's early exit, a
+        store whose maps carry a gradient) needs the eager forward."""
         if hook is None:
             return self.graphed_unet
-        if not getattr(hook.observer, "replays_in_graphs", False):
-            return None
+        observer, capture = hook.observer, self.graphed_unet.capture
         if hook not in self.graphed_hooks:
-            self.graphed_hooks[hook] = GraphedFunction(self.unet_sample, self.graphed_unet.capture)
+            if getattr(observer, "replays_in_graphs", False):
+                self.graphed_hooks[hook] = GraphedFunction(self.unet_sample, capture)
+            elif isinstance(observer, AttentionStore) and not observer.keep_grad:
+                self.graphed_hooks[hook] = GraphedRecording(self.unet_sample, observer, capture)
+            else:
+                return None
         return self.graphed_hooks[hook]
 
     def timestep(self, t: int, device: torch.device) -> torch.Tensor:
@@ -350,10 +356,10 @@ class StableDiffusion:
 
     def use_cuda_graphs(self, capture: Capture = capture_cuda_graph) -> StableDiffusion:
         """Replay the UNet's unhooked forwards (DDIM steps, the null-text step with its backward,
-        unedited sampling), its forwards under a Prompt-to-Prompt controller (an edit's sampling) and
-        DPL's token step (see ``TokenLosses``) as CUDA graphs of the eager kernels
-        (:mod:`dpl_edit.cuda_graphs`): no compiler, a few eager calls to capture each input
-        signature. Forwards under an attention store (recorded inversions) stay eager. The graphed gradient is checked once against eager, and a capture or replay
+        unedited sampling), its forwards under a Prompt-to-Prompt controller (an edit's sampling) or
+        a recording attention store (recorded inversions) and DPL's token step (see ``TokenLosses``)
+        as CUDA graphs of the eager kernels (:mod:`dpl_edit.cuda_graphs`): no compiler, a few eager
+        calls to capture each input signature (and each hook). The graphed gradient is checked once against eager, and a capture or replay
         that fails leaves the model eager, with a warning. ``capture`` is how a function is captured
         (the tests pass a stand-in on the CPU). Call it after moving the model. Returns self."""
         if capture is capture_cuda_graph and self.device.type != "cuda":

@@ -69,6 +69,24 @@ class AttentionStore:
         self._step.clear()
         self.steps += 1
 
+    def mark(self) -> dict[Key, int]:
+        """Where this step's maps end now (for :meth:`take_since`)."""
+        return {key: len(maps) for key, maps in self._step.items()}
+
+    def take_since(self, mark: dict[Key, int]) -> list[tuple[Key, torch.Tensor]]:
+        """Remove and return the maps recorded since ``mark`` (per key in recording order)."""
+        taken = []
+        for key, maps in self._step.items():
+            start = mark.get(key, 0)
+            taken += [(key, m) for m in maps[start:]]
+            del maps[start:]
+        return taken
+
+    def give_back(self, maps: list[tuple[Key, torch.Tensor]]) -> None:
+        """Add maps as if recorded now, in their order (what :meth:`take_since` returned)."""
+        for key, m in maps:
+            self._step.setdefault(key, []).append(m)
+
     def discard_step(self) -> None:
         """Drop this step's maps without closing a step (a loss's forward, not a step of a run)."""
         self._step.clear()

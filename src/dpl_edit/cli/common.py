@@ -30,9 +30,9 @@ def add_model_options(p: argparse.ArgumentParser, required_default: str | None) 
                    help="compile the inner loops with torch.compile (UNet, hooked forwards, DPL's token step; CUDA "
                    "graphs on CUDA; minutes of compiling on a CPU, where it does not pay: see README, Benchmarks)")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="CUDA only: replay the UNet's plain forwards, the null-text step, DPL's token step and "
-                   "Prompt-to-Prompt's sampling as CUDA graphs of their eager kernels (no compiler; a few eager "
-                   "calls to capture each)")
+                   help="CUDA only: replay the UNet's forwards (recorded inversions, the null-text step, DPL's token "
+                   "step, Prompt-to-Prompt's sampling) as CUDA graphs of their eager kernels (no compiler; a few "
+                   "eager calls to capture each)")
     p.add_argument("--seed", type=int, default=None, help="seed for torch's random generator")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
 
