@@ -70,7 +70,7 @@ class StableDiffusion:
     compiled_backward: bool = False  # whether gradient-carrying calls use the compiled UNet too
     hooked_forward: Callable | None = field(default=None, repr=False)  # the compiled forward under attention hooks
     graphed_unet: GraphedFunction | None = field(default=None, repr=False)  # see use_cuda_graphs()
-    # the UNet graphed under each open hook whose observer replays in graphs (a P2P edit's)
+    # the UNet graphed under each open hook that allows it (see graphed())
     graphed_hooks: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _timesteps: dict = field(default_factory=dict, repr=False)  # (t, device) -> 0-d tensor, see timestep()
 
