@@ -219,6 +219,25 @@ def test_a_failing_capture_leaves_the_model_eager(model, image, caplog):
     assert torch.equal(runs[1].null_states, runs[0].null_states)
 
 
+def test_a_recording_that_fails_to_capture_leaves_its_store_as_it_was(model, image, caplog):
+    """A capture that breaks after the store recorded part of a forward: those maps are taken out
+    again, the forward runs eager and records once (the same inversion as eager, maps included)."""
+    def breaks_on_recordings(function, samples):
+        if getattr(function, "__name__", "") == "recorded":
+            store = function.__self__.store
+            store(store_layer, torch.rand(1, 8, 256, 77))  # a map the broken capture left behind
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return captured(function, samples)
+
+    store_layer = select_layers(attention_layers(model.unet), kinds=["cross"], resolutions=[16])[0]
+    graphed_model = tiny_model(seed=0).use_cuda_graphs(capture=breaks_on_recordings)
+    with caplog.at_level(logging.WARNING, logger="dpl_edit"):
+        runs = [invert(m, to_pil(image), "a cat", num_steps=2, progress=False) for m in (model, graphed_model)]
+    assert "CUDA graphs failed" in caplog.text and graphed_model.graphed_unet is None
+    assert torch.equal(runs[1].cross_maps, runs[0].cross_maps)
+    assert torch.equal(runs[1].null_states, runs[0].null_states)
+
+
 def test_cuda_graphs_need_cuda_and_no_compiler(model):
     with pytest.raises(ValueError, match="need a CUDA device; this model is on cpu"):
         tiny_model(seed=0).use_cuda_graphs()
