@@ -272,8 +272,7 @@ class StableDiffusion:
 
     def compiled_gradient_error(self) -> float:
         """:meth:`unet_gradient_error` of the compiled UNet."""
-        return self.unet_gradient_error(lambda latents, timestep, states: self.unet(
-            latents, timestep, encoder_hidden_states=states).sample, self.compiled == "reduce-overhead")
+        return self.unet_gradient_error(self.unet_sample, self.compiled == "reduce-overhead")
 
     def unet_gradient_error(self, fast: Callable, cuda_graph_trees: bool = False) -> float:
         """Relative error (L2) of the gradient with respect to the text states of ``fast`` (a
@@ -322,7 +321,7 @@ class StableDiffusion:
             raise
         except Exception as err:  # noqa: BLE001 - a compiler or CUDA-graph failure: eager is always right
             self.uncompile(err)
-            return self.unet(latents, timestep, encoder_hidden_states=text_states).sample
+            return self.unet_sample(latents, timestep, text_states)
 
     def graphed(self, hook: AttentionHook | None) -> Callable | None:
         """The graphed UNet to use under ``hook`` (None: no hook open), or None for eager. Each
@@ -359,9 +358,10 @@ class StableDiffusion:
         unedited sampling), its forwards under a Prompt-to-Prompt controller (an edit's sampling) or
         a recording attention store (recorded inversions) and DPL's token step (see ``TokenLosses``)
         as CUDA graphs of the eager kernels (:mod:`dpl_edit.cuda_graphs`): no compiler, a few eager
-        calls to capture each input signature (and each hook). The graphed gradient is checked once against eager, and a capture or replay
-        that fails leaves the model eager, with a warning. ``capture`` is how a function is captured
-        (the tests pass a stand-in on the CPU). Call it after moving the model. Returns self."""
+        calls to capture each input signature (and each hook). The graphed gradient is checked once
+        against eager, and a capture or replay that fails leaves the model eager, with a warning.
+        ``capture`` is how a function is captured (the tests pass a stand-in on the CPU). Call it
+        after moving the model. Returns self."""
         if capture is capture_cuda_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; this model is on {self.device.type}")
         if self.compiled is not None:
