@@ -176,10 +176,11 @@ def test_inversions_with_graphs_equal_eager(model, graphed_model, image, method,
 
 @pytest.mark.parametrize("config", [EditConfig(mode="replace", blend=("cat",), self_replace_steps=0.5),
                                     EditConfig(mode="refine", reweight={"tiger": 2.0}, word_cross_replace_steps={"tiger": 0.4})])
-def test_edits_with_graphs_equal_eager(model, image, config):
+def test_edits_with_graphs_equal_eager(image, config):
     """A Prompt-to-Prompt edit replays its forwards under the controller (window, self-attention
     switch and recorded maps live in tensors it updates in place): the same latents, maps and
     local-blend masks as eager, bit for bit, with one capture for all its steps."""
+    model = tiny_model(seed=0)  # (not the session's: saving it adds config keys its fingerprint reads)
     inversion = invert(model, to_pil(image), "a {cat} and a {dog}", num_steps=3, progress=False)
     captures = []
     graphed_model = tiny_model(seed=0).use_cuda_graphs(capture=counting(captures))

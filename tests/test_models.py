@@ -115,7 +115,8 @@ def test_a_unet_that_does_not_compile_stays_eager(monkeypatch, caplog):
 def test_compile_leaves_room_for_every_hooked_graph(monkeypatch):
     """Plain, gradient and hooked forwards (recordings, edits) are all graphs of the UNet's forward:
     dynamo's default cap of 8 per code object would send a batch's later variants eager."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     monkeypatch.setattr(StableDiffusion, "compiled_gradient_error", lambda self: 0.0)
-    model = tiny_model(seed=0).compile()
-    assert model.compiled == "default" and torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+    # (config.patch, not monkeypatch: undoing a monkeypatch of a config module deletes the setting)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        model = tiny_model(seed=0).compile()
+        assert model.compiled == "default" and torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
