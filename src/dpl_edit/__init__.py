@@ -15,7 +15,7 @@ from .errors import (
 from .images import load_image
 from .inversion import NullTextConfig, NullTextStep
 from .models import StableDiffusion
-from .pipeline import invert, reconstruct, reconstruct_latents
+from .pipeline import invert, invert_many, reconstruct, reconstruct_latents
 
 __all__ = [
     "DplEditError",
@@ -32,6 +32,7 @@ __all__ = [
     "StableDiffusion",
     "edit",
     "invert",
+    "invert_many",
     "load_image",
     "reconstruct",
     "reconstruct_latents",

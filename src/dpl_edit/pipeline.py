@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from PIL import Image
@@ -73,70 +73,122 @@ def invert(
     unless ``null_text`` is given. ``dpl`` defaults to the paper's settings updated by the
     model's own (its map sizes, from ``dpl_edit.json``).
     """
-    _check_arguments(model, image, method, null, preset)
+    return invert_many(
+        model, [image], [prompt], method=method, null=null, words=words, num_steps=num_steps,
+        guidance_scale=guidance_scale, preset=preset, null_text=null_text, dpl=dpl, callback=callback,
+        progress=progress,
+    )[0]
+
+
+def invert_many(
+    model: StableDiffusion,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    *,
+    method: str = "nti",
+    null: str = "optimized",
+    words: Sequence[str] = (),
+    num_steps: int = 50,
+    guidance_scale: float = 7.5,
+    preset: str = "paper",
+    null_text: NullTextConfig | None = None,
+    dpl: DynamicPromptConfig | None = None,
+    callback: Callable[[NullTextStep | DynamicPromptStep], None] | None = None,
+    progress: bool = True,
+) -> list[Inversion]:
+    """Invert several images, each with its prompt, in lockstep: one inversion per image, as
+    :func:`invert` makes it (the same arguments; ``words`` apply to every prompt; the callbacks
+    name the image), with each UNet forward of the DDIM inversions and of the null-text
+    optimisations run once for the whole batch. A batch uses the hardware better than one image
+    at a time (on a GPU, where one image leaves it idle between kernel launches, most of all); each
+    image still keeps its own optimiser and its own early stops. DPL learns each image's tokens in
+    turn after the batch's DDIM inversion. ``settings["seconds"]`` is the batch's time and
+    ``settings["batch"]`` its size.
+    """
+    if len(images) != len(prompts) or not images:
+        raise DplEditError(f"invert_many needs as many prompts as images (at least one); got {len(images)} "
+                           f"images and {len(prompts)} prompts")
+    for image in images:
+        _check_arguments(model, image, method, null, preset)
     checks.count("num_steps", num_steps)
     checks.finite("guidance_scale", guidance_scale, 0.0)
     dpl = dpl or model_dpl_config(model)
     null_text = null_text or (NullTextConfig.authors() if preset == "authors" else NullTextConfig())
     started = time.perf_counter()
-    marked = parse_marked_prompt(prompt, model.tokenizer, words, require_words=method == "dpl")
-    token_ids = torch.tensor([marked.token_ids], device=model.device)
+    marked = [parse_marked_prompt(prompt, model.tokenizer, words, require_words=method == "dpl") for prompt in prompts]
     schedule = DDIMSchedule.from_scheduler(model.scheduler, num_steps)
-    with torch.no_grad():
-        cond = model.encode_tokens(token_ids)
-    source_latent = model.encode_image(to_tensor(image))
+    with torch.no_grad():  # each image and prompt encoded alone: the batch changes only the UNet's calls
+        cond = torch.cat([model.encode_tokens(torch.tensor([m.token_ids], device=model.device)) for m in marked])
+    source_latent = torch.cat([model.encode_image(to_tensor(image)) for image in images])
     cross_layers = _layers(model, "cross", dpl.cross_resolution)
     self_layers = _layers(model, "self", dpl.self_resolution) if method == "dpl" else []
     store = AttentionStore(history=[("cross", dpl.cross_resolution)])
     pivot = ddim_inversion(
         model, source_latent, cond, schedule, record=cross_layers + self_layers, store=store, progress=progress
     ).pivot
-    step_maps = [m[0] for m in reversed(store.history[("cross", dpl.cross_resolution)])]  # sampling order
+    history = store.history[("cross", dpl.cross_resolution)][::-1]  # sampling order, (B, res, res, 77) each
     null_init = model.encode_prompt("")
-    result = Inversion(
-        method=method,
-        model_id=model.model_id,
-        model_fingerprint=model.fingerprint(),
-        prompt=prompt,
-        token_ids=list(marked.token_ids),
-        prompt_tokens=model.tokenizer.convert_ids_to_tokens(list(marked.token_ids[1 : marked.end_position])),
-        latent_T=pivot[0],
-        source_latent=source_latent,
-        num_steps=num_steps,
-        guidance_scale=guidance_scale,
-        null=null if method == "dpl" else METHOD_NULLS[method],
-        words=[{"word": w.word, "positions": list(w.positions)} for w in marked.words],
-        settings={"preset": preset, "cross_resolution": dpl.cross_resolution},
-        versions=library_versions(),
-        source_image=image,
-    )
+    results = [
+        Inversion(
+            method=method,
+            model_id=model.model_id,
+            model_fingerprint=model.fingerprint(),
+            prompt=prompt,
+            token_ids=list(m.token_ids),
+            prompt_tokens=model.tokenizer.convert_ids_to_tokens(list(m.token_ids[1 : m.end_position])),
+            latent_T=pivot[0][b : b + 1],
+            source_latent=source_latent[b : b + 1],
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            null=null if method == "dpl" else METHOD_NULLS[method],
+            words=[{"word": w.word, "positions": list(w.positions)} for w in m.words],
+            settings={"preset": preset, "cross_resolution": dpl.cross_resolution},
+            versions=library_versions(),
+            source_image=image,
+        )
+        for b, (image, prompt, m) in enumerate(zip(images, prompts, marked, strict=True))
+    ]
+    step_maps = [[maps[b] for maps in history] for b in range(len(images))]
     if method == "nti":
         nulls = null_text_inversion(
             model, pivot, cond, null_init, schedule, guidance_scale, null_text,
             callback=callback, progress=progress,
         )
-        result.null_states = torch.cat(nulls)  # (num_steps, 77, D)
-        result.settings["null_text"] = asdict(null_text)
-    if method == "dpl":
-        step_maps = _learn_tokens(
-            result, model, marked, pivot, null_init, store, cross_layers, schedule, dpl, null_text, null,
-            callback, progress,
-        )
-    if result.null == "direct":
-        result.trajectory = torch.cat(pivot)  # (num_steps + 1, C, h, w)
-    # The maps are views for analysis (saved, drawn, scored against CPU masks): kept on the CPU.
-    result.cross_maps = torch.stack(step_maps)[..., 1 : marked.end_position].permute(0, 3, 1, 2).cpu()  # (T, n, res, res)
-    result.settings["seconds"] = round(time.perf_counter() - started, 3)
-    return result
+        for b, result in enumerate(results):
+            result.null_states = torch.stack([states[b] for states in nulls])  # (num_steps, 77, D)
+            result.settings["null_text"] = asdict(null_text)
+    for b, (result, m) in enumerate(zip(results, marked, strict=True)):
+        image_pivot = [z[b : b + 1] for z in pivot]
+        if method == "dpl":
+            step_maps[b] = _learn_tokens(
+                result, model, m, image_pivot, null_init, store, b, cross_layers, schedule, dpl, null_text, null,
+                _for_image(callback, b), progress,
+            )
+        if result.null == "direct":
+            result.trajectory = torch.cat(image_pivot)  # (num_steps + 1, C, h, w)
+        # The maps are views for analysis (saved, drawn, scored against CPU masks): kept on the CPU.
+        result.cross_maps = torch.stack(step_maps[b])[..., 1 : m.end_position].permute(0, 3, 1, 2).cpu()  # (T, n, res, res)
+    seconds = round(time.perf_counter() - started, 3)
+    for result in results:
+        result.settings["seconds"] = seconds
+        if len(results) > 1:
+            result.settings["batch"] = len(results)
+    return results
 
 
-def _learn_tokens(result: Inversion, model, marked, pivot, null_init, store, cross_layers, schedule,
+def _for_image(callback: Callable | None, image: int) -> Callable | None:
+    """A per-step callback that names the image of a batch its steps belong to."""
+    return None if callback is None else lambda step: callback(replace(step, image=image))
+
+
+def _learn_tokens(result: Inversion, model, marked, pivot, null_init, store, row: int, cross_layers, schedule,
                   dpl: DynamicPromptConfig, null_text: NullTextConfig, null: str, callback, progress: bool):
-    """DPL on top of the DDIM inversion: background mask, then Alg. 1; fills ``result``, returns the maps."""
+    """DPL on top of the DDIM inversion (batch row ``row`` of ``store``'s maps): background mask, then
+    Alg. 1; fills ``result``, returns the maps."""
     words = [w.positions for w in marked.words]
     mask = background_mask(
-        store.average_maps("self", dpl.self_resolution)[0],
-        word_maps(store.average_maps("cross", dpl.cross_resolution)[0], words),
+        store.average_maps("self", dpl.self_resolution)[row],
+        word_maps(store.average_maps("cross", dpl.cross_resolution)[row], words),
         num_clusters=dpl.num_clusters, threshold=dpl.agreement_threshold, seed=dpl.cluster_seed,
     )
     learned = dynamic_prompt_inversion(

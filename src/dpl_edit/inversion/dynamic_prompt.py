@@ -112,6 +112,7 @@ class DynamicPromptStep:
     iterations: int  # AdamW steps taken on the tokens
     null_loss: float
     null_iterations: int
+    image: int = 0  # which image of a batch (see ``pipeline.invert_many``)
 
 
 @dataclass
@@ -332,7 +333,7 @@ def dynamic_prompt_inversion(
         null_loss, null_iterations = 0.0, 0
         if null == "optimized":
             start = null_init if null_text.reset_each_step else null_states
-            null_states, null_loss, null_iterations = optimize_null(
+            null_states, (null_loss,), (null_iterations,) = optimize_null(
                 model, schedule, i, z, pivot[i + 1], eps_cond, start, guidance_scale, null_text
             )
             with torch.no_grad():

@@ -52,12 +52,13 @@ class NullTextConfig:
 
 @dataclass(frozen=True)
 class NullTextStep:
-    """What the per-step callback receives after each timestep."""
+    """What the per-step callback receives after each timestep (once per image of a batch)."""
 
     step: int  # 0 .. num_steps-1, 0 the noisiest
     timestep: int
     loss: float  # the last loss computed (before the last Adam step)
     iterations: int  # Adam steps taken
+    image: int = 0  # which image of a batch inverted in lockstep
 
 
 def null_text_inversion(
@@ -72,30 +73,35 @@ def null_text_inversion(
     callback: Callable[[NullTextStep], None] | None = None,
     progress: bool = True,
 ) -> list[torch.Tensor]:
-    """Per-step unconditional states (1, 77, D), one per timestep in sampling order.
+    """Per-step unconditional states (B, 77, D), one per timestep in sampling order.
 
     ``pivot`` is the DDIM-inversion trajectory in sampling order (pivot[0] = z*_T, pivot[-1] =
-    z*_0); ``null_init`` is the states of "" (1, 77, D).
+    z*_0) of B images, latents (B, C, h, w), and ``cond_states`` their prompts' states (B, 77, D):
+    the images are inverted in lockstep, each exactly as alone (its own Adam, its own early stop;
+    see :func:`optimize_null`), with one batched UNet forward per iteration. ``null_init`` is the
+    states of "" (1, 77, D).
     """
+    batch = pivot[0].shape[0]
     nulls = []
-    null = null_init
+    null = null_init.expand(batch, -1, -1)
     z = pivot[0]
     bar = tqdm(range(schedule.num_steps), desc="Null-text inversion", disable=not progress, leave=False)
     for i in bar:
         t = schedule.timesteps[i]
         with torch.no_grad():
             eps_cond = model.predict(z, t, cond_states)
-        start = null_init if config.reset_each_step else null
-        null, loss, iterations = optimize_null(
+        start = null_init.expand(batch, -1, -1) if config.reset_each_step else null
+        null, losses, iterations = optimize_null(
             model, schedule, i, z, pivot[i + 1], eps_cond, start, guidance_scale, config
         )
         nulls.append(null)
         with torch.no_grad():
             eps = guided_noise(model.predict(z, t, null), eps_cond, guidance_scale)
             z = denoise_step(schedule, i, z, eps)
-        bar.set_postfix(loss=f"{loss:.2e}", iters=iterations)
+        bar.set_postfix(loss=f"{max(losses):.2e}", iters=max(iterations))
         if callback is not None:
-            callback(NullTextStep(step=i, timestep=t, loss=loss, iterations=iterations))
+            for image, (loss, taken) in enumerate(zip(losses, iterations, strict=True)):
+                callback(NullTextStep(step=i, timestep=t, loss=loss, iterations=taken, image=image))
     return nulls
 
 
@@ -109,26 +115,38 @@ def optimize_null(
     null: torch.Tensor,
     guidance_scale: float,
     config: NullTextConfig,
-) -> tuple[torch.Tensor, float, int]:
+) -> tuple[torch.Tensor, list[float], list[int]]:
     """Adam on the unconditional states of step i: min ||DDIM(z, guided eps) - z*_{t-1}||^2.
 
     As in the published code, each iteration takes its Adam step and then stops if the loss it
     computed was under ``epsilon + i * growth``. The parameter is kept in fp32 whatever the
-    model's dtype. Returns (states in the model's dtype, last loss, iterations).
+    model's dtype. A batch of B images (latents (B, C, h, w), states (B, 77, D)) runs in
+    lockstep: each image has its own states, Adam and loss (the batch's backward is that of the
+    sum of the losses, so each image gets its own gradient), and an image that stops leaves the
+    batch with its states as they are. Returns (states (B, 77, D) in the model's dtype, each
+    image's last loss, each image's iterations).
     """
-    param = null.detach().float().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([param], lr=config.learning_rate_at(i))
+    params = [row.detach().float().clone().requires_grad_(True) for row in null.split(1)]
+    optimizers = [torch.optim.Adam([param], lr=config.learning_rate_at(i)) for param in params]
     threshold = config.stop_threshold(i)
     t = schedule.timesteps[i]
-    loss_value, iterations = float("nan"), 0
-    for iterations in range(1, config.max_iterations + 1):
-        eps_uncond = model.predict(z, t, param.to(model.dtype))
-        z_prev = denoise_step(schedule, i, z, guided_noise(eps_uncond, eps_cond, guidance_scale))
-        loss = F.mse_loss(z_prev.float(), target.float())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_value = loss.item()
-        if config.early_stop and loss_value < threshold:
-            break
-    return param.detach().to(model.dtype), loss_value, iterations
+    losses, iterations = [float("nan")] * len(params), [0] * len(params)
+    active = list(range(len(params)))
+    for iteration in range(1, config.max_iterations + 1):
+        rows = slice(None) if len(active) == len(params) else active  # a view while no image has stopped
+        eps_uncond = model.predict(z[rows], t, torch.cat([params[b] for b in active]).to(model.dtype))
+        z_prev = denoise_step(schedule, i, z[rows], guided_noise(eps_uncond, eps_cond[rows], guidance_scale))
+        loss = torch.stack([F.mse_loss(z_prev[k].float(), target[b].float()) for k, b in enumerate(active)])
+        for b in active:
+            optimizers[b].zero_grad(set_to_none=True)
+        loss.sum().backward()
+        for b in active:
+            optimizers[b].step()
+        values = loss.tolist()  # one host sync
+        for k, b in enumerate(active):
+            losses[b], iterations[b] = values[k], iteration
+        if config.early_stop:
+            active = [b for k, b in enumerate(active) if values[k] >= threshold]
+            if not active:
+                break
+    return torch.cat(params).detach().to(model.dtype), losses, iterations

@@ -1,0 +1,123 @@
+"""Several images inverted in lockstep (``invert_many``): each gets exactly its own inversion.
+
+A batched UNet call computes each image with other kernels than a call for one image (a batched
+convolution blocks its loops differently), so its results differ in the last bits and an early
+stop near its threshold may then fall one iteration apart. What lockstep itself must get right
+(each image's own optimiser, loss, gradient and early stop; which rows stay in the batch; each
+image's recorded maps) is checked with the UNet called one image at a time inside a batched call
+(``one_at_a_time``): the arithmetic is then that of a single image, and every tensor of every
+inversion must be bit-equal to inverting the image alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpl_edit import DplEditError, invert, invert_many
+from dpl_edit.attention import AttentionStore
+from dpl_edit.attention.hook import active_hook
+from dpl_edit.images import to_pil
+from dpl_edit.inversion import DynamicPromptConfig, NullTextConfig
+
+PROMPTS = ["a {cat}", "a red {dog} and a {cat}", "a {house} on grass"]
+# thresholds inside the tiny model's range of losses, so that the images stop at other iterations
+EARLY_STOPS = NullTextConfig(max_iterations=5, early_stop_epsilon=0.25, early_stop_growth=0.5)
+
+
+def smooth_image(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1
+    return to_pil(torch.nn.functional.interpolate(coarse, size=128, mode="bilinear", align_corners=False))
+
+
+@pytest.fixture
+def one_at_a_time(model, monkeypatch):
+    """The model's UNet called once per image of a batch (the maps a recording store takes are put
+    back together as one batched call's), and the batch sizes it was called with."""
+    unet_sample, sizes = model.unet_sample, []
+
+    def call(latents, timestep, states):
+        hook = active_hook(model.unet)
+        store = hook.observer if hook is not None and isinstance(hook.observer, AttentionStore) else None
+        outputs, recorded = [], []
+        for b in range(latents.shape[0]):
+            mark = store.mark() if store is not None else None
+            outputs.append(unet_sample(latents[b : b + 1], timestep, states[b : b + 1]))
+            if store is not None:
+                recorded.append(store.take_since(mark))
+        if store is not None:
+            store.give_back([(key, torch.cat([maps[j][1] for maps in recorded]))
+                             for j, (key, _) in enumerate(recorded[0])])
+        sizes.append(latents.shape[0])
+        return torch.cat(outputs)
+
+    monkeypatch.setattr(model, "unet_sample", call)
+    return sizes
+
+
+def assert_same_inversion(batched, alone):
+    for name in ("latent_T", "source_latent", "null_states", "token_vectors", "cross_maps", "background_mask",
+                 "clusters", "trajectory"):
+        a, b = getattr(batched, name), getattr(alone, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.equal(a, b), name
+    assert batched.dpl_log == alone.dpl_log
+    assert batched.prompt == alone.prompt and batched.words == alone.words
+
+
+def test_null_text_inversion_in_lockstep_is_each_image_alone(model, one_at_a_time):
+    images = [smooth_image(seed) for seed in range(3)]
+    steps = []
+    batched = invert_many(model, images, PROMPTS, method="nti", num_steps=4, null_text=EARLY_STOPS,
+                          callback=steps.append, progress=False)
+    sizes = list(one_at_a_time)
+    for b, (image, prompt) in enumerate(zip(images, PROMPTS, strict=True)):
+        alone_steps = []
+        alone = invert(model, image, prompt, method="nti", num_steps=4, null_text=EARLY_STOPS,
+                       callback=alone_steps.append, progress=False)
+        assert_same_inversion(batched[b], alone)
+        assert [(s.loss, s.iterations) for s in steps if s.image == b] == [(s.loss, s.iterations) for s in alone_steps]
+        assert batched[b].settings["batch"] == 3 and "batch" not in alone.settings
+    # the scenario: images stopped at other iterations, so the batch shrank while the others went on
+    iterations = {(s.step, s.image): s.iterations for s in steps}
+    assert any(len({iterations[step, b] for b in range(3)}) > 1 for step in range(4))
+    assert 3 in sizes and ({1, 2} & set(sizes))
+
+
+@pytest.mark.parametrize("method", ["dpl", "direct"])
+def test_recorded_maps_and_pivots_are_each_images_own(model, one_at_a_time, method):
+    """The batch's DDIM inversion records every image's maps (DPL's background mask and its saved
+    maps read them) and pivot; DPL then learns each image's tokens on its own."""
+    images = [smooth_image(seed) for seed in (3, 4)]
+    dpl = DynamicPromptConfig(cross_resolution=8, self_resolution=8, max_iterations=2)
+    null_text = NullTextConfig(max_iterations=2)
+    batched = invert_many(model, images, PROMPTS[1:], method=method, num_steps=3, dpl=dpl, null_text=null_text,
+                          progress=False)
+    for b, (image, prompt) in enumerate(zip(images, PROMPTS[1:], strict=True)):
+        alone = invert(model, image, prompt, method=method, num_steps=3, dpl=dpl, null_text=null_text, progress=False)
+        assert_same_inversion(batched[b], alone)
+
+
+def test_batched_unet_calls_invert_each_image_close_to_alone(model):
+    """With the UNet's real batched kernels (no early stop, so every image runs every iteration):
+    the null states agree with each image's own to float32 rounding amplified by Adam over a few
+    steps (Adam divides by the gradient's running scale, so a gradient element near zero can move
+    its state by up to the learning rate, 1e-2, either way)."""
+    images = [smooth_image(seed) for seed in range(2)]
+    null_text = NullTextConfig(max_iterations=3, early_stop=False)
+    batched = invert_many(model, images, PROMPTS[:2], method="nti", num_steps=3, null_text=null_text, progress=False)
+    for b, (image, prompt) in enumerate(zip(images, PROMPTS[:2], strict=True)):
+        alone = invert(model, image, prompt, method="nti", num_steps=3, null_text=null_text, progress=False)
+        assert torch.equal(batched[b].source_latent, alone.source_latent)
+        assert torch.allclose(batched[b].latent_T, alone.latent_T, atol=1e-4, rtol=1e-4)
+        difference = (batched[b].null_states - alone.null_states).abs()
+        assert difference.max() <= 2 * 3 * 3 * 1e-2 and difference.mean() < 1e-3
+
+
+def test_invert_many_wants_one_prompt_per_image(model):
+    with pytest.raises(DplEditError, match="as many prompts as images"):
+        invert_many(model, [smooth_image(0)] * 2, ["a {cat}"], method="nti", num_steps=2, progress=False)
+    with pytest.raises(DplEditError, match="as many prompts as images"):
+        invert_many(model, [], [], method="nti", num_steps=2, progress=False)
