@@ -5,6 +5,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
+from dpl_edit.attention import AttentionStore
+from dpl_edit.attention.hook import active_hook
 from dpl_edit.random_models import tiny_model
 
 
@@ -20,3 +22,31 @@ def image():
     g = torch.Generator().manual_seed(0)
     coarse = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1
     return torch.nn.functional.interpolate(coarse, size=128, mode="bilinear", align_corners=False)
+
+
+@pytest.fixture
+def one_at_a_time(model, monkeypatch):
+    """The model's UNet called once per image of a batch (the maps a recording store takes are put
+    back together as one batched call's; under any other hook, such as an edit's controller, which
+    needs its whole batch, it is called as it is), and the batch sizes it was called with."""
+    unet_sample, sizes = model.unet_sample, []
+
+    def call(latents, timestep, states):
+        hook = active_hook(model.unet)
+        store = hook.observer if hook is not None and isinstance(hook.observer, AttentionStore) else None
+        if hook is not None and store is None:
+            return unet_sample(latents, timestep, states)
+        outputs, recorded = [], []
+        for b in range(latents.shape[0]):
+            mark = store.mark() if store is not None else None
+            outputs.append(unet_sample(latents[b : b + 1], timestep, states[b : b + 1]))
+            if store is not None:
+                recorded.append(store.take_since(mark))
+        if store is not None:
+            store.give_back([(key, torch.cat([maps[j][1] for maps in recorded]))
+                             for j, (key, _) in enumerate(recorded[0])])
+        sizes.append(latents.shape[0])
+        return torch.cat(outputs)
+
+    monkeypatch.setattr(model, "unet_sample", call)
+    return sizes

@@ -97,6 +97,8 @@ CASES = {
     "localisation malformed mask": (["localisation", "{root}/inv", "--mask", "cat"], "--mask takes WORD=FILE"),
     "localisation missing mask": (["localisation", "{root}/inv", "--mask", "cat={root}/none.png"], "Could not read the mask"),
     "attention no inversion": (["attention", "{root}/folder"], "holds no inversion"),
+    "batch zero batch size": (["batch", "{root}/folder", "--out", "{root}/batch", "--model", "tiny", "--batch-size", "0"],
+                              "--batch-size must be at least 1"),
 }
 
 

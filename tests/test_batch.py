@@ -129,6 +129,38 @@ def test_batch_writes_pie_layout_resumes_and_records_failures(dataset, model, tm
     assert (again.done, again.skipped, again.failed) == (1, 9, 2)
 
 
+def test_lockstep_batches_write_what_one_image_at_a_time_does(model, one_at_a_time, tmp_path):
+    """``batch_size=3``: the images of a chunk are inverted together (an unreadable one fails alone);
+    with the UNet called per image the edits are those of ``batch_size=1`` to the byte."""
+    data = tmp_path / "data"
+    export_scenes(data, "test", (2,), 3)
+    items = [item for item in read_dataset(data) if item.editing_type_id == "1"]  # one edit per scene
+    (data / "annotation_images" / items[1].image_path).write_bytes(b"not an image")
+    one = run_batch(model, data, items, ["nti"], tmp_path / "one", num_steps=STEPS, progress=False)
+    sizes = list(one_at_a_time)
+    three = run_batch(model, data, items, ["nti"], tmp_path / "three", num_steps=STEPS, progress=False,
+                      batch_size=3)
+    assert (one.done, one.failed) == (three.done, three.failed) == (2, 1)
+    assert max(sizes) == 1 and 2 in one_at_a_time[len(sizes):]  # the two readable images, in lockstep
+    for item in (items[0], items[2]):
+        a, b = (edit_path(tmp_path / out, METHOD_FOLDERS["nti"], item).read_bytes() for out in ("one", "three"))
+        assert a == b
+        record = json.loads(record_path(tmp_path / "three", "nti", item).read_text())
+        assert record["inverted_with"] == 2 and record["inversion_s"] > 0
+    assert "Could not read" in json.loads(record_path(tmp_path / "three", "nti", items[1]).read_text())["reason"]
+
+
+def test_a_batch_the_lockstep_inversion_cannot_take_inverts_each_image_alone(dataset, model, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise DplEditError("a prompt this batch cannot take")
+
+    monkeypatch.setattr("dpl_edit.batch.runner.invert_many", refuse)
+    items = read_dataset(dataset)
+    summary = run_batch(model, dataset, items, ["ddim"], tmp_path, num_steps=STEPS, progress=False, batch_size=2)
+    assert (summary.done, summary.failed) == (6, 0)
+    assert "inverted_with" not in json.loads(record_path(tmp_path, "ddim", items[0]).read_text())
+
+
 def test_two_accelerate_processes_write_what_one_does(dataset, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     common = ["batch", str(dataset), "--model", "scenes", "--methods", "nti", "--steps", str(STEPS),

@@ -5,7 +5,7 @@ convolution blocks its loops differently), so its results differ in the last bit
 stop near its threshold may then fall one iteration apart. What lockstep itself must get right
 (each image's own optimiser, loss, gradient and early stop; which rows stay in the batch; each
 image's recorded maps) is checked with the UNet called one image at a time inside a batched call
-(``one_at_a_time``): the arithmetic is then that of a single image, and every tensor of every
+(``one_at_a_time``, in conftest.py): the arithmetic is then that of a single image, and every tensor of every
 inversion must be bit-equal to inverting the image alone.
 """
 
@@ -15,8 +15,6 @@ import pytest
 import torch
 
 from dpl_edit import DplEditError, invert, invert_many
-from dpl_edit.attention import AttentionStore
-from dpl_edit.attention.hook import active_hook
 from dpl_edit.images import to_pil
 from dpl_edit.inversion import DynamicPromptConfig, NullTextConfig
 
@@ -29,31 +27,6 @@ def smooth_image(seed: int):
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1
     return to_pil(torch.nn.functional.interpolate(coarse, size=128, mode="bilinear", align_corners=False))
-
-
-@pytest.fixture
-def one_at_a_time(model, monkeypatch):
-    """The model's UNet called once per image of a batch (the maps a recording store takes are put
-    back together as one batched call's), and the batch sizes it was called with."""
-    unet_sample, sizes = model.unet_sample, []
-
-    def call(latents, timestep, states):
-        hook = active_hook(model.unet)
-        store = hook.observer if hook is not None and isinstance(hook.observer, AttentionStore) else None
-        outputs, recorded = [], []
-        for b in range(latents.shape[0]):
-            mark = store.mark() if store is not None else None
-            outputs.append(unet_sample(latents[b : b + 1], timestep, states[b : b + 1]))
-            if store is not None:
-                recorded.append(store.take_since(mark))
-        if store is not None:
-            store.give_back([(key, torch.cat([maps[j][1] for maps in recorded]))
-                             for j, (key, _) in enumerate(recorded[0])])
-        sizes.append(latents.shape[0])
-        return torch.cat(outputs)
-
-    monkeypatch.setattr(model, "unet_sample", call)
-    return sizes
 
 
 def assert_same_inversion(batched, alone):
@@ -89,12 +62,14 @@ def test_null_text_inversion_in_lockstep_is_each_image_alone(model, one_at_a_tim
 @pytest.mark.parametrize("method", ["dpl", "direct"])
 def test_recorded_maps_and_pivots_are_each_images_own(model, one_at_a_time, method):
     """The batch's DDIM inversion records every image's maps (DPL's background mask and its saved
-    maps read them) and pivot; DPL then learns each image's tokens on its own."""
+    maps read them) and pivot; DPL then learns each image's tokens on its own, and its recorded
+    forward and null-text step run for both images at once."""
     images = [smooth_image(seed) for seed in (3, 4)]
     dpl = DynamicPromptConfig(cross_resolution=8, self_resolution=8, max_iterations=2)
     null_text = NullTextConfig(max_iterations=2)
     batched = invert_many(model, images, PROMPTS[1:], method=method, num_steps=3, dpl=dpl, null_text=null_text,
                           progress=False)
+    assert one_at_a_time.count(2) == (3 if method == "direct" else 3 + 3 * (1 + 2 + 1))  # DDIM (+ DPL's steps)
     for b, (image, prompt) in enumerate(zip(images, PROMPTS[1:], strict=True)):
         alone = invert(model, image, prompt, method=method, num_steps=3, dpl=dpl, null_text=null_text, progress=False)
         assert_same_inversion(batched[b], alone)

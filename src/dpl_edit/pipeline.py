@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 from PIL import Image
@@ -31,7 +31,7 @@ from .inversion import (
     NullTextConfig,
     NullTextStep,
     ddim_inversion,
-    dynamic_prompt_inversion,
+    dynamic_prompt_inversion_many,
     null_text_inversion,
 )
 from .inversion.dynamic_prompt import NULL_STRATEGIES, mostly_capped, saturation
@@ -99,10 +99,10 @@ def invert_many(
     """Invert several images, each with its prompt, in lockstep: one inversion per image, as
     :func:`invert` makes it (the same arguments; ``words`` apply to every prompt; the callbacks
     name the image), with each UNet forward of the DDIM inversions and of the null-text
-    optimisations run once for the whole batch. A batch uses the hardware better than one image
+    optimisations run once for the whole batch (DPL: its recorded forward and null-text step at each
+    step; each image's tokens are learned in turn). A batch uses the hardware better than one image
     at a time (on a GPU, where one image leaves it idle between kernel launches, most of all); each
-    image still keeps its own optimiser and its own early stops. DPL learns each image's tokens in
-    turn after the batch's DDIM inversion. ``settings["seconds"]`` is the batch's time and
+    image still keeps its own optimisers and its own early stops. ``settings["seconds"]`` is the batch's time and
     ``settings["batch"]`` its size.
     """
     if len(images) != len(prompts) or not images:
@@ -157,15 +157,12 @@ def invert_many(
         for b, result in enumerate(results):
             result.null_states = torch.stack([states[b] for states in nulls])  # (num_steps, 77, D)
             result.settings["null_text"] = asdict(null_text)
+    if method == "dpl":
+        step_maps = _learn_tokens(results, model, marked, pivot, null_init, store, cross_layers, schedule, dpl,
+                                  null_text, null, callback, progress)
     for b, (result, m) in enumerate(zip(results, marked, strict=True)):
-        image_pivot = [z[b : b + 1] for z in pivot]
-        if method == "dpl":
-            step_maps[b] = _learn_tokens(
-                result, model, m, image_pivot, null_init, store, b, cross_layers, schedule, dpl, null_text, null,
-                _for_image(callback, b), progress,
-            )
         if result.null == "direct":
-            result.trajectory = torch.cat(image_pivot)  # (num_steps + 1, C, h, w)
+            result.trajectory = torch.cat([z[b : b + 1] for z in pivot])  # (num_steps + 1, C, h, w)
         # The maps are views for analysis (saved, drawn, scored against CPU masks): kept on the CPU.
         result.cross_maps = torch.stack(step_maps[b])[..., 1 : m.end_position].permute(0, 3, 1, 2).cpu()  # (T, n, res, res)
     seconds = round(time.perf_counter() - started, 3)
@@ -176,39 +173,37 @@ def invert_many(
     return results
 
 
-def _for_image(callback: Callable | None, image: int) -> Callable | None:
-    """A per-step callback that names the image of a batch its steps belong to."""
-    return None if callback is None else lambda step: callback(replace(step, image=image))
-
-
-def _learn_tokens(result: Inversion, model, marked, pivot, null_init, store, row: int, cross_layers, schedule,
+def _learn_tokens(results: list[Inversion], model, marked, pivot, null_init, store, cross_layers, schedule,
                   dpl: DynamicPromptConfig, null_text: NullTextConfig, null: str, callback, progress: bool):
-    """DPL on top of the DDIM inversion (batch row ``row`` of ``store``'s maps): background mask, then
-    Alg. 1; fills ``result``, returns the maps."""
-    words = [w.positions for w in marked.words]
-    mask = background_mask(
-        store.average_maps("self", dpl.self_resolution)[row],
-        word_maps(store.average_maps("cross", dpl.cross_resolution)[row], words),
-        num_clusters=dpl.num_clusters, threshold=dpl.agreement_threshold, seed=dpl.cluster_seed,
+    """DPL on top of the DDIM inversion of a batch: each image's background mask (from its row of
+    ``store``'s maps), then Alg. 1 in lockstep; fills ``results``, returns each image's maps."""
+    masks = [
+        background_mask(
+            store.average_maps("self", dpl.self_resolution)[b],
+            word_maps(store.average_maps("cross", dpl.cross_resolution)[b], [w.positions for w in m.words]),
+            num_clusters=dpl.num_clusters, threshold=dpl.agreement_threshold, seed=dpl.cluster_seed,
+        )
+        for b, m in enumerate(marked)
+    ]
+    learned = dynamic_prompt_inversion_many(
+        model, marked, pivot, null_init, [mask.mask for mask in masks], cross_layers, schedule,
+        results[0].guidance_scale, dpl, null_text, null=null, callback=callback, progress=progress,
     )
-    learned = dynamic_prompt_inversion(
-        model, marked, pivot, null_init, mask.mask, cross_layers, schedule, result.guidance_scale, dpl,
-        null_text, null=null, callback=callback, progress=progress,
-    )
-    if null == "optimized":
-        result.null_states = torch.cat(learned.null_states)  # (num_steps, 77, D)
-    result.token_vectors = torch.stack(learned.token_vectors)  # (num_steps, K, D_in)
-    result.token_positions = marked.positions
-    result.dpl_log = learned.log
-    if mostly_capped(learned.log, dpl.max_iterations):
-        logger.warning("%s. The learned token vectors may drift from their words.",
-                       saturation(learned.log, dpl.max_iterations))
-    result.background_mask, result.clusters = mask.mask.cpu(), mask.clusters.cpu()
-    result.settings.update(
-        null_text=asdict(null_text), dpl=asdict(dpl), background_fallback=mask.fallback,
-        background_clusters=mask.background_clusters,
-    )
-    return learned.cross_maps
+    for result, m, mask, each in zip(results, marked, masks, learned, strict=True):
+        if null == "optimized":
+            result.null_states = torch.cat(each.null_states)  # (num_steps, 77, D)
+        result.token_vectors = torch.stack(each.token_vectors)  # (num_steps, K, D_in)
+        result.token_positions = m.positions
+        result.dpl_log = each.log
+        if mostly_capped(each.log, dpl.max_iterations):
+            logger.warning("%s. The learned token vectors may drift from their words.",
+                           saturation(each.log, dpl.max_iterations))
+        result.background_mask, result.clusters = mask.mask.cpu(), mask.clusters.cpu()
+        result.settings.update(
+            null_text=asdict(null_text), dpl=asdict(dpl), background_fallback=mask.fallback,
+            background_clusters=mask.background_clusters,
+        )
+    return [each.cross_maps for each in learned]
 
 
 def model_dpl_config(model: StableDiffusion, **overrides) -> DynamicPromptConfig:

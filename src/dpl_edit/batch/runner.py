@@ -26,12 +26,13 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .. import checks
 from ..artifacts import library_versions, write_atomic
 from ..editing import EditConfig, edit, recommended_edit_config
 from ..errors import DplEditError
 from ..images import load_image
 from ..inversion.dynamic_prompt import DynamicPromptConfig, capped_steps
-from ..pipeline import invert
+from ..pipeline import invert, invert_many
 from .piebench import IMAGES, EditItem, edit_path
 
 # dpl-edit's method -> the folder PIE-Bench's scripts use for it (its own names where it has one).
@@ -96,73 +97,113 @@ def image_groups(dataset: str | Path, items: Sequence[EditItem]) -> list[list[Ed
 def run_batch(model, dataset: str | Path, items: Sequence[EditItem], methods: Sequence[str], out: str | Path,
               num_steps: int = PIE_STEPS, guidance_scale: float = PIE_GUIDANCE, split: bool = True,
               progress: bool = True, on_inversion: Callable | None = None, target_tokens: str | None = None,
-              dpl: DynamicPromptConfig | None = None) -> BatchSummary:
+              dpl: DynamicPromptConfig | None = None, batch_size: int = 1) -> BatchSummary:
     """Invert each of this process's source images once per method and edit all its items; returns the
-    counts. ``on_inversion(method, items, image, inversion)``, if given, sees each fresh inversion;
-    ``target_tokens`` and ``dpl`` replace the model's recommended settings."""
+    counts. ``batch_size`` images are inverted at once, in lockstep (:func:`invert_many`: the same
+    inversions, with batched UNet calls). ``on_inversion(method, items, image, inversion)``, if given,
+    sees each fresh inversion; ``target_tokens`` and ``dpl`` replace the model's recommended settings."""
     unknown = set(methods) - set(METHOD_FOLDERS)
     if unknown:
         raise DplEditError(f"Unknown methods {sorted(unknown)}; choose from {', '.join(METHOD_FOLDERS)}")
+    checks.count("batch_size", batch_size)
     mine, summary = _share(image_groups(dataset, items), split, cpu=model.device.type == "cpu")
     bar = tqdm(total=sum(len(group) for group in mine), desc="Items", unit="item", disable=not progress)
-    for group in mine:
+    for first in range(0, len(mine), batch_size):
+        chunk = mine[first : first + batch_size]
         for method in methods:
-            todo = [item for item in group if not is_done(out, method, item)]
-            summary.skipped += len(group) - len(todo)
-            for record in _run_group(model, Path(dataset), todo, method, Path(out), num_steps, guidance_scale,
-                                     on_inversion, target_tokens, dpl):
+            todo = [[item for item in group if not is_done(out, method, item)] for group in chunk]
+            summary.skipped += sum(len(group) - len(left) for group, left in zip(chunk, todo, strict=True))
+            for record in _run_groups(model, Path(dataset), [left for left in todo if left], method, Path(out),
+                                      num_steps, guidance_scale, on_inversion, target_tokens, dpl):
                 summary.done += record["status"] == "done"
                 summary.failed += record["status"] == "failed"
             bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=summary.failed)
-        bar.update(len(group))
+        bar.update(sum(len(group) for group in chunk))
     bar.close()
     return summary
 
 
-def _run_group(model, dataset: Path, items: list[EditItem], method: str, out: Path, num_steps: int,
-               guidance: float, on_inversion: Callable | None, target_tokens: str | None,
-               dpl: DynamicPromptConfig | None) -> list[dict]:
-    """One inversion of the group's image, then each item's edit; a record per item."""
-    if not items:
-        return []
+def _run_groups(model, dataset: Path, groups: list[list[EditItem]], method: str, out: Path, num_steps: int,
+                guidance: float, on_inversion: Callable | None, target_tokens: str | None,
+                dpl: DynamicPromptConfig | None) -> list[dict]:
+    """One inversion of each group's image (all of them in lockstep), then each item's edit; a record per
+    item. An image that does not load fails its own items; if the lockstep inversion fails, each image is
+    inverted alone, so that a bad one fails only its own items."""
     base = {"method": method, "model": model.model_id, "steps": num_steps, "guidance": guidance,
             "versions": library_versions()}
-    records = [{"key": item.key, "image_path": item.image_path, "editing_type_id": item.editing_type_id,
-                "source_prompt": item.source_prompt, "target_prompt": item.target_prompt, **base} for item in items]
-    prompt = items[0].marked_prompt()  # braces only name words (for maps); DPL learns them
-    started = time.perf_counter()
-    try:
-        image = load_image(dataset / IMAGES / items[0].image_path, model.image_size, fit="crop")
-        inversion = invert(model, image, prompt, method=method, num_steps=num_steps, guidance_scale=guidance,
-                           dpl=dpl, progress=False)
-    except (DplEditError, OSError, ValueError) as err:  # a bad image is recorded and the run goes on
-        for item, record in zip(items, records, strict=True):
-            record.update(status="failed", reason=f"{type(err).__name__}: {err}")
+    records = [[{"key": item.key, "image_path": item.image_path, "editing_type_id": item.editing_type_id,
+                 "source_prompt": item.source_prompt, "target_prompt": item.target_prompt, **base} for item in group]
+               for group in groups]
+    prompts = [group[0].marked_prompt() for group in groups]  # braces only name words (for maps); DPL learns them
+    images: list[Image.Image | None] = []
+    for group, group_records in zip(groups, records, strict=True):
+        try:
+            images.append(load_image(dataset / IMAGES / group[0].image_path, model.image_size, fit="crop"))
+        except (DplEditError, OSError, ValueError) as err:  # a bad image is recorded and the run goes on
+            images.append(None)
+            _fail(out, method, group, group_records, err)
+    loaded = [k for k, image in enumerate(images) if image is not None]
+    inversions, seconds = _invert(model, [images[k] for k in loaded], [prompts[k] for k in loaded], method,
+                                  num_steps, guidance, dpl)
+    for k, inversion, inversion_s in zip(loaded, inversions, seconds, strict=True):
+        group, group_records = groups[k], records[k]
+        if isinstance(inversion, Exception):
+            _fail(out, method, group, group_records, inversion)
+            continue
+        if on_inversion is not None:
+            on_inversion(method, group, images[k], inversion)
+        shared = {"marked_prompt": prompts[k], "inversion_s": inversion_s, "inversion_shared_by": len(group)}
+        if len(loaded) > 1 and "batch" in inversion.settings:
+            shared["inverted_with"] = inversion.settings["batch"]  # images inverted in lockstep
+        if inversion.dpl_log:
+            shared["dpl_steps_at_cap"] = capped_steps(inversion.dpl_log, inversion.settings["dpl"]["max_iterations"])
+        for item, record in zip(group, group_records, strict=True):
+            started = time.perf_counter()
+            try:
+                config = pie_edit_config(item, model.settings, target_tokens)
+                result = edit(model, inversion, [item.target_prompt], config, progress=False)
+                target = edit_path(out, METHOD_FOLDERS[method], item)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+                result.edits[0].save(tmp, format=Image.registered_extensions().get(target.suffix.lower(), "PNG"))
+                tmp.replace(target)
+                record.update(status="done", settings=asdict(config), **shared,
+                              edit_s=round(time.perf_counter() - started, 3))
+            except (DplEditError, OSError, ValueError) as err:
+                record.update(status="failed", reason=f"{type(err).__name__}: {err}")
             _write_record(out, method, item, record)
-        return records
-    inversion_s = round(time.perf_counter() - started, 3)
-    if on_inversion is not None:
-        on_inversion(method, items, image, inversion)
-    shared = {"marked_prompt": prompt, "inversion_s": inversion_s,
-              "inversion_shared_by": len(items)}
-    if inversion.dpl_log:
-        shared["dpl_steps_at_cap"] = capped_steps(inversion.dpl_log, inversion.settings["dpl"]["max_iterations"])
-    for item, record in zip(items, records, strict=True):
+    return [record for group_records in records for record in group_records]
+
+
+def _invert(model, images: list[Image.Image], prompts: list[str], method: str, num_steps: int, guidance: float,
+            dpl: DynamicPromptConfig | None) -> tuple[list, list[float]]:
+    """Each image's inversion (or the error that stopped it) and its seconds (a lockstep batch's time is
+    shared out evenly between its images)."""
+    if len(images) > 1:
         started = time.perf_counter()
         try:
-            config = pie_edit_config(item, model.settings, target_tokens)
-            result = edit(model, inversion, [item.target_prompt], config, progress=False)
-            target = edit_path(out, METHOD_FOLDERS[method], item)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-            result.edits[0].save(tmp, format=Image.registered_extensions().get(target.suffix.lower(), "PNG"))
-            tmp.replace(target)
-            record.update(status="done", settings=asdict(config), **shared,
-                          edit_s=round(time.perf_counter() - started, 3))
+            inversions = invert_many(model, images, prompts, method=method, num_steps=num_steps,
+                                     guidance_scale=guidance, dpl=dpl, progress=False)
+            share = round((time.perf_counter() - started) / len(images), 3)
+            return inversions, [share] * len(images)
+        except (DplEditError, OSError, ValueError):
+            pass  # one image or prompt the batch cannot take: each alone, each with its own outcome
+    inversions, seconds = [], []
+    for image, prompt in zip(images, prompts, strict=True):
+        started = time.perf_counter()
+        try:
+            inversions.append(invert(model, image, prompt, method=method, num_steps=num_steps,
+                                     guidance_scale=guidance, dpl=dpl, progress=False))
         except (DplEditError, OSError, ValueError) as err:
-            record.update(status="failed", reason=f"{type(err).__name__}: {err}")
+            inversions.append(err)
+        seconds.append(round(time.perf_counter() - started, 3))
+    return inversions, seconds
+
+
+def _fail(out: Path, method: str, items: list[EditItem], records: list[dict], err: Exception) -> None:
+    for item, record in zip(items, records, strict=True):
+        record.update(status="failed", reason=f"{type(err).__name__}: {err}")
         _write_record(out, method, item, record)
-    return records
 
 
 def _write_record(out: Path, method: str, item: EditItem, record: dict) -> None:

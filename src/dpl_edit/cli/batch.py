@@ -26,6 +26,9 @@ def register(commands) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (PIE-Bench layout: OUT/<method>/annotation_images/)")
     add_selection(p)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50, as PIE-Bench)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images inverted at once, in lockstep: the same inversions with batched UNet calls, "
+                   "faster where the hardware has room (a GPU above all; default: 1)")
     p.add_argument("--target-tokens", choices=TARGET_TOKENS, default=None,
                    help="which learned DPL vectors the target prompts keep (default: the model's recommendation, "
                    "else keep, the authors')")
@@ -108,11 +111,12 @@ def batch_command(args: argparse.Namespace) -> int:
 
     methods = methods_of(args)
     checks.count("--steps", args.steps)
+    checks.count("--batch-size", args.batch_size)
     checks.output_folder("--out", args.out)
     items = selection(args)
     model = load(args, args.model)
     summary = run_batch(model, args.dataset, items, methods, args.out, num_steps=args.steps, progress=not args.quiet,
-                        target_tokens=args.target_tokens)
+                        target_tokens=args.target_tokens, batch_size=args.batch_size)
     print(f"dpl batch: {summary.line()} -> {args.out}")
     return 0
 

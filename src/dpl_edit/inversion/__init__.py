@@ -6,6 +6,7 @@ from .dynamic_prompt import (
     DynamicPromptResult,
     DynamicPromptStep,
     dynamic_prompt_inversion,
+    dynamic_prompt_inversion_many,
 )
 from .null_text import NullTextConfig, NullTextStep, null_text_inversion
 
@@ -18,5 +19,6 @@ __all__ = [
     "NullTextStep",
     "ddim_inversion",
     "dynamic_prompt_inversion",
+    "dynamic_prompt_inversion_many",
     "null_text_inversion",
 ]

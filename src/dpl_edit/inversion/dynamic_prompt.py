@@ -312,44 +312,75 @@ def dynamic_prompt_inversion(
     step) or ``"direct"`` (direct inversion: no optimisation, the next latent is the pivot's,
     which editing restores on the source branch).
     """
-    if null not in NULL_STRATEGIES:
-        raise ValueError(f"null must be one of {NULL_STRATEGIES}, got {null!r}")
-    losses_at = TokenLosses(model, prompt, layers, background, config)
-    vectors = model.token_embedding(losses_at.token_ids[0, losses_at.positions]).float()  # (K, D_in)
+    return dynamic_prompt_inversion_many(
+        model, [prompt], pivot, null_init, [background], layers, schedule, guidance_scale, config, null_text,
+        null=null, callback=callback, progress=progress,
+    )[0]
+
+
+def dynamic_prompt_inversion_many(
+    model: StableDiffusion,
+    prompts: Sequence[MarkedPrompt],
+    pivot: Sequence[torch.Tensor],
+    null_init: torch.Tensor,
+    backgrounds: Sequence[torch.Tensor],
+    layers: Sequence[AttentionLayer],
+    schedule: DDIMSchedule,
+    guidance_scale: float,
+    config: DynamicPromptConfig = DynamicPromptConfig(),
+    null_text: NullTextConfig = NullTextConfig(),
+    *,
+    null: str = "optimized",
+    callback: Callable[[DynamicPromptStep], None] | None = None,
+    progress: bool = True,
+) -> list[DynamicPromptResult]:
+    """:func:`dynamic_prompt_inversion` of B images in lockstep: pivot latents (B, C, h, w), a prompt
+    and a background mask per image. At each step each image's tokens are learned in turn, then the
+    recorded conditional forward and the null-text step (see :func:`optimize_null`) run once for the
+    batch; every image's result is what inverting it alone gives."""
+    losses_at = [TokenLosses(model, prompt, layers, background, config)
+                 for prompt, background in zip(prompts, backgrounds, strict=True)]
+    vectors = [model.token_embedding(each.token_ids[0, each.positions]).float() for each in losses_at]  # (K, D_in)
     key = ("cross", config.cross_resolution)
     record = AttentionStore(average_steps=False, history=[key])
     record_hook = AttentionHook(model.unet, layers, record)
-    result = DynamicPromptResult([], [], [], [])
-    null_states, z = null_init, pivot[0]
+    results = [DynamicPromptResult([], [], [], []) for _ in prompts]
+    batch = len(prompts)
+    null_states, z = null_init.expand(batch, -1, -1), pivot[0]
     bar = tqdm(range(schedule.num_steps), desc="DPL inversion", disable=not progress, leave=False)
     for i in bar:
         t = schedule.timesteps[i]
-        vectors, losses, iterations = optimize_tokens(losses_at, z, t, i, vectors)
+        learned = [optimize_tokens(each, z[b : b + 1], t, i, vectors[b]) for b, each in enumerate(losses_at)]
+        vectors = [v for v, _, _ in learned]
         with torch.no_grad():
-            cond = losses_at.text_states(vectors)
+            cond = torch.cat([each.text_states(v) for each, v in zip(losses_at, vectors, strict=True)])
             with record_hook:
                 eps_cond = model.predict(z, t, cond)
             record.end_step()
-        null_loss, null_iterations = 0.0, 0
+        null_losses, null_iterations = [0.0] * batch, [0] * batch
         if null == "optimized":
-            start = null_init if null_text.reset_each_step else null_states
-            null_states, (null_loss,), (null_iterations,) = optimize_null(
+            start = null_init.expand(batch, -1, -1) if null_text.reset_each_step else null_states
+            null_states, null_losses, null_iterations = optimize_null(
                 model, schedule, i, z, pivot[i + 1], eps_cond, start, guidance_scale, null_text
             )
             with torch.no_grad():
                 eps = guided_noise(model.predict(z, t, null_states), eps_cond, guidance_scale)
                 z = denoise_step(schedule, i, z, eps)
-            result.null_states.append(null_states)
         elif null == "negative":
             z = denoise_step(schedule, i, z, eps_cond)  # guidance cancels when null = cond
         else:
             z = pivot[i + 1]
-        result.token_vectors.append(vectors)
         thresholds = config.thresholds(i)
-        result.log.append({"step": i, "losses": losses, "thresholds": {k: thresholds[k] for k in losses},
-                           "iterations": iterations})
+        for b, (result, (v, losses, iterations)) in enumerate(zip(results, learned, strict=True)):
+            if null == "optimized":
+                result.null_states.append(null_states[b : b + 1])
+            result.token_vectors.append(v)
+            result.log.append({"step": i, "losses": losses, "thresholds": {k: thresholds[k] for k in losses},
+                               "iterations": iterations})
+            if callback is not None:
+                callback(DynamicPromptStep(i, t, losses, thresholds, iterations, null_losses[b], null_iterations[b], b))
+        losses, iterations = learned[-1][1], max(each[2] for each in learned)
         bar.set_postfix({**{k: f"{v:.3f}/{thresholds[k]:.3f}" for k, v in losses.items()}, "it": iterations})
-        if callback is not None:
-            callback(DynamicPromptStep(i, t, losses, thresholds, iterations, null_loss, null_iterations))
-    result.cross_maps = [maps[0] for maps in record.history[key]]
-    return result
+    for b, result in enumerate(results):
+        result.cross_maps = [maps[b] for maps in record.history[key]]
+    return results
