@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -5,7 +6,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-from dpl_edit.attention import AttentionStore
+from dpl_edit.attention import AttentionStore, ForwardStopped, StopAfter
 from dpl_edit.attention.hook import active_hook
 from dpl_edit.random_models import tiny_model
 
@@ -27,25 +28,31 @@ def image():
 @pytest.fixture
 def one_at_a_time(model, monkeypatch):
     """The model's UNet called once per image of a batch (the maps a recording store takes are put
-    back together as one batched call's; under any other hook, such as an edit's controller, which
-    needs its whole batch, it is called as it is), and the batch sizes it was called with."""
+    back together as one batched call's, and an early exit ends the batched call after every image
+    ran to it; under any other hook, such as an edit's controller, which needs its whole batch, it
+    is called as it is), and the batch sizes it was called with."""
     unet_sample, sizes = model.unet_sample, []
 
     def call(latents, timestep, states):
         hook = active_hook(model.unet)
-        store = hook.observer if hook is not None and isinstance(hook.observer, AttentionStore) else None
-        if hook is not None and store is None:
+        observer = None if hook is None else hook.observer
+        stops = isinstance(observer, StopAfter)  # DPL's token step: the forward ends after the maps it reads
+        store = observer.observer if stops else observer
+        if hook is not None and not isinstance(store, AttentionStore):
             return unet_sample(latents, timestep, states)
         outputs, recorded = [], []
         for b in range(latents.shape[0]):
             mark = store.mark() if store is not None else None
-            outputs.append(unet_sample(latents[b : b + 1], timestep, states[b : b + 1]))
+            with contextlib.suppress(ForwardStopped):
+                outputs.append(unet_sample(latents[b : b + 1], timestep, states[b : b + 1]))
             if store is not None:
                 recorded.append(store.take_since(mark))
         if store is not None:
             store.give_back([(key, torch.cat([maps[j][1] for maps in recorded]))
                              for j, (key, _) in enumerate(recorded[0])])
         sizes.append(latents.shape[0])
+        if stops:
+            raise ForwardStopped
         return torch.cat(outputs)
 
     monkeypatch.setattr(model, "unet_sample", call)

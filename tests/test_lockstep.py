@@ -69,9 +69,27 @@ def test_recorded_maps_and_pivots_are_each_images_own(model, one_at_a_time, meth
     null_text = NullTextConfig(max_iterations=2)
     batched = invert_many(model, images, PROMPTS[1:], method=method, num_steps=3, dpl=dpl, null_text=null_text,
                           progress=False)
-    assert one_at_a_time.count(2) == (3 if method == "direct" else 3 + 3 * (1 + 2 + 1))  # DDIM (+ DPL's steps)
+    assert one_at_a_time.count(2) == (3 if method == "direct" else 3 + 3 * (2 + 1 + 2 + 1))  # DDIM (+ DPL: tokens, recorded, null)
     for b, (image, prompt) in enumerate(zip(images, PROMPTS[1:], strict=True)):
         alone = invert(model, image, prompt, method=method, num_steps=3, dpl=dpl, null_text=null_text, progress=False)
+        assert_same_inversion(batched[b], alone)
+
+
+def test_dpl_token_steps_in_lockstep_leave_the_batch_image_by_image(model, one_at_a_time):
+    """An image whose losses meet their thresholds leaves the token steps' batch at once (one noun:
+    L_bg only, whose threshold is above any cosine), while the other (two nouns: L_at, at about
+    0.98 on random weights, never meets 0.5) learns to the cap alone."""
+    images = [smooth_image(seed) for seed in (5, 6)]
+    prompts = ["a {house} on grass", "a red {dog} and a {cat}"]
+    dpl = DynamicPromptConfig(cross_resolution=8, self_resolution=8, max_iterations=3, threshold_at=0.5,
+                              threshold_dj=2.0, threshold_bg=2.0)
+    null_text = NullTextConfig(max_iterations=2)
+    batched = invert_many(model, images, prompts, method="dpl", num_steps=2, dpl=dpl, null_text=null_text,
+                          progress=False)
+    assert [[entry["iterations"] for entry in each.dpl_log] for each in batched] == [[0, 0], [3, 3]]
+    assert 1 in one_at_a_time  # the second image's token steps, without the first
+    for b, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+        alone = invert(model, image, prompt, method="dpl", num_steps=2, dpl=dpl, null_text=null_text, progress=False)
         assert_same_inversion(batched[b], alone)
 
 

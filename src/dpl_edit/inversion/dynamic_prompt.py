@@ -287,6 +287,56 @@ def optimize_tokens(
     return param.detach(), values, config.max_iterations
 
 
+def optimize_tokens_many(
+    losses_at: Sequence[TokenLosses], z: torch.Tensor, t: int, step: int, vectors: Sequence[torch.Tensor]
+) -> list[tuple[torch.Tensor, dict[str, float], int]]:
+    """:func:`optimize_tokens` for B images (latents (B, C, h, w)) in lockstep: each iteration runs
+    one batched forward for the images still learning (each with its own prompt's text states), and
+    each image gets its own losses, AdamW, thresholds and exit, as alone. On a model with a
+    compiled or graphed token step (one image at a time) the images take their steps in turn."""
+    if len(losses_at) == 1 or any(each.fast_step is not None for each in losses_at):
+        return [optimize_tokens(each, z[b : b + 1], t, step, vectors[b]) for b, each in enumerate(losses_at)]
+    first = losses_at[0]
+    model, config = first.model, first.config
+    params = [v.detach().float().clone().requires_grad_(True) for v in vectors]
+    optimizers = [torch.optim.AdamW([param], lr=config.learning_rate, weight_decay=config.weight_decay)
+                  for param in params]
+    thresholds = config.thresholds(step)
+    timestep = model.timestep(t, model.device)
+    values: list[dict[str, float]] = [{} for _ in params]
+    taken = [config.max_iterations] * len(params)
+    active = list(range(len(params)))
+    with first.hook:  # the same layers and early exit for every image: one hook serves the batch
+        for iteration in range(config.max_iterations):
+            rows = slice(None) if len(active) == len(params) else active
+            states = torch.cat([losses_at[b].text_states(params[b]) for b in active])
+            try:
+                model.predict(z[rows], timestep, states)
+            except ForwardStopped:
+                pass
+            maps = first.store.step_maps("cross", config.cross_resolution).float()  # (B_active, res, res, 77)
+            first.store.discard_step()
+            losses = [torch.stack(list(losses_at[b].losses_of(maps[k]).values())) for k, b in enumerate(active)]
+            read = torch.cat(losses).tolist()  # one host sync for the batch
+            learning = []
+            for k, b in enumerate(active):
+                values[b] = dict(zip(losses_at[b].active, read[: len(losses[k])], strict=True))
+                read = read[len(losses[k]) :]
+                if all(values[b][name] < thresholds[name] for name in values[b]):
+                    taken[b] = iteration
+                else:
+                    learning.append(k)
+            if not learning:
+                break
+            for k in learning:
+                optimizers[active[k]].zero_grad(set_to_none=True)
+            sum(losses_at[active[k]].weighted(losses[k]) for k in learning).backward()
+            for k in learning:
+                optimizers[active[k]].step()
+            active = [active[k] for k in learning]
+    return [(param.detach(), value, iterations) for param, value, iterations in zip(params, values, taken, strict=True)]
+
+
 def dynamic_prompt_inversion(
     model: StableDiffusion,
     prompt: MarkedPrompt,
@@ -335,8 +385,8 @@ def dynamic_prompt_inversion_many(
     progress: bool = True,
 ) -> list[DynamicPromptResult]:
     """:func:`dynamic_prompt_inversion` of B images in lockstep: pivot latents (B, C, h, w), a prompt
-    and a background mask per image. At each step each image's tokens are learned in turn, then the
-    recorded conditional forward and the null-text step (see :func:`optimize_null`) run once for the
+    and a background mask per image. At each step the token steps (:func:`optimize_tokens_many`), the
+    recorded conditional forward and the null-text step (:func:`optimize_null`) run once for the
     batch; every image's result is what inverting it alone gives."""
     losses_at = [TokenLosses(model, prompt, layers, background, config)
                  for prompt, background in zip(prompts, backgrounds, strict=True)]
@@ -350,7 +400,7 @@ def dynamic_prompt_inversion_many(
     bar = tqdm(range(schedule.num_steps), desc="DPL inversion", disable=not progress, leave=False)
     for i in bar:
         t = schedule.timesteps[i]
-        learned = [optimize_tokens(each, z[b : b + 1], t, i, vectors[b]) for b, each in enumerate(losses_at)]
+        learned = optimize_tokens_many(losses_at, z, t, i, vectors)
         vectors = [v for v, _, _ in learned]
         with torch.no_grad():
             cond = torch.cat([each.text_states(v) for each, v in zip(losses_at, vectors, strict=True)])
