@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Issue 11's GPU table in one device call (at most 9 minutes on an H100/H200): SD-1.4-sized random
+# Issue 11's GPU table in one device call (at most 10 minutes on an H100/H200): SD-1.4-sized random
 # weights, worst case (no loss meets its threshold), each run beside the authors' DPL schedule in the
-# same process. Carry .whl (diffusers and what it needs; see ../shared/GPU.md). The JSON files and
-# the logs come back under $OUT (8 files: the device tool's limit).
+# same process. Carry .whl (diffusers and what it needs; see ../shared/GPU.md). Each phase's JSON
+# file and one log of them all (run.log) come back under $OUT (5 files: the device tool takes back
+# at most 8), each phase under its own time limit, in this order:
 #
-#   First the CUDA-graph tests on the GPU (tests/test_cuda_graphs.py -k real) and the graphed UNet's
-#   ms per call and a profile of one DPL step (scripts/speed_probe.py), then benchmarks/inversion.py's rows (NTI, DPL, DPL + direct
-#   inversion, a P2P edit, authors' DPL):
-#   1. CUDA graphs fp32 (use_cuda_graphs: captured eager kernels; the warm-up column holds the
-#      captures) with the authors' row last, in the same process
-#   2. eager fp32   3. CUDA graphs bf16
-#   Each times a 10-step schedule scaled to 50 (exact in the worst case, where every step runs the
-#   same iterations); each row is saved as soon as it is measured, in case time runs out.
+#   1. the CUDA-graph tests on the GPU (tests/test_cuda_graphs.py -k real)
+#   2. benchmarks/inversion.py's rows (NTI, DPL, DPL + direct inversion, a P2P edit) with CUDA graphs
+#      (use_cuda_graphs: captured eager kernels; the warm-up column holds the captures) in fp32, the
+#      authors' DPL last in the same process
+#   3. the same rows with CUDA graphs in bf16
+#   4. benchmarks/lockstep.py: 4 images one by one and in lockstep (invert_many), NTI and DPL, eager
+#   5. the same rows as 2, eager fp32 (no authors' row)
+#   6. scripts/speed_probe.py --mode cuda-graphs --profile: the graphed UNet's ms per call, a profile
+#      of one DPL step
+#   The inversion rows time a 10-step schedule scaled to 50 (exact in the worst case, where every step
+#   runs the same iterations); each row is saved as soon as it is measured, in case time runs out.
 #   A batch item costs one inversion and one edit: images per hour follow from the rows.
 #   torch.compile's CUDA graphs are left out: on the H200 each new graph took 45-90 s of inductor
 #   compilation and DPL's graphs outran a 6-minute run (scripts/speed_probe.py times them).
@@ -26,12 +30,9 @@ $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-if [[ $DEVICE == cuda* ]]; then  # the CUDA-graph path on the real thing first: its tests, then ms per call
+if [[ $DEVICE == cuda* ]]; then  # the CUDA-graph path on the real thing first
     echo "== CUDA-graph tests"
-    timeout 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py -k real 2>&1 | tee "$OUT/tests.log" | tail -5
-    echo "== probe"
-    timeout 90 "$PYTHON" scripts/speed_probe.py --model "$MODEL" --device "$DEVICE" --mode cuda-graphs --profile \
-        2>&1 | tee "$OUT/probe.log" | grep '^{' 
+    timeout 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py -k real 2>&1 | tee -a "$OUT/run.log" | tail -5
 fi
 cd benchmarks || exit 1
 run() {  # name, seconds, arguments...
@@ -39,10 +40,19 @@ run() {  # name, seconds, arguments...
     shift 2
     echo "== $name"
     timeout "$limit" "$PYTHON" inversion.py --model "$MODEL" --device "$DEVICE" --steps "$STEPS" --json "$OUT/$name.json" "$@" 2>&1 \
-        | tee "$OUT/$name.log" | tail -20
+        | tee -a "$OUT/run.log" | tail -20
 }
 graphs=--cuda-graphs
 [[ $DEVICE == cuda* ]] || graphs=
 run graphs-fp32 200 $graphs
-run eager-fp32 120 --skip-authors
 run graphs-bf16 80 $graphs --dtype bfloat16 --skip-authors
+echo "== lockstep"
+timeout 100 "$PYTHON" lockstep.py --model "$MODEL" --device "$DEVICE" --images 4 --steps "$(( STEPS < 3 ? STEPS : 3 ))" \
+    --json "$OUT/lockstep.json" 2>&1 | tee -a "$OUT/run.log" | tail -6
+run eager-fp32 90 --skip-authors
+cd .. || exit 1
+if [[ $DEVICE == cuda* ]]; then
+    echo "== probe"
+    timeout 60 "$PYTHON" scripts/speed_probe.py --model "$MODEL" --device "$DEVICE" --mode cuda-graphs --profile \
+        2>&1 | tee -a "$OUT/run.log" | grep '^{'
+fi

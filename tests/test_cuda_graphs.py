@@ -18,7 +18,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from dpl_edit import edit, invert
+from dpl_edit import edit, invert, invert_many
 from dpl_edit.attention import attention_hook, attention_layers, select_layers
 from dpl_edit.cuda_graphs import GraphedFunction
 from dpl_edit.editing import EditConfig
@@ -172,6 +172,37 @@ def test_inversions_with_graphs_equal_eager(model, graphed_model, image, method,
     assert {key[0] for key in signatures} == {False, True}  # no-grad forwards and the null step's
     recordings = [f for f, _ in CAPTURES if getattr(f, "__name__", "") == "recorded"]
     assert len(recordings) == (2 if method == "dpl" else 1)  # the recorded DDIM inversion (and DPL's step forward)
+
+
+@pytest.mark.parametrize("method", ["nti", "dpl"])
+def test_lockstep_inversions_with_graphs(model, graphed_model, image, method, caplog):
+    """Two images in lockstep (``invert_many``) on a graphed model: the batch's forwards are captured
+    at the batch's size. NTI is bit-equal to the eager lockstep's. DPL's token steps, graphed one
+    image at a time, run in turn where the eager lockstep batches them, so its results differ by
+    what batched kernels change in the rounding (as between ``invert`` and ``invert_many``)."""
+    images = [to_pil(image), to_pil(image.flip(-1))]
+    prompts = ["a {cat} and a {dog}", "a red {dog}"]
+    CAPTURES.clear()
+    with caplog.at_level(logging.WARNING, logger="dpl_edit"):
+        eager, graphed = (invert_many(m, images, prompts, method=method, num_steps=2,
+                                      dpl=DynamicPromptConfig(max_iterations=3), progress=False)
+                          for m in (model, graphed_model))
+    assert "CUDA graphs" not in caplog.text
+    for a_run, b_run in zip(graphed, eager, strict=True):
+        for name in ("latent_T", "null_states", "token_vectors", "cross_maps", "background_mask", "clusters"):
+            a, b = getattr(a_run, name), getattr(b_run, name)
+            assert (a is None) == (b is None), name
+            if a is None:
+                continue
+            if method == "nti" or name in ("latent_T", "background_mask", "clusters"):
+                assert torch.equal(a, b), name
+            else:  # Adam(W) moves an element by at most its rate per iteration, whatever its gradient's rounding
+                rate, iterations = {"null_states": (1e-2, 2 * 10), "token_vectors": (1e-3, 2 * 3)}.get(name, (0.0, 0))
+                difference = (a - b).abs()
+                assert difference.max() <= max(2 * rate * iterations, 1e-4) and difference.mean() < 1e-5, name
+    assert any(samples[0].shape[0] == 2 for _, samples in CAPTURES)  # batched forwards, captured
+    tokens = [samples for function, samples in CAPTURES if getattr(function, "__name__", "") == "stacked_losses"]
+    assert len(tokens) == (2 if method == "dpl" else 0) and all(s[0].shape[0] == 1 for s in tokens)
 
 
 @pytest.mark.parametrize("config", [EditConfig(mode="replace", blend=("cat",), self_replace_steps=0.5),
