@@ -5,7 +5,8 @@ For each method, N images (the scene model's first N two-object test scenes; ran
 times, their ratio, the iterations the images took both ways (Adam steps of the null text, and
 DPL's token steps), and the largest difference between an image's reconstruction PSNR both ways
 (a batched UNet call rounds differently from a call for one image, so an early stop near its
-threshold can fall an iteration apart). A 2-step run of each warms up first.
+threshold can fall an iteration apart), and on a GPU the lockstep run's peak memory. A 2-step run of
+each warms up first.
 
     python benchmarks/lockstep.py                                   # scene model, CPU, 4 images, 20 steps
     python benchmarks/lockstep.py --model sd14 --device cuda --images 8 --steps 10
@@ -82,6 +83,8 @@ def main() -> None:
         alone = [invert(model, image, prompt, method=method, num_steps=args.steps, callback=counts[0], progress=False)
                  for image, prompt in zip(images, prompts, strict=True)]
         alone_s = clock() - started
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         started = clock()
         together = invert_many(model, images, prompts, method=method, num_steps=args.steps, callback=counts[1],
                                progress=False)
@@ -94,6 +97,8 @@ def main() -> None:
             "largest PSNR difference dB": float(max(abs(a - b) for a, b in psnrs)),
             "mean reconstruction PSNR dB": float(np.mean([a for a, _ in psnrs])),
         }
+        if cuda:
+            rows[method]["lockstep peak GB"] = torch.cuda.max_memory_allocated() / 2**30
         print(method, rows[method], flush=True)
     title = (f"{args.images} images, model {args.model}, {args.steps} steps, {machine(model.device)}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
