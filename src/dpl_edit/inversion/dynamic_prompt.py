@@ -269,22 +269,7 @@ def optimize_tokens(
     A fresh optimiser each timestep; the vectors are fp32 whatever the model's dtype. Returns
     (vectors, last loss values, AdamW steps taken).
     """
-    config = losses_at.config
-    param = vectors.detach().float().clone().requires_grad_(True)
-    optimizer = torch.optim.AdamW([param], lr=config.learning_rate, weight_decay=config.weight_decay)
-    thresholds = config.thresholds(step)
-    timestep = losses_at.model.timestep(t, losses_at.model.device)
-    values: dict[str, float] = {}
-    with losses_at.hook:  # installed once per timestep
-        for iteration in range(config.max_iterations):
-            losses = losses_at.values(z, timestep, param)
-            values = dict(zip(losses_at.active, losses.tolist()))  # one host sync
-            if all(values[k] < thresholds[k] for k in values):
-                return param.detach(), values, iteration
-            optimizer.zero_grad(set_to_none=True)
-            losses_at.weighted(losses).backward()
-            optimizer.step()
-    return param.detach(), values, config.max_iterations
+    return optimize_tokens_many([losses_at], z, t, step, [vectors])[0]
 
 
 def optimize_tokens_many(
@@ -292,9 +277,10 @@ def optimize_tokens_many(
 ) -> list[tuple[torch.Tensor, dict[str, float], int]]:
     """:func:`optimize_tokens` for B images (latents (B, C, h, w)) in lockstep: each iteration runs
     one batched forward for the images still learning (each with its own prompt's text states), and
-    each image gets its own losses, AdamW, thresholds and exit, as alone. On a model with a
-    compiled or graphed token step (one image at a time) the images take their steps in turn."""
-    if len(losses_at) == 1 or any(each.fast_step is not None for each in losses_at):
+    each image gets its own losses, AdamW, thresholds and exit, as alone. One image alone takes its
+    compiled or graphed token step where the model has one (``TokenLosses.values``); on such a model
+    the images of a batch take their steps in turn."""
+    if len(losses_at) > 1 and any(each.fast_step is not None for each in losses_at):
         return [optimize_tokens(each, z[b : b + 1], t, step, vectors[b]) for b, each in enumerate(losses_at)]
     first = losses_at[0]
     model, config = first.model, first.config
@@ -306,17 +292,10 @@ def optimize_tokens_many(
     values: list[dict[str, float]] = [{} for _ in params]
     taken = [config.max_iterations] * len(params)
     active = list(range(len(params)))
-    with first.hook:  # the same layers and early exit for every image: one hook serves the batch
+    with first.hook:  # installed once per timestep; the same layers and early exit serve every image
         for iteration in range(config.max_iterations):
-            rows = slice(None) if len(active) == len(params) else active
-            states = torch.cat([losses_at[b].text_states(params[b]) for b in active])
-            try:
-                model.predict(z[rows], timestep, states)
-            except ForwardStopped:
-                pass
-            maps = first.store.step_maps("cross", config.cross_resolution).float()  # (B_active, res, res, 77)
-            first.store.discard_step()
-            losses = [torch.stack(list(losses_at[b].losses_of(maps[k]).values())) for k, b in enumerate(active)]
+            losses = (first.values(z, timestep, params[0]),) if len(params) == 1 else \
+                _batched_losses(losses_at, active, z, timestep, params)
             read = torch.cat(losses).tolist()  # one host sync for the batch
             learning = []
             for k, b in enumerate(active):
@@ -335,6 +314,21 @@ def optimize_tokens_many(
                 optimizers[active[k]].step()
             active = [active[k] for k in learning]
     return [(param.detach(), value, iterations) for param, value, iterations in zip(params, values, taken, strict=True)]
+
+
+def _batched_losses(losses_at: Sequence[TokenLosses], active: list[int], z: torch.Tensor, timestep: torch.Tensor,
+                    params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each active image's stacked losses from one forward of their batch (inside the first image's hook)."""
+    first = losses_at[0]
+    rows = slice(None) if len(active) == len(params) else active
+    states = torch.cat([losses_at[b].text_states(params[b]) for b in active])
+    try:
+        first.model.predict(z[rows], timestep, states)
+    except ForwardStopped:
+        pass
+    maps = first.store.step_maps("cross", first.config.cross_resolution).float()  # (B_active, res, res, 77)
+    first.store.discard_step()
+    return [torch.stack(list(losses_at[b].losses_of(maps[k]).values())) for k, b in enumerate(active)]
 
 
 def dynamic_prompt_inversion(
@@ -388,6 +382,8 @@ def dynamic_prompt_inversion_many(
     and a background mask per image. At each step the token steps (:func:`optimize_tokens_many`), the
     recorded conditional forward and the null-text step (:func:`optimize_null`) run once for the
     batch; every image's result is what inverting it alone gives."""
+    if null not in NULL_STRATEGIES:
+        raise ValueError(f"null must be one of {NULL_STRATEGIES}, got {null!r}")
     losses_at = [TokenLosses(model, prompt, layers, background, config)
                  for prompt, background in zip(prompts, backgrounds, strict=True)]
     vectors = [model.token_embedding(each.token_ids[0, each.positions]).float() for each in losses_at]  # (K, D_in)
