@@ -16,7 +16,7 @@ import torch
 
 from dpl_edit import DplEditError, invert, invert_many
 from dpl_edit.images import to_pil
-from dpl_edit.inversion import DynamicPromptConfig, NullTextConfig
+from dpl_edit.inversion import DynamicPromptConfig, NullTextConfig, dynamic_prompt_inversion_many
 
 PROMPTS = ["a {cat}", "a red {dog} and a {cat}", "a {house} on grass"]
 # thresholds inside the tiny model's range of losses, so that the images stop at other iterations
@@ -114,3 +114,8 @@ def test_invert_many_wants_one_prompt_per_image(model):
         invert_many(model, [smooth_image(0)] * 2, ["a {cat}"], method="nti", num_steps=2, progress=False)
     with pytest.raises(DplEditError, match="as many prompts as images"):
         invert_many(model, [], [], method="nti", num_steps=2, progress=False)
+
+
+def test_dpl_checks_its_null_strategy_before_any_work():
+    with pytest.raises(ValueError, match="null must be one of"):
+        dynamic_prompt_inversion_many(None, [], [], None, [], [], None, 7.5, null="bogus")
