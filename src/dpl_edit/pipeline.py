@@ -128,11 +128,12 @@ def invert_many(
     ).pivot
     history = store.history[("cross", dpl.cross_resolution)][::-1]  # sampling order, (B, res, res, 77) each
     null_init = model.encode_prompt("")
+    fingerprint, versions = model.fingerprint(), library_versions()
     results = [
         Inversion(
             method=method,
             model_id=model.model_id,
-            model_fingerprint=model.fingerprint(),
+            model_fingerprint=fingerprint,
             prompt=prompt,
             token_ids=list(m.token_ids),
             prompt_tokens=model.tokenizer.convert_ids_to_tokens(list(m.token_ids[1 : m.end_position])),
@@ -143,7 +144,7 @@ def invert_many(
             null=null if method == "dpl" else METHOD_NULLS[method],
             words=[{"word": w.word, "positions": list(w.positions)} for w in m.words],
             settings={"preset": preset, "cross_resolution": dpl.cross_resolution},
-            versions=library_versions(),
+            versions=versions,
             source_image=image,
         )
         for b, (image, prompt, m) in enumerate(zip(images, prompts, marked, strict=True))
