@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=2, choices=[2, 3], help="objects per scene (default: 2)")
     parser.add_argument("--split", default="test", choices=["validation", "test"])
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="scenes inverted at once, in lockstep (dpl batch --batch-size; default: 1)")
     parser.add_argument("--methods", default="ddim,nti,dpl",
                         help=f"comma-separated editing methods of {','.join(METHOD_FOLDERS)} (default: ddim,nti,dpl)")
     parser.add_argument("--ablations", action="store_true", help="localisation of DPL with each loss alone")
@@ -151,7 +153,8 @@ def main() -> None:
 
     started = time.perf_counter()
     summary = run_batch(model, data, items, methods, args.out, num_steps=args.steps, split=False,
-                        on_inversion=on_inversion, target_tokens=args.target_tokens, dpl=dpl)
+                        on_inversion=on_inversion, target_tokens=args.target_tokens, dpl=dpl,
+                        batch_size=args.batch_size)
     if args.ablations:
         for index, item in enumerate(items[::3]):  # one item per scene
             scene = exported_scene(item.image_path)
