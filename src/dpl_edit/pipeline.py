@@ -126,7 +126,6 @@ def invert_many(
     pivot = ddim_inversion(
         model, source_latent, cond, schedule, record=cross_layers + self_layers, store=store, progress=progress
     ).pivot
-    history = store.history[("cross", dpl.cross_resolution)][::-1]  # sampling order, (B, res, res, 77) each
     null_init = model.encode_prompt("")
     fingerprint, versions = model.fingerprint(), library_versions()
     results = [
@@ -149,7 +148,6 @@ def invert_many(
         )
         for b, (image, prompt, m) in enumerate(zip(images, prompts, marked, strict=True))
     ]
-    step_maps = [[maps[b] for maps in history] for b in range(len(images))]
     if method == "nti":
         nulls = null_text_inversion(
             model, pivot, cond, null_init, schedule, guidance_scale, null_text,
@@ -158,9 +156,12 @@ def invert_many(
         for b, result in enumerate(results):
             result.null_states = torch.stack([states[b] for states in nulls])  # (num_steps, 77, D)
             result.settings["null_text"] = asdict(null_text)
-    if method == "dpl":
+    if method == "dpl":  # the maps of its learned tokens; the other methods keep the DDIM inversion's
         step_maps = _learn_tokens(results, model, marked, pivot, null_init, store, cross_layers, schedule, dpl,
                                   null_text, null, callback, progress)
+    else:
+        history = store.history[("cross", dpl.cross_resolution)][::-1]  # sampling order, (B, res, res, 77) each
+        step_maps = [[maps[b] for maps in history] for b in range(len(images))]
     for b, (result, m) in enumerate(zip(results, marked, strict=True)):
         if result.null == "direct":
             result.trajectory = torch.cat([z[b : b + 1] for z in pivot])  # (num_steps + 1, C, h, w)

@@ -153,7 +153,7 @@ def _run_groups(model, dataset: Path, groups: list[list[EditItem]], method: str,
         if on_inversion is not None:
             on_inversion(method, group, images[k], inversion)
         shared = {"marked_prompt": prompts[k], "inversion_s": inversion_s, "inversion_shared_by": len(group)}
-        if len(loaded) > 1 and "batch" in inversion.settings:
+        if "batch" in inversion.settings:
             shared["inverted_with"] = inversion.settings["batch"]  # images inverted in lockstep
         if inversion.dpl_log:
             shared["dpl_steps_at_cap"] = capped_steps(inversion.dpl_log, inversion.settings["dpl"]["max_iterations"])
