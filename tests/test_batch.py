@@ -4,6 +4,7 @@ PIE-format mini dataset made here (rendered scenes, 2 DDIM steps, the bundled mo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -159,6 +160,18 @@ def test_a_batch_the_lockstep_inversion_cannot_take_inverts_each_image_alone(dat
     summary = run_batch(model, dataset, items, ["ddim"], tmp_path, num_steps=STEPS, progress=False, batch_size=2)
     assert (summary.done, summary.failed) == (6, 0)
     assert "inverted_with" not in json.loads(record_path(tmp_path, "ddim", items[0]).read_text())
+
+
+def test_a_batch_that_does_not_fit_in_memory_inverts_each_image_alone(dataset, model, tmp_path, monkeypatch, caplog):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("dpl_edit.batch.runner.invert_many", out_of_memory)
+    items = read_dataset(dataset)
+    with caplog.at_level(logging.WARNING, logger="dpl_edit.batch.runner"):
+        summary = run_batch(model, dataset, items, ["ddim"], tmp_path, num_steps=STEPS, progress=False, batch_size=2)
+    assert (summary.done, summary.failed) == (6, 0)
+    assert "did not fit in the device's memory" in caplog.text and "--batch-size" in caplog.text
 
 
 def test_two_accelerate_processes_write_what_one_does(dataset, tmp_path):

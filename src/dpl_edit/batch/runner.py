@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -34,6 +36,8 @@ from ..images import load_image
 from ..inversion.dynamic_prompt import DynamicPromptConfig, capped_steps
 from ..pipeline import invert, invert_many
 from .piebench import IMAGES, EditItem, edit_path
+
+logger = logging.getLogger(__name__)
 
 # dpl-edit's method -> the folder PIE-Bench's scripts use for it (its own names where it has one).
 METHOD_FOLDERS = {
@@ -188,6 +192,11 @@ def _invert(model, images: list[Image.Image], prompts: list[str], method: str, n
             return inversions, [share] * len(images)
         except (DplEditError, OSError, ValueError):
             pass  # one image or prompt the batch cannot take: each alone, each with its own outcome
+        except torch.OutOfMemoryError:
+            logger.warning("A lockstep batch of %d images did not fit in the device's memory; they are inverted "
+                           "one at a time (a smaller --batch-size avoids the retry).", len(images))
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()  # what the failed batch held (its traceback is gone by now)
     inversions, seconds = [], []
     for image, prompt in zip(images, prompts, strict=True):
         started = time.perf_counter()

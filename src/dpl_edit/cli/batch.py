@@ -28,7 +28,8 @@ def register(commands) -> None:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50, as PIE-Bench)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images inverted at once, in lockstep: the same inversions with batched UNet calls, "
-                   "faster where the hardware has room (a GPU above all; default: 1)")
+                   "faster where the hardware has room (a GPU above all); at 1 (the default) an image's result does not "
+                   "depend on the images beside it")
     p.add_argument("--target-tokens", choices=TARGET_TOKENS, default=None,
                    help="which learned DPL vectors the target prompts keep (default: the model's recommendation, "
                    "else keep, the authors')")
