@@ -25,7 +25,7 @@ from ..attention import (
     StopAfter,
     last_layer,
 )
-from ..cuda_graphs import GraphedFunction
+from ..cuda_graphs import Capture, GraphedFunction
 from ..diffusion import DDIMSchedule, denoise_step, guided_noise
 from ..errors import SettingError
 from ..losses import (
@@ -242,6 +242,72 @@ class TokenLosses:
             self.fast_step = None
 
 
+class LockstepTokenLosses:
+    """The token losses of a lockstep batch of B images from one batched forward, as CUDA graphs.
+
+    The graph is captured at the whole batch once per inversion (static shapes): an image that met
+    its thresholds stays in the forward, its losses unread, its gradient zero (nothing reaches its
+    rows of the backward) and its vectors unchanged (its AdamW does not step), so every iteration
+    and timestep replays the same capture where a shrinking batch would capture each size it goes
+    through. Each image's rows of a batched forward are its own computation, so its results are
+    those of the eager lockstep's (to the rounding of the batched kernels). The graphed gradient is
+    checked once against eager's; a capture that fails or disagrees leaves the batch eager, with a
+    warning.
+    """
+
+    def __init__(self, losses_at: Sequence[TokenLosses], capture: Capture):
+        self.losses_at = list(losses_at)
+        self.sizes = [len(each.active) for each in self.losses_at]
+        self.fast_step: GraphedFunction | None = GraphedFunction(self.every_loss, capture)
+        self.checked = False
+
+    def every_loss(self, z: torch.Tensor, timestep: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        """Every image's stacked losses, one after the other, from one forward of the whole batch."""
+        return torch.cat(_batched_losses(self.losses_at, list(range(len(params))), z, timestep, list(params)))
+
+    def values(self, z: torch.Tensor, timestep: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each image's stacked losses (inside the first image's hook)."""
+        if self.fast_step is not None and not self.checked:
+            self._check_fast_step(z, timestep, params)
+        if self.fast_step is not None:
+            try:
+                return list(self.fast_step(z, timestep, *params).split(self.sizes))
+            except Exception as err:  # noqa: BLE001 - a capture or replay failure: the eager step is always right
+                logger.warning("CUDA graphs failed on DPL's lockstep token step (%s); it runs eager from now on.",
+                               compile_failure(err))
+                self.fast_step = None
+                self.losses_at[0].store.discard_step()  # whatever the failed call recorded
+        return list(self.every_loss(z, timestep, *params).split(self.sizes))
+
+    def _objective(self, step: Callable, z: torch.Tensor, timestep: torch.Tensor,
+                   params: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The batch's objective (the sum of the images' weighted losses) as a function of all their
+        vectors flattened into one tensor (what ``gradient_error`` differentiates)."""
+        def objective(flat: torch.Tensor) -> torch.Tensor:
+            chunks = flat.split([p.numel() for p in params])
+            losses = step(z, timestep, *(c.view_as(p) for c, p in zip(chunks, params, strict=True))).split(self.sizes)
+            return sum(each.weighted(l) for each, l in zip(self.losses_at, losses, strict=True))
+        return objective
+
+    def _check_fast_step(self, z: torch.Tensor, timestep: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
+        self.checked = True
+        flat = torch.cat([p.detach().flatten() for p in params])
+        try:
+            error = gradient_error(self._objective(self.every_loss, z, timestep, params),
+                                   self._objective(self.fast_step, z, timestep, params), flat, False)
+        except Exception as err:  # noqa: BLE001 - any capture failure: the eager step is always right
+            self.losses_at[0].store.discard_step()
+            logger.warning("CUDA graphs could not make DPL's lockstep token step (%s); it runs eager.",
+                           compile_failure(err))
+            self.fast_step = None
+            return
+        if not error <= COMPILE_TOLERANCE[self.losses_at[0].model.dtype]:
+            logger.warning("CUDA graphs' backward of DPL's lockstep token step disagrees with eager here "
+                           "(relative error %.2g > %.0e): it runs eager.", error,
+                           COMPILE_TOLERANCE[self.losses_at[0].model.dtype])
+            self.fast_step = None
+
+
 def capped_steps(log: Sequence[dict], max_iterations: int) -> int:
     """How many steps of a DPL log used every AdamW iteration without meeting the thresholds."""
     return sum(entry["iterations"] >= max_iterations for entry in log)
@@ -273,14 +339,16 @@ def optimize_tokens(
 
 
 def optimize_tokens_many(
-    losses_at: Sequence[TokenLosses], z: torch.Tensor, t: int, step: int, vectors: Sequence[torch.Tensor]
+    losses_at: Sequence[TokenLosses], z: torch.Tensor, t: int, step: int, vectors: Sequence[torch.Tensor],
+    lockstep: LockstepTokenLosses | None = None,
 ) -> list[tuple[torch.Tensor, dict[str, float], int]]:
     """:func:`optimize_tokens` for B images (latents (B, C, h, w)) in lockstep: each iteration runs
     one batched forward for the images still learning (each with its own prompt's text states), and
     each image gets its own losses, AdamW, thresholds and exit, as alone. One image alone takes its
-    compiled or graphed token step where the model has one (``TokenLosses.values``); on such a model
-    the images of a batch take their steps in turn."""
-    if len(losses_at) > 1 and any(each.fast_step is not None for each in losses_at):
+    compiled or graphed token step where the model has one (``TokenLosses.values``). A batch on a
+    graphed model takes ``lockstep``'s graphed step (the whole batch in every forward; the eager
+    batch if it failed); on a compiled model the images take their compiled steps in turn."""
+    if len(losses_at) > 1 and lockstep is None and any(each.fast_step is not None for each in losses_at):
         return [optimize_tokens(each, z[b : b + 1], t, step, vectors[b]) for b, each in enumerate(losses_at)]
     first = losses_at[0]
     model, config = first.model, first.config
@@ -294,8 +362,13 @@ def optimize_tokens_many(
     active = list(range(len(params)))
     with first.hook:  # installed once per timestep; the same layers and early exit serve every image
         for iteration in range(config.max_iterations):
-            losses = (first.values(z, timestep, params[0]),) if len(params) == 1 else \
-                _batched_losses(losses_at, active, z, timestep, params)
+            if len(params) == 1:
+                losses = (first.values(z, timestep, params[0]),)
+            elif lockstep is not None and lockstep.fast_step is not None:
+                every = lockstep.values(z, timestep, params)
+                losses = [every[b] for b in active]
+            else:
+                losses = _batched_losses(losses_at, active, z, timestep, params)
             read = torch.cat(losses).tolist()  # one host sync for the batch
             learning = []
             for k, b in enumerate(active):
@@ -387,6 +460,8 @@ def dynamic_prompt_inversion_many(
     losses_at = [TokenLosses(model, prompt, layers, background, config)
                  for prompt, background in zip(prompts, backgrounds, strict=True)]
     vectors = [model.token_embedding(each.token_ids[0, each.positions]).float() for each in losses_at]  # (K, D_in)
+    graphed = len(prompts) > 1 and model.graphed_unet is not None
+    lockstep = LockstepTokenLosses(losses_at, model.graphed_unet.capture) if graphed else None
     key = ("cross", config.cross_resolution)
     record = AttentionStore(average_steps=False, history=[key])
     record_hook = AttentionHook(model.unet, layers, record)
@@ -396,7 +471,7 @@ def dynamic_prompt_inversion_many(
     bar = tqdm(range(schedule.num_steps), desc="DPL inversion", disable=not progress, leave=False)
     for i in bar:
         t = schedule.timesteps[i]
-        learned = optimize_tokens_many(losses_at, z, t, i, vectors)
+        learned = optimize_tokens_many(losses_at, z, t, i, vectors, lockstep)
         vectors = [v for v, _, _ in learned]
         with torch.no_grad():
             cond = torch.cat([each.text_states(v) for each, v in zip(losses_at, vectors, strict=True)])
