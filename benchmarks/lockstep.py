@@ -9,7 +9,7 @@ threshold can fall an iteration apart), and on a GPU the lockstep run's peak mem
 each warms up first.
 
     python benchmarks/lockstep.py                                   # scene model, CPU, 4 images, 20 steps
-    python benchmarks/lockstep.py --model sd14 --device cuda --images 8 --steps 10
+    python benchmarks/lockstep.py --model sd14 --device cuda --images 8 --steps 10 [--cuda-graphs]
 """
 
 from __future__ import annotations
@@ -64,9 +64,13 @@ def main() -> None:
     parser.add_argument("--methods", default="nti,dpl")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the inner loops as CUDA graphs (use_cuda_graphs; the warm-up captures them)")
     parser.add_argument("--json")
     args = parser.parse_args()
     model = sd14_sized_model().to(args.device) if args.model == "sd14" else load_model(args.model, device=args.device)
+    if args.cuda_graphs:
+        model.use_cuda_graphs()
     images, prompts = subjects(model, args.model, args.images)
     cuda = model.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -100,7 +104,8 @@ def main() -> None:
         if cuda:
             rows[method]["lockstep peak GB"] = torch.cuda.max_memory_allocated() / 2**30
         print(method, rows[method], flush=True)
-    title = (f"{args.images} images, model {args.model}, {args.steps} steps, {machine(model.device)}, "
+    title = (f"{args.images} images, model {args.model}, {args.steps} steps, "
+             f"{'CUDA graphs' if model.graphed_unet is not None else 'eager'}, {machine(model.device)}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     columns = list(next(iter(rows.values())))
     print(f"\n{title}\n\n| method | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))

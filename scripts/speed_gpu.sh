@@ -10,7 +10,8 @@
 #      (use_cuda_graphs: captured eager kernels; the warm-up column holds the captures) in fp32, the
 #      authors' DPL last in the same process
 #   3. the same rows with CUDA graphs in bf16
-#   4. benchmarks/lockstep.py: 4 images one by one and in lockstep (invert_many), NTI and DPL, eager
+#   4. benchmarks/lockstep.py: 4 images one by one and in lockstep (invert_many), NTI and DPL, with
+#      CUDA graphs (DPL's token steps as one capture of the whole batch)
 #   5. the same rows as 2, eager fp32 (no authors' row)
 #   6. scripts/speed_probe.py --mode cuda-graphs --profile: the graphed UNet's ms per call, a profile
 #      of one DPL step
@@ -48,7 +49,7 @@ run graphs-fp32 200 $graphs
 run graphs-bf16 80 $graphs --dtype bfloat16 --skip-authors
 echo "== lockstep"
 timeout 100 "$PYTHON" lockstep.py --model "$MODEL" --device "$DEVICE" --images 4 --steps "$(( STEPS < 3 ? STEPS : 3 ))" \
-    --json "$OUT/lockstep.json" 2>&1 | tee -a "$OUT/run.log" | tail -6
+    $graphs --json "$OUT/lockstep.json" 2>&1 | tee -a "$OUT/run.log" | tail -6
 run eager-fp32 90 --skip-authors
 cd .. || exit 1
 if [[ $DEVICE == cuda* ]]; then
