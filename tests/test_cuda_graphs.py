@@ -200,6 +200,35 @@ def test_lockstep_inversions_with_graphs(model, graphed_model, image, method, ca
     assert len(tokens) == (1 if method == "dpl" else 0) and all(s[0].shape[0] == 2 for s in tokens)
 
 
+def test_graphed_lockstep_null_step_keeps_stopped_images_in_its_forward(model, one_at_a_time, image):
+    """NTI's images stopping at other iterations: on a graphed model the null step's forward keeps
+    the whole batch (one capture at batch 3, where the eager batch goes down to 2; a stopped image's
+    loss is left out, its states unchanged), and with the UNet called per image every tensor equals
+    the eager lockstep's (which equals each image alone, test_lockstep.py)."""
+    images = [to_pil(image), to_pil(image.flip(-1)), to_pil(image.flip(-2))]
+    prompts = ["a {cat}", "a red {dog} and a {cat}", "a {house} on grass"]
+    null_text = NullTextConfig(max_iterations=5, early_stop_epsilon=0.2, early_stop_growth=0.5)
+    runs, steps, captures = [], [[], []], []
+    try:
+        for k in range(2):
+            if k == 1:
+                model.use_cuda_graphs(capture=counting(captures))
+            runs.append(invert_many(model, images, prompts, method="nti", num_steps=4, null_text=null_text,
+                                    callback=steps[k].append, progress=False))
+    finally:
+        model.graphed_unet = None
+        model.graphed_hooks.clear()
+    iterations = {(s.step, s.image): s.iterations for s in steps[1]}
+    stops = [sorted(iterations[step, b] for b in range(3)) for step in range(4)]
+    assert any(first < second for first, second, _ in stops)  # one image stopped while two went on
+    assert [(s.loss, s.iterations) for s in steps[1]] == [(s.loss, s.iterations) for s in steps[0]]
+    for graphed, eager in zip(*reversed(runs), strict=True):
+        for name in ("latent_T", "source_latent", "null_states", "cross_maps"):
+            assert torch.equal(getattr(graphed, name), getattr(eager, name)), name
+    null_steps = [samples for _, samples in captures if samples[2].requires_grad]
+    assert [s[0].shape[0] for s in null_steps] == [1, 3]  # use_cuda_graphs' own check at batch 1, then the batch
+
+
 def test_graphed_lockstep_token_step_keeps_a_stopped_image_in_its_forward(model, one_at_a_time, image):
     """One image meets its thresholds at once (one noun: L_bg only, whose threshold is above any
     cosine), the other learns to the cap. The graphed lockstep step still forwards both (one capture

@@ -123,7 +123,8 @@ def optimize_null(
     model's dtype. A batch of B images (latents (B, C, h, w), states (B, 77, D)) runs in
     lockstep: each image has its own states, Adam and loss (the batch's backward is that of the
     sum of the losses, so each image gets its own gradient), and an image that stops leaves the
-    batch with its states as they are. Returns (states (B, 77, D) in the model's dtype, each
+    batch with its states as they are (on a model with CUDA graphs it stays in the forward, its loss
+    left out, so that one capture serves the whole batch). Returns (states (B, 77, D) in the model's dtype, each
     image's last loss, each image's iterations).
     """
     params = [row.detach().float().clone().requires_grad_(True) for row in null.split(1)]
@@ -132,11 +133,14 @@ def optimize_null(
     t = schedule.timesteps[i]
     losses, iterations = [float("nan")] * len(params), [0] * len(params)
     active = list(range(len(params)))
+    # CUDA graphs: the whole batch in every forward (one capture), a stopped image's loss left out
+    static = model.graphed_unet is not None
     for iteration in range(1, config.max_iterations + 1):
-        rows = slice(None) if len(active) == len(params) else active  # a view while no image has stopped
-        eps_uncond = model.predict(z[rows], t, torch.cat([params[b] for b in active]).to(model.dtype))
+        forward = list(range(len(params))) if static else active
+        rows = slice(None) if len(forward) == len(params) else forward  # a view while no image has stopped
+        eps_uncond = model.predict(z[rows], t, torch.cat([params[b] for b in forward]).to(model.dtype))
         z_prev = denoise_step(schedule, i, z[rows], guided_noise(eps_uncond, eps_cond[rows], guidance_scale))
-        loss = torch.stack([F.mse_loss(z_prev[k].float(), target[b].float()) for k, b in enumerate(active)])
+        loss = torch.stack([F.mse_loss(z_prev[forward.index(b)].float(), target[b].float()) for b in active])
         for b in active:
             optimizers[b].zero_grad(set_to_none=True)
         loss.sum().backward()
