@@ -59,6 +59,21 @@ def test_null_text_inversion_in_lockstep_is_each_image_alone(model, one_at_a_tim
     assert 3 in sizes and ({1, 2} & set(sizes))
 
 
+def test_a_compiled_null_step_keeps_the_whole_batch(model, one_at_a_time, monkeypatch):
+    """Where the null step's backward is compiled (static shapes), its forward keeps stopped images
+    (each size the batch went through would be a compilation of its own); the inversions do not
+    change. (The flag alone, on the eager model: what it changes is which rows are forwarded.)"""
+    images = [smooth_image(seed) for seed in range(3)]
+    shrinking = invert_many(model, images, PROMPTS, method="nti", num_steps=4, null_text=EARLY_STOPS, progress=False)
+    assert {1, 2} & set(one_at_a_time)
+    one_at_a_time.clear()
+    monkeypatch.setattr(model, "compiled_backward", True)
+    static = invert_many(model, images, PROMPTS, method="nti", num_steps=4, null_text=EARLY_STOPS, progress=False)
+    assert set(one_at_a_time) == {3}
+    for a, b in zip(static, shrinking, strict=True):
+        assert_same_inversion(a, b)
+
+
 @pytest.mark.parametrize("method", ["dpl", "direct"])
 def test_recorded_maps_and_pivots_are_each_images_own(model, one_at_a_time, method):
     """The batch's DDIM inversion records every image's maps (DPL's background mask and its saved

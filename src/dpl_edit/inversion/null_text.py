@@ -123,9 +123,9 @@ def optimize_null(
     model's dtype. A batch of B images (latents (B, C, h, w), states (B, 77, D)) runs in
     lockstep: each image has its own states, Adam and loss (the batch's backward is that of the
     sum of the losses, so each image gets its own gradient), and an image that stops leaves the
-    batch with its states as they are (on a model with CUDA graphs it stays in the forward, its loss
-    left out, so that one capture serves the whole batch). Returns (states (B, 77, D) in the model's dtype, each
-    image's last loss, each image's iterations).
+    batch with its states as they are (on a model with CUDA graphs or a compiled backward it stays in
+    the forward, its loss left out, so that one capture or compilation serves the batch). Returns
+    (states (B, 77, D) in the model's dtype, each image's last loss, each image's iterations).
     """
     params = [row.detach().float().clone().requires_grad_(True) for row in null.split(1)]
     optimizers = [torch.optim.Adam([param], lr=config.learning_rate_at(i)) for param in params]
@@ -133,8 +133,9 @@ def optimize_null(
     t = schedule.timesteps[i]
     losses, iterations = [float("nan")] * len(params), [0] * len(params)
     active = list(range(len(params)))
-    # CUDA graphs: the whole batch in every forward (one capture), a stopped image's loss left out
-    static = model.graphed_unet is not None
+    # CUDA graphs or a compiled backward (static shapes): the whole batch in every forward, so that it
+    # is one capture or compilation, with a stopped image's loss left out
+    static = model.graphed_unet is not None or model.compiled_backward
     for iteration in range(1, config.max_iterations + 1):
         forward = list(range(len(params))) if static else active
         rows = slice(None) if len(forward) == len(params) else forward  # a view while no image has stopped
