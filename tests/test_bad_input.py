@@ -166,3 +166,14 @@ def test_an_unexpected_failure_is_one_line_and_a_log_file(monkeypatch, capsys, f
     assert len(err) == 1 and "this is a bug in dpl-edit" in err[0] and "Traceback" not in err[0]
     log = err[0].rsplit(" ", 1)[-1]
     assert "RuntimeError: boom" in Path(log).read_text()
+
+
+def test_running_out_of_device_memory_is_one_line_that_says_what_to_change(monkeypatch, capsys, files):
+    def too_big(folder):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+
+    monkeypatch.setattr("dpl_edit.cli.inversion.Inversion.load", too_big)
+    assert main(["reconstruct", str(files / "inv")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in err[0]
+    assert "--batch-size" in err[0] and "bug" not in err[0]

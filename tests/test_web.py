@@ -13,6 +13,7 @@ import urllib.request
 import zipfile
 
 import pytest
+import torch
 from PIL import Image
 
 from dpl_edit.editing import EditConfig
@@ -117,6 +118,17 @@ def test_bad_input_gives_a_message(bench, scene, tmp_path, case, message):
         elif case == "replace counts":
             view = bench.invert(path, caption, InvertSettings(steps=STEPS))
             bench.edit(view.key, plain.replace("circle", "big round ball"), EditConfig())
+
+
+def test_a_handler_that_runs_out_of_memory_says_what_to_change():
+    from dpl_edit.web.app import ERROR, _guarded
+
+    @_guarded(1)
+    def handler():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    message = handler()
+    assert message.startswith(ERROR) and "ran out of memory" in message and "bug" not in message
 
 
 def test_small_images_are_enlarged_for_the_page():

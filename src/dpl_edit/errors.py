@@ -26,3 +26,12 @@ class InversionFileError(DplEditError):
 
 class SettingError(DplEditError, ValueError):
     """A setting is out of its range, not finite, or a path of the wrong kind."""
+
+
+def out_of_memory(err: Exception) -> str:
+    """What to tell a user whose device ran out of memory (``torch.OutOfMemoryError``): not a bug,
+    a setting to change."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"The device ran out of memory ({first}). Invert fewer images at once (dpl batch "
+            "--batch-size), edit towards fewer targets at once, use half precision on a GPU (--dtype "
+            "float16 or bfloat16), or free the memory other processes hold on the device.")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..errors import DplEditError
+from ..errors import DplEditError, out_of_memory
 from . import analysis, batch, demo, inversion, scenes, serve
 
 
@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written for the step in progress", file=sys.stderr)
         return 130
+    except torch.OutOfMemoryError as err:
+        print(f"error: {out_of_memory(err)}", file=sys.stderr)
+        return 1
     except Exception as err:  # noqa: BLE001 (a bug: one line here, the traceback in a log file)
         log = Path(tempfile.gettempdir()) / f"dpl-edit-error-{time.strftime('%Y%m%d-%H%M%S')}.log"
         log.write_text("".join(traceback.format_exception(err)))

@@ -14,11 +14,12 @@ import threading
 from pathlib import Path
 
 import gradio as gr
+import torch
 
 from ..cli.common import pairs
 from ..editing import MODES, EditConfig, recommended_edit_config
 from ..editing.plan import TARGET_TOKENS
-from ..errors import DplEditError
+from ..errors import DplEditError, out_of_memory
 from ..images import FITS
 from .workbench import DPL_NULLS, PAGE_METHODS, InvertSettings, Workbench, enlarged
 
@@ -38,6 +39,8 @@ def _guarded(outputs: int):
                 return handler(*args, **kwargs)
             except DplEditError as err:
                 message = str(err)
+            except torch.OutOfMemoryError as err:
+                message = out_of_memory(err)
             except Exception:  # a bug: the traceback goes to the server's log, never to the page
                 logger.exception("dpl serve: unexpected error in %s", handler.__name__)
                 message = "Something went wrong on the server (a bug in dpl-edit; the details are in its log)."
