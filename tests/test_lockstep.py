@@ -64,11 +64,12 @@ def test_a_compiled_null_step_keeps_the_whole_batch(model, one_at_a_time, monkey
     (each size the batch went through would be a compilation of its own); the inversions do not
     change. (The flag alone, on the eager model: what it changes is which rows are forwarded.)"""
     images = [smooth_image(seed) for seed in range(3)]
-    shrinking = invert_many(model, images, PROMPTS, method="nti", num_steps=4, null_text=EARLY_STOPS, progress=False)
+    null_text = NullTextConfig(max_iterations=2, early_stop_epsilon=0.4, early_stop_growth=0.5)  # stops apart
+    shrinking = invert_many(model, images, PROMPTS, method="nti", num_steps=3, null_text=null_text, progress=False)
     assert {1, 2} & set(one_at_a_time)
     one_at_a_time.clear()
     monkeypatch.setattr(model, "compiled_backward", True)
-    static = invert_many(model, images, PROMPTS, method="nti", num_steps=4, null_text=EARLY_STOPS, progress=False)
+    static = invert_many(model, images, PROMPTS, method="nti", num_steps=3, null_text=null_text, progress=False)
     assert set(one_at_a_time) == {3}
     for a, b in zip(static, shrinking, strict=True):
         assert_same_inversion(a, b)
