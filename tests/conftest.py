@@ -8,6 +8,7 @@ import torch
 
 from dpl_edit.attention import AttentionStore, ForwardStopped, StopAfter
 from dpl_edit.attention.hook import active_hook
+from dpl_edit.inversion import DynamicPromptConfig, NullTextConfig
 from dpl_edit.random_models import tiny_model
 
 
@@ -57,3 +58,14 @@ def one_at_a_time(model, monkeypatch):
 
     monkeypatch.setattr(model, "unet_sample", call)
     return sizes
+
+
+@pytest.fixture
+def one_stops_at_once():
+    """Two prompts and DPL settings under which, on the tiny model, the first image's token steps
+    end at once (one noun: L_bg only, whose threshold is above any cosine) and the second's run to
+    the cap of 3 (two nouns: L_at, at about 0.98 on random weights, never meets 0.5):
+    ``(prompts, dpl, null_text)``."""
+    dpl = DynamicPromptConfig(cross_resolution=8, self_resolution=8, max_iterations=3, threshold_at=0.5,
+                              threshold_dj=2.0, threshold_bg=2.0)
+    return ["a {house} on grass", "a red {dog} and a {cat}"], dpl, NullTextConfig(max_iterations=2)

@@ -229,18 +229,15 @@ def test_graphed_lockstep_null_step_keeps_stopped_images_in_its_forward(model, o
     assert [s[0].shape[0] for s in null_steps] == [1, 3]  # use_cuda_graphs' own check at batch 1, then the batch
 
 
-def test_graphed_lockstep_token_step_keeps_a_stopped_image_in_its_forward(model, one_at_a_time, image):
-    """One image meets its thresholds at once (one noun: L_bg only, whose threshold is above any
-    cosine), the other learns to the cap. The graphed lockstep step still forwards both (one capture
+def test_graphed_lockstep_token_step_keeps_a_stopped_image_in_its_forward(model, one_at_a_time, one_stops_at_once,
+                                                                          image):
+    """One image meets its thresholds at once, the other learns to the cap. The graphed lockstep step still forwards both (one capture
     at batch 2 serves every iteration of both steps) without moving the stopped image's vectors, and
     with the UNet called per image (so that a batch's arithmetic is each image's own) every tensor
     equals the eager lockstep's, which shrinks its batch instead (and equals each image alone,
     test_lockstep.py)."""
     images = [to_pil(image), to_pil(image.flip(-1))]
-    prompts = ["a {house} on grass", "a red {dog} and a {cat}"]
-    dpl = DynamicPromptConfig(cross_resolution=8, self_resolution=8, max_iterations=3, threshold_at=0.5,
-                              threshold_dj=2.0, threshold_bg=2.0)
-    null_text = NullTextConfig(max_iterations=2)
+    prompts, dpl, null_text = one_stops_at_once
     eager = invert_many(model, images, prompts, method="dpl", num_steps=2, dpl=dpl, null_text=null_text,
                         progress=False)
     captures = []

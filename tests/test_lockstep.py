@@ -91,15 +91,11 @@ def test_recorded_maps_and_pivots_are_each_images_own(model, one_at_a_time, meth
         assert_same_inversion(batched[b], alone)
 
 
-def test_dpl_token_steps_in_lockstep_leave_the_batch_image_by_image(model, one_at_a_time):
-    """An image whose losses meet their thresholds leaves the token steps' batch at once (one noun:
-    L_bg only, whose threshold is above any cosine), while the other (two nouns: L_at, at about
-    0.98 on random weights, never meets 0.5) learns to the cap alone."""
+def test_dpl_token_steps_in_lockstep_leave_the_batch_image_by_image(model, one_at_a_time, one_stops_at_once):
+    """An image whose losses meet their thresholds leaves the token steps' batch at once, while the
+    other learns to the cap alone."""
     images = [smooth_image(seed) for seed in (5, 6)]
-    prompts = ["a {house} on grass", "a red {dog} and a {cat}"]
-    dpl = DynamicPromptConfig(cross_resolution=8, self_resolution=8, max_iterations=3, threshold_at=0.5,
-                              threshold_dj=2.0, threshold_bg=2.0)
-    null_text = NullTextConfig(max_iterations=2)
+    prompts, dpl, null_text = one_stops_at_once
     batched = invert_many(model, images, prompts, method="dpl", num_steps=2, dpl=dpl, null_text=null_text,
                           progress=False)
     assert [[entry["iterations"] for entry in each.dpl_log] for each in batched] == [[0, 0], [3, 3]]
