@@ -185,10 +185,8 @@ class TokenLosses:
                 torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
             return self.fast_step(z, timestep, vectors)
         except Exception as err:  # noqa: BLE001 - a compiler or CUDA-graph failure: the eager step is always right
-            logger.warning("%s failed on DPL's token step (%s); it runs eager from now on.",
-                           self.fast_kind, compile_failure(err))
+            _fast_step_failed(self.fast_kind, "DPL's token step", err, self.store)
             self.fast_step = None
-            self.store.discard_step()  # whatever the failed call recorded
             return self.stacked_losses(z, timestep, vectors)
 
     def stacked_losses(self, z: torch.Tensor, timestep: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -225,20 +223,10 @@ class TokenLosses:
     def _check_fast_step(self, z: torch.Tensor, timestep: torch.Tensor, vectors: torch.Tensor) -> None:
         """Compare the fast step's gradient with eager's once; fall back to eager if they differ."""
         self.checked = True
-        try:
-            error = gradient_error(lambda param: self.weighted(self.stacked_losses(z, timestep, param)),
-                                   lambda param: self.weighted(self.fast_step(z, timestep, param)),
-                                   vectors, self.model.compiled == "reduce-overhead")
-        except Exception as err:  # noqa: BLE001 - any compiler or capture failure: the eager step is always right
-            self.store.discard_step()  # whatever the failed call recorded
-            logger.warning("%s could not make DPL's token step (%s); it runs eager.", self.fast_kind,
-                           compile_failure(err))
-            self.fast_step = None
-            return
-        if not error <= COMPILE_TOLERANCE[self.model.dtype]:
-            logger.warning("%s's backward of DPL's token step disagrees with eager here (relative error "
-                           "%.2g > %.0e): the token step runs eager.", self.fast_kind, error,
-                           COMPILE_TOLERANCE[self.model.dtype])
+        if not _fast_step_agrees(self.fast_kind, "DPL's token step",
+                                 lambda param: self.weighted(self.stacked_losses(z, timestep, param)),
+                                 lambda param: self.weighted(self.fast_step(z, timestep, param)),
+                                 vectors, self.store, self.model):
             self.fast_step = None
 
 
@@ -273,10 +261,8 @@ class LockstepTokenLosses:
             try:
                 return list(self.fast_step(z, timestep, *params).split(self.sizes))
             except Exception as err:  # noqa: BLE001 - a capture or replay failure: the eager step is always right
-                logger.warning("CUDA graphs failed on DPL's lockstep token step (%s); it runs eager from now on.",
-                               compile_failure(err))
+                _fast_step_failed("CUDA graphs", "DPL's lockstep token step", err, self.losses_at[0].store)
                 self.fast_step = None
-                self.losses_at[0].store.discard_step()  # whatever the failed call recorded
         return list(self.every_loss(z, timestep, *params).split(self.sizes))
 
     def _objective(self, step: Callable, z: torch.Tensor, timestep: torch.Tensor,
@@ -291,21 +277,37 @@ class LockstepTokenLosses:
 
     def _check_fast_step(self, z: torch.Tensor, timestep: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
         self.checked = True
-        flat = torch.cat([p.detach().flatten() for p in params])
-        try:
-            error = gradient_error(self._objective(self.every_loss, z, timestep, params),
-                                   self._objective(self.fast_step, z, timestep, params), flat, False)
-        except Exception as err:  # noqa: BLE001 - any capture failure: the eager step is always right
-            self.losses_at[0].store.discard_step()
-            logger.warning("CUDA graphs could not make DPL's lockstep token step (%s); it runs eager.",
-                           compile_failure(err))
+        first = self.losses_at[0]
+        if not _fast_step_agrees("CUDA graphs", "DPL's lockstep token step",
+                                 self._objective(self.every_loss, z, timestep, params),
+                                 self._objective(self.fast_step, z, timestep, params),
+                                 torch.cat([p.detach().flatten() for p in params]), first.store, first.model):
             self.fast_step = None
-            return
-        if not error <= COMPILE_TOLERANCE[self.losses_at[0].model.dtype]:
-            logger.warning("CUDA graphs' backward of DPL's lockstep token step disagrees with eager here "
-                           "(relative error %.2g > %.0e): it runs eager.", error,
-                           COMPILE_TOLERANCE[self.losses_at[0].model.dtype])
-            self.fast_step = None
+
+
+def _fast_step_agrees(kind: str, what: str, eager: Callable[[torch.Tensor], torch.Tensor],
+                      fast: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, store: AttentionStore,
+                      model: StableDiffusion) -> bool:
+    """Whether a compiled or graphed step's gradient at ``start`` agrees with eager's (each maps a
+    parameter to a scalar objective). Where it fails to build (what it left in ``store`` dropped) or
+    disagrees, a warning says so and the caller runs eager."""
+    try:
+        error = gradient_error(eager, fast, start, model.compiled == "reduce-overhead")
+    except Exception as err:  # noqa: BLE001 - any compiler or capture failure: the eager step is always right
+        store.discard_step()  # whatever the failed call recorded
+        logger.warning("%s could not make %s (%s); it runs eager.", kind, what, compile_failure(err))
+        return False
+    if not error <= COMPILE_TOLERANCE[model.dtype]:
+        logger.warning("%s's backward of %s disagrees with eager here (relative error %.2g > %.0e): it runs eager.",
+                       kind, what, error, COMPILE_TOLERANCE[model.dtype])
+        return False
+    return True
+
+
+def _fast_step_failed(kind: str, what: str, err: Exception, store: AttentionStore) -> None:
+    """A compiled or graphed step that failed at a later call: a warning, and what it left in ``store`` dropped."""
+    logger.warning("%s failed on %s (%s); it runs eager from now on.", kind, what, compile_failure(err))
+    store.discard_step()
 
 
 def capped_steps(log: Sequence[dict], max_iterations: int) -> int:
