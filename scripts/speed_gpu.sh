@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 11's GPU table in one device call (at most 10 minutes on an H100/H200): SD-1.4-sized random
+# Issue 11's GPU table in one or two device calls (630 s of phase limits; PHASES splits them): SD-1.4-sized random
 # weights, worst case (no loss meets its threshold), each run beside the authors' DPL schedule in the
 # same process. Carry .whl (diffusers and what it needs; see ../shared/GPU.md). Each phase's JSON
 # file and one log of them all (run.log) come back under $OUT (5 files: the device tool takes back
@@ -21,7 +21,9 @@
 #   torch.compile's CUDA graphs are left out: on the H200 each new graph took 45-90 s of inductor
 #   compilation and DPL's graphs outran a 6-minute run (scripts/speed_probe.py times them).
 #
-# Usage: bash scripts/speed_gpu.sh
+# Usage: bash scripts/speed_gpu.sh               (every phase)
+#        PHASES="tests graphs-fp32" bash scripts/speed_gpu.sh   (some phases, in the order above:
+#        tests graphs-fp32 graphs-bf16 lockstep eager-fp32 probe; to split the work over two calls)
 # Dry run on the CPU machine (same rows, tiny model, one step; eager, since CUDA graphs need CUDA):
 #   PYTHON=.venv/bin/python MODEL=tiny DEVICE=cpu STEPS=1 OUT=/tmp/dry bash scripts/speed_gpu.sh
 PYTHON=${PYTHON:-python3} MODEL=${MODEL:-sd14} DEVICE=${DEVICE:-cuda} STEPS=${STEPS:-10}
@@ -30,8 +32,10 @@ $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # src as an absolute path: the runs start in benchmarks/
 export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
+PHASES=" ${PHASES:-tests graphs-fp32 graphs-bf16 lockstep eager-fp32 probe} "
+want() { [[ $PHASES == *" $1 "* ]]; }
 mkdir -p "$OUT"
-if [[ $DEVICE == cuda* ]]; then  # the CUDA-graph path on the real thing first
+if [[ $DEVICE == cuda* ]] && want tests; then  # the CUDA-graph path on the real thing first
     echo "== CUDA-graph tests"
     timeout 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py -k real 2>&1 | tee -a "$OUT/run.log" | tail -5
 fi
@@ -39,20 +43,21 @@ cd benchmarks || exit 1
 run() {  # name, seconds, arguments...
     local name=$1 limit=$2
     shift 2
+    want "$name" || return 0
     echo "== $name"
     timeout "$limit" "$PYTHON" inversion.py --model "$MODEL" --device "$DEVICE" --steps "$STEPS" --json "$OUT/$name.json" "$@" 2>&1 \
         | tee -a "$OUT/run.log" | tail -20
 }
 graphs=--cuda-graphs
 [[ $DEVICE == cuda* ]] || graphs=
-run graphs-fp32 200 $graphs
+run graphs-fp32 240 $graphs
 run graphs-bf16 80 $graphs --dtype bfloat16 --skip-authors
-echo "== lockstep"
+want lockstep && echo "== lockstep" &&
 timeout 100 "$PYTHON" lockstep.py --model "$MODEL" --device "$DEVICE" --images 4 --steps "$(( STEPS < 3 ? STEPS : 3 ))" \
     $graphs --json "$OUT/lockstep.json" 2>&1 | tee -a "$OUT/run.log" | tail -6
 run eager-fp32 90 --skip-authors
 cd .. || exit 1
-if [[ $DEVICE == cuda* ]]; then
+if [[ $DEVICE == cuda* ]] && want probe; then
     echo "== probe"
     timeout 60 "$PYTHON" scripts/speed_probe.py --model "$MODEL" --device "$DEVICE" --mode cuda-graphs --profile \
         2>&1 | tee -a "$OUT/run.log" | grep '^{'
