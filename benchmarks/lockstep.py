@@ -9,7 +9,7 @@ threshold can fall an iteration apart), and on a GPU the lockstep run's peak mem
 each warms up first.
 
     python benchmarks/lockstep.py                                   # scene model, CPU, 4 images, 20 steps
-    python benchmarks/lockstep.py --model sd14 --device cuda --images 8 --steps 10 [--cuda-graphs]
+    python benchmarks/lockstep.py --model sd14 --device cuda --images 8 --steps 10 [--cuda-graphs] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -62,13 +62,16 @@ def main() -> None:
     parser.add_argument("--model", default="scenes", help="scenes, scenes-plain, tiny or sd14 (random, SD-1.4 size)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", default="nti,dpl")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the inner loops as CUDA graphs (use_cuda_graphs; the warm-up captures them)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    model = sd14_sized_model().to(args.device) if args.model == "sd14" else load_model(args.model, device=args.device)
+    dtype = getattr(torch, args.dtype)
+    model = (sd14_sized_model().to(args.device, dtype) if args.model == "sd14"
+             else load_model(args.model, device=args.device, dtype=dtype))
     if args.cuda_graphs:
         model.use_cuda_graphs()
     images, prompts = subjects(model, args.model, args.images)
@@ -104,7 +107,7 @@ def main() -> None:
         if cuda:
             rows[method]["lockstep peak GB"] = torch.cuda.max_memory_allocated() / 2**30
         print(method, rows[method], flush=True)
-    title = (f"{args.images} images, model {args.model}, {args.steps} steps, "
+    title = (f"{args.images} images, model {args.model}, {args.dtype}, {args.steps} steps, "
              f"{'CUDA graphs' if model.graphed_unet is not None else 'eager'}, {machine(model.device)}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     columns = list(next(iter(rows.values())))

@@ -1,29 +1,30 @@
 #!/usr/bin/env bash
-# Issue 11's GPU table in one or two device calls (630 s of phase limits; PHASES splits them): SD-1.4-sized random
-# weights, worst case (no loss meets its threshold), each run beside the authors' DPL schedule in the
-# same process. Carry .whl (diffusers and what it needs; see ../shared/GPU.md). Each phase's JSON
-# file and one log of them all (run.log) come back under $OUT (5 files: the device tool takes back
-# at most 8), each phase under its own time limit, in this order:
+# Issue 11's GPU table in one or two device calls (about 830 s of phase limits; PHASES splits them):
+# SD-1.4-sized random weights, worst case (no loss meets its threshold), beside the authors' DPL
+# schedule in the same process. Carry .whl (diffusers and what it needs; see ../shared/GPU.md). Each
+# phase's JSON file and one log of them all (run.log) come back under $OUT (8 files: the device tool
+# takes back at most 8), each phase under its own time limit. The phases, in this order:
 #
-#   1. the CUDA-graph tests on the GPU (tests/test_cuda_graphs.py -k real)
-#   2. benchmarks/inversion.py's rows (NTI, DPL, DPL + direct inversion, a P2P edit) with CUDA graphs
-#      (use_cuda_graphs: captured eager kernels; the warm-up column holds the captures) in fp32, the
-#      authors' DPL last in the same process
-#   3. the same rows with CUDA graphs in bf16
-#   4. benchmarks/lockstep.py: 4 images one by one and in lockstep (invert_many), NTI and DPL, with
-#      CUDA graphs (DPL's token steps as one capture of the whole batch)
-#   5. the same rows as 2, eager fp32 (no authors' row)
-#   6. scripts/speed_probe.py --mode cuda-graphs --profile: the graphed UNet's ms per call, a profile
-#      of one DPL step
-#   The inversion rows time a 10-step schedule scaled to 50 (exact in the worst case, where every step
-#   runs the same iterations); each row is saved as soon as it is measured, in case time runs out.
-#   A batch item costs one inversion and one edit: images per hour follow from the rows.
+#   tests          the CUDA-graph tests on the GPU (tests/test_cuda_graphs.py -k real)
+#   graphs-fp32    benchmarks/inversion.py's rows (NTI, DPL, DPL + direct inversion, a P2P edit) with
+#                  CUDA graphs (use_cuda_graphs: captured eager kernels; the warm-up column holds the
+#                  captures) in fp32, the authors' DPL last in the same process (AUTHORS=0: not)
+#   graphs-bf16    the same rows with CUDA graphs in bf16
+#   lockstep       benchmarks/lockstep.py: 4 images one by one and in lockstep (invert_many), NTI and
+#                  DPL, with CUDA graphs (DPL's token steps as one capture of the whole batch), fp32
+#   lockstep-bf16  the same in bf16
+#   eager-fp32     the rows of graphs-fp32, eager (no authors' row)
+#   eager-bf16     the same in bf16
+#   probe          scripts/speed_probe.py --mode cuda-graphs --dtype bfloat16 --profile: the graphed
+#                  UNet's ms per call, a profile of one DPL step
+#   The inversion rows time 10-step and 2-step schedules and extrapolate to 50 (exact in the worst
+#   case, where every step runs the same iterations); each row is saved as soon as it is measured,
+#   in case time runs out. A batch item costs one inversion and one edit: images per hour follow.
 #   torch.compile's CUDA graphs are left out: on the H200 each new graph took 45-90 s of inductor
 #   compilation and DPL's graphs outran a 6-minute run (scripts/speed_probe.py times them).
 #
-# Usage: bash scripts/speed_gpu.sh               (every phase)
-#        PHASES="tests graphs-fp32" bash scripts/speed_gpu.sh   (some phases, in the order above:
-#        tests graphs-fp32 graphs-bf16 lockstep eager-fp32 probe; to split the work over two calls)
+# Usage: bash scripts/speed_gpu.sh                              (every phase)
+#        PHASES="tests graphs-bf16" bash scripts/speed_gpu.sh   (some of them, in the order above)
 # Dry run on the CPU machine (same rows, tiny model, one step; eager, since CUDA graphs need CUDA):
 #   PYTHON=.venv/bin/python MODEL=tiny DEVICE=cpu STEPS=1 OUT=/tmp/dry bash scripts/speed_gpu.sh
 PYTHON=${PYTHON:-python3} MODEL=${MODEL:-sd14} DEVICE=${DEVICE:-cuda} STEPS=${STEPS:-10}
@@ -32,7 +33,7 @@ $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # src as an absolute path: the runs start in benchmarks/
 export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
-PHASES=" ${PHASES:-tests graphs-fp32 graphs-bf16 lockstep eager-fp32 probe} "
+PHASES=" ${PHASES:-tests graphs-fp32 graphs-bf16 lockstep lockstep-bf16 eager-fp32 eager-bf16 probe} "
 want() { [[ $PHASES == *" $1 "* ]]; }
 mkdir -p "$OUT"
 if [[ $DEVICE == cuda* ]] && want tests; then  # the CUDA-graph path on the real thing first
@@ -50,15 +51,22 @@ run() {  # name, seconds, arguments...
 }
 graphs=--cuda-graphs
 [[ $DEVICE == cuda* ]] || graphs=
-run graphs-fp32 240 $graphs
+lockstep() {  # name, dtype
+    want "$1" || return 0
+    echo "== $1"
+    timeout 100 "$PYTHON" lockstep.py --model "$MODEL" --device "$DEVICE" --dtype "$2" --images 4 \
+        --steps "$(( STEPS < 3 ? STEPS : 3 ))" $graphs --json "$OUT/$1.json" 2>&1 | tee -a "$OUT/run.log" | tail -6
+}
+# AUTHORS=0 leaves the authors' row out of graphs-fp32 (it alone takes about 110 s on an H200)
+run graphs-fp32 240 $graphs $([[ ${AUTHORS:-1} == 0 ]] && echo --skip-authors)
 run graphs-bf16 80 $graphs --dtype bfloat16 --skip-authors
-want lockstep && echo "== lockstep" &&
-timeout 100 "$PYTHON" lockstep.py --model "$MODEL" --device "$DEVICE" --images 4 --steps "$(( STEPS < 3 ? STEPS : 3 ))" \
-    $graphs --json "$OUT/lockstep.json" 2>&1 | tee -a "$OUT/run.log" | tail -6
+lockstep lockstep float32
+lockstep lockstep-bf16 bfloat16
 run eager-fp32 90 --skip-authors
+run eager-bf16 100 --dtype bfloat16 --skip-authors
 cd .. || exit 1
 if [[ $DEVICE == cuda* ]] && want probe; then
-    echo "== probe"
-    timeout 60 "$PYTHON" scripts/speed_probe.py --model "$MODEL" --device "$DEVICE" --mode cuda-graphs --profile \
-        2>&1 | tee -a "$OUT/run.log" | grep '^{'
+    echo "== probe (bfloat16)"
+    timeout 60 "$PYTHON" scripts/speed_probe.py --model "$MODEL" --device "$DEVICE" --dtype bfloat16 --mode cuda-graphs \
+        --profile 2>&1 | tee -a "$OUT/run.log" | grep '^{'
 fi

@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--model", default="sd14", choices=["sd14", "tiny"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--mode", choices=["compile", "cuda-graphs", "eager"], default="compile")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--profile", action="store_true",
                         help="last, profile a 1-step DPL inversion (torch.profiler; ops by self time)")
     parser.add_argument("--json", default=None)
@@ -61,7 +62,7 @@ def main() -> None:
         report(stage, time.perf_counter() - start, calls)
 
     start = time.perf_counter()
-    model = (sd14_sized_model() if args.model == "sd14" else tiny_model()).to(device)
+    model = (sd14_sized_model() if args.model == "sd14" else tiny_model()).to(device, getattr(torch, args.dtype))
     report("build", time.perf_counter() - start)
     if args.mode == "compile":
         timed("compile() and its gradient check", model.compile)

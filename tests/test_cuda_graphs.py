@@ -27,6 +27,7 @@ from dpl_edit.editing.plan import make_plan
 from dpl_edit.images import to_pil
 from dpl_edit.inversion import DynamicPromptConfig, NullTextConfig
 from dpl_edit.inversion.dynamic_prompt import LockstepTokenLosses, TokenLosses
+from dpl_edit.models import COMPILE_TOLERANCE, gradient_tolerance
 from dpl_edit.prompts import parse_marked_prompt
 from dpl_edit.random_models import tiny_model
 
@@ -411,18 +412,49 @@ def test_the_graphed_functions_take_nothing_from_the_host():
     assert vectors.grad is not None and all(p.grad is not None for p in params)
 
 
+def test_float32_on_cuda_with_tf32_is_checked_at_float16s_tolerance():
+    """cuDNN's float32 convolutions run in TF32 by PyTorch's default (float16's 10-bit mantissa), so
+    a captured or compiled gradient is checked against eager at float16's tolerance there; on the
+    CPU, in half precision and with TF32 off, each dtype keeps its own."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    try:
+        cudnn.allow_tf32, matmul.allow_tf32 = True, False  # PyTorch's defaults
+        assert gradient_tolerance(torch.float32, cuda) == COMPILE_TOLERANCE[torch.float16]
+        assert gradient_tolerance(torch.float32, cpu) == COMPILE_TOLERANCE[torch.float32]
+        assert gradient_tolerance(torch.bfloat16, cuda) == COMPILE_TOLERANCE[torch.bfloat16]
+        cudnn.allow_tf32 = False
+        assert gradient_tolerance(torch.float32, cuda) == COMPILE_TOLERANCE[torch.float32]
+        matmul.allow_tf32 = True
+        assert gradient_tolerance(torch.float32, cuda) == COMPILE_TOLERANCE[torch.float16]
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/speed_gpu.sh runs it there)")
 @pytest.mark.parametrize("method", ["nti", "dpl"])
 def test_real_cuda_graphs_match_eager(image, method, caplog):
-    """The real captures on a GPU: no fallback, and the same inversion as eager up to the
-    reordering a different kernel choice may bring (1e-4 relative over two steps of iterations)."""
+    """The real captures on a GPU: no fallback (every graphed gradient passed its check against
+    eager), and the same inversion as eager up to what rounding becomes over two steps of Adam. In
+    float32 on CUDA the convolutions run in TF32 (PyTorch's default) and a captured kernel may be
+    another algorithm than eager's, so the gradients differ at float16's precision, and Adam's
+    normalised steps carry that into the learned vectors: on an H200, 1.3e-3 (NTI's null states) and
+    4.9e-3 (DPL's) relative over two steps. A stale buffer or a map of another step makes the
+    difference of the order of the vectors themselves; 2e-2 tells the two apart. A second eager run
+    prints eager's own spread beside it."""
+    def run(model):
+        return invert(model, to_pil(image), "a {cat} and a {dog}", method=method, num_steps=2,
+                      dpl=DynamicPromptConfig(max_iterations=3), progress=False)
     eager = tiny_model(seed=0).to("cuda")
     with caplog.at_level(logging.WARNING, logger="dpl_edit"):
         graphed = tiny_model(seed=0).to("cuda").use_cuda_graphs()
-        runs = [invert(m, to_pil(image), "a {cat} and a {dog}", method=method, num_steps=2,
-                       dpl=DynamicPromptConfig(max_iterations=3), progress=False) for m in (eager, graphed)]
+        runs = [run(eager), run(graphed), run(eager)]
     assert "CUDA graphs" not in caplog.text and graphed.graphed_unet is not None
     for name in ("null_states", "token_vectors"):
-        a, b = getattr(runs[1], name), getattr(runs[0], name)
-        if b is not None:
-            assert ((a - b).norm() / b.norm()).item() < 1e-4, name
+        reference = getattr(runs[0], name)
+        if reference is not None:
+            graphed_error, eager_spread = (((getattr(r, name) - reference).norm() / reference.norm()).item()
+                                           for r in runs[1:])
+            print(f"{method} {name}: graphed against eager {graphed_error:.2g}, eager against eager {eager_spread:.2g}")
+            assert graphed_error < 2e-2, name

@@ -37,7 +37,7 @@ from ..losses import (
     word_maps,
     word_matrix,
 )
-from ..models import COMPILE_TOLERANCE, StableDiffusion, compile_failure, gradient_error
+from ..models import StableDiffusion, compile_failure, gradient_error, gradient_tolerance
 from ..prompts import MarkedPrompt
 from .null_text import NullTextConfig, optimize_null
 
@@ -297,9 +297,10 @@ def _fast_step_agrees(kind: str, what: str, eager: Callable[[torch.Tensor], torc
         store.discard_step()  # whatever the failed call recorded
         logger.warning("%s could not make %s (%s); it runs eager.", kind, what, compile_failure(err))
         return False
-    if not error <= COMPILE_TOLERANCE[model.dtype]:
+    tolerance = gradient_tolerance(model.dtype, model.device)
+    if not error <= tolerance:
         logger.warning("%s's backward of %s disagrees with eager here (relative error %.2g > %.0e): it runs eager.",
-                       kind, what, error, COMPILE_TOLERANCE[model.dtype])
+                       kind, what, error, tolerance)
         return False
     return True
 
