@@ -38,7 +38,7 @@ want() { [[ $PHASES == *" $1 "* ]]; }
 mkdir -p "$OUT"
 if [[ $DEVICE == cuda* ]] && want tests; then  # the CUDA-graph path on the real thing first
     echo "== CUDA-graph tests"
-    timeout 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py -k real 2>&1 | tee -a "$OUT/run.log" | tail -5
+    timeout 60 "$PYTHON" -m pytest -q -rA -p no:cacheprovider tests/test_cuda_graphs.py -k real 2>&1 | tee -a "$OUT/run.log" | tail -5
 fi
 cd benchmarks || exit 1
 run() {  # name, seconds, arguments...
