@@ -10,7 +10,9 @@ where any host tensor that enters shows)."""
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from torch.utils._pytree import tree_leaves
 
 from dpl_edit import edit, invert, invert_many
 from dpl_edit.attention import attention_hook, attention_layers, select_layers
-from dpl_edit.cuda_graphs import GraphedFunction
+from dpl_edit.cuda_graphs import GraphedFunction, capture_cuda_graph
 from dpl_edit.editing import EditConfig
 from dpl_edit.editing.controller import PromptToPrompt
 from dpl_edit.editing.plan import make_plan
@@ -410,6 +412,27 @@ def test_the_graphed_functions_take_nothing_from_the_host():
         model.unet_sample(z.expand(4, -1, -1, -1), timestep, states.expand(4, -1, -1))
     assert unet.ops == [] and token_step.ops == [] and lockstep_step.ops == [] and edit_step.ops == []
     assert vectors.grad is not None and all(p.grad is not None for p in params)
+
+
+def test_a_capture_starts_with_dead_graphs_collected_and_no_collection_during_it(monkeypatch):
+    """A graph that dies in a reference cycle must not be destroyed while another capture is underway
+    (the H200 refused a lockstep token step's capture so): dead cycles are collected first and the
+    collector stays off during the capture, and on again after it."""
+    class Graphs:  # an ended inversion's graphed step: a cycle only the collector frees
+        pass
+    dead = Graphs()
+    dead.itself = dead
+    gone = weakref.ref(dead)
+    del dead
+    seen = {}
+
+    def make_graphed_callables(function, samples, allow_unused_input):
+        seen["dead graphs collected"], seen["collector on"] = gone() is None, gc.isenabled()
+        return function
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", make_graphed_callables)
+    assert gc.isenabled()
+    capture_cuda_graph(lambda x: x, (torch.ones(1),))
+    assert seen == {"dead graphs collected": True, "collector on": False} and gc.isenabled()
 
 
 def test_float32_on_cuda_with_tf32_is_checked_at_float16s_tolerance():

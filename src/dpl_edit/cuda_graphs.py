@@ -16,7 +16,9 @@ for a forward under an attention store, whose maps it hands back to the store af
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import gc
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -27,8 +29,30 @@ Capture = Callable[[Callable, tuple[torch.Tensor, ...]], Callable]
 
 def capture_cuda_graph(function: Callable, samples: tuple[torch.Tensor, ...]) -> Callable:
     """``function`` captured as CUDA graphs (forward, and backward for the inputs that require a
-    gradient) on ``samples``, which become the graphs' input buffers."""
-    return torch.cuda.make_graphed_callables(function, samples, allow_unused_input=True)
+    gradient) on ``samples``, which become the graphs' input buffers; with no garbage collection
+    during the capture (:func:`no_collection`)."""
+    with no_collection():
+        return torch.cuda.make_graphed_callables(function, samples, allow_unused_input=True)
+
+
+@contextlib.contextmanager
+def no_collection() -> Iterator[None]:
+    """Dead objects collected now and Python's cyclic garbage collector kept off until the end.
+
+    The graphs of an inversion or an edit that ended live on in reference cycles (a step's graphed
+    function holds the step's bound method) until the collector runs. Run while a capture is
+    underway (the captured function's Python allocates, and may trigger it), it destroys those
+    graphs there, which a capture does not permit, and the capture fails (on an H200, a lockstep
+    batch's token step after four one-image inversions: "operation not permitted when stream is
+    capturing"). torch.cuda.graph collects only under ``force_cudagraph_gc``."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class CopyGradient(torch.autograd.Function):
