@@ -50,7 +50,7 @@ RANDOM_PROMPT, RANDOM_TARGET = "a {cat} and a {dog} on the grass", "a cat and a 
 def load(name: str, device: str, dtype: torch.dtype):
     if name == "sd14":
         return sd14_sized_model().to(device, dtype)
-    return load_model(name, device=device, dtype=dtype)
+    return load_model(name, device=device, dtype=dtype, cuda_graphs=False)  # --cuda-graphs decides
 
 
 def subject(model, name: str) -> tuple[Image.Image, str, str]:

@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     model = (sd14_sized_model().to(args.device, dtype) if args.model == "sd14"
-             else load_model(args.model, device=args.device, dtype=dtype))
+             else load_model(args.model, device=args.device, dtype=dtype, cuda_graphs=False))
     if args.cuda_graphs:
         model.use_cuda_graphs()
     images, prompts = subjects(model, args.model, args.images)

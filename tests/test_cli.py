@@ -1,9 +1,12 @@
 """The `dpl` command end to end on the tiny model."""
 
+import argparse
+
 import pytest
+import torch
 from PIL import Image
 
-from dpl_edit.cli import main
+from dpl_edit.cli import common, main
 
 
 @pytest.fixture
@@ -83,6 +86,22 @@ def test_compile_flag_compiles_the_loaded_model(photo, tmp_path, monkeypatch):
     assert main(["invert", str(photo), "--prompt", "a red wall", "--method", "direct", "--out", str(tmp_path / "c"),
                  "--model", "tiny", "--steps", "2", "--quiet", "--compile"]) == 0
     assert len(compiled) == 1  # (the compiled path itself: tests/test_compile.py)
+
+
+@pytest.mark.parametrize(("device", "flags", "graphs"), [
+    ("cuda", [], True), ("cuda", ["--no-cuda-graphs"], False), ("cuda", ["--compile"], False),
+    ("cuda", ["--cuda-graphs"], True), ("cpu", [], False),
+])
+def test_cuda_graphs_are_the_default_on_cuda(monkeypatch, device, flags, graphs):
+    """CUDA graphs are on wherever the device is CUDA, unless --no-cuda-graphs or --compile (the
+    device is faked: the CPU has none)."""
+    parser = argparse.ArgumentParser()
+    common.add_model_options(parser, "tiny")
+    asked = {}
+    monkeypatch.setattr(common, "pick_device", lambda name: torch.device(device))
+    monkeypatch.setattr(common, "load_model", lambda name, **kwargs: asked.update(kwargs))
+    common.load(parser.parse_args(["--quiet", *flags]), "tiny")
+    assert asked["cuda_graphs"] is graphs
 
 
 def test_cuda_graphs_flag_needs_cuda(photo, tmp_path, capsys):

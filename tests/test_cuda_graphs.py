@@ -29,9 +29,10 @@ from dpl_edit.editing.plan import make_plan
 from dpl_edit.images import to_pil
 from dpl_edit.inversion import DynamicPromptConfig, NullTextConfig
 from dpl_edit.inversion.dynamic_prompt import LockstepTokenLosses, TokenLosses
-from dpl_edit.models import COMPILE_TOLERANCE, gradient_tolerance
+from dpl_edit.models import COMPILE_TOLERANCE, StableDiffusion, gradient_tolerance
 from dpl_edit.prompts import parse_marked_prompt
 from dpl_edit.random_models import tiny_model
+from dpl_edit.registry import load_model
 
 
 def fixed_memory(function, samples):
@@ -433,6 +434,21 @@ def test_a_capture_starts_with_dead_graphs_collected_and_no_collection_during_it
     assert gc.isenabled()
     capture_cuda_graph(lambda x: x, (torch.ones(1),))
     assert seen == {"dead graphs collected": True, "collector on": False} and gc.isenabled()
+
+
+@pytest.mark.parametrize(("on_cuda", "options", "graphed"), [
+    (True, {}, True), (True, {"compile": True}, False), (True, {"cuda_graphs": False}, False), (False, {}, False),
+])
+def test_load_model_uses_cuda_graphs_by_default_on_cuda(monkeypatch, on_cuda, options, graphed):
+    """``load_model`` replays CUDA graphs wherever the model is on CUDA and not compiled (the device
+    is faked: the CPU has none)."""
+    calls = []
+    if on_cuda:
+        monkeypatch.setattr(StableDiffusion, "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(StableDiffusion, "use_cuda_graphs", lambda self: calls.append("graphs") or self)
+    monkeypatch.setattr(StableDiffusion, "compile", lambda self: calls.append("compile") or self)
+    load_model("tiny", **options)
+    assert ("graphs" in calls) is graphed and ("compile" in calls) is bool(options.get("compile"))
 
 
 def test_float32_on_cuda_with_tf32_is_checked_at_float16s_tolerance():

@@ -23,10 +23,12 @@ NAMED_MODELS = {
 
 
 def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               compile: bool = False, cuda_graphs: bool = False) -> StableDiffusion:
+               compile: bool = False, cuda_graphs: bool | None = None) -> StableDiffusion:
     """Load a named model (``scenes``, ``scenes-plain``, ``tiny`` or ``tiny:SEED``), a diffusers
     folder, or a hub id; ``compile=True`` compiles its UNet (:meth:`StableDiffusion.compile`),
-    ``cuda_graphs=True`` replays its inner loops as CUDA graphs (:meth:`StableDiffusion.use_cuda_graphs`)."""
+    ``cuda_graphs`` replays its inner loops as CUDA graphs (:meth:`StableDiffusion.use_cuda_graphs`),
+    by default wherever the model is on a CUDA device and not compiled (on an H200 every inversion
+    and edit took as long or less so, its first run and captures included: README, Benchmarks)."""
     base, _, seed = name.partition(":")
     if name in SCENE_MODEL_FOLDERS:
         model = StableDiffusion.from_pretrained(scene_model_folder(name), device=device, dtype=dtype)
@@ -35,6 +37,8 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
         model = tiny_model(seed=int(seed or 0)).to(device, dtype)
     else:
         model = StableDiffusion.from_pretrained(name, device=device, dtype=dtype)
+    if cuda_graphs is None:
+        cuda_graphs = model.device.type == "cuda" and not compile
     if cuda_graphs:
         return model.use_cuda_graphs()
     return model.compile() if compile else model

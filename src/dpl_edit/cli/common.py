@@ -29,10 +29,10 @@ def add_model_options(p: argparse.ArgumentParser, required_default: str | None) 
     p.add_argument("--compile", action="store_true",
                    help="compile the inner loops with torch.compile (UNet, hooked forwards, DPL's token step; CUDA "
                    "graphs on CUDA; minutes of compiling on a CPU, where it does not pay: see README, Benchmarks)")
-    p.add_argument("--cuda-graphs", action="store_true",
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="CUDA only: replay the UNet's forwards (recorded inversions, the null-text step, DPL's token "
                    "step, Prompt-to-Prompt's sampling) as CUDA graphs of their eager kernels (no compiler; a few "
-                   "eager calls to capture each)")
+                   "eager calls to capture each); default: on where the device is CUDA and --compile is not given")
     p.add_argument("--seed", type=int, default=None, help="seed for torch's random generator")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
 
@@ -58,11 +58,11 @@ def load(args: argparse.Namespace, name: str) -> StableDiffusion:
     if args.cuda_graphs and (args.compile or device.type != "cuda"):
         raise DplEditError("--cuda-graphs needs a CUDA device and no --compile (torch.compile makes its own CUDA "
                            f"graphs); here the device is {device}{' and --compile was given' if args.compile else ''}")
+    graphs = args.cuda_graphs if args.cuda_graphs is not None else device.type == "cuda" and not args.compile
     if not args.quiet:
-        how = ", compiling its UNet" if args.compile else ", with CUDA graphs" if args.cuda_graphs else ""
+        how = ", compiling its UNet" if args.compile else ", with CUDA graphs" if graphs else ""
         print(f"Loading model {name} on {device} ({args.dtype}{how})", file=sys.stderr)
-    return load_model(name, device=device, dtype=DTYPES[args.dtype], compile=args.compile,
-                      cuda_graphs=args.cuda_graphs)
+    return load_model(name, device=device, dtype=DTYPES[args.dtype], compile=args.compile, cuda_graphs=graphs)
 
 
 def pairs(items: list[str], option: str, convert=float) -> dict:
