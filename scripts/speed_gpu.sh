@@ -67,6 +67,6 @@ run eager-bf16 100 --dtype bfloat16 --skip-authors
 cd .. || exit 1
 if [[ $DEVICE == cuda* ]] && want probe; then
     echo "== probe (bfloat16)"
-    timeout 60 "$PYTHON" scripts/speed_probe.py --model "$MODEL" --device "$DEVICE" --dtype bfloat16 --mode cuda-graphs \
+    timeout 90 "$PYTHON" scripts/speed_probe.py --model "$MODEL" --device "$DEVICE" --dtype bfloat16 --mode cuda-graphs \
         --profile 2>&1 | tee -a "$OUT/run.log" | grep '^{'
 fi

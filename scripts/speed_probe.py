@@ -5,8 +5,9 @@ Prints, as each is measured: model build, compile() (with its gradient check) or
 ``StableDiffusion.predict`` (ms per call; the first calls compile or capture), then a 1-step NTI and
 a 1-step DPL inversion twice each, and a 10-step P2P edit twice. With ``--mode compile`` run it under
 ``TORCH_LOGS=perf_hints,recompiles,graph_breaks`` to see why CUDA graphs are skipped or a graph
-compiles again. Lines are also appended as JSON to ``--json``; ``--profile`` ends with a profile of
-a 1-step DPL inversion (ops by self time: on CUDA, GPU time; the gaps between are launches).
+compiles again. Lines are also appended as JSON to ``--json``; ``--profile`` adds, before the edits,
+a 1-step DPL inversion profiled by Python function (cProfile: where an inversion's fixed costs go)
+and by op (by self time: on CUDA, GPU time; the gaps between are launches).
 
     TORCH_LOGS=perf_hints,recompiles,graph_breaks python scripts/speed_probe.py --model sd14 --device cuda
     python scripts/speed_probe.py --model sd14 --device cuda --mode cuda-graphs
@@ -15,7 +16,9 @@ a 1-step DPL inversion (ops by self time: on CUDA, GPU time; the gaps between ar
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import time
 from collections.abc import Callable
 
@@ -37,7 +40,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=["compile", "cuda-graphs", "eager"], default="compile")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--profile", action="store_true",
-                        help="last, profile a 1-step DPL inversion (torch.profiler; ops by self time)")
+                        help="after the inversions, profile a 1-step DPL inversion (cProfile by function, then torch.profiler "
+                        "by op)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -96,20 +100,32 @@ def main() -> None:
         for attempt in ("first", "second"):
             timed(f"{method} 1 step ({attempt})",
                   lambda method=method: invert(model, image, PROMPT, method=method, num_steps=1, progress=False))
+    if args.profile:
+        profile_dpl_step(model, image, device, sync)
     inversion = invert(model, image, PROMPT, method="nti", num_steps=10, progress=False)
     for attempt in ("first", "second"):  # each edit captures its own graph
         timed(f"P2P edit, 10 steps ({attempt})",
               lambda: edit(model, inversion, [TARGET], EditConfig(mode="refine"), progress=False))
-    if args.profile:
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as profile:
-            invert(model, image, PROMPT, method="dpl", num_steps=1, progress=False)
-            sync()
-        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(profile.key_averages().table(sort_by=key, row_limit=20), flush=True)
 
+
+def profile_dpl_step(model, image: Image.Image, device: torch.device, sync: Callable[[], None]) -> None:
+    """A 1-step DPL inversion profiled twice: by Python function (cProfile, cumulative: where a
+    whole inversion's fixed costs go, captures and the background mask included), then by op
+    (torch.profiler; on CUDA by GPU time, the gaps between being launches)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    invert(model, image, PROMPT, method="dpl", num_steps=1, progress=False)
+    sync()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        invert(model, image, PROMPT, method="dpl", num_steps=1, progress=False)
+        sync()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(profile.key_averages().table(sort_by=key, row_limit=20), flush=True)
 
 if __name__ == "__main__":
     main()
