@@ -133,6 +133,20 @@ def test_one_capture_per_signature_on_copies_of_the_inputs():
     assert len(captures) == 4 and all(function is graphed.function for function, _ in captures)
 
 
+def test_beyond_its_limit_the_least_recently_used_capture_goes():
+    captures = []
+    graphed = GraphedFunction(lambda x: x * 2, counting(captures), max_captures=2)
+    one, two, three = torch.randn(1), torch.randn(2), torch.randn(3)
+    graphed(one)
+    graphed(two)
+    graphed(one)  # used last
+    graphed(three)  # the capture for two goes
+    assert len(captures) == 3 and len(graphed.captures) == 2
+    graphed(one)
+    assert len(captures) == 3
+    assert graphed(two).tolist() == (two * 2).tolist() and len(captures) == 4
+
+
 def test_outputs_and_gradients_outlive_the_next_replay():
     """What an optimiser keeps (the last output, the gradient it accumulated) is not overwritten
     by the next call, though the capture hands out the same buffers each time."""
@@ -200,7 +214,7 @@ def test_lockstep_inversions_with_graphs(model, graphed_model, image, method, ca
     assert any(samples[0].shape[0] == 2 for _, samples in CAPTURES)  # batched forwards, captured
     names = [getattr(function, "__name__", "") for function, _ in CAPTURES]
     tokens = [samples for function, samples in CAPTURES if getattr(function, "__name__", "") == "every_loss"]
-    assert "stacked_losses" not in names  # no image's own token step
+    assert "layout_losses" not in names  # no image's own token step
     assert len(tokens) == (1 if method == "dpl" else 0) and all(s[0].shape[0] == 2 for s in tokens)
 
 
@@ -281,7 +295,30 @@ def test_edits_with_graphs_equal_eager(image, config):
     assert len(edit_captures) == 1
 
 
+def test_later_inversions_replay_the_token_step_captured_for_their_layout(model, graphed_model, image, caplog):
+    """DPL's token step is captured once for every prompt of a layout (as many tokens and words):
+    a later inversion with other words at other positions (another end position, token ids,
+    background mask) replays the first one's capture with its own layout, a prompt with a third
+    word is a capture of its own, and every inversion is bit-equal to eager."""
+    prompts = ["a {cat} and a {dog}", "a red {dog} and a {cat}", "a {cat} and a {dog} and a {bird}"]
+    graphed_model.graphed_steps.clear()
+    CAPTURES.clear()
+    with caplog.at_level(logging.WARNING, logger="dpl_edit"):
+        for k, prompt in enumerate(prompts):
+            picture = to_pil(image.flip(-1) if k == 1 else image)
+            eager, graphed = (invert(m, picture, prompt, method="dpl", num_steps=2,
+                                     dpl=DynamicPromptConfig(max_iterations=3), progress=False)
+                              for m in (model, graphed_model))
+            for name in ("null_states", "token_vectors", "cross_maps", "background_mask"):
+                assert torch.equal(getattr(graphed, name), getattr(eager, name)), (prompt, name)
+            assert graphed.dpl_log == eager.dpl_log
+    assert "CUDA graphs" not in caplog.text
+    token_steps = [samples for function, samples in CAPTURES if getattr(function, "__name__", "") == "layout_losses"]
+    assert [len(samples[4]) for samples in token_steps] == [2, 3]  # positions: 2 words, then 3
+
+
 def test_token_step_is_graphed_and_checked(graphed_model):
+    graphed_model.graphed_steps.clear()
     marked = parse_marked_prompt("a {cat} and a {dog}", graphed_model.tokenizer)
     layers = select_layers(attention_layers(graphed_model.unet), kinds=["cross"], resolutions=[16])
     losses_at = TokenLosses(graphed_model, marked, layers, torch.ones(16, 16), DynamicPromptConfig())
@@ -290,7 +327,7 @@ def test_token_step_is_graphed_and_checked(graphed_model):
         for _ in range(2):
             losses_at.values(torch.randn(1, 4, 32, 32), torch.tensor(501), vectors)
     assert losses_at.checked and losses_at.fast_kind == "CUDA graphs"
-    assert len(losses_at.fast_step.captures) == 1
+    assert len(graphed_model.graphed_steps[losses_at.graphed_key].captures) == 1
     with pytest.raises(KeyError):  # the maps each call recorded stayed inside it
         losses_at.store.step_maps("cross", 16)
 

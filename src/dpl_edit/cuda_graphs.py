@@ -81,18 +81,22 @@ class GraphedFunction:
     inputs and what stays fixed while it is captured (weights, hooks installed around it).
     """
 
-    def __init__(self, function: Callable, capture: Capture = capture_cuda_graph):
+    def __init__(self, function: Callable, capture: Capture = capture_cuda_graph, max_captures: int | None = None):
         self.function = function
         self.capture = capture
-        self.captures: dict[tuple, Callable] = {}
+        self.captures: dict[tuple, Callable] = {}  # least recently used first
+        self.max_captures = max_captures  # beyond it the least recently used capture (and its memory) goes
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         key = signature(args)
-        graphed = self.captures.get(key)
+        graphed = self.captures.pop(key, None)
         if graphed is None:
             samples = tuple(a.detach().clone().requires_grad_(requires_grad)
                             for a, (*_, requires_grad) in zip(args, key[1:], strict=True))
-            graphed = self.captures[key] = self.capture(self.function, samples)
+            graphed = self.capture(self.function, samples)
+            if self.max_captures is not None and len(self.captures) >= self.max_captures:
+                del self.captures[next(iter(self.captures))]
+        self.captures[key] = graphed
         args = tuple(CopyGradient.apply(a) if requires_grad else a
                      for a, (*_, requires_grad) in zip(args, key[1:], strict=True))
         out = graphed(*args)

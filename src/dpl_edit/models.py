@@ -72,6 +72,9 @@ class StableDiffusion:
     graphed_unet: GraphedFunction | None = field(default=None, repr=False)  # see use_cuda_graphs()
     # the UNet graphed under each open hook that allows it (see graphed())
     graphed_hooks: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
+    # whole steps graphed once for many calls, by what their function depends on (DPL's token step for
+    # every prompt of a layout: see TokenLosses)
+    graphed_steps: dict = field(default_factory=dict, repr=False)
     _timesteps: dict = field(default_factory=dict, repr=False)  # (t, device) -> 0-d tensor, see timestep()
 
     def __post_init__(self) -> None:
@@ -143,6 +146,7 @@ class StableDiffusion:
         if self.graphed_unet is not None:
             self.graphed_unet.captures.clear()
             self.graphed_hooks.clear()
+            self.graphed_steps.clear()
         for module in (self.text_encoder, self.unet, self.vae):
             module.to(device)
             if dtype is not None and module.dtype != dtype:
@@ -382,6 +386,7 @@ class StableDiffusion:
                        compile_failure(failure))
         self.graphed_unet = None
         self.graphed_hooks.clear()
+        self.graphed_steps.clear()
 
     def uncompile(self, failure: Exception) -> None:
         """Back to eager UNet forwards after a compiled call raised ``failure`` (logged). Dynamo

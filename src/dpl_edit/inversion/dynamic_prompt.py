@@ -43,6 +43,9 @@ from .null_text import NullTextConfig, optimize_null
 
 logger = logging.getLogger(__name__)
 LOSSES = ("at", "dj", "bg")  # attention balancing, disjoint object, background leakage
+# prompt layouts (counts of tokens and words) whose graphed token step a model keeps for later
+# inversions; each capture holds the memory of a forward to the early exit and its backward
+GRAPHED_LAYOUTS = 4
 NULL_STRATEGIES = ("optimized", "negative", "direct")
 
 
@@ -131,8 +134,13 @@ class TokenLosses:
     losses read (the early exit is an exception dynamo traces, not a graph break), the losses, and
     so the backward to the vectors. On a model with CUDA graphs (:meth:`StableDiffusion.use_cuda_graphs`)
     the same step is captured as CUDA graphs of its eager kernels (the maps the hook records stay
-    inside the step). Either fast step's gradient is checked once against eager, and the step runs
-    eager (with a warning) where the two disagree or compilation or capture fails.
+    inside the step), with the prompt's layout (token ids, positions, word matrix, end position,
+    background mask) as inputs: the model keeps the captures (``graphed_steps``, for the last
+    ``GRAPHED_LAYOUTS`` layouts), and every later inversion whose prompt has as many tokens and
+    words, with the same layers and losses, replays them with its own layout and shares the store
+    and hook they were captured with. Either fast step's gradient is checked once per inversion
+    against eager, and the step runs eager (with a warning) where the two disagree or compilation
+    or capture fails.
     """
 
     def __init__(
@@ -152,6 +160,7 @@ class TokenLosses:
         self.words = word_matrix([word.positions for word in prompt.words], model.max_tokens, model.device)
         self.end_position = torch.tensor(prompt.end_position, device=model.device)
         self.background = background.to(model.device)
+        self.layout = (self.token_ids, self.positions, self.words, self.end_position, self.background)
         self.config = config
         self.active = [k for k in config.losses if k == "bg" or len(self.words) > 1]  # K=1: L_bg only
         self.store = AttentionStore(keep_grad=True, average_steps=False)
@@ -162,11 +171,21 @@ class TokenLosses:
         self.fast_step: Callable | None = None
         self.fast_kind = ""  # what made it, for the warnings
         self.checked = False
+        self.graphed_key: tuple | None = None  # under which the model keeps the graphed step
         if model.compiled is not None:
             self.fast_step = torch.compile(self.stacked_losses, mode=model.compiled, dynamic=False)
             self.fast_kind = "torch.compile"
         elif model.graphed_unet is not None:
-            self.fast_step = GraphedFunction(self.stacked_losses, model.graphed_unet.capture)
+            self.graphed_key = ("DPL token step", tuple(layer.name for layer in self.layers), config.early_exit,
+                                config.cross_resolution, config.balancing_span, tuple(self.active))
+            graphed = model.graphed_steps.get(self.graphed_key)
+            if graphed is None:
+                graphed = model.graphed_steps[self.graphed_key] = GraphedFunction(
+                    self.layout_losses, model.graphed_unet.capture, max_captures=GRAPHED_LAYOUTS)
+            else:  # an earlier inversion's: its function reads the store its hook records into
+                first = graphed.function.__self__
+                self.store, self.observer, self.hook = first.store, first.observer, first.hook
+            self.fast_step = lambda z, timestep, vectors: graphed(z, timestep, vectors, *self.layout)
             self.fast_kind = "CUDA graphs"
 
     def __call__(self, z: torch.Tensor, t: int, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -187,11 +206,19 @@ class TokenLosses:
         except Exception as err:  # noqa: BLE001 - a compiler or CUDA-graph failure: the eager step is always right
             _fast_step_failed(self.fast_kind, "DPL's token step", err, self.store)
             self.fast_step = None
+            self.model.graphed_steps.pop(self.graphed_key, None)  # later inversions capture afresh
             return self.stacked_losses(z, timestep, vectors)
 
     def stacked_losses(self, z: torch.Tensor, timestep: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """One forward: text encoder with the vectors, UNet to the last layer read, the losses."""
-        states = self.text_states(vectors)
+        return self.layout_losses(z, timestep, vectors, *self.layout)
+
+    def layout_losses(self, z: torch.Tensor, timestep: torch.Tensor, vectors: torch.Tensor, token_ids: torch.Tensor,
+                      positions: torch.Tensor, words: torch.Tensor, end_position: torch.Tensor,
+                      background: torch.Tensor) -> torch.Tensor:
+        """:meth:`stacked_losses` of any prompt with this one's layers and losses, its layout given
+        (``self.layout``'s order): what a graphed model captures once for every prompt of a layout."""
+        states = self.model.encode_tokens(token_ids, vectors.to(self.model.dtype), positions)
         try:
             self.model.predict(z, timestep, states)
         except ForwardStopped:
@@ -199,19 +226,24 @@ class TokenLosses:
         # (res, res, 77); the losses are computed in fp32 whatever the model's dtype
         maps = self.store.step_maps("cross", self.config.cross_resolution)[0].float()
         self.store.discard_step()
-        losses = self.losses_of(maps)
+        losses = self.losses_of(maps, words, end_position, background)
         return torch.stack([losses[k] for k in self.active])
 
     def text_states(self, vectors: torch.Tensor) -> torch.Tensor:
         """The prompt's text-encoder states with the dynamic tokens' vectors (K, D_in) substituted."""
         return self.model.encode_tokens(self.token_ids, vectors.to(self.model.dtype), self.positions)
 
-    def losses_of(self, maps: torch.Tensor) -> dict[str, torch.Tensor]:
-        a = word_maps(maps, self.words)  # (K, res, res)
+    def losses_of(self, maps: torch.Tensor, words: torch.Tensor | None = None, end_position: torch.Tensor | None = None,
+                  background: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The active losses of cross-attention maps (res, res, 77), for this prompt's layout or the one given."""
+        words = self.words if words is None else words
+        end_position = self.end_position if end_position is None else end_position
+        background = self.background if background is None else background
+        a = word_maps(maps, words)  # (K, res, res)
         compute = {
-            "at": lambda: attention_balancing_loss(maps, self.words, self.end_position, self.config.balancing_span),
+            "at": lambda: attention_balancing_loss(maps, words, end_position, self.config.balancing_span),
             "dj": lambda: disjoint_object_loss(a),
-            "bg": lambda: background_leakage_loss(a, self.background),
+            "bg": lambda: background_leakage_loss(a, background),
         }
         return {k: compute[k]() for k in self.active}
 
