@@ -25,6 +25,9 @@
 #
 # Usage: bash scripts/speed_gpu.sh                              (every phase)
 #        PHASES="tests graphs-bf16" bash scripts/speed_gpu.sh   (some of them, in the order above)
+# In a 15-minute lease, two calls (timeout_s about 330 and 450), the second at once while warm:
+#        PHASES="tests graphs-bf16 lockstep-bf16 probe" bash scripts/speed_gpu.sh
+#        PHASES="graphs-fp32 lockstep eager-bf16" bash scripts/speed_gpu.sh
 # Dry run on the CPU machine (same rows, tiny model, one step; eager, since CUDA graphs need CUDA):
 #   PYTHON=.venv/bin/python MODEL=tiny DEVICE=cpu STEPS=1 OUT=/tmp/dry bash scripts/speed_gpu.sh
 PYTHON=${PYTHON:-python3} MODEL=${MODEL:-sd14} DEVICE=${DEVICE:-cuda} STEPS=${STEPS:-10}
