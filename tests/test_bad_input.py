@@ -176,4 +176,4 @@ def test_running_out_of_device_memory_is_one_line_that_says_what_to_change(monke
     assert main(["reconstruct", str(files / "inv")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in err[0]
-    assert "--batch-size" in err[0] and "bug" not in err[0]
+    assert "--batch-size" in err[0] and "--no-cuda-graphs" in err[0] and "bug" not in err[0]

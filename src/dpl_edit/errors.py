@@ -34,4 +34,5 @@ def out_of_memory(err: Exception) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (f"The device ran out of memory ({first}). Invert fewer images at once (dpl batch "
             "--batch-size), edit towards fewer targets at once, use half precision on a GPU (--dtype "
-            "float16 or bfloat16), or free the memory other processes hold on the device.")
+            "float16 or bfloat16), turn CUDA graphs off (--no-cuda-graphs: each capture keeps its own "
+            "memory), or free the memory other processes hold on the device.")
