@@ -218,7 +218,7 @@ class TokenLosses:
                       background: torch.Tensor) -> torch.Tensor:
         """:meth:`stacked_losses` of any prompt with this one's layers and losses, its layout given
         (``self.layout``'s order): what a graphed model captures once for every prompt of a layout."""
-        states = self.model.encode_tokens(token_ids, vectors.to(self.model.dtype), positions)
+        states = self.text_states(vectors, token_ids, positions)
         try:
             self.model.predict(z, timestep, states)
         except ForwardStopped:
@@ -229,9 +229,13 @@ class TokenLosses:
         losses = self.losses_of(maps, words, end_position, background)
         return torch.stack([losses[k] for k in self.active])
 
-    def text_states(self, vectors: torch.Tensor) -> torch.Tensor:
-        """The prompt's text-encoder states with the dynamic tokens' vectors (K, D_in) substituted."""
-        return self.model.encode_tokens(self.token_ids, vectors.to(self.model.dtype), self.positions)
+    def text_states(self, vectors: torch.Tensor, token_ids: torch.Tensor | None = None,
+                    positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The prompt's (or the given token ids') text-encoder states with the dynamic tokens'
+        vectors (K, D_in) substituted at its (or the given) positions."""
+        token_ids = self.token_ids if token_ids is None else token_ids
+        positions = self.positions if positions is None else positions
+        return self.model.encode_tokens(token_ids, vectors.to(self.model.dtype), positions)
 
     def losses_of(self, maps: torch.Tensor, words: torch.Tensor | None = None, end_position: torch.Tensor | None = None,
                   background: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
