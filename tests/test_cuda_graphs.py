@@ -177,6 +177,7 @@ def test_inversions_with_graphs_equal_eager(model, graphed_model, image, method,
     replayed at every timestep."""
     runs = []
     CAPTURES.clear()
+    graphed_model.graphed_steps.clear()  # (the recordings of the tests before)
     with caplog.at_level(logging.WARNING, logger="dpl_edit"):
         for m in (model, graphed_model):
             runs.append(invert(m, to_pil(image), "a {cat} and a {dog}", method=method, num_steps=2,
@@ -295,11 +296,13 @@ def test_edits_with_graphs_equal_eager(image, config):
     assert len(edit_captures) == 1
 
 
-def test_later_inversions_replay_the_token_step_captured_for_their_layout(model, graphed_model, image, caplog):
+def test_later_inversions_replay_the_captures_of_the_first(model, graphed_model, image, caplog):
     """DPL's token step is captured once for every prompt of a layout (as many tokens and words):
     a later inversion with other words at other positions (another end position, token ids,
-    background mask) replays the first one's capture with its own layout, a prompt with a third
-    word is a capture of its own, and every inversion is bit-equal to eager."""
+    background mask) replays the first one's capture with its own layout, and a prompt with a third
+    word is a capture of its own. The recorded forwards (the DDIM inversion's, DPL's at each step)
+    are captured by the first inversion only, each later one's maps going to its own store. Every
+    inversion is bit-equal to eager."""
     prompts = ["a {cat} and a {dog}", "a red {dog} and a {cat}", "a {cat} and a {dog} and a {bird}"]
     graphed_model.graphed_steps.clear()
     CAPTURES.clear()
@@ -315,6 +318,7 @@ def test_later_inversions_replay_the_token_step_captured_for_their_layout(model,
     assert "CUDA graphs" not in caplog.text
     token_steps = [samples for function, samples in CAPTURES if getattr(function, "__name__", "") == "layout_losses"]
     assert [len(samples[4]) for samples in token_steps] == [2, 3]  # positions: 2 words, then 3
+    assert len([function for function, _ in CAPTURES if getattr(function, "__name__", "") == "recorded"]) == 2
 
 
 def test_token_step_is_graphed_and_checked(graphed_model):

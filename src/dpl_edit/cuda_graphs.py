@@ -116,14 +116,15 @@ class GraphedFunction:
 class GraphedRecording:
     """A UNet call under an attention store that records maps (in Python, at each call), graphed:
     the captured function returns the output and the maps the store recorded during the call,
-    taken back out of it; after each replay they are given back to the store, under the keys and
-    in the order the capture recorded them."""
+    taken back out of it; after each replay they are given back to the store of the call, under
+    the keys and in the order the capture recorded them. One serves every store that records the
+    same layers the same way (what the capture's Python did is the same for each)."""
 
-    def __init__(self, call: Callable, store: AttentionStore, capture: Capture = capture_cuda_graph):
+    def __init__(self, call: Callable, capture: Capture = capture_cuda_graph, max_captures: int | None = None):
         self.call = call
-        self.store = store
+        self.store: AttentionStore | None = None  # the store of the call under way
         self.keys: list[tuple[str, int]] = []
-        self.graphed = GraphedFunction(self.recorded, capture)
+        self.graphed = GraphedFunction(self.recorded, capture, max_captures)
 
     def recorded(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         mark = self.store.mark()
@@ -132,12 +133,13 @@ class GraphedRecording:
         self.keys = [key for key, _ in taken]
         return (output, *(maps for _, maps in taken))
 
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        mark = self.store.mark()
+    def __call__(self, store: AttentionStore, *args: torch.Tensor) -> torch.Tensor:
+        self.store = store
+        mark = store.mark()
         try:
             output, *maps = self.graphed(*args)
         except Exception:
-            self.store.take_since(mark)  # whatever a failed capture left (the eager forward records again)
+            store.take_since(mark)  # whatever a failed capture left (the eager forward records again)
             raise
-        self.store.give_back(list(zip(self.keys, maps, strict=True)))
+        store.give_back(list(zip(self.keys, maps, strict=True)))
         return output

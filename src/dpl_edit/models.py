@@ -8,6 +8,7 @@ goes through the same :class:`StableDiffusion` object, so every code path is the
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 # Largest relative error of the compiled UNet's gradient against eager that compile() accepts: about
 # 100x what reordered reductions give (fp32: 1.4e-6 measured on the tiny model; bf16/fp16 eps 8e-3 / 1e-3).
 COMPILE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float64: 1e-8}
+RECORDING_CAPTURES = 4  # input signatures (batch sizes) of a recorded forward whose captures a model keeps
 RECOMPILE_LIMIT = 32  # graphs of the UNet's forward a compiled model may hold (dynamo's default: 8)
 SETTINGS_FILE = "dpl_edit.json"  # optional: the method settings a model recommends, e.g. its map sizes
 
@@ -328,11 +330,13 @@ class StableDiffusion:
             return self.unet_sample(latents, timestep, text_states)
 
     def graphed(self, hook: AttentionHook | None) -> Callable | None:
-        """The graphed UNet to use under ``hook`` (None: no hook open), or None for eager. Each
-        hook gets its own captures: a Prompt-to-Prompt controller keeps its state in tensors and
-        declares ``replays_in_graphs``; an attention store that records detached maps gets them
-        back after each replay (:class:`GraphedRecording`); any other observer (DPL's early exit, a
-        store whose maps carry a gradient) needs the eager forward."""
+        """The graphed UNet to use under ``hook`` (None: no hook open), or None for eager. A
+        Prompt-to-Prompt controller keeps its state in tensors and declares ``replays_in_graphs``:
+        each such hook gets its own captures. An attention store that records detached maps gets
+        them back after each replay (:class:`GraphedRecording`), whose captures the model keeps for
+        every later store that records the same layers and rows (``graphed_steps``: a new
+        inversion's recorded forwards replay the last one's). Any other observer (DPL's early exit,
+        a store whose maps carry a gradient) needs the eager forward."""
         if hook is None:
             return self.graphed_unet
         observer, capture = hook.observer, self.graphed_unet.capture
@@ -340,7 +344,11 @@ class StableDiffusion:
             if getattr(observer, "replays_in_graphs", False):
                 self.graphed_hooks[hook] = GraphedFunction(self.unet_sample, capture)
             elif isinstance(observer, AttentionStore) and not observer.keep_grad:
-                self.graphed_hooks[hook] = GraphedRecording(self.unet_sample, observer, capture)
+                rows = None if observer.rows is None else tuple(observer.rows)
+                key = ("recording", tuple(hook.processors), rows)
+                if key not in self.graphed_steps:
+                    self.graphed_steps[key] = GraphedRecording(self.unet_sample, capture, RECORDING_CAPTURES)
+                self.graphed_hooks[hook] = functools.partial(self.graphed_steps[key], observer)
             else:
                 return None
         return self.graphed_hooks[hook]
