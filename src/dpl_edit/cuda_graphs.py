@@ -141,5 +141,7 @@ class GraphedRecording:
         except Exception:
             store.take_since(mark)  # whatever a failed capture left (the eager forward records again)
             raise
+        finally:
+            self.store = None  # (not kept alive past its inversion)
         store.give_back(list(zip(self.keys, maps, strict=True)))
         return output

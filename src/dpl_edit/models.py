@@ -75,7 +75,7 @@ class StableDiffusion:
     # the UNet graphed under each open hook that allows it (see graphed())
     graphed_hooks: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     # whole steps graphed once for many calls, by what their function depends on (DPL's token step for
-    # every prompt of a layout: see TokenLosses)
+    # every prompt of a layout, see TokenLosses; a recorded forward for every store of its layers, see graphed())
     graphed_steps: dict = field(default_factory=dict, repr=False)
     _timesteps: dict = field(default_factory=dict, repr=False)  # (t, device) -> 0-d tensor, see timestep()
 
