@@ -28,7 +28,8 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     folder, or a hub id; ``compile=True`` compiles its UNet (:meth:`StableDiffusion.compile`),
     ``cuda_graphs`` replays its inner loops as CUDA graphs (:meth:`StableDiffusion.use_cuda_graphs`),
     by default wherever the model is on a CUDA device and not compiled (on an H200 every inversion
-    and edit took as long or less so, its first run and captures included: README, Benchmarks)."""
+    took less time so, its captures included, and an edit as long in float32 and a third of it in
+    bfloat16: README, Benchmarks)."""
     base, _, seed = name.partition(":")
     if name in SCENE_MODEL_FOLDERS:
         model = StableDiffusion.from_pretrained(scene_model_folder(name), device=device, dtype=dtype)
