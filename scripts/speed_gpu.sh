@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 11's GPU table in one or two device calls (about 920 s of phase limits; PHASES splits them):
+# Issue 11's GPU table in one or two device calls (950 s of phase limits; PHASES splits them):
 # SD-1.4-sized random weights, worst case (no loss meets its threshold), beside the authors' DPL
 # schedule in the same process. Carry .whl (diffusers and what it needs; see ../shared/GPU.md). Each
 # phase's JSON file and one log of them all (run.log) come back under $OUT (8 files: the device tool
