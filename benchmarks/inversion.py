@@ -80,9 +80,9 @@ def measure(model, work, steps: int) -> dict:
     """Run work for 2 steps (warm-up: compilation or capture; 1 when timing 1 step, whose edit has no
     self-attention injection and so another graph), then time it; seconds for 50 steps, peak memory.
     Timing fewer steps than 50, a 2-step run before the run of ``steps`` parts what a call costs
-    once (with CUDA graphs, each edit's and each DPL inversion's own captures) from what a step
-    costs, and 50 steps cost the first plus 50 of the second (exact where every step costs the
-    same: the worst case). ``work`` runs the ``steps`` run last."""
+    once (an edit's capture with CUDA graphs, DPL's background mask) from what a step costs, and
+    50 steps cost the first plus 50 of the second (exact where every step costs the same: the worst
+    case). ``work`` runs the ``steps`` run last."""
     cuda = model.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -101,8 +101,7 @@ def measure(model, work, steps: int) -> dict:
     if short is None:
         seconds *= 50 / steps
     else:
-        per_step = (seconds - short) / (steps - 2)
-        seconds = seconds - steps * per_step + 50 * per_step
+        seconds += (50 - steps) * (seconds - short) / (steps - 2)  # the per-step cost, 50 - steps more times
     row = {"seconds": seconds, "warm-up s": warmup}
     if cuda:
         row["peak GB"] = torch.cuda.max_memory_allocated() / 2**30
