@@ -39,10 +39,15 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     else:
         model = StableDiffusion.from_pretrained(name, device=device, dtype=dtype)
     if cuda_graphs is None:
-        cuda_graphs = model.device.type == "cuda" and not compile
+        cuda_graphs = cuda_graphs_by_default(model.device, compile)
     if cuda_graphs:
         return model.use_cuda_graphs()
     return model.compile() if compile else model
+
+
+def cuda_graphs_by_default(device: torch.device, compile: bool) -> bool:
+    """Whether a model on ``device`` replays CUDA graphs when not told: on CUDA, unless compiled."""
+    return device.type == "cuda" and not compile
 
 
 def scene_model_folder(name: str = SCENE_MODEL_ID) -> str:

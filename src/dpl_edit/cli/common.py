@@ -9,7 +9,7 @@ import torch
 
 from ..errors import DplEditError
 from ..models import StableDiffusion
-from ..registry import NAMED_MODELS, load_model
+from ..registry import NAMED_MODELS, cuda_graphs_by_default, load_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -58,7 +58,7 @@ def load(args: argparse.Namespace, name: str) -> StableDiffusion:
     if args.cuda_graphs and (args.compile or device.type != "cuda"):
         raise DplEditError("--cuda-graphs needs a CUDA device and no --compile (torch.compile makes its own CUDA "
                            f"graphs); here the device is {device}{' and --compile was given' if args.compile else ''}")
-    graphs = args.cuda_graphs if args.cuda_graphs is not None else device.type == "cuda" and not args.compile
+    graphs = args.cuda_graphs if args.cuda_graphs is not None else cuda_graphs_by_default(device, args.compile)
     if not args.quiet:
         how = ", compiling its UNet" if args.compile else ", with CUDA graphs" if graphs else ""
         print(f"Loading model {name} on {device} ({args.dtype}{how})", file=sys.stderr)
