@@ -103,7 +103,7 @@ def main() -> None:
     if args.profile:
         profile_dpl_step(model, image, device, sync)
     inversion = invert(model, image, PROMPT, method="nti", num_steps=10, progress=False)
-    for attempt in ("first", "second"):  # each edit captures its own graph
+    for attempt in ("first", "second"):  # the second replays the first's capture (one edit layout)
         timed(f"P2P edit, 10 steps ({attempt})",
               lambda: edit(model, inversion, [TARGET], EditConfig(mode="refine"), progress=False))
 

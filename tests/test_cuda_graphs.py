@@ -296,6 +296,33 @@ def test_edits_with_graphs_equal_eager(image, config):
     assert len(edit_captures) == 1
 
 
+def test_later_edits_replay_the_capture_of_the_first_of_their_layout(image):
+    """An edit's capture reads its controller's state tensors where they are, so every later edit of
+    the same layout (as many targets, the same switches) takes them over with its own values and
+    replays it: a word swap, then a refinement with another target on an inversion of another
+    length, one capture; an edit with two targets and one with re-weighting are layouts of their
+    own, and beyond ``EDIT_LAYOUTS`` the least recently used layout's capture goes. Every edit is
+    bit-equal to eager."""
+    model = tiny_model(seed=0)
+    inversions = [invert(model, to_pil(image), "a {cat} and a {dog}", num_steps=n, progress=False) for n in (3, 4)]
+    captures = []
+    graphed_model = tiny_model(seed=0).use_cuda_graphs(capture=counting(captures))
+    edits = [  # (inversion, targets, config, captures of edits so far)
+        (0, ["a cat and a tiger"], EditConfig(mode="replace", blend=("cat",)), 1),
+        (1, ["a cat and a big tiger"], EditConfig(mode="refine"), 1),
+        (0, ["a cat and a tiger", "a cow and a dog"], EditConfig(mode="replace"), 2),
+        (1, ["a cat and a big tiger"], EditConfig(mode="refine", reweight={"big": 2.0}), 3),
+        (0, ["a cat and a tiger", "a cow and a dog"], EditConfig(mode="replace"), 3),  # still kept
+        (0, ["a dog and a tiger"], EditConfig(mode="replace"), 4),  # the first layout's went
+    ]
+    for k, (which, targets, config, count) in enumerate(edits):
+        eager, graphed = (edit(m, inversions[which], targets, config, progress=False) for m in (model, graphed_model))
+        assert torch.equal(graphed.latents, eager.latents) and torch.equal(graphed.maps, eager.maps), k
+        if eager.blend_masks is not None:
+            assert torch.equal(graphed.blend_masks, eager.blend_masks), k
+        assert len([s for _, s in captures if s[0].shape[0] > 2]) == count, k
+
+
 def test_later_inversions_replay_the_captures_of_the_first(model, graphed_model, image, caplog):
     """DPL's token step is captured once for every prompt of a layout (as many tokens and words):
     a later inversion with other words at other positions (another end position, token ids,

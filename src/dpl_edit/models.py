@@ -38,6 +38,7 @@ COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 # 100x what reordered reductions give (fp32: 1.4e-6 measured on the tiny model; bf16/fp16 eps 8e-3 / 1e-3).
 COMPILE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float64: 1e-8}
 RECORDING_CAPTURES = 4  # input signatures (batch sizes) of a recorded forward whose captures a model keeps
+EDIT_LAYOUTS = 2  # edit layouts (PromptToPrompt.graph_layout) whose captured forwards a model keeps
 RECOMPILE_LIMIT = 32  # graphs of the UNet's forward a compiled model may hold (dynamo's default: 8)
 SETTINGS_FILE = "dpl_edit.json"  # optional: the method settings a model recommends, e.g. its map sizes
 
@@ -75,7 +76,8 @@ class StableDiffusion:
     # the UNet graphed under each open hook that allows it (see graphed())
     graphed_hooks: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     # whole steps graphed once for many calls, by what their function depends on (DPL's token step for
-    # every prompt of a layout, see TokenLosses; a recorded forward for every store of its layers, see graphed())
+    # every prompt of a layout, see TokenLosses; a recorded forward for every store of its layers and an
+    # edit's forward for every edit of its layout, see graphed())
     graphed_steps: dict = field(default_factory=dict, repr=False)
     _timesteps: dict = field(default_factory=dict, repr=False)  # (t, device) -> 0-d tensor, see timestep()
 
@@ -331,18 +333,21 @@ class StableDiffusion:
 
     def graphed(self, hook: AttentionHook | None) -> Callable | None:
         """The graphed UNet to use under ``hook`` (None: no hook open), or None for eager. A
-        Prompt-to-Prompt controller keeps its state in tensors and declares ``replays_in_graphs``:
-        each such hook gets its own captures. An attention store that records detached maps gets
-        them back after each replay (:class:`GraphedRecording`), whose captures the model keeps for
-        every later store that records the same layers and rows (``graphed_steps``: a new
-        inversion's recorded forwards replay the last one's). Any other observer (DPL's early exit,
-        a store whose maps carry a gradient) needs the eager forward."""
+        Prompt-to-Prompt controller keeps its state in tensors (it has a ``graph_layout``): the
+        first edit of a layout is captured, and every later one takes over its state tensors and
+        replays that capture (``graphed_steps``, for the last ``EDIT_LAYOUTS`` layouts). An attention
+        store that records detached maps gets them back after each replay
+        (:class:`GraphedRecording`), whose captures the model keeps for every later store that
+        records the same layers and rows (a new inversion's recorded forwards replay the last
+        one's). Any other observer (DPL's early exit, a store whose maps carry a gradient) needs
+        the eager forward."""
         if hook is None:
             return self.graphed_unet
         observer, capture = hook.observer, self.graphed_unet.capture
         if hook not in self.graphed_hooks:
-            if getattr(observer, "replays_in_graphs", False):
-                self.graphed_hooks[hook] = GraphedFunction(self.unet_sample, capture)
+            layout = getattr(observer, "graph_layout", None)
+            if layout is not None:
+                self.graphed_hooks[hook] = self._graphed_edit(observer, ("edit", tuple(hook.processors), layout), capture)
             elif isinstance(observer, AttentionStore) and not observer.keep_grad:
                 rows = None if observer.rows is None else tuple(observer.rows)
                 key = ("recording", tuple(hook.processors), rows)
@@ -352,6 +357,21 @@ class StableDiffusion:
             else:
                 return None
         return self.graphed_hooks[hook]
+
+    def _graphed_edit(self, controller, key: tuple, capture: Capture) -> GraphedFunction:
+        """The graphed forward under an edit's controller: the one captured under the first
+        controller of its layout, whose state tensors ``controller`` takes over. Beyond
+        ``EDIT_LAYOUTS`` layouts the least recently used one's capture (and its memory) goes."""
+        if key in self.graphed_steps:
+            owner, graphed = self.graphed_steps.pop(key)  # put back last: the most recently used
+        else:
+            edits = [k for k in self.graphed_steps if k[0] == "edit"]
+            for old in edits[: max(0, len(edits) + 1 - EDIT_LAYOUTS)]:
+                del self.graphed_steps[old]
+            owner, graphed = controller, GraphedFunction(self.unet_sample, capture)
+        self.graphed_steps[key] = (owner, graphed)
+        controller.share_state(owner)
+        return graphed
 
     def timestep(self, t: int, device: torch.device) -> torch.Tensor:
         """Timestep t as a 0-d tensor on ``device``, made once: on CUDA each copy from the host waits

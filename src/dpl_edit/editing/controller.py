@@ -12,7 +12,10 @@ held in tensors that ``step_end`` updates in place, so a compiled UNet forward t
 controller once for all steps, and nothing it reads depends on the number of steps, so edits of
 any length share that graph. The maps of a step are written in place into one slot per layer, so a
 CUDA graph of the forward (``StableDiffusion.use_cuda_graphs``), which replays the kernels and not
-the Python, edits and records every step as the eager forward does (``replays_in_graphs``).
+the Python, edits and records every step as the eager forward does. Such a capture reads and writes
+the controller's state tensors where they are, so a later edit of the same layout (``graph_layout``:
+as many targets, the same layers and switches) replays it once it has taken over those tensors with
+its own values copied in (``share_state``): one capture serves every edit of a layout.
 """
 
 from __future__ import annotations
@@ -32,8 +35,6 @@ class PromptToPrompt:
     ``map_layers``: the hooked layers (those that are not cross-attention at ``map_resolution`` are
     ignored); their conditional maps are kept for local blending and views.
     """
-
-    replays_in_graphs = True  # a CUDA graph of a forward it watches is right at every step (see above)
 
     def __init__(
         self,
@@ -75,6 +76,30 @@ class PromptToPrompt:
         """Set this step's window and switch, in place (a CUDA graph reads them where they are)."""
         self.window.copy_(self.windows[min(self.step, len(self.windows) - 1)])
         self.inject_self.fill_(self.step < self.plan.self_steps)
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        """The tensors a forward under this controller reads (mappings, window, switch) and writes (maps)."""
+        state = {"mapper": self.mapper, "mapped": self.mapped, "window": self.window, "inject_self": self.inject_self,
+                 "_step_maps": self._step_maps}
+        if self.equalizer is not None:
+            state["equalizer"] = self.equalizer
+        return state
+
+    @property
+    def graph_layout(self) -> tuple:
+        """What a captured forward under this controller depends on besides its state tensors' values:
+        the number of branches, the layers it edits and records, its switches, the tensors' shapes."""
+        return (self.branches, self.map_resolution, self.self_max_resolution, self.injects_self, tuple(self._slot),
+                *((name, tuple(t.shape), t.dtype, t.device) for name, t in self._state().items()))
+
+    def share_state(self, owner: PromptToPrompt) -> None:
+        """Take over the state tensors of ``owner`` (an earlier controller of the same
+        ``graph_layout``, whose forward was captured) with this controller's values copied into them,
+        so that the capture replays this edit."""
+        theirs = owner._state()
+        for name, tensor in self._state().items():
+            if theirs[name] is not tensor:
+                setattr(self, name, theirs[name].copy_(tensor))
 
     @property
     def cond_rows(self) -> slice:
