@@ -20,7 +20,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from dpl_edit import edit, invert, invert_many
+from dpl_edit import edit, invert, invert_many, models
 from dpl_edit.attention import attention_hook, attention_layers, select_layers
 from dpl_edit.cuda_graphs import GraphedFunction, capture_cuda_graph
 from dpl_edit.editing import EditConfig
@@ -296,24 +296,23 @@ def test_edits_with_graphs_equal_eager(image, config):
     assert len(edit_captures) == 1
 
 
-def test_later_edits_replay_the_capture_of_the_first_of_their_layout(image):
+def test_later_edits_replay_the_capture_of_the_first_of_their_layout(image, monkeypatch):
     """An edit's capture reads its controller's state tensors where they are, so every later edit of
     the same layout (as many targets, the same switches) takes them over with its own values and
     replays it: a word swap, then a refinement with another target on an inversion of another
-    length, one capture; an edit with two targets and one with re-weighting are layouts of their
-    own, and beyond ``EDIT_LAYOUTS`` the least recently used layout's capture goes. Every edit is
-    bit-equal to eager."""
+    length, one capture; an edit with re-weighting is a layout of its own, and beyond
+    ``EDIT_LAYOUTS`` (1 here) the least recently used layout's capture goes. Every edit is bit-equal
+    to eager."""
+    monkeypatch.setattr(models, "EDIT_LAYOUTS", 1)
     model = tiny_model(seed=0)
-    inversions = [invert(model, to_pil(image), "a {cat} and a {dog}", num_steps=n, progress=False) for n in (3, 4)]
+    inversions = [invert(model, to_pil(image), "a {cat} and a {dog}", method="ddim", num_steps=n, progress=False)
+                  for n in (2, 3)]
     captures = []
     graphed_model = tiny_model(seed=0).use_cuda_graphs(capture=counting(captures))
     edits = [  # (inversion, targets, config, captures of edits so far)
         (0, ["a cat and a tiger"], EditConfig(mode="replace", blend=("cat",)), 1),
         (1, ["a cat and a big tiger"], EditConfig(mode="refine"), 1),
-        (0, ["a cat and a tiger", "a cow and a dog"], EditConfig(mode="replace"), 2),
-        (1, ["a cat and a big tiger"], EditConfig(mode="refine", reweight={"big": 2.0}), 3),
-        (0, ["a cat and a tiger", "a cow and a dog"], EditConfig(mode="replace"), 3),  # still kept
-        (0, ["a dog and a tiger"], EditConfig(mode="replace"), 4),  # the first layout's went
+        (1, ["a cat and a big tiger"], EditConfig(mode="refine", reweight={"big": 2.0}), 2),
     ]
     for k, (which, targets, config, count) in enumerate(edits):
         eager, graphed = (edit(m, inversions[which], targets, config, progress=False) for m in (model, graphed_model))
@@ -321,6 +320,8 @@ def test_later_edits_replay_the_capture_of_the_first_of_their_layout(image):
         if eager.blend_masks is not None:
             assert torch.equal(graphed.blend_masks, eager.blend_masks), k
         assert len([s for _, s in captures if s[0].shape[0] > 2]) == count, k
+    kept = [owner for key, (owner, _) in graphed_model.graphed_steps.items() if key[0] == "edit"]
+    assert [owner.equalizer is not None for owner in kept] == [True]
 
 
 def test_later_inversions_replay_the_captures_of_the_first(model, graphed_model, image, caplog):
