@@ -276,47 +276,31 @@ def test_graphed_lockstep_token_step_keeps_a_stopped_image_in_its_forward(model,
     assert len(tokens) == 1 and tokens[0][0].shape[0] == 2
 
 
-@pytest.mark.parametrize("config", [EditConfig(mode="replace", blend=("cat",), self_replace_steps=0.5),
-                                    EditConfig(mode="refine", reweight={"tiger": 2.0}, word_cross_replace_steps={"tiger": 0.4})])
-def test_edits_with_graphs_equal_eager(image, config):
+def test_edits_with_graphs_equal_eager_and_share_the_capture_of_their_layout(image, monkeypatch):
     """A Prompt-to-Prompt edit replays its forwards under the controller (window, self-attention
     switch and recorded maps live in tensors it updates in place): the same latents, maps and
-    local-blend masks as eager, bit for bit, with one capture for all its steps."""
-    model = tiny_model(seed=0)  # (not the session's: saving it adds config keys its fingerprint reads)
-    inversion = invert(model, to_pil(image), "a {cat} and a {dog}", num_steps=3, progress=False)
-    captures = []
-    graphed_model = tiny_model(seed=0).use_cuda_graphs(capture=counting(captures))
-    target = "a cat and a tiger" if config.mode == "replace" else "a cat and a big tiger"
-    eager, graphed = (edit(m, inversion, [target], config, progress=False) for m in (model, graphed_model))
-    assert torch.equal(graphed.latents, eager.latents) and torch.equal(graphed.maps, eager.maps)
-    assert (graphed.blend_masks is None) == (eager.blend_masks is None)
-    if eager.blend_masks is not None:
-        assert torch.equal(graphed.blend_masks, eager.blend_masks)
-    edit_captures = [samples for _, samples in captures if samples[0].shape[0] == 4]  # source + target, twice
-    assert len(edit_captures) == 1
-
-
-def test_later_edits_replay_the_capture_of_the_first_of_their_layout(image, monkeypatch):
-    """An edit's capture reads its controller's state tensors where they are, so every later edit of
-    the same layout (as many targets, the same switches) takes them over with its own values and
-    replays it: a word swap, then a refinement with another target on an inversion of another
-    length, one capture; an edit with re-weighting is a layout of its own, and beyond
-    ``EDIT_LAYOUTS`` (1 here) the least recently used layout's capture goes. Every edit is bit-equal
-    to eager."""
+    local-blend masks as eager, bit for bit, with one capture for all its steps. The capture reads
+    the controller's state tensors where they are, so a later edit of the same layout (as many
+    targets, the same switches) takes them over with its own values and replays it: a word swap
+    with local blend on an NTI inversion, then a refinement on a DDIM inversion of another length,
+    one capture; re-weighting is a layout of its own, and beyond ``EDIT_LAYOUTS`` (1 here) the least
+    recently used layout's capture goes."""
     monkeypatch.setattr(models, "EDIT_LAYOUTS", 1)
-    model = tiny_model(seed=0)
-    inversions = [invert(model, to_pil(image), "a {cat} and a {dog}", method="ddim", num_steps=n, progress=False)
-                  for n in (2, 3)]
+    model = tiny_model(seed=0)  # (not the session's: saving it adds config keys its fingerprint reads)
+    inversions = [invert(model, to_pil(image), "a {cat} and a {dog}", method=method, num_steps=n, progress=False)
+                  for method, n in (("nti", 2), ("ddim", 3))]
     captures = []
     graphed_model = tiny_model(seed=0).use_cuda_graphs(capture=counting(captures))
     edits = [  # (inversion, targets, config, captures of edits so far)
-        (0, ["a cat and a tiger"], EditConfig(mode="replace", blend=("cat",)), 1),
+        (0, ["a cat and a tiger"], EditConfig(mode="replace", blend=("cat",), self_replace_steps=0.5), 1),
         (1, ["a cat and a big tiger"], EditConfig(mode="refine"), 1),
-        (1, ["a cat and a big tiger"], EditConfig(mode="refine", reweight={"big": 2.0}), 2),
+        (1, ["a cat and a big tiger"], EditConfig(mode="refine", reweight={"tiger": 2.0},
+                                                  word_cross_replace_steps={"tiger": 0.4}), 2),
     ]
     for k, (which, targets, config, count) in enumerate(edits):
         eager, graphed = (edit(m, inversions[which], targets, config, progress=False) for m in (model, graphed_model))
         assert torch.equal(graphed.latents, eager.latents) and torch.equal(graphed.maps, eager.maps), k
+        assert (graphed.blend_masks is None) == (eager.blend_masks is None), k
         if eager.blend_masks is not None:
             assert torch.equal(graphed.blend_masks, eager.blend_masks), k
         assert len([s for _, s in captures if s[0].shape[0] > 2]) == count, k
