@@ -38,13 +38,13 @@ from dpl_edit.inversion.dynamic_prompt import capped_steps
 from dpl_edit.registry import load_model
 from dpl_edit.scenes.render import render, split_scene
 
-MEASURES = {  # row label -> how a method's result on one scene gives it
-    "reconstruction PSNR": lambda r, image: psnr(r["reconstruction"], image),
-    "background PSNR": lambda r, image: r["result"].background_psnr,
-    "other object PSNR": lambda r, image: r["result"].other_object_psnr,
-    "edited object PSNR vs oracle": lambda r, image: r["result"].edited_object_psnr,
-    "DPL steps at the cap": lambda r, image: dpl_capped_steps(r["result"].inversion),
-    "inversion s": lambda r, image: r["result"].inversion_seconds,
+MEASURES = {  # row label -> its value from a method's result on one scene, the reconstruction and the image
+    "reconstruction PSNR": lambda result, reconstruction, image: psnr(reconstruction, image),
+    "background PSNR": lambda result, reconstruction, image: result.background_psnr,
+    "other object PSNR": lambda result, reconstruction, image: result.other_object_psnr,
+    "edited object PSNR vs oracle": lambda result, reconstruction, image: result.edited_object_psnr,
+    "DPL steps at the cap": lambda result, reconstruction, image: dpl_capped_steps(result.inversion),
+    "inversion s": lambda result, reconstruction, image: result.inversion_seconds,
 }
 
 
@@ -64,9 +64,9 @@ def measure(model_name: str, dtype: torch.dtype, scenes: int, steps: int) -> dic
         with tempfile.TemporaryDirectory() as out:
             report = run_demo(out, model=model, scene_index=index, num_steps=steps, progress=False)
         for method, result in report.results.items():
-            run = {"result": result, "reconstruction": reconstruct(model, result.inversion, progress=False)}
+            reconstruction = reconstruct(model, result.inversion, progress=False)
             for name, of in MEASURES.items():
-                values[method][name].append(float(of(run, image)))
+                values[method][name].append(float(of(result, reconstruction, image)))
         print(f"{str(dtype).removeprefix('torch.')} scene {index}: " + ", ".join(
             f"{m} recon. {values[m]['reconstruction PSNR'][-1]:.2f} dB" for m in METHODS), flush=True)
     return values
