@@ -114,6 +114,10 @@ def invert_many(
     checks.finite("guidance_scale", guidance_scale, 0.0)
     dpl = dpl or model_dpl_config(model)
     null_text = null_text or (NullTextConfig.authors() if preset == "authors" else NullTextConfig())
+    if method == "dpl" and model.dtype != torch.float32:
+        logger.warning("DPL in %s: on the bundled scene model its token learning went astray on 3 of 8 scenes "
+                       "(reconstruction 2-8 dB below float32's; README, Benchmarks). float32 is DPL's reliable "
+                       "precision.", str(model.dtype).removeprefix("torch."))
     started = time.perf_counter()
     marked = [parse_marked_prompt(prompt, model.tokenizer, words, require_words=method == "dpl") for prompt in prompts]
     schedule = DDIMSchedule.from_scheduler(model.scheduler, num_steps)
