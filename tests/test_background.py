@@ -67,7 +67,7 @@ def test_agreement_and_mask_equal_the_authors_on_random_maps(seed):
 
 
 def test_fallback_when_every_cluster_agrees_with_a_word(caplog):
-    self_maps, region = _scene_self_attention()
+    self_maps, _ = _scene_self_attention()
     word = torch.ones(1, 8, 8)  # the word is everywhere (but one pixel, its minimum): no cluster is background
     word[0, -1, -1] = 0.0
     with caplog.at_level(logging.WARNING):

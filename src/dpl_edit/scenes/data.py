@@ -61,7 +61,7 @@ def render_scene_set(split: str, count: int, workers: int = 0, progress: bool = 
     """Render scenes 0 .. count-1 of a split (in ``workers`` processes; 0 = one per CPU)."""
     jobs = [(split, i) for i in range(count)]
     workers = workers or multiprocessing.cpu_count()
-    bar = dict(total=count, desc=f"Rendering {split} scenes", disable=not progress, leave=False)
+    bar = {"total": count, "desc": f"Rendering {split} scenes", "disable": not progress, "leave": False}
     if workers > 1 and count >= 2000:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             results = list(tqdm(pool.imap(_render_one, jobs, chunksize=256), **bar))
