@@ -23,7 +23,7 @@ class DDIMSchedule:
     """
 
     timesteps: tuple[int, ...]
-    alphas_cumprod: torch.Tensor  # (num_train_timesteps,) float64 on CPU
+    alphas_cumprod: tuple[float, ...]  # (num_train_timesteps,) as Python floats: read without touching a tensor
     final_alpha_cumprod: float
     step_ratio: int
     prediction_type: str  # "epsilon" or "v_prediction"
@@ -39,8 +39,8 @@ class DDIMSchedule:
         probe.set_timesteps(num_steps)
         acp = probe.alphas_cumprod.double()
         return cls(
-            timesteps=tuple(int(t) for t in probe.timesteps),
-            alphas_cumprod=acp,
+            timesteps=tuple(int(t) for t in probe.timesteps.tolist()),
+            alphas_cumprod=tuple(acp.tolist()),
             final_alpha_cumprod=float(acp[0]) if not config.set_alpha_to_one else 1.0,
             step_ratio=config.num_train_timesteps // num_steps,
             prediction_type=config.prediction_type,
@@ -52,7 +52,7 @@ class DDIMSchedule:
 
     def alpha_cumprod(self, level: int) -> float:
         """Cumulative alpha at a level; levels below 0 are the clean image."""
-        return float(self.alphas_cumprod[level]) if level >= 0 else self.final_alpha_cumprod
+        return self.alphas_cumprod[level] if level >= 0 else self.final_alpha_cumprod
 
 
 def guided_noise(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
