@@ -30,6 +30,14 @@ def test_half_precision_copy_keeps_the_fingerprint(model, tmp_path):
     assert fingerprints_match(half.fingerprint(), model.fingerprint())
 
 
+def test_float16_on_the_cpu_warns_that_it_is_slow(caplog):
+    with caplog.at_level(logging.WARNING, logger="dpl_edit"):
+        tiny_model(seed=0).to(dtype=torch.bfloat16)
+        assert "float16 on the CPU" not in caplog.text
+        tiny_model(seed=0).to(dtype=torch.float16)
+    assert "float16 on the CPU has no fast kernels" in caplog.text and "bfloat16 or float32" in caplog.text
+
+
 def test_missing_and_malformed_models_give_clear_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="not in the local cache|could be fetched"):
         StableDiffusion.from_pretrained("nobody/no-such-model")

@@ -27,7 +27,7 @@ def add_model_options(p: argparse.ArgumentParser, required_default: str | None) 
     )
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="model precision (default: float32; bfloat16 is fast on a GPU and fine for NTI, unreliable for DPL: "
-                   "see README, Benchmarks)")
+                   "see README, Benchmarks; float16 is for GPUs: on a CPU it runs tens of times slower)")
     p.add_argument("--compile", action="store_true",
                    help="compile the inner loops with torch.compile (UNet, hooked forwards, DPL's token step; CUDA "
                    "graphs on CUDA; minutes of compiling on a CPU, where it does not pay: see README, Benchmarks)")
