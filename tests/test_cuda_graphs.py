@@ -204,7 +204,8 @@ def test_lockstep_inversions_with_graphs(model, graphed_model, image, method, ca
     CAPTURES.clear()
     with caplog.at_level(logging.WARNING, logger="dpl_edit"):
         eager, graphed = (invert_many(m, images, prompts, method=method, num_steps=2,
-                                      dpl=DynamicPromptConfig(max_iterations=3), progress=False)
+                                      dpl=DynamicPromptConfig(max_iterations=3),
+                                      null_text=NullTextConfig(max_iterations=3), progress=False)
                           for m in (model, graphed_model))
     assert "CUDA graphs" not in caplog.text
     for a_run, b_run in zip(graphed, eager, strict=True):
@@ -322,7 +323,8 @@ def test_later_inversions_replay_the_captures_of_the_first(model, graphed_model,
         for k, prompt in enumerate(prompts):
             picture = to_pil(image.flip(-1) if k == 1 else image)
             eager, graphed = (invert(m, picture, prompt, method="dpl", num_steps=2,
-                                     dpl=DynamicPromptConfig(max_iterations=3), progress=False)
+                                     dpl=DynamicPromptConfig(max_iterations=3),
+                                     null_text=NullTextConfig(max_iterations=2), progress=False)
                               for m in (model, graphed_model))
             for name in ("null_states", "token_vectors", "cross_maps", "background_mask"):
                 assert torch.equal(getattr(graphed, name), getattr(eager, name)), (prompt, name)
@@ -395,7 +397,8 @@ def test_a_lockstep_token_step_that_fails_to_capture_runs_the_batch_eager(model,
     images, prompts = [to_pil(image), to_pil(image.flip(-1))], ["a {cat} and a {dog}", "a red {dog}"]
     with caplog.at_level(logging.WARNING, logger="dpl_edit"):
         eager, graphed = (invert_many(m, images, prompts, method="dpl", num_steps=2,
-                                      dpl=DynamicPromptConfig(max_iterations=3), progress=False)
+                                      dpl=DynamicPromptConfig(max_iterations=3),
+                                      null_text=NullTextConfig(max_iterations=2), progress=False)
                           for m in (model, graphed_model))
     assert "could not make DPL's lockstep token step" in caplog.text and graphed_model.graphed_unet is not None
     for a_run, b_run in zip(graphed, eager, strict=True):
