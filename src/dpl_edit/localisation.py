@@ -81,12 +81,10 @@ def load_mask(path: str | os.PathLike, size: int | None = None) -> torch.Tensor:
 
 def plot_curves(curves: Mapping[str, torch.Tensor], path: str | os.PathLike, title: str = "") -> None:
     """Plot IoU-vs-threshold curves (label -> (11,) tensor) to a PNG."""
-    import matplotlib
+    from matplotlib.figure import Figure  # (not pyplot: no global state)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig = Figure(figsize=(5, 3.6))
+    ax = fig.subplots()
     for label, curve in curves.items():
         ax.plot(THRESHOLDS, curve.numpy(), marker="o", label=f"{label} (mean {curve.mean():.3f})")
     ax.set_xlabel("threshold on the max-normalised map")
@@ -97,4 +95,3 @@ def plot_curves(curves: Mapping[str, torch.Tensor], path: str | os.PathLike, tit
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -14,13 +14,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
 from .artifacts import Inversion
 from .errors import DplEditError
@@ -55,16 +53,16 @@ def overlay(image: np.ndarray, attention: torch.Tensor, alpha: float = 0.55) -> 
     height, width = image.shape[:2]
     heat = F.interpolate(attention[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
     heat = ((heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)).numpy()
-    colours = plt.get_cmap("jet")(heat)[..., :3]
+    colours = colormaps["jet"](heat)[..., :3]
     return (1 - alpha) * image + alpha * colours
 
 
-def word_attention_grid(inversion: Inversion, step_ranges: Sequence[StepRange] | None = None) -> plt.Figure:
+def word_attention_grid(inversion: Inversion, step_ranges: Sequence[StepRange] | None = None) -> Figure:
     """Rows: words; columns: the source image, then the word's map over each step range."""
     ranges = list(step_ranges or default_step_ranges(inversion.num_steps))
     words = inversion_words(inversion)
     image = _source(inversion)
-    fig, axes = plt.subplots(len(words), len(ranges) + 1, figsize=(2.2 * (len(ranges) + 1), 2.3 * len(words)),
+    fig, axes = _subplots(len(words), len(ranges) + 1, figsize=(2.2 * (len(ranges) + 1), 2.3 * len(words)),
                              squeeze=False)
     for row, (word, positions) in enumerate(words):
         axes[row, 0].imshow(image)
@@ -78,7 +76,7 @@ def word_attention_grid(inversion: Inversion, step_ranges: Sequence[StepRange] |
     return fig
 
 
-def background_view(inversion: Inversion) -> plt.Figure:
+def background_view(inversion: Inversion) -> Figure:
     """The source, the self-attention clusters, and the background mask over the source."""
     if inversion.clusters is None or inversion.background_mask is None:
         raise DplEditError("Only DPL inversions have a background mask (invert with --method dpl).")
@@ -86,7 +84,7 @@ def background_view(inversion: Inversion) -> plt.Figure:
     height, width = image.shape[:2]
     clusters = F.interpolate(inversion.clusters[None, None].float(), size=(height, width), mode="nearest")[0, 0]
     mask = F.interpolate(inversion.background_mask[None, None].float(), size=(height, width), mode="nearest")[0, 0]
-    fig, axes = plt.subplots(1, 3, figsize=(7, 2.6), squeeze=False)
+    fig, axes = _subplots(1, 3, figsize=(7, 2.6), squeeze=False)
     axes[0, 0].imshow(image)
     axes[0, 0].set_title("source", fontsize=10)
     axes[0, 1].imshow(clusters.numpy(), cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
@@ -98,7 +96,7 @@ def background_view(inversion: Inversion) -> plt.Figure:
     return fig
 
 
-def dpl_log_view(inversion: Inversion) -> plt.Figure:
+def dpl_log_view(inversion: Inversion) -> Figure:
     """Per timestep: each DPL loss (solid) against its gradual threshold (dashed), and the AdamW
     steps taken on the tokens against the cap."""
     if not inversion.dpl_log:
@@ -106,7 +104,7 @@ def dpl_log_view(inversion: Inversion) -> plt.Figure:
     log = inversion.dpl_log
     steps = [entry["step"] for entry in log]
     cap = inversion.settings.get("dpl", {}).get("max_iterations")
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = _subplots(1, 2, figsize=(9, 3.2))
     for k, colour in zip(log[0]["losses"], ("C0", "C1", "C2")):
         axes[0].plot(steps, [e["losses"][k] for e in log], color=colour, label=f"L_{k}")
         axes[0].plot(steps, [e["thresholds"][k] for e in log], color=colour, linestyle="--", label=f"TH_{k}")
@@ -124,7 +122,7 @@ def dpl_log_view(inversion: Inversion) -> plt.Figure:
     return fig
 
 
-def comparison_grid(first: Inversion, second: Inversion) -> plt.Figure:
+def comparison_grid(first: Inversion, second: Inversion) -> Figure:
     """Step-averaged word maps of two inversions of the same prompt side by side."""
     if first.token_ids != second.token_ids:
         raise DplEditError(
@@ -133,7 +131,7 @@ def comparison_grid(first: Inversion, second: Inversion) -> plt.Figure:
         )
     words = inversion_words(second if second.words else first)
     image = _source(first)
-    fig, axes = plt.subplots(len(words), 3, figsize=(6.6, 2.3 * len(words)), squeeze=False)
+    fig, axes = _subplots(len(words), 3, figsize=(6.6, 2.3 * len(words)), squeeze=False)
     for row, (word, positions) in enumerate(words):
         axes[row, 0].imshow(image)
         axes[row, 0].set_ylabel(word, fontsize=12)
@@ -145,7 +143,7 @@ def comparison_grid(first: Inversion, second: Inversion) -> plt.Figure:
     return fig
 
 
-def demo_figure(source, target, edits: dict, first: Inversion, second: Inversion, target_prompt: str) -> plt.Figure:
+def demo_figure(source, target, edits: dict, first: Inversion, second: Inversion, target_prompt: str) -> Figure:
     """Top row: the source, the target, each method's edit (PIL images); below, each noun's
     step-averaged map from the two inversions (``first``, ``second``), two nouns to a row."""
     images = [("source", source), ("target (renderer)", target), *edits.items()]
@@ -153,7 +151,7 @@ def demo_figure(source, target, edits: dict, first: Inversion, second: Inversion
             for word, positions in inversion_words(second) for inv in (first, second)]
     columns = max(len(images), 4)
     rows = 1 + -(-len(maps) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.5 * rows), squeeze=False)
+    fig, axes = _subplots(rows, columns, figsize=(2.1 * columns, 2.5 * rows), squeeze=False)
     for ax, (title, image) in zip(axes[0], images):
         ax.imshow(np.asarray(image))
         ax.set_title(title, fontsize=9)
@@ -189,10 +187,16 @@ def write_attention_views(
     return [out / name for name in figures]
 
 
-def save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:
-    """Write a figure as PNG and free it."""
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
+    """Write a figure as PNG."""
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+
+
+def _subplots(rows: int, columns: int, figsize: tuple[float, float], squeeze: bool = True) -> tuple[Figure, np.ndarray]:
+    """A figure and its axes, made without pyplot: no global figure list or backend to switch (a
+    notebook importing this keeps its own), and safe in the web page's worker threads."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, columns, squeeze=squeeze)
 
 
 def _source(inversion: Inversion) -> np.ndarray:
@@ -201,7 +205,7 @@ def _source(inversion: Inversion) -> np.ndarray:
     return np.asarray(inversion.source_image, dtype=np.float64) / 255.0
 
 
-def _finish(fig: plt.Figure, axes: np.ndarray, title: str) -> None:
+def _finish(fig: Figure, axes: np.ndarray, title: str) -> None:
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -209,7 +213,7 @@ def _finish(fig: plt.Figure, axes: np.ndarray, title: str) -> None:
     fig.tight_layout()
 
 
-def edit_grid(result, source_image) -> plt.Figure:
+def edit_grid(result, source_image) -> Figure:
     """Rows: targets; columns: source, reconstruction, edit, then the edited words' maps (target branch)."""
     image = np.asarray(source_image, dtype=np.float64) / 255.0
     plan = result.plan
@@ -219,7 +223,7 @@ def edit_grid(result, source_image) -> plt.Figure:
                    if plan.mapper[j, p] < 0 or target.token_ids[p] != plan.source.token_ids[plan.mapper[j, p]]]
         rows.append(changed)
     columns = 3 + max(1, max(len(r) for r in rows))
-    fig, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns, 2.4 * len(rows)), squeeze=False)
+    fig, axes = _subplots(len(rows), columns, figsize=(2.2 * columns, 2.4 * len(rows)), squeeze=False)
     for j, (target, changed) in enumerate(zip(plan.targets, rows)):
         axes[j, 0].imshow(image)
         axes[j, 1].imshow(np.asarray(result.reconstruction))

@@ -311,7 +311,7 @@ class Workbench:
 
 
 def figure_image(fig) -> Image.Image:
-    """A matplotlib figure as a PIL image (the figure is closed)."""
+    """A matplotlib figure as a PIL image."""
     buffer = io.BytesIO()
     save_figure(fig, buffer)
     buffer.seek(0)
