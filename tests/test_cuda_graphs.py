@@ -287,7 +287,7 @@ def test_edits_with_graphs_equal_eager_and_share_the_capture_of_their_layout(ima
     one capture; re-weighting is a layout of its own, and beyond ``EDIT_LAYOUTS`` (1 here) the least
     recently used layout's capture goes."""
     monkeypatch.setattr(models, "EDIT_LAYOUTS", 1)
-    model = tiny_model(seed=0)  # (not the session's: saving it adds config keys its fingerprint reads)
+    model = tiny_model(seed=0)
     inversions = [invert(model, to_pil(image), "a {cat} and a {dog}", method=method, num_steps=n, progress=False)
                   for method, n in (("nti", 2), ("ddim", 3))]
     captures = []

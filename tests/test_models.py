@@ -23,6 +23,14 @@ def test_save_and_load_a_diffusers_folder_offline(model, tmp_path):
         torch.testing.assert_close(loaded.predict(z, 501, s), model.predict(z, 501, s))
 
 
+def test_a_model_built_in_memory_keeps_its_fingerprint_when_saved_and_loaded(tmp_path):
+    built = tiny_model(seed=0)
+    before = built.fingerprint()
+    built.save_pretrained(tmp_path / "m")  # (transformers adds the class name to the text encoder's config)
+    assert built.fingerprint() == before
+    assert StableDiffusion.from_pretrained(tmp_path / "m").fingerprint()["architecture"] == before["architecture"]
+
+
 def test_half_precision_copy_keeps_the_fingerprint(model, tmp_path):
     model.save_pretrained(tmp_path / "m")
     half = StableDiffusion.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)

@@ -436,11 +436,11 @@ class StableDiffusion:
         ``architecture`` is a hash of the component configs (must be equal); ``weights`` is a
         sample of weight values, compared with a tolerance so fp16/bf16 copies still match.
         """
-        configs = {
-            "unet": dict(self.unet.config),
-            "vae": dict(self.vae.config),
-            "text_encoder": self.text_encoder.config.to_diff_dict(),
-        }
+        text_encoder = self.text_encoder.config.to_diff_dict()
+        # as saving writes it: transformers' save_pretrained adds the class name, so a model built in
+        # memory has the fingerprint of its saved and reloaded copy
+        text_encoder.setdefault("architectures", [type(self.text_encoder).__name__])
+        configs = {"unet": dict(self.unet.config), "vae": dict(self.vae.config), "text_encoder": text_encoder}
         # Keep the architecture only: drop private keys (paths, versions, which values were defaults).
         configs = {
             name: {k: v for k, v in config.items() if not k.startswith("_") and k not in _VOLATILE}
