@@ -4,7 +4,8 @@ device per iteration (the early-stop check), and nothing else they run reads the
 On a GPU each read of a device tensor's value on the host (``.item()``, ``.tolist()``, ``float(t)``,
 ``if t:``, ``.cpu()``, ``nonzero``, a boolean mask) waits for every kernel launched before it, which
 stalls the launch queue and leaves the GPU idle. These tests count such reads on the CPU, where every
-tensor is on the host, by the line of dpl-edit, diffusers or transformers that makes them. Left out:
+tensor is on the host, by the line of dpl-edit, diffusers or transformers that makes them, eager and
+on a model with CUDA graphs (the GPU's default). Left out:
 the optimisers' own reads (torch.optim keeps its step counts on the host unless ``capturable``).
 """
 
@@ -13,12 +14,14 @@ import sys
 
 import pytest
 import torch
+from test_cuda_graphs import fixed_memory
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from dpl_edit import EditConfig, edit, invert, invert_many
 from dpl_edit.images import to_pil
 from dpl_edit.inversion import DynamicPromptConfig, NullTextConfig
+from dpl_edit.random_models import tiny_model
 
 READS = {Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__float__, Tensor.__int__, Tensor.__index__,
          Tensor.numpy, Tensor.cpu, Tensor.nonzero, torch.nonzero, Tensor.unique, torch.unique,
@@ -70,21 +73,30 @@ def picture(image):
     return to_pil(image)
 
 
-def test_an_nti_iteration_reads_the_device_once(model, picture):
+def _model(graphs: bool, model):
+    """The session's model, or a fresh one with CUDA graphs played by a stand-in that keeps their
+    fixed buffers and replays the function eagerly (so a read in it would count at every replay)."""
+    return tiny_model(seed=0).use_cuda_graphs(capture=fixed_memory) if graphs else model
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_an_nti_iteration_reads_the_device_once(model, picture, graphs):
     config = NullTextConfig(max_iterations=4, early_stop=False)
-    runs = {steps: _counted(lambda s=steps: invert(model, picture, "a cat", method="nti", num_steps=s,
-                                                   null_text=config, progress=False))
+    runs = {steps: _counted(lambda s=steps: invert(_model(graphs, model), picture, "a cat", method="nti",
+                                                   num_steps=s, null_text=config, progress=False))
             for steps in (2, 3)}
     for steps, (reads, _) in runs.items():
         assert reads.at("optimize_null") == 4 * steps  # its loss, once per iteration
     assert runs[2][0].besides("optimize_null") == runs[3][0].besides("optimize_null")  # nothing per step
 
 
-def test_a_dpl_iteration_reads_the_device_once(model, picture):
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_a_dpl_iteration_reads_the_device_once(model, picture, graphs):
     config = DynamicPromptConfig(max_iterations=3)
     null_text = NullTextConfig(max_iterations=2, early_stop=False)
-    runs = {steps: _counted(lambda s=steps: invert(model, picture, "a {cat} and a {dog}", method="dpl",
-                                                   num_steps=s, dpl=config, null_text=null_text, progress=False))
+    runs = {steps: _counted(lambda s=steps: invert(_model(graphs, model), picture, "a {cat} and a {dog}",
+                                                   method="dpl", num_steps=s, dpl=config, null_text=null_text,
+                                                   progress=False))
             for steps in (2, 3)}
     for steps, (reads, inversion) in runs.items():
         evaluations = sum(min(entry["iterations"] + 1, config.max_iterations) for entry in inversion.dpl_log)
