@@ -5,8 +5,8 @@ On a GPU each read of a device tensor's value on the host (``.item()``, ``.tolis
 ``if t:``, ``.cpu()``, ``nonzero``, a boolean mask) waits for every kernel launched before it, which
 stalls the launch queue and leaves the GPU idle. These tests count such reads on the CPU, where every
 tensor is on the host, by the line of dpl-edit, diffusers or transformers that makes them, eager and
-on a model with CUDA graphs (the GPU's default). Left out:
-the optimisers' own reads (torch.optim keeps its step counts on the host unless ``capturable``).
+on a model with CUDA graphs (the GPU's default). Left out: the optimisers' own reads (torch.optim
+keeps its step counts on the host unless ``capturable``).
 """
 
 import collections
