@@ -39,7 +39,7 @@ class DDIMSchedule:
         probe.set_timesteps(num_steps)
         acp = probe.alphas_cumprod.double()
         return cls(
-            timesteps=tuple(int(t) for t in probe.timesteps.tolist()),
+            timesteps=tuple(probe.timesteps.tolist()),
             alphas_cumprod=tuple(acp.tolist()),
             final_alpha_cumprod=float(acp[0]) if not config.set_alpha_to_one else 1.0,
             step_ratio=config.num_train_timesteps // num_steps,

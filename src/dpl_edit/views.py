@@ -63,7 +63,7 @@ def word_attention_grid(inversion: Inversion, step_ranges: Sequence[StepRange] |
     words = inversion_words(inversion)
     image = _source(inversion)
     fig, axes = _subplots(len(words), len(ranges) + 1, figsize=(2.2 * (len(ranges) + 1), 2.3 * len(words)),
-                             squeeze=False)
+                          squeeze=False)
     for row, (word, positions) in enumerate(words):
         axes[row, 0].imshow(image)
         axes[row, 0].set_ylabel(word, fontsize=12)
