@@ -97,15 +97,17 @@ def main() -> None:
     # The same with the UNet's weights in channels_last (NHWC: the layout of cuDNN's tensor-core
     # convolutions; on this project's CPU it took 5% off a forward + backward), then back.
     # Not compiled: new strides would mean minutes of compiling again.
-    formats = [] if args.mode == "compile" else [(torch.channels_last, ", channels_last"), (torch.contiguous_format, "")]
-    for memory_format, label in formats:
+    def unet_format(memory_format: torch.memory_format) -> None:
         model.unet.to(memory_format=memory_format)
         if model.graphed_unet is not None:  # the captures read the old weights' memory
             model.graphed_unet.captures.clear()
-        if label:
-            for calls in (3, 20):
-                timed(f"predict, no grad{label}, x{calls}", forward, calls)
-                timed(f"predict + backward to the states{label}, x{calls}", forward_backward, calls)
+
+    if args.mode != "compile":
+        unet_format(torch.channels_last)
+        for calls in (3, 20):
+            timed(f"predict, no grad, channels_last, x{calls}", forward, calls)
+            timed(f"predict + backward to the states, channels_last, x{calls}", forward_backward, calls)
+        unet_format(torch.contiguous_format)
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (model.image_size, model.image_size, 3),
                                                               dtype=np.uint8))
