@@ -1,6 +1,9 @@
 """The `dpl` command end to end on the tiny model."""
 
 import argparse
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -50,6 +53,28 @@ def test_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--prompt", "--out", "--method", "--model", "--device", "--dtype", "--seed", "--fit", "--steps"):
         assert option in text
+
+
+def test_help_and_argument_errors_load_no_model_libraries():
+    """`dpl --help` and a bad argument answer without diffusers, transformers, scikit-learn,
+    matplotlib, SciPy or Gradio (4-5 s of imports on this project's CPU): they load with a model,
+    a figure, a background mask or the page. A fresh interpreter, so nothing the tests loaded counts."""
+    code = (
+        "import sys\n"
+        "from dpl_edit.cli import main\n"
+        "for argv in (['--help'], ['invert', '--help'], ['demo', '--steps', '0']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = ['diffusers', 'transformers', 'sklearn', 'matplotlib', 'scipy', 'gradio']\n"
+        "print('loaded:', [name for name in heavy if name in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "loaded: []" in done.stdout
+    assert "must be at least 1" in done.stderr  # the bad argument's message still comes
 
 
 def test_run_then_edit_with_several_targets(photo, tmp_path, capsys):

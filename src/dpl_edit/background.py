@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from sklearn.cluster import KMeans
 
 ROUND_TRIP_SIZE = 512  # the authors save the mask as a 512x512 PNG and read it back at the map size
 logger = logging.getLogger(__name__)
@@ -35,6 +34,8 @@ class BackgroundMask:
 
 def cluster_self_attention(self_maps: torch.Tensor, num_clusters: int = 5, seed: int = 0) -> torch.Tensor:
     """KMeans labels (res, res) of the rows of a self-attention map (res, res, res*res)."""
+    from sklearn.cluster import KMeans  # scikit-learn loads when a mask is made (`dpl --help` without it)
+
     res = self_maps.shape[0]
     rows = self_maps.reshape(res * res, -1).float().cpu().numpy().astype(np.float64)  # (res*res, res*res)
     with warnings.catch_warnings():

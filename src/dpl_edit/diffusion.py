@@ -8,9 +8,12 @@ inversion's ``next_step`` does (REFERENCE section 2). Latents are Stable Diffusi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DDIMScheduler
+
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class DDIMSchedule:
         config = scheduler.config
         if config.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"Unsupported prediction type {config.prediction_type!r}")
+        from diffusers import DDIMScheduler
+
         probe = DDIMScheduler.from_config(config)
         probe.set_timesteps(num_steps)
         acp = probe.alphas_cumprod.double()

@@ -17,19 +17,20 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from diffusers.utils import logging as diffusers_logging
 from torch import nn
-from transformers import CLIPTextModel, CLIPTokenizer
-from transformers.utils import logging as transformers_logging
 
 from .attention.early_exit import ForwardStopped
 from .attention.hook import AttentionHook, active_hook, is_hooked
 from .attention.store import AttentionStore
 from .cuda_graphs import Capture, GraphedFunction, GraphedRecording, capture_cuda_graph
 from .errors import ModelLoadError, PromptError
+
+if TYPE_CHECKING:  # diffusers and transformers load when a model does (`dpl --help` without them)
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ def ddim_scheduler(config: dict) -> DDIMScheduler:
     DDIM without clipping and with the final alpha taken from the schedule (``set_alpha_to_one=
     False``); ``steps_offset=1`` gives the timesteps 981, 961, ..., 1 of Stable Diffusion 1.x.
     """
+    from diffusers import DDIMScheduler
+
     return DDIMScheduler.from_config(
         config, clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading"
     )
@@ -105,6 +108,9 @@ class StableDiffusion:
         if local.exists():
             _check_folder(local)
             name = str(local)
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
         kwargs = {"use_safetensors": True}
         try:
             with _quiet_diffusers():
@@ -464,6 +470,9 @@ _VOLATILE = ("transformers_version", "dtype", "torch_dtype")
 @contextlib.contextmanager
 def _quiet_diffusers() -> Iterator[None]:
     """Silence diffusers' and transformers' notices and loading bars (not their errors)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()

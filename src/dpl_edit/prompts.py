@@ -11,10 +11,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from transformers import CLIPTokenizer
+from typing import TYPE_CHECKING
 
 from .errors import PromptError
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 _BRACED = re.compile(r"\{([^{}]*)\}")
 

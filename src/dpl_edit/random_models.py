@@ -19,9 +19,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from .models import StableDiffusion, ddim_scheduler
+from .registry import TINY_MODEL_ID
 from .tokenizer import clip_tokenizer
-
-TINY_MODEL_ID = "tiny"
 
 # Stable Diffusion 1.x's noise schedule (REFERENCE section 1).
 SD_SCHEDULE = {

@@ -9,11 +9,11 @@ from importlib.resources import files
 import torch
 
 from .models import StableDiffusion
-from .random_models import TINY_MODEL_ID, tiny_model
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 SCENE_MODEL_ID = "scenes"
 PLAIN_SCENE_MODEL_ID = "scenes-plain"
+TINY_MODEL_ID = "tiny"
 SCENE_MODEL_FOLDERS = {SCENE_MODEL_ID: "weights", PLAIN_SCENE_MODEL_ID: "weights_plain"}
 NAMED_MODELS = {
     SCENE_MODEL_ID: "the bundled 64x64 scene model (coloured shapes on textured grounds; works offline)",
@@ -35,6 +35,8 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
         model = StableDiffusion.from_pretrained(scene_model_folder(name), device=device, dtype=dtype)
         model.model_id = name
     elif base == TINY_MODEL_ID and (seed == "" or seed.isdigit()):
+        from .random_models import tiny_model  # diffusers' model classes: only when one is built
+
         model = tiny_model(seed=int(seed or 0)).to(device, dtype)
     else:
         model = StableDiffusion.from_pretrained(name, device=device, dtype=dtype)

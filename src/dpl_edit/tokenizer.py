@@ -12,8 +12,10 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.metadata
+from typing import TYPE_CHECKING
 
-from transformers import CLIPTokenizer
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 BPE_FILE = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # CLIP keeps this many merges of the file (vocab size 49408).
@@ -63,5 +65,7 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     """OpenAI CLIP's tokenizer (the one of Stable Diffusion 1.x), with prompts padded to 77 tokens."""
+    from transformers import CLIPTokenizer
+
     vocab, merges = _vocab_and_merges()
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)

@@ -13,15 +13,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 
 from .artifacts import Inversion
 from .errors import DplEditError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 StepRange = tuple[int, int]  # [start, stop) step indices, 0 the noisiest
 
@@ -53,6 +55,8 @@ def overlay(image: np.ndarray, attention: torch.Tensor, alpha: float = 0.55) -> 
     height, width = image.shape[:2]
     heat = F.interpolate(attention[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
     heat = ((heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)).numpy()
+    from matplotlib import colormaps
+
     colours = colormaps["jet"](heat)[..., :3]
     return (1 - alpha) * image + alpha * colours
 
@@ -194,7 +198,10 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> None:
 
 def _subplots(rows: int, columns: int, figsize: tuple[float, float], squeeze: bool = True) -> tuple[Figure, np.ndarray]:
     """A figure and its axes, made without pyplot: no global figure list or backend to switch (a
-    notebook importing this keeps its own), and safe in the web page's worker threads."""
+    notebook importing this keeps its own), and safe in the web page's worker threads. Matplotlib
+    loads here, with the first figure (`dpl --help` without it)."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=figsize)
     return fig, fig.subplots(rows, columns, squeeze=squeeze)
 

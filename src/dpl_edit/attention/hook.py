@@ -4,12 +4,13 @@ original processors on exit (exceptions included), refuse to hook a UNet twice."
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Self
-
-from diffusers import UNet2DConditionModel
+from typing import TYPE_CHECKING, Self
 
 from .layers import AttentionLayer
 from .processor import AttentionObserver, InspectingProcessor
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 _HOOKED = "_dpl_edit_attention_hook"
 

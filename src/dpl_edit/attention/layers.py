@@ -11,8 +11,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from diffusers import UNet2DConditionModel
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
+
 
 _NAME = re.compile(
     r"^(?P<place>down_blocks|mid_block|up_blocks)(?:\.(?P<block>\d+))?\.attentions\.(?P<attention>\d+)"

@@ -7,12 +7,14 @@ output as with the default processor (up to the rounding of fused kernels).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
-from diffusers.models.attention_processor import Attention
 
 from .layers import AttentionLayer
+
+if TYPE_CHECKING:
+    from diffusers.models.attention_processor import Attention
 
 
 class AttentionObserver(Protocol):

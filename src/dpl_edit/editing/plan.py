@@ -7,13 +7,16 @@ import dataclasses
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import CLIPTokenizer
 
 from .. import checks
 from ..errors import PromptError
 from ..prompts import MarkedPrompt, align_tokens, parse_marked_prompt, replacement_mapper
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 MODES = ("replace", "refine")
 TARGET_TOKENS = ("keep", "plain", "auto")  # which learned DPL vectors a target keeps

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from .render import BACKGROUNDS, COLOURS, Scene, background_texture
 
@@ -59,6 +58,8 @@ def shape_of(mask: np.ndarray) -> str:
 
 def find_regions(image: Image.Image) -> list[Region]:
     """Object regions of an RGB scene image, largest first."""
+    from scipy import ndimage  # SciPy loads when a scene is checked (`dpl --help` without it)
+
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     regions = []
     for name, rgb in COLOURS.items():
@@ -73,6 +74,8 @@ def find_regions(image: Image.Image) -> list[Region]:
 
 
 def classify_background(image: Image.Image, regions: list[Region]) -> str:
+    from scipy import ndimage
+
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     outside = np.ones(pixels.shape[:2], dtype=bool)
     for region in regions:

@@ -8,11 +8,14 @@ background word less the object nouns (P2P's subtract words). Nouns are named by
 
 from __future__ import annotations
 
-from transformers import CLIPTokenizer
+from typing import TYPE_CHECKING
 
 from ..editing import EditConfig
 from ..editing.plan import swap_mode
 from .render import Scene, WordSwap
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 
 def noun_spec(scene: Scene, index: int) -> str:

@@ -33,7 +33,6 @@ from ..attention.layers import attention_layers, select_layers
 from ..models import SETTINGS_FILE, StableDiffusion
 from .data import MASK_RESOLUTION, SceneSet, render_scene_set
 from .grounding import GroundingObserver
-from .model import scene_model
 
 logger = logging.getLogger(__name__)
 STAGES = ("vae", "diffusion", "done")
@@ -80,6 +79,9 @@ class SceneTrainer:
         self.folder = Path(folder)
         self.device = torch.device(device)
         self.compile = compile
+        # diffusers' model classes load when a training starts, not at `dpl --help`
+        from .model import scene_model
+
         self.model = scene_model(config.seed).to(self.device)
         self.stage, self.step = "vae", 0
         self.ema: dict[str, torch.Tensor] = {}
