@@ -4,8 +4,8 @@ Each run is a fresh `python -m dpl_edit.cli demo` process (imports, model load, 
 both edits, figures). Printed per run: the wall time, the demo's own total (from its summary.txt),
 the start-up part (wall minus the demo's total: interpreter, imports, loading the model), each
 method's inversion and edit seconds, and the wall time over issue 11's 30 s target; the title
-gives the machine's float32 matmul rate measured first (this project's CPU has run at 190 and at 95
-GFLOP/s on 2 threads on different days, so compare walls only at like rates). With
+gives the machine's float32 matmul rate measured first (this project's shared CPU ran the demo at
+half the speed of the day before on 2026-11-27: compare walls only at like rates). With
 ``--compile`` the same runs follow with `--compile`, the first of them with an empty inductor cache
 (its compilation included, as a first run on a new machine pays it) and the later ones with that
 cache warm. The eager "first" run is the first in this benchmark: the operating system's file cache
