@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import machine
+from timing import machine, timed
 
 TARGET_S = 30.0  # issue 11: `dpl demo` at most 30 s wall on a warm machine (this project's 2-core CPU)
 METHOD_ROW = re.compile(r"^\| (NTI|DPL) \+ P2P \| [^|]+\| [^|]+\| [^|]+\| ([\d.]+) \| ([\d.]+) \|$", re.MULTILINE)
@@ -53,15 +53,10 @@ def run_demo(extra: list[str], env: dict[str, str]) -> dict:
 
 
 def matmul_rate() -> float:
-    """GFLOP/s of a 1024x1024 float32 matmul on torch's threads: how fast this machine runs today
+    """GFLOP/s of a 1024x1024 float32 matmul (median of 20) on torch's threads: how fast this machine runs today
     (a shared cloud CPU's rate moves from day to day; the README's tables name theirs)."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    for _ in range(3):
-        a @ b
-    started, calls = time.perf_counter(), 20
-    for _ in range(calls):
-        a @ b
-    return 2 * 1024**3 * calls / (time.perf_counter() - started) / 1e9
+    return 2 * 1024**3 / timed(lambda: a @ b, torch.device("cpu"), repeats=20, warmup=3) / 1e9
 
 
 def main() -> None:
