@@ -83,6 +83,9 @@ class StableDiffusion:
     # edit's forward for every edit of its layout, see graphed())
     graphed_steps: dict = field(default_factory=dict, repr=False)
     _timesteps: dict = field(default_factory=dict, repr=False)  # (t, device) -> 0-d tensor, see timestep()
+    # an inversion's forwards of one timestep share the UNet's text-free first layers (eager CPU only,
+    # bit-identical; see text_free_prefix.py): False computes them at every forward
+    reuse_text_free_prefix: bool = True
 
     def __post_init__(self) -> None:
         for module in (self.text_encoder, self.unet, self.vae):

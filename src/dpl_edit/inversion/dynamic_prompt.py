@@ -39,6 +39,7 @@ from ..losses import (
 )
 from ..models import StableDiffusion, compile_failure, gradient_error, gradient_tolerance
 from ..prompts import MarkedPrompt
+from ..text_free_prefix import TextFreePrefix
 from .null_text import NullTextConfig, optimize_null
 
 logger = logging.getLogger(__name__)
@@ -508,39 +509,40 @@ def dynamic_prompt_inversion_many(
     batch = len(prompts)
     null_states, z = null_init.expand(batch, -1, -1), pivot[0]
     bar = tqdm(range(schedule.num_steps), desc="DPL inversion", disable=not progress, leave=False)
-    for i in bar:
-        t = schedule.timesteps[i]
-        learned = optimize_tokens_many(losses_at, z, t, i, vectors, lockstep)
-        vectors = [v for v, _, _ in learned]
-        with torch.no_grad():
-            cond = torch.cat([each.text_states(v) for each, v in zip(losses_at, vectors, strict=True)])
-            with record_hook:
-                eps_cond = model.predict(z, t, cond)
-            record.end_step()
-        null_losses, null_iterations = [0.0] * batch, [0] * batch
-        if null == "optimized":
-            start = null_init.expand(batch, -1, -1) if null_text.reset_each_step else null_states
-            null_states, null_losses, null_iterations = optimize_null(
-                model, schedule, i, z, pivot[i + 1], eps_cond, start, guidance_scale, null_text
-            )
+    with TextFreePrefix(model):  # a step's forwards share the latent: its text-free layers run once
+        for i in bar:
+            t = schedule.timesteps[i]
+            learned = optimize_tokens_many(losses_at, z, t, i, vectors, lockstep)
+            vectors = [v for v, _, _ in learned]
             with torch.no_grad():
-                eps = guided_noise(model.predict(z, t, null_states), eps_cond, guidance_scale)
-                z = denoise_step(schedule, i, z, eps)
-        elif null == "negative":
-            z = denoise_step(schedule, i, z, eps_cond)  # guidance cancels when null = cond
-        else:
-            z = pivot[i + 1]
-        thresholds = config.thresholds(i)
-        for b, (result, (v, losses, iterations)) in enumerate(zip(results, learned, strict=True)):
+                cond = torch.cat([each.text_states(v) for each, v in zip(losses_at, vectors, strict=True)])
+                with record_hook:
+                    eps_cond = model.predict(z, t, cond)
+                record.end_step()
+            null_losses, null_iterations = [0.0] * batch, [0] * batch
             if null == "optimized":
-                result.null_states.append(null_states[b : b + 1])
-            result.token_vectors.append(v)
-            result.log.append({"step": i, "losses": losses, "thresholds": {k: thresholds[k] for k in losses},
-                               "iterations": iterations})
-            if callback is not None:
-                callback(DynamicPromptStep(i, t, losses, thresholds, iterations, null_losses[b], null_iterations[b], b))
-        losses, iterations = learned[-1][1], max(each[2] for each in learned)
-        bar.set_postfix({**{k: f"{v:.3f}/{thresholds[k]:.3f}" for k, v in losses.items()}, "it": iterations})
+                start = null_init.expand(batch, -1, -1) if null_text.reset_each_step else null_states
+                null_states, null_losses, null_iterations = optimize_null(
+                    model, schedule, i, z, pivot[i + 1], eps_cond, start, guidance_scale, null_text
+                )
+                with torch.no_grad():
+                    eps = guided_noise(model.predict(z, t, null_states), eps_cond, guidance_scale)
+                    z = denoise_step(schedule, i, z, eps)
+            elif null == "negative":
+                z = denoise_step(schedule, i, z, eps_cond)  # guidance cancels when null = cond
+            else:
+                z = pivot[i + 1]
+            thresholds = config.thresholds(i)
+            for b, (result, (v, losses, iterations)) in enumerate(zip(results, learned, strict=True)):
+                if null == "optimized":
+                    result.null_states.append(null_states[b : b + 1])
+                result.token_vectors.append(v)
+                result.log.append({"step": i, "losses": losses, "thresholds": {k: thresholds[k] for k in losses},
+                                   "iterations": iterations})
+                if callback is not None:
+                    callback(DynamicPromptStep(i, t, losses, thresholds, iterations, null_losses[b], null_iterations[b], b))
+            losses, iterations = learned[-1][1], max(each[2] for each in learned)
+            bar.set_postfix({**{k: f"{v:.3f}/{thresholds[k]:.3f}" for k, v in losses.items()}, "it": iterations})
     for b, result in enumerate(results):
         result.cross_maps = [maps[b] for maps in record.history[key]]
     return results

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .. import checks
 from ..diffusion import DDIMSchedule, denoise_step, guided_noise
 from ..models import StableDiffusion
+from ..text_free_prefix import TextFreePrefix
 
 
 @dataclass(frozen=True)
@@ -86,22 +87,23 @@ def null_text_inversion(
     null = null_init.expand(batch, -1, -1)
     z = pivot[0]
     bar = tqdm(range(schedule.num_steps), desc="Null-text inversion", disable=not progress, leave=False)
-    for i in bar:
-        t = schedule.timesteps[i]
-        with torch.no_grad():
-            eps_cond = model.predict(z, t, cond_states)
-        start = null_init.expand(batch, -1, -1) if config.reset_each_step else null
-        null, losses, iterations = optimize_null(
-            model, schedule, i, z, pivot[i + 1], eps_cond, start, guidance_scale, config
-        )
-        nulls.append(null)
-        with torch.no_grad():
-            eps = guided_noise(model.predict(z, t, null), eps_cond, guidance_scale)
-            z = denoise_step(schedule, i, z, eps)
-        bar.set_postfix(loss=f"{max(losses):.2e}", iters=max(iterations))
-        if callback is not None:
-            for image, (loss, taken) in enumerate(zip(losses, iterations, strict=True)):
-                callback(NullTextStep(step=i, timestep=t, loss=loss, iterations=taken, image=image))
+    with TextFreePrefix(model):  # a step's forwards share the latent: its text-free layers run once
+        for i in bar:
+            t = schedule.timesteps[i]
+            with torch.no_grad():
+                eps_cond = model.predict(z, t, cond_states)
+            start = null_init.expand(batch, -1, -1) if config.reset_each_step else null
+            null, losses, iterations = optimize_null(
+                model, schedule, i, z, pivot[i + 1], eps_cond, start, guidance_scale, config
+            )
+            nulls.append(null)
+            with torch.no_grad():
+                eps = guided_noise(model.predict(z, t, null), eps_cond, guidance_scale)
+                z = denoise_step(schedule, i, z, eps)
+            bar.set_postfix(loss=f"{max(losses):.2e}", iters=max(iterations))
+            if callback is not None:
+                for image, (loss, taken) in enumerate(zip(losses, iterations, strict=True)):
+                    callback(NullTextStep(step=i, timestep=t, loss=loss, iterations=taken, image=image))
     return nulls
 
 
