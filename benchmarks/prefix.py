@@ -3,11 +3,12 @@ inversions computing it at every forward (`StableDiffusion.reuse_text_free_prefi
 process.
 
 For each method (NTI; DPL; DPL's tokens with direct inversion) and each of N scenes (the scene
-model's two-object test scenes; a random image on `tiny`), the two settings alternate `--rounds`
-times (so that a drift in the machine's speed falls on both); printed per method: the median total
-time over the scenes of each setting, their ratio, and whether every inversion's tensors were
-bit-identical both ways (they must be: the reused outputs are those the same inputs give); and
-under the table DPL's time over NTI's in each setting (issue 11's CPU target: at most 2x).
+model's two-object test scenes; random images on `tiny`, as `lockstep.py` picks them), the two
+settings alternate `--rounds` times (so that a drift in the machine's speed falls on both);
+printed per method: the median total time over the scenes of each setting, their ratio, and
+whether every inversion's tensors were bit-identical both ways (they must be: the reused outputs
+are those the same inputs give); and under the table DPL's time over NTI's in each setting (issue
+11's CPU target: at most 2x).
 `--only reused` times the default setting alone (no comparison: half the time).
 
     python benchmarks/prefix.py                      # scene model, CPU, 2 scenes, 20 steps, 3 rounds
@@ -23,27 +24,15 @@ import logging
 import statistics
 import time
 
-import numpy as np
 import torch
-from PIL import Image
+from lockstep import subjects
 from timing import machine
 
 from dpl_edit import invert
 from dpl_edit.registry import load_model
-from dpl_edit.scenes.render import render, split_scene
 
 METHODS = {"NTI": ("nti", "optimized"), "DPL": ("dpl", "optimized"), "DPL tokens, direct inversion": ("dpl", "direct")}
 TENSORS = ("latent_T", "null_states", "token_vectors", "cross_maps")
-
-
-def subjects(model, name: str, count: int) -> list[tuple[Image.Image, str]]:
-    if name.startswith("scenes"):
-        scenes = [split_scene("test", k, num_objects=2) for k in range(count)]
-        return [(render(scene)[0], scene.marked_caption()) for scene in scenes]
-    rng = np.random.default_rng(0)
-    side = model.image_size
-    return [(Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)), "a {cat} and a {dog}")
-            for _ in range(count)]
 
 
 def main() -> None:
@@ -58,7 +47,7 @@ def main() -> None:
     logging.getLogger("dpl_edit").setLevel(logging.ERROR)  # the steps-at-the-cap warning of every DPL run
 
     model = load_model(args.model)
-    pictures = subjects(model, args.model, args.scenes)
+    pictures = list(zip(*subjects(model, args.model, args.scenes), strict=True))
     print(f"# {args.model}, {machine(model.device)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{args.scenes} images, {args.steps} steps, {args.rounds} rounds")
 
