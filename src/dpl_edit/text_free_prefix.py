@@ -73,7 +73,9 @@ class LastCall:
 
     def __init__(self, module: nn.Module):
         self.forward = type(module).forward.__get__(module)
-        self.last: tuple[tuple, list[torch.Tensor | Any], list[int], Any, list[int]] | None = None
+        # the last call: its structure, its input values, its outputs, and the version counters of
+        # the input and output tensors then
+        self.last: tuple[tuple, list, Any, list[int]] | None = None
         self.computed = 0  # forwards that ran (the tests count them)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -81,19 +83,16 @@ class LastCall:
         if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
             return self.forward(*args, **kwargs)
         if self.last is not None and self._same_call(layout, inputs):
-            return self.last[3]
+            return self.last[2]
         outputs = self.forward(*args, **kwargs)
         self.computed += 1
-        self.last = (layout, inputs, _versions(inputs), outputs, _versions(list(_tensors(outputs))))
+        self.last = (layout, inputs, outputs, _versions(inputs, outputs))
         return outputs
 
     def _same_call(self, layout: tuple, inputs: list) -> bool:
-        last_layout, last_inputs, input_versions, outputs, output_versions = self.last
-        if layout != last_layout or _versions(last_inputs) != input_versions:
-            return False
-        if _versions(list(_tensors(outputs))) != output_versions:
-            return False
-        return all(_equal(a, b) for a, b in zip(inputs, last_inputs, strict=True))
+        last_layout, last_inputs, outputs, versions = self.last
+        return (layout == last_layout and _versions(last_inputs, outputs) == versions
+                and all(_equal(a, b) for a, b in zip(inputs, last_inputs, strict=True)))
 
 
 def _flatten(args: tuple, kwargs: dict) -> tuple[tuple, list]:
@@ -110,8 +109,9 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
-def _versions(values: list) -> list[int]:
-    return [x._version if isinstance(x, torch.Tensor) else 0 for x in values]
+def _versions(*values: Any) -> list[int]:
+    """The version counters of every tensor in ``values`` (nested in tuples and lists)."""
+    return [x._version for x in _tensors(values)]
 
 
 def _equal(a: Any, b: Any) -> bool:
