@@ -16,6 +16,7 @@ import weakref
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -77,7 +78,8 @@ def traced_once(function, samples):
     ``make_fx`` and replayed. What the Python did per call (a counter, a value read into an int, a
     tensor made afresh) is frozen at its captured value, as in a CUDA graph."""
     wants = [s.requires_grad for s in samples]
-    forward = make_fx(lambda *args: function(*args), tracing_mode="real")(*samples)  # (bound methods too)
+    with one_fake_mode():
+        forward = make_fx(lambda *args: function(*args), tracing_mode="real")(*samples)  # (bound methods too)
 
     def vjp(*args):
         *inputs, grad = args
@@ -91,7 +93,8 @@ def traced_once(function, samples):
     if any(wants):
         with torch.enable_grad():
             shape = function(*samples)
-        backward = make_fx(vjp, tracing_mode="real")(*samples, torch.ones_like(shape))
+        with one_fake_mode():
+            backward = make_fx(vjp, tracing_mode="real")(*samples, torch.ones_like(shape))
 
     class Replay(torch.autograd.Function):
         @staticmethod
@@ -105,6 +108,12 @@ def traced_once(function, samples):
             return tuple(next(grads) if w else None for w in wants)
 
     return lambda *args: Replay.apply(*args)
+
+
+def one_fake_mode():
+    """One fake-tensor mode for a whole trace: ``make_fx`` in real mode otherwise makes one per traced
+    operation to describe its output, each reading the whole Python stack (half a test's time)."""
+    return torch._guards.tracing(torch._guards.TracingContext(FakeTensorMode(allow_fallback_kernels=True)))
 
 
 def captured(function, samples):
