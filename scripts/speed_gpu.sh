@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Issue 11's GPU table in one or two device calls (950 s of phase limits; PHASES splits them):
 # SD-1.4-sized random weights, worst case (no loss meets its threshold), beside the authors' DPL
-# schedule in the same process. Carry .whl (diffusers and what it needs; see ../shared/GPU.md). Each
-# phase's JSON file and one log of them all (run.log) come back under $OUT (8 files: the device tool
-# takes back at most 8), each phase under its own time limit. The phases, in this order:
+# schedule in the same process. Carry .whl: Python 3.12 wheels of diffusers 0.42.1, importlib_metadata
+# and open_clip_torch 3.3.0 (the CLIP vocabulary of the random SD-1.4 model's tokenizer), made once here
+# (see ../shared/GPU.md) with
+#   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata open_clip_torch==3.3.0
+# Each phase's JSON file and one log of them all (run.log) come back under $OUT (8 files: the device
+# tool takes back at most 8), each phase under its own time limit. The phases, in this order:
 #
 #   tests          the CUDA-graph tests on the GPU (tests/test_cuda_graphs.py -k real)
 #   graphs-fp32    benchmarks/inversion.py's rows (NTI, DPL, DPL + direct inversion, a P2P edit) with
