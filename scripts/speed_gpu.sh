@@ -20,7 +20,8 @@
 #   eager-fp32     the rows of graphs-fp32, eager (no authors' row)
 #   eager-bf16     the same in bf16
 #   probe          scripts/speed_probe.py --mode cuda-graphs --dtype bfloat16 --profile: the graphed
-#                  UNet's ms per call (also with channels_last weights), a profile of one DPL step
+#                  UNet's ms per call (also with cudnn.benchmark, channels_last weights and both), a
+#                  profile of one DPL step
 #   The inversion rows time 10-step and 2-step schedules and extrapolate to 50 (exact in the worst
 #   case, where every step runs the same iterations); each row is saved as soon as it is measured,
 #   in case time runs out. A batch item costs one inversion and one edit: images per hour follow.

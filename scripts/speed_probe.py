@@ -3,8 +3,8 @@
 Prints, as each is measured: model build, compile() (with its gradient check) or use_cuda_graphs()
 (with its capture and check), the UNet's forward and forward+backward to the text states through
 ``StableDiffusion.predict`` (ms per call; the first calls compile or capture; not compiled, again
-with the UNet's weights in channels_last), then a 1-step NTI and a 1-step DPL inversion twice each,
-and a 10-step P2P edit twice. With ``--mode compile`` run it under
+with cuDNN's autotuner, with the UNet's weights in channels_last and with both), then a 1-step NTI
+and a 1-step DPL inversion twice each, and a 10-step P2P edit twice. With ``--mode compile`` run it under
 ``TORCH_LOGS=perf_hints,recompiles,graph_breaks`` to see why CUDA graphs are skipped or a graph
 compiles again. Lines are also appended as JSON to ``--json``; ``--profile`` adds, before the edits,
 a 1-step DPL inversion profiled by Python function (cProfile: where an inversion's fixed costs go)
@@ -94,20 +94,25 @@ def main() -> None:
     for calls in (3, 20):  # the first 3 record the graphs
         timed(f"predict, no grad, x{calls}", forward, calls)
         timed(f"predict + backward to the states, x{calls}", forward_backward, calls)
-    # The same with the UNet's weights in channels_last (NHWC: the layout of cuDNN's tensor-core
-    # convolutions; on this project's CPU it took 5% off a forward + backward), then back.
-    # Not compiled: new strides would mean minutes of compiling again.
-    def unet_format(memory_format: torch.memory_format) -> None:
+    # The same with cuDNN's autotuner on (it times each convolution's algorithms at the first call of
+    # a shape; PyTorch leaves it off) and with the UNet's weights in channels_last (NHWC: the layout of
+    # cuDNN's tensor-core convolutions; on this project's CPU it took 5% off a forward + backward),
+    # each captured afresh, then back. Not compiled: new strides would mean minutes of compiling again.
+    def layout(benchmark: bool, memory_format: torch.memory_format) -> None:
+        torch.backends.cudnn.benchmark = benchmark
         model.unet.to(memory_format=memory_format)
-        if model.graphed_unet is not None:  # the captures read the old weights' memory
+        if model.graphed_unet is not None:  # the captures read the old weights' memory and algorithms
             model.graphed_unet.captures.clear()
 
     if args.mode != "compile":
-        unet_format(torch.channels_last)
-        for calls in (3, 20):
-            timed(f"predict, no grad, channels_last, x{calls}", forward, calls)
-            timed(f"predict + backward to the states, channels_last, x{calls}", forward_backward, calls)
-        unet_format(torch.contiguous_format)
+        for benchmark, memory_format, label in ((True, torch.contiguous_format, "cudnn.benchmark"),
+                                                (False, torch.channels_last, "channels_last"),
+                                                (True, torch.channels_last, "channels_last + cudnn.benchmark")):
+            layout(benchmark, memory_format)
+            for calls in (3, 20):
+                timed(f"predict, no grad, {label}, x{calls}", forward, calls)
+                timed(f"predict + backward to the states, {label}, x{calls}", forward_backward, calls)
+        layout(False, torch.contiguous_format)
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (model.image_size, model.image_size, 3),
                                                               dtype=np.uint8))
