@@ -18,6 +18,7 @@ two runs learn different vectors. The spread over scenes is the measure.
 
     python benchmarks/precision.py                      # scenes model, bfloat16 against float32, 8 scenes
     python benchmarks/precision.py --scenes 4 --steps 20 --json out.json
+    python benchmarks/precision.py --device cuda --dtype float16 --scenes 4 --steps 20   # CUDA graphs
 """
 
 from __future__ import annotations
@@ -55,9 +56,10 @@ def dpl_capped_steps(inversion) -> int:
     return capped_steps(inversion.dpl_log, inversion.settings["dpl"]["max_iterations"])
 
 
-def measure(model_name: str, dtype: torch.dtype, scenes: int, steps: int) -> dict[str, dict[str, list[float]]]:
-    """Per method, per measure: one value per scene."""
-    model = load_model(model_name, dtype=dtype)
+def measure(model_name: str, device: torch.device, dtype: torch.dtype, scenes: int,
+            steps: int) -> dict[str, dict[str, list[float]]]:
+    """Per method, per measure: one value per scene (on CUDA with the model's default CUDA graphs)."""
+    model = load_model(model_name, device=device, dtype=dtype)
     values: dict[str, dict[str, list[float]]] = {m: {k: [] for k in MEASURES} for m in METHODS}
     for index in range(scenes):
         image, _ = render(split_scene("test", index, num_objects=2))
@@ -89,21 +91,23 @@ def table(results: dict[str, dict], low: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="scenes", help="a scene model (default: the bundled one)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                         help="the precision set beside float32 (float16 is very slow on a CPU)")
     parser.add_argument("--scenes", type=int, default=8, help="two-object test scenes (default: 8)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--json", default=None, help="also write the per-scene values here")
     args = parser.parse_args()
-    started = time.perf_counter()
-    results = {name: measure(args.model, getattr(torch, name), args.scenes, args.steps)
+    started, device = time.perf_counter(), torch.device(args.device)
+    results = {name: measure(args.model, device, getattr(torch, name), args.scenes, args.steps)
                for name in ("float32", args.dtype)}
     print(f"\n{args.model}, {args.scenes} two-object test scenes, {args.steps} steps, "
-          f"{machine(torch.device('cpu'))}, {torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s\n")
+          f"{machine(device)}, {torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s\n")
     print(table(results, args.dtype))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "scenes": args.scenes, "steps": args.steps, "values": results}, f, indent=1)
+            json.dump({"model": args.model, "device": machine(device), "dtype": args.dtype, "scenes": args.scenes,
+                       "steps": args.steps, "values": results}, f, indent=1)
 
 
 if __name__ == "__main__":

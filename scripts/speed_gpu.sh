@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 11's GPU table in one or two device calls (950 s of phase limits; PHASES splits them):
+# Issue 11's GPU table in one or two device calls (1,100 s of phase limits; PHASES splits them):
 # SD-1.4-sized random weights, worst case (no loss meets its threshold), beside the authors' DPL
 # schedule in the same process. Carry .whl: Python 3.12 wheels of diffusers 0.42.1, importlib_metadata
 # and open_clip_torch 3.3.0 (the CLIP vocabulary of the random SD-1.4 model's tokenizer), made once here
@@ -19,6 +19,9 @@
 #   lockstep-bf16  the same in bf16
 #   eager-fp32     the rows of graphs-fp32, eager (no authors' row)
 #   eager-bf16     the same in bf16
+#   precision      benchmarks/precision.py --dtype float16: what float16 does to the scene model's
+#                  reconstructions and edits against float32 (4 test scenes, 20 steps; CUDA only: a CPU
+#                  has no fast float16 kernels)
 #   probe          scripts/speed_probe.py --mode cuda-graphs --dtype bfloat16 --profile: the graphed
 #                  UNet's ms per call (also with cudnn.benchmark, channels_last weights and both), a
 #                  profile of one DPL step
@@ -31,9 +34,10 @@
 # Usage: bash scripts/speed_gpu.sh                              (every phase)
 #        PHASES="tests graphs-bf16" bash scripts/speed_gpu.sh   (some of them, in the order above)
 # In a 15-minute lease, two calls (timeout_s 360 and 420; about 300 and 350 s were used on an
-# H200), the second at once while the machine is warm (the authors' row is already measured):
+# H200 with eager-bf16 where precision is now), the second at once while the machine is warm (the
+# authors' row is already measured):
 #        PHASES="tests graphs-bf16 lockstep-bf16 probe" bash scripts/speed_gpu.sh
-#        AUTHORS=0 PHASES="graphs-fp32 lockstep eager-bf16" bash scripts/speed_gpu.sh
+#        AUTHORS=0 PHASES="graphs-fp32 lockstep precision" bash scripts/speed_gpu.sh
 # Dry run on the CPU machine (same rows, tiny model, one step; eager, since CUDA graphs need CUDA):
 #   PYTHON=.venv/bin/python MODEL=tiny DEVICE=cpu STEPS=1 OUT=/tmp/dry bash scripts/speed_gpu.sh
 PYTHON=${PYTHON:-python3} MODEL=${MODEL:-sd14} DEVICE=${DEVICE:-cuda} STEPS=${STEPS:-10}
@@ -42,7 +46,7 @@ $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # src as an absolute path: the runs start in benchmarks/
 export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
-PHASES=" ${PHASES:-tests graphs-fp32 graphs-bf16 lockstep lockstep-bf16 eager-fp32 eager-bf16 probe} "
+PHASES=" ${PHASES:-tests graphs-fp32 graphs-bf16 lockstep lockstep-bf16 eager-fp32 eager-bf16 precision probe} "
 want() { [[ $PHASES == *" $1 "* ]]; }
 mkdir -p "$OUT"
 if [[ $DEVICE == cuda* ]] && want tests; then  # the CUDA-graph path on the real thing first
@@ -73,6 +77,11 @@ lockstep lockstep float32
 lockstep lockstep-bf16 bfloat16
 run eager-fp32 130 --skip-authors
 run eager-bf16 150 --dtype bfloat16 --skip-authors  # 2 of its 4 rows in 100 s on the H200
+if [[ $DEVICE == cuda* ]] && want precision; then
+    echo "== precision (float16 against float32, scene model)"
+    timeout 150 "$PYTHON" precision.py --device "$DEVICE" --dtype float16 --scenes 4 --steps 20 \
+        --json "$OUT/precision-fp16.json" 2>&1 | tee -a "$OUT/run.log" | tail -14
+fi
 cd .. || exit 1
 if [[ $DEVICE == cuda* ]] && want probe; then
     echo "== probe (bfloat16)"
