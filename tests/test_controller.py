@@ -1,6 +1,9 @@
 """The Prompt-to-Prompt controller step by step, against a port of Prompt-to-Prompt's own
-AttentionStore + AttentionReplace + LocalBlend written here from its description (random
-full-size maps: 16x16 queries, 77 tokens, 64x64 latents, 50 steps)."""
+AttentionStore + AttentionReplace + AttentionRefine + AttentionReweight + LocalBlend and of its
+seq_aligner written here from its description (random full-size maps: 16x16 queries, 77 tokens,
+64x64 latents, 50 steps)."""
+
+import random
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ import torch.nn.functional as F
 from dpl_edit.attention import AttentionLayer
 from dpl_edit.editing import EditConfig, make_plan
 from dpl_edit.editing.controller import PromptToPrompt
-from dpl_edit.prompts import parse_marked_prompt
+from dpl_edit.prompts import MarkedPrompt, align_tokens, parse_marked_prompt
 from dpl_edit.tokenizer import clip_tokenizer
 
 TOKENIZER = clip_tokenizer()
@@ -123,4 +126,115 @@ def test_word_windows_replace_only_their_columns_inside_their_steps():
         source, own = probs[3], probs[4]
         assert torch.equal(target[..., 9], source[..., 9] if i < 10 else own[..., 9])  # "sand" (position 9)
         assert torch.equal(target[..., 2], source[..., 2] if i < 40 else own[..., 2])
+        controller.step_end(i, torch.zeros(3, 4, 8, 8))
+
+
+def p2p_get_mapper(x: list[int], y: list[int], max_len: int = 77) -> list[int]:
+    """A port of Prompt-to-Prompt's ``seq_aligner.get_mapper`` (global_align, get_aligned_sequences)
+    on two encoded prompts (start and end tokens included): its score matrix (gap 0, match 1,
+    mismatch -1) and trace-back matrix filled together (1 left, 2 up, 3 diagonal, 4 the corner), the
+    walk back from the corner, and the padding positions mapped to themselves."""
+    score = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+    trace = [[1] * (len(y) + 1)] + [[2] + [0] * len(y) for _ in range(len(x))]
+    trace[0][0] = 4
+    for i in range(1, len(x) + 1):
+        for j in range(1, len(y) + 1):
+            left, up = score[i][j - 1], score[i - 1][j]
+            diag = score[i - 1][j - 1] + (1 if x[i - 1] == y[j - 1] else -1)
+            score[i][j] = max(left, up, diag)
+            trace[i][j] = 1 if score[i][j] == left else 2 if score[i][j] == up else 3
+    i, j, mapper_y_to_x = len(x), len(y), []
+    while i > 0 or j > 0:
+        if trace[i][j] == 3:
+            i, j = i - 1, j - 1
+            mapper_y_to_x.append((j, i))
+        elif trace[i][j] == 1:
+            j -= 1
+            mapper_y_to_x.append((j, -1))
+        elif trace[i][j] == 2:
+            i -= 1
+        else:
+            break
+    mapper_y_to_x.reverse()
+    return [x_position for _, x_position in mapper_y_to_x] + [len(y) + k for k in range(max_len - len(y))]
+
+
+def _padded(ids: list[int]) -> MarkedPrompt:
+    return MarkedPrompt(text="", token_ids=tuple(ids + [ids[-1]] * (77 - len(ids))), words=(), end_position=len(ids) - 1)
+
+
+def test_refinement_alignment_equals_prompt_to_prompts_on_random_token_sequences():
+    # few distinct ids, so that many alignments tie and the trace back's order decides
+    rng = random.Random(0)
+    for _ in range(500):
+        x = [49406] + [rng.randint(1, 4) for _ in range(rng.randint(1, 20))] + [49407]
+        y = [49406] + [rng.randint(1, 4) for _ in range(rng.randint(1, 20))] + [49407]
+        assert align_tokens(_padded(x), _padded(y)) == p2p_get_mapper(x, y), (x, y)
+
+
+@pytest.mark.parametrize("source, target", [
+    ("a cat and a dog", "a fluffy cat and a big dog"),
+    ("a red square and a red rectangle on water", "old a red and and a red rectangle on water"),
+    ("a red rectangle and a red rectangle on sand", "a a red rectangle and red a red rectangle on sand"),
+    ("a red circle and a red oval on grass", "a red circle and and a red oval on"),
+    ("a dog and a cat", "a dog"),  # two tokens shorter: its first padding takes the source's "a" and "cat"
+])
+def test_refinement_alignment_equals_prompt_to_prompts_on_prompts(source, target):
+    source, target = (parse_marked_prompt(text, TOKENIZER, require_words=False) for text in (source, target))
+    assert align_tokens(source, target) == p2p_get_mapper(list(source.token_ids[: source.end_position + 1]),
+                                                          list(target.token_ids[: target.end_position + 1]))
+
+
+def p2p_time_words_alpha(num_steps: int, targets: int, default: float,
+                         words: list[tuple[float, int, list[int]]]) -> torch.Tensor:
+    """P2P's get_time_words_attention_alpha (with update_alpha_time_word): (num_steps + 1, n, 77),
+    the first int(share * (num_steps + 1)) rows on, for every column, then for each word's
+    (share, target, columns)."""
+    alpha = torch.zeros(num_steps + 1, targets, 77)
+    for j in range(targets):
+        alpha[: int(default * alpha.shape[0]), j] = 1
+    for share, j, columns in words:
+        alpha[:, j, columns] = 0
+        alpha[: int(share * alpha.shape[0]), j, columns] = 1
+    return alpha
+
+
+def p2p_refine_reweight_cross(attn_base, attn_replace, mapper, alphas, equalizer, alpha_words):
+    """AttentionControlEdit.forward's cross-attention branch with AttentionRefine's
+    replace_cross_attention, under AttentionReweight's when an equalizer is given."""
+    attn_base_replace = attn_base[:, :, mapper].permute(2, 0, 1, 3)
+    replaced = attn_base_replace * alphas[:, None, None, :] + attn_replace * (1 - alphas[:, None, None, :])
+    if equalizer is not None:
+        replaced = replaced * equalizer[:, None, None, :]
+    alpha_words = alpha_words[:, None, None, :]
+    return replaced * alpha_words + (1 - alpha_words) * attn_replace
+
+
+@pytest.mark.parametrize("steps, cross, words, self_share", [
+    (50, 0.4, {"fluffy": 0.2}, 0.6),  # PIE-Bench's P2P settings
+    (30, 0.75, {"fluffy": 0.35}, 0.45),  # shares x steps that are not whole: P2P truncates
+])
+def test_refinement_and_reweighting_equal_prompt_to_prompt(steps, cross, words, self_share):
+    targets = ["a red fluffy circle and a blue square on grass", "a circle on grass"]  # a word in; four out
+    source = parse_marked_prompt("a red {circle} and a blue {square} on grass", TOKENIZER)
+    prompts = [parse_marked_prompt(text, TOKENIZER, require_words=False) for text in targets]
+    config = EditConfig(mode="refine", cross_replace_steps=cross, word_cross_replace_steps=words,
+                        self_replace_steps=self_share, reweight={"fluffy": 2.0})
+    plan = make_plan(source, prompts, [3, 7], config, steps, TOKENIZER)
+    assert plan.self_steps == int(steps * self_share)  # P2P's num_self_replace
+    controller = PromptToPrompt(plan, 16, 16, map_layers=CROSS)
+    mapper = torch.tensor([p2p_get_mapper(list(source.token_ids[: source.end_position + 1]),
+                                          list(p.token_ids[: p.end_position + 1])) for p in prompts])
+    alphas = (mapper >= 0).float()  # get_mapper's alphas: 1 where mapped and after the prompt
+    assert TOKENIZER.convert_ids_to_tokens(prompts[0].token_ids[3]) == "fluffy</w>"
+    equalizer = torch.ones(2, 77)
+    equalizer[0, 3] = 2.0  # get_equalizer for "fluffy" in the first target
+    alpha_words = p2p_time_words_alpha(steps, 2, cross, [(words["fluffy"], 0, [3])])
+    g = torch.Generator().manual_seed(3)
+    for i in range(steps):
+        probs = _probs(g, 3, 256, 77)
+        edited = controller(CROSS[0], probs)
+        theirs = p2p_refine_reweight_cross(probs[3], probs[4:], mapper, alphas, equalizer, alpha_words[i])
+        torch.testing.assert_close(edited[4:], theirs, rtol=0, atol=0)
+        assert torch.equal(edited[:4], probs[:4])  # the unconditional rows and the source untouched
         controller.step_end(i, torch.zeros(3, 4, 8, 8))

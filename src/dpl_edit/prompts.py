@@ -115,33 +115,34 @@ def _strip_braces(prompt: str) -> tuple[str, list[tuple[int, int]]]:
 
 
 def align_tokens(source: MarkedPrompt, target: MarkedPrompt) -> list[int]:
-    """For each of the target's 77 positions, the source position whose map it takes, or -1 (new token).
+    """For each of the target's 77 positions, the source position whose map it takes, or -1 (new token):
+    Prompt-to-Prompt's refinement mapper (its ``seq_aligner.get_mapper``).
 
-    The prompts' own tokens are aligned globally (Needleman-Wunsch on token ids: match +1,
-    mismatch -1, gap 0, as Prompt-to-Prompt's refinement does); the start token maps to the start
-    token and the end token and padding to the source's end token and padding, in order.
+    The two prompts' tokens, start and end tokens included, are aligned globally (Needleman-Wunsch
+    on token ids: match +1, mismatch -1, gap 0). Where alignments tie (a repeated token), the trace
+    back from the ends takes, at each cell, a new target token first, then a dropped source token,
+    then a pair, as P2P's does. Every position after the target's end token takes the source's same
+    position, as in P2P (so where the target is two or more tokens shorter, its first padding
+    positions take the source's last words).
     """
-    a = source.token_ids[1 : source.end_position]
-    b = target.token_ids[1 : target.end_position]
+    a = source.token_ids[: source.end_position + 1]
+    b = target.token_ids[: target.end_position + 1]
     score = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
     for i in range(1, len(a) + 1):
         for j in range(1, len(b) + 1):
-            match = score[i - 1][j - 1] + (1 if a[i - 1] == b[j - 1] else -1)
-            score[i][j] = max(match, score[i - 1][j], score[i][j - 1])
-    mapper = [-1] * len(target.token_ids)
+            pair = score[i - 1][j - 1] + (1 if a[i - 1] == b[j - 1] else -1)
+            score[i][j] = max(score[i][j - 1], score[i - 1][j], pair)
+    mapper = list(range(len(target.token_ids)))
     i, j = len(a), len(b)
-    while i > 0 and j > 0:  # trace back; diagonal moves pair tokens (matched or substituted)
-        if score[i][j] == score[i - 1][j - 1] + (1 if a[i - 1] == b[j - 1] else -1):
-            mapper[j] = i
-            i, j = i - 1, j - 1
-        elif score[i][j] == score[i - 1][j]:
-            i -= 1
-        else:
+    while j > 0:  # trace back; the source tokens left over when j reaches 0 are dropped
+        if i == 0 or score[i][j] == score[i][j - 1]:  # target token j - 1 is new
             j -= 1
-    mapper[0] = 0
-    last = len(source.token_ids) - 1
-    for p in range(target.end_position, len(target.token_ids)):
-        mapper[p] = min(source.end_position + p - target.end_position, last)
+            mapper[j] = -1
+        elif score[i][j] == score[i - 1][j]:  # source token i - 1 is dropped
+            i -= 1
+        else:  # a pair (only ever a match: with gap 0 a mismatch never scores best)
+            i, j = i - 1, j - 1
+            mapper[j] = i
     return mapper
 
 

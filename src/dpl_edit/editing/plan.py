@@ -125,12 +125,15 @@ def make_plan(
     mapper_of = replacement_mapper if config.mode == "replace" else align_tokens
     mapper = torch.tensor([mapper_of(source, target) for target in targets])  # (n, 77)
     mapped = (mapper >= 0).float()
+    # the steps counted as Prompt-to-Prompt counts them: its cross-attention windows are the first
+    # int(share * (steps + 1)) rows of a table of steps + 1 (get_time_words_attention_alpha), its
+    # self-attention window the first int(share * steps) steps
     windows = torch.zeros(num_steps, len(targets), mapper.shape[1])
-    windows[: round(config.cross_replace_steps * num_steps)] = 1.0
+    windows[: int(config.cross_replace_steps * (num_steps + 1))] = 1.0
     for word, share in config.word_cross_replace_steps.items():
         for j, positions in _in_targets(targets, word, tokenizer):
             windows[:, j, positions] = 0.0
-            windows[: round(share * num_steps), j, positions] = 1.0
+            windows[: int(share * (num_steps + 1)), j, positions] = 1.0
     equalizer = None
     if config.reweight:
         equalizer = torch.ones(len(targets), mapper.shape[1])
@@ -143,7 +146,7 @@ def make_plan(
         mapper=mapper,
         mapped=mapped,
         windows=windows,
-        self_steps=round(config.self_replace_steps * num_steps),
+        self_steps=int(config.self_replace_steps * num_steps),
         equalizer=equalizer,
         blend_positions=_region_positions(source, targets, mapper, config.blend, tokenizer, "blend"),
         subtract_positions=_region_positions(source, targets, mapper, config.subtract, tokenizer, "subtract"),
