@@ -42,4 +42,3 @@ def test_bad_marks_give_clear_errors(prompt, words, message):
 
 def test_strip_braces():
     assert strip_braces("a {cat} and a {dog}") == "a cat and a dog"
-
