@@ -53,8 +53,6 @@ def test_early_stop_and_authors_preset(model, image):
     assert (authors.max_iterations, authors.early_stop, authors.reset_each_step) == (51, False, True)
 
 
-
-
 def published_ddim_loop(unet, scheduler, latent, cond):
     """The public null-text inversion's ``ddim_loop`` with its ``next_step`` (DDIM inversion with
     the conditional states only, from the least noisy timestep up), ported from its description:
