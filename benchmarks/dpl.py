@@ -3,9 +3,9 @@ AdamW step) three ways, and optionally a whole DPL inversion:
 
 - ours, early exit: the UNet forward stops after the last 16x16 cross-attention layer;
 - ours, full forward: the same without the early exit;
-- authors' style: full forward with the UNet weights trainable (their code leaves weight
-  gradients on) and the whole token-embedding table as the AdamW parameter (their code optimises
-  the table and restores the other rows after each step).
+- authors' style: full forward with the weights their code leaves trainable (the UNet's but for
+  self-attention: `authors.py`) and the whole token-embedding table as the AdamW parameter (their
+  code optimises the table and restores the other rows after each step).
 
     python benchmarks/dpl.py --scale tiny
     python benchmarks/dpl.py --scale sd14 --device cuda --full-inversion
@@ -18,6 +18,7 @@ import json
 import time
 
 import torch
+from authors import authors_trainable
 from timing import machine, timed
 
 from dpl_edit.attention import attention_hook, attention_layers, select_layers
@@ -97,13 +98,10 @@ def main() -> None:
         "ours, early exit": timed(ours(model, early, z, vectors), device, args.iterations, warmup=2),
         "ours, full forward": timed(ours(model, full, z, vectors), device, args.iterations, warmup=2),
     }
-    model.unet.requires_grad_(True)
-    model.text_encoder.requires_grad_(True)
-    rows["authors' style (weights trainable, whole table)"] = timed(
-        authors_style(model, full, z, marked), device, args.iterations
-    )
-    model.unet.requires_grad_(False)
-    model.text_encoder.requires_grad_(False)
+    with authors_trainable(model):
+        rows["authors' style (weights trainable, whole table)"] = timed(
+            authors_style(model, full, z, marked), device, args.iterations
+        )
 
     inversion_s = None
     if args.full_inversion:

@@ -6,8 +6,9 @@ Rows (50 steps, guidance 7.5, one image):
   last layer the losses read, frozen weights) and 10 null iterations per step;
 - DPL tokens with direct inversion (no null optimisation);
 - P2P edit: source and one target, refine, 50 steps, both decoded;
-- authors: DPL as their code runs it: fp32, full UNet forward, UNet and text-encoder weights
-  trainable, 51 null iterations per step without early stop, the null reset to "" every step.
+- authors: DPL as their code runs it: fp32, full UNet forward, the weights their code leaves
+  trainable (the UNet's but for self-attention, the token-embedding table: `authors.py`), 51 null
+  iterations per step without early stop, the null reset to "" every step.
 
 The worst case is when no loss meets its threshold: random weights (`--model sd14`, `tiny`) and
 test scene 0 on `scenes` run every step to the iteration cap. Before each row a 2-step run of the
@@ -24,7 +25,6 @@ torch.cuda.max_memory_allocated per row; reconstruction PSNR is meaningful on th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 import traceback
@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from authors import authors_trainable
 from PIL import Image
 from timing import machine
 
@@ -61,19 +62,6 @@ def subject(model, name: str) -> tuple[Image.Image, str, str]:
         return render(scene)[0], scene.marked_caption(), target.caption
     pixels = np.random.default_rng(0).integers(0, 256, (model.image_size, model.image_size, 3), dtype=np.uint8)
     return Image.fromarray(pixels), RANDOM_PROMPT, RANDOM_TARGET
-
-
-@contextlib.contextmanager
-def trainable(model):
-    """The authors' code leaves the UNet and text encoder weights trainable (every backward computes
-    their gradients)."""
-    for module in (model.unet, model.text_encoder):
-        module.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for module in (model.unet, model.text_encoder):
-            module.requires_grad_(False)
 
 
 def measure(model, work, steps: int) -> dict:
@@ -190,7 +178,7 @@ def main() -> None:
         authors_dpl = model_dpl_config(authors, early_exit=False)
 
         def authors_work(steps):
-            with trainable(authors):
+            with authors_trainable(authors):
                 inversion = invert(authors, image, prompt, method="dpl", preset="authors", num_steps=steps,
                                    dpl=authors_dpl, progress=False)
             authors_work.inversion = inversion
