@@ -1,11 +1,13 @@
 """The DPL loop on the tiny model: what is optimised, the early-exit forward, the saved result."""
 
 import logging
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite.pipeline_stable_diffusion_attend_and_excite import (
+    GaussianSmoothing,
+)
 
 from dpl_edit import Inversion, PromptError, invert, reconstruct_latents
 from dpl_edit.attention import attention_layers, select_layers
@@ -164,24 +166,14 @@ class AuthorsStoreProcessor:
         return attn.to_out[1](attn.to_out[0](hidden_states))
 
 
-def authors_smoothing(image: torch.Tensor) -> torch.Tensor:
-    """Their ``GaussianSmoothing`` (3x3, sigma 0.5 as coded: exp(-((x - mean) / (2 sigma))^2)) under
-    reflect padding."""
-    grid = torch.meshgrid([torch.arange(3, dtype=torch.float32)] * 2, indexing="ij")
-    kernel = 1
-    for mgrid in grid:
-        kernel = kernel * 1 / (0.5 * math.sqrt(2 * math.pi)) * torch.exp(-(((mgrid - 1) / (2 * 0.5)) ** 2))
-    kernel = (kernel / kernel.sum()).view(1, 1, 3, 3)
-    return F.conv2d(F.pad(image[None, None], (1, 1, 1, 1), mode="reflect"), kernel)[0, 0]
-
-
 def authors_token_learning(model, z, t, token_ids, indices, background, thresholds, lams, iterations, res=16):
     """One timestep of the DPL authors' token learning (the first inner loop of their pipeline's
     ``__call__``), ported from its description: AdamW (PyTorch's defaults: rate 1e-3, weight decay
     0.01) on the text encoder's whole embedding table, the rows of the learned tokens kept and every
     other row put back after each step; each iteration the text encoder on the token ids, the full
     UNet forward, the maps averaged over the stored layers and heads, the losses (Attend-and-Excite's
-    max loss on columns 1:-1 re-softmaxed at x100 and smoothed, the mean cosine between the learned
+    max loss on columns 1:-1 re-softmaxed at x100 and smoothed by its 3x3 Gaussian under reflect
+    padding, the mean cosine between the learned
     tokens' maps, their mean cosine with the background), a stop before stepping once all three are
     under their thresholds. Here the learned tokens' own rows play the authors' placeholder rows.
     Returns the learned rows, each iteration's (L_at, L_dj, L_bg) and the steps taken."""
@@ -202,7 +194,10 @@ def authors_token_learning(model, z, t, token_ids, indices, background, threshol
             stacked = torch.cat([m.reshape(-1, res, res, m.shape[-1]) for m in maps])
             attention = stacked.sum(0) / stacked.shape[0]  # (res, res, 77)
             text = torch.softmax(attention[:, :, 1:-1] * 100, dim=-1)
-            loss_at = max(torch.zeros(()), *[1.0 - authors_smoothing(text[:, :, i - 1]).max() for i in indices])
+            smoothing = GaussianSmoothing()  # their class is Attend-and-Excite's, which diffusers ships
+            smoothed = [smoothing(F.pad(text[None, None, :, :, i - 1], (1, 1, 1, 1), mode="reflect"))[0, 0]
+                        for i in indices]
+            loss_at = max(torch.zeros(()), *[1.0 - image.max() for image in smoothed])
             x_attn = attention[:, :, indices].view(-1, len(indices)).t()
             cos_mask = torch.tril(torch.ones(len(indices), len(indices)), diagonal=-1).bool()
             loss_dj = F.cosine_similarity(x_attn[:, :, None], x_attn.t()[None, :, :])[cos_mask].mean()
