@@ -173,9 +173,8 @@ def authors_token_learning(model, z, t, token_ids, indices, background, threshol
     other row put back after each step; each iteration the text encoder on the token ids, the full
     UNet forward, the maps averaged over the stored layers and heads, the losses (Attend-and-Excite's
     max loss on columns 1:-1 re-softmaxed at x100 and smoothed by its 3x3 Gaussian under reflect
-    padding, the mean cosine between the learned
-    tokens' maps, their mean cosine with the background), a stop before stepping once all three are
-    under their thresholds. Here the learned tokens' own rows play the authors' placeholder rows.
+    padding, the mean cosine between the learned tokens' maps, their mean cosine with the
+    background), a stop before stepping once all three are under their thresholds. Here the learned tokens' own rows play the authors' placeholder rows.
     Returns the learned rows, each iteration's (L_at, L_dj, L_bg) and the steps taken."""
     table = model.text_encoder.get_input_embeddings()
     original = table.weight.detach().clone()
