@@ -96,8 +96,9 @@ def main() -> None:
         timed(f"predict + backward to the states, x{calls}", forward_backward, calls)
     # The same with cuDNN's autotuner on (it times each convolution's algorithms at the first call of
     # a shape; PyTorch leaves it off) and with the UNet's weights in channels_last (NHWC: the layout of
-    # cuDNN's tensor-core convolutions; on this project's CPU it took 5% off a forward + backward),
-    # each captured afresh, then back. Not compiled: new strides would mean minutes of compiling again.
+    # cuDNN's tensor-core convolutions; on this project's CPU it took 5-11% off the tiny model's
+    # forward + backward and nothing off the scene model's inversions: README), each captured afresh,
+    # then back. Not compiled: new strides would mean minutes of compiling again.
     def layout(benchmark: bool, memory_format: torch.memory_format) -> None:
         torch.backends.cudnn.benchmark = benchmark
         model.unet.to(memory_format=memory_format)
