@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dpl_edit.cli import common, main
+from dpl_edit.cli import COMMANDS, build_parser, common, main
 
 
 @pytest.fixture
@@ -53,6 +53,59 @@ def test_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--prompt", "--out", "--method", "--model", "--device", "--dtype", "--seed", "--fit", "--steps"):
         assert option in text
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_each_command_is_defined_by_the_module_the_table_names(name):
+    """`dpl COMMAND ...` parses with the arguments of COMMANDS[name]'s module, which defines the
+    command and no command outside the table; every other command is a name and help line."""
+    parser = build_parser(name)
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert list(subparsers.choices) == list(COMMANDS)
+    defined = [n for n, p in subparsers.choices.items() if p.add_help]  # the stand-ins have no -h
+    assert name in defined and all(COMMANDS[n].module == COMMANDS[name].module for n in defined)
+    assert [a.help for a in subparsers._choices_actions] == [c.help for c in COMMANDS.values()]
+
+
+def test_help_version_and_a_wrong_command_load_no_torch():
+    """`dpl --help` (0.05 s) and `dpl --version` answer before torch is imported (1.4-1.8 s on this
+    project's CPU), and so does a missing or unknown command."""
+    code = (
+        "import sys\n"
+        "from dpl_edit.cli import main\n"
+        "for argv in (['--help'], ['--version'], ['nope'], []):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('loaded:', [name for name in ('torch', 'numpy', 'PIL') if name in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "loaded: []" in done.stdout
+    assert "check-scenes" in done.stdout and "dpl-edit 0.1.0" in done.stdout
+    assert "invalid choice: 'nope'" in done.stderr and "required: COMMAND" in done.stderr
+
+
+def test_the_package_s_public_names_load_on_first_use_from_their_modules():
+    """``dpl_edit``'s exports (PEP 562): each is its module's object, and the imports type checkers
+    read name the same modules."""
+    import ast
+    import importlib
+    import inspect
+
+    import dpl_edit
+
+    assert dpl_edit.__all__ == list(dpl_edit._EXPORTS)
+    for name in dpl_edit.__all__:
+        assert getattr(dpl_edit, name) is getattr(importlib.import_module(f"dpl_edit.{dpl_edit._EXPORTS[name]}"), name)
+        assert name in dir(dpl_edit)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        dpl_edit.nothing  # noqa: B018
+    (block,) = [node for node in ast.parse(inspect.getsource(dpl_edit)).body
+                if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"]
+    typed = {alias.name: node.module.lstrip(".") for node in block.body for alias in node.names}
+    assert typed == dpl_edit._EXPORTS
 
 
 def test_help_and_argument_errors_load_no_model_libraries():

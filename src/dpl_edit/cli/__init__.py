@@ -3,25 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
-
-import torch
+from typing import NamedTuple
 
 from .. import __version__
 from ..errors import DplEditError, out_of_memory
-from . import analysis, batch, demo, inversion, scenes, serve
+
+
+class Command(NamedTuple):
+    module: str  # the module under dpl_edit.cli that defines the command's arguments and runs it
+    help: str  # its line in `dpl --help`
+
+
+COMMANDS = {
+    "demo": Command("demo", "DPL vs null-text inversion editing of a bundled scene (offline, about a minute on a CPU)"),
+    "invert": Command("inversion", "invert an image into the model once, for reconstruction and editing"),
+    "reconstruct": Command("inversion", "sample the image back from an inversion"),
+    "edit": Command("inversion", "edit an inverted image towards target prompts (Prompt-to-Prompt)"),
+    "run": Command("inversion", "invert an image and edit it in one go"),
+    "attention": Command("analysis", "draw the attention maps of an inversion as PNG grids"),
+    "localisation": Command("analysis", "IoU of words' attention maps with ground-truth masks, against the threshold"),
+    "train-scenes": Command("scenes", "train the scene model (VAE, then UNet + text encoder) from rendered scenes"),
+    "check-scenes": Command("scenes", "quality table of a scene model: caption following, reconstruction, localisation"),
+    "serve": Command("serve", "a web page to invert once and edit many times, with the attention views"),
+    "batch": Command("batch", "invert and edit every item of a PIE-Bench folder with several methods (resumable; "
+                     "accelerate)"),
+    "metrics": Command("batch", "PIE-Bench's metrics of a batch folder, methods side by side"),
+    "scenes": Command("batch", "the scene world as a dataset: `dpl scenes export DIR`"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # the command's name first, from a parser that imports no command module (so `dpl --help`,
+    # `--version` and a missing or unknown command answer without loading torch), then its arguments
+    command = build_parser().parse_known_args(argv)[0].command
+    args = build_parser(command).parse_args(argv)
+    import torch  # every command needs it; after the arguments, so a bad one is answered at once
+
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    if args.seed is not None and args.run is not scenes.train_scenes:
+    if args.seed is not None and command != "train-scenes":
         torch.manual_seed(args.seed)
     try:
         return args.run(args)
@@ -42,15 +69,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``dpl`` parser with ``command``'s arguments (and those of its module's other commands);
+    every other command is its name and help line alone."""
     parser = argparse.ArgumentParser(
         prog="dpl",
         description="Text-based editing of real images with diffusion models (Dynamic Prompt Learning).",
     )
     parser.add_argument("--version", action="version", version=f"dpl-edit {__version__}")
-    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    for module in (demo, inversion, analysis, scenes, serve, batch):
-        module.register(commands)
+    commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
+    defined = COMMANDS[command].module if command else None
+    for name, (module, line) in COMMANDS.items():
+        if module != defined:
+            commands.add_parser(name, help=line, add_help=False)
+        elif name == next(n for n, c in COMMANDS.items() if c.module == module):  # its module's first command
+            importlib.import_module(f".{module}", __name__).register(commands)
     return parser
 
 

@@ -11,12 +11,13 @@ from ..artifacts import Inversion
 from ..errors import DplEditError
 from ..localisation import THRESHOLDS, attention_shares, best_iou, iou_curve, load_mask, mean_iou, plot_curves
 from ..views import inversion_words, word_map, write_attention_views
+from . import COMMANDS
 
 
 def register(commands) -> None:
     p = commands.add_parser(
         "attention",
-        help="draw the attention maps of an inversion as PNG grids",
+        help=COMMANDS["attention"].help,
         description="Write PNG grids of each word's cross-attention over the source image (averaged "
         "over all steps and over step ranges), and for DPL the self-attention clusters and background "
         "mask and its per-step losses, thresholds and AdamW steps (dpl_log.png); with --compare, two inversions of the same image side by side (NTI vs DPL).",
@@ -29,7 +30,7 @@ def register(commands) -> None:
 
     p = commands.add_parser(
         "localisation",
-        help="IoU of words' attention maps with ground-truth masks, against the threshold",
+        help=COMMANDS["localisation"].help,
         description="For each inversion and word: the share of the step-averaged cross-attention map's "
         "mass inside the word's mask, inside the other words' masks and outside them all (leakage is "
         "mass off its own mask); and the IoU with the word's mask of the max-normalised map thresholded at "

@@ -9,13 +9,14 @@ from pathlib import Path
 from .. import checks
 from ..editing.plan import TARGET_TOKENS
 from ..errors import DplEditError
+from . import COMMANDS
 from .common import add_model_options, load
 
 
 def register(commands) -> None:
     p = commands.add_parser(
         "batch",
-        help="invert and edit every item of a PIE-Bench folder with several methods (resumable; accelerate)",
+        help=COMMANDS["batch"].help,
         description="Run each method's inversion and Prompt-to-Prompt edit (PIE-Bench's P2P settings) on the items "
         "of DATASET (mapping_file.json + annotation_images/), writing the edits in PIE-Bench's output layout under "
         "OUT and a record per item. A rerun skips finished items; a failing item is recorded and the run goes on. "
@@ -38,7 +39,7 @@ def register(commands) -> None:
 
     p = commands.add_parser(
         "metrics",
-        help="PIE-Bench's metrics of a batch folder, methods side by side",
+        help=COMMANDS["metrics"].help,
         description="Score the edits in OUT against DATASET as PIE-Bench's evaluation script does: PSNR, MSE and "
         "SSIM of the unedited part (no weights needed), its LPIPS (SqueezeNet 1.1: --lpips), Structure distance "
         "(DINO ViT-B/8: --dino), CLIP similarity of the whole edit and of its edited part (CLIP ViT-L/14: --clip), and for rendered scenes the PSNR of the "
@@ -56,7 +57,7 @@ def register(commands) -> None:
     p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(run=metrics_command)
 
-    p = commands.add_parser("scenes", help="the scene world as a dataset: `dpl scenes export DIR`")
+    p = commands.add_parser("scenes", help=COMMANDS["scenes"].help)
     scene_commands = p.add_subparsers(title="scene commands", required=True, metavar="COMMAND")
     p = scene_commands.add_parser(
         "export",

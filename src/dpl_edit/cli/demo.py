@@ -8,13 +8,14 @@ from pathlib import Path
 
 from ..demo import DEMO_SCENE, DEMO_STEPS, check_demo_settings, run_demo
 from ..registry import SCENE_MODEL_ID
+from . import COMMANDS
 from .common import add_model_options, load
 
 
 def register(commands) -> None:
     p = commands.add_parser(
         "demo",
-        help="DPL vs null-text inversion editing of a bundled scene (offline, about a minute on a CPU)",
+        help=COMMANDS["demo"].help,
         description="Invert a rendered two-object scene with DPL and with null-text inversion, swap one "
         "object's shape with Prompt-to-Prompt from each, and write the edits, attention grids (NTI vs "
         "DPL) and a summary with each method's background PSNR and time.",

@@ -20,13 +20,14 @@ from ..pipeline import METHODS, PRESETS, invert, model_dpl_config, reconstruct
 from ..prompts import check_marks
 from ..registry import DEFAULT_MODEL
 from ..views import edit_grid, save_figure
+from . import COMMANDS
 from .common import add_model_options, load, pairs
 
 
 def register(commands) -> None:
     p = commands.add_parser(
         "invert",
-        help="invert an image into the model once, for reconstruction and editing",
+        help=COMMANDS["invert"].help,
         description="Invert IMAGE with its PROMPT and save the result in OUT (inversion.safetensors, "
         "inversion.json, source.png) for `dpl reconstruct` and editing.",
     )
@@ -42,7 +43,7 @@ def register(commands) -> None:
 
     p = commands.add_parser(
         "reconstruct",
-        help="sample the image back from an inversion",
+        help=COMMANDS["reconstruct"].help,
         description="Sample the image back from the inversion in DIR, write DIR/reconstruction.png "
         "and print its PSNR against the source image.",
     )
@@ -53,7 +54,7 @@ def register(commands) -> None:
 
     p = commands.add_parser(
         "edit",
-        help="edit an inverted image towards target prompts (Prompt-to-Prompt)",
+        help=COMMANDS["edit"].help,
         description="Edit the inversion in DIR towards each --target (one sampling run for all), writing "
         "OUT/edit_N.png, OUT/reconstruction.png (the source branch) and OUT/edit_grid.png (source, "
         "reconstruction, edit, and the attention maps of the edited words).",
@@ -66,7 +67,7 @@ def register(commands) -> None:
 
     p = commands.add_parser(
         "run",
-        help="invert an image and edit it in one go",
+        help=COMMANDS["run"].help,
         description="`dpl invert` then `dpl edit`: the inversion goes to OUT, the edits to OUT/edits. "
         "The inversion method defaults to dpl here.",
     )

@@ -10,6 +10,7 @@ from .. import checks
 from ..errors import DplEditError
 from ..scenes.quality import check_counts, check_scene_model
 from ..scenes.train import SceneTrainer, TrainConfig
+from . import COMMANDS
 from .common import add_model_options, load, pick_device
 
 
@@ -17,7 +18,7 @@ def register(commands) -> None:
     defaults = TrainConfig()
     p = commands.add_parser(
         "train-scenes",
-        help="train the scene model (VAE, then UNet + text encoder) from rendered scenes",
+        help=COMMANDS["train-scenes"].help,
         description="Train a small Stable-Diffusion-architecture model on synthetic scenes into OUT "
         "(resumable: run the same command again to continue). When done, OUT/model is a diffusers "
         "folder usable as --model OUT/model.",
@@ -46,7 +47,7 @@ def register(commands) -> None:
 
     p = commands.add_parser(
         "check-scenes",
-        help="quality table of a scene model: caption following, reconstruction, localisation",
+        help=COMMANDS["check-scenes"].help,
         description="Judge a scene model on test scenes: caption following of generated samples (by a "
         "checker of the renderer's looks), VAE and null-text-inversion reconstruction PSNR, and the IoU "
         "of each noun's map with its own and with the other object. Prints a table with the bars.",

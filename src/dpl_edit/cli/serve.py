@@ -9,13 +9,14 @@ from pathlib import Path
 
 from .. import checks
 from ..errors import DplEditError
+from . import COMMANDS
 from .common import pick_device
 
 
 def register(commands) -> None:
     p = commands.add_parser(
         "serve",
-        help="a web page to invert once and edit many times, with the attention views",
+        help=COMMANDS["serve"].help,
         description="Start a Gradio page: pick a scene or upload an image, invert it (DPL, NTI, NPI or direct), "
         "edit it with Prompt-to-Prompt as often as you like, and look at each word's attention. Inversions are "
         "cached on disk (by image, prompt, model and settings), so editing never inverts again.",
