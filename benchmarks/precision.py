@@ -1,7 +1,7 @@
 """What a lower precision does to inversions and edits on a scene model: float32 beside another
 dtype, in the same process, over several test scenes (issue 11's precision question).
 
-For each of the first SCENES two-object test scenes and each dtype, the demo's work
+For each of the first SCENES two-object test scenes (or those named by --only) and each dtype, the demo's work
 (:func:`dpl_edit.demo.run_demo`: NTI and DPL inversions, each followed by a Prompt-to-Prompt word
 swap of the first object's shape, compared with the renderer's oracle) plus each inversion's
 reconstruction. Per method, the means over the scenes and the lower dtype's differences from
@@ -19,6 +19,7 @@ two runs learn different vectors. The spread over scenes is the measure.
     python benchmarks/precision.py                      # scenes model, bfloat16 against float32, 8 scenes
     python benchmarks/precision.py --scenes 4 --steps 20 --json out.json
     python benchmarks/precision.py --device cuda --dtype float16 --scenes 4 --steps 20   # CUDA graphs
+    python benchmarks/precision.py --dtype bfloat16 float16 --only 0,6 --steps 20   # float16 on a CPU: slow
 """
 
 from __future__ import annotations
@@ -56,12 +57,12 @@ def dpl_capped_steps(inversion) -> int:
     return capped_steps(inversion.dpl_log, inversion.settings["dpl"]["max_iterations"])
 
 
-def measure(model_name: str, device: torch.device, dtype: torch.dtype, scenes: int,
+def measure(model_name: str, device: torch.device, dtype: torch.dtype, scenes: list[int],
             steps: int) -> dict[str, dict[str, list[float]]]:
     """Per method, per measure: one value per scene (on CUDA with the model's default CUDA graphs)."""
     model = load_model(model_name, device=device, dtype=dtype)
     values: dict[str, dict[str, list[float]]] = {m: {k: [] for k in MEASURES} for m in METHODS}
-    for index in range(scenes):
+    for index in scenes:
         image, _ = render(split_scene("test", index, num_objects=2))
         with tempfile.TemporaryDirectory() as out:
             report = run_demo(out, model=model, scene_index=index, num_steps=steps, progress=False)
@@ -92,21 +93,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="scenes", help="a scene model (default: the bundled one)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
-                        help="the precision set beside float32 (float16 is very slow on a CPU)")
-    parser.add_argument("--scenes", type=int, default=8, help="two-object test scenes (default: 8)")
+    parser.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16"],
+                        help="the precisions set beside float32, each in its own table (float16 is about 35 times "
+                        "slower than float32 on this project's CPU, which has no float16 kernels)")
+    parser.add_argument("--scenes", type=int, default=8, help="the first SCENES two-object test scenes (default: 8)")
+    parser.add_argument("--only", type=lambda text: [int(k) for k in text.split(",")], default=None,
+                        help="these two-object test scenes instead, e.g. 0,6")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--json", default=None, help="also write the per-scene values here")
     args = parser.parse_args()
     started, device = time.perf_counter(), torch.device(args.device)
-    results = {name: measure(args.model, device, getattr(torch, name), args.scenes, args.steps)
-               for name in ("float32", args.dtype)}
-    print(f"\n{args.model}, {args.scenes} two-object test scenes, {args.steps} steps, "
-          f"{machine(device)}, {torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s\n")
-    print(table(results, args.dtype))
+    scenes = args.only if args.only is not None else list(range(args.scenes))
+    results = {name: measure(args.model, device, getattr(torch, name), scenes, args.steps)
+               for name in ("float32", *args.dtype)}
+    print(f"\n{args.model}, two-object test scenes {scenes}, {args.steps} steps, "
+          f"{machine(device)}, {torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s")
+    for dtype in args.dtype:
+        print(f"\n{table(results, dtype)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "device": machine(device), "dtype": args.dtype, "scenes": args.scenes,
+            json.dump({"model": args.model, "device": machine(device), "dtypes": args.dtype, "scenes": scenes,
                        "steps": args.steps, "values": results}, f, indent=1)
 
 
