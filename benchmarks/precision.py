@@ -1,10 +1,10 @@
 """What a lower precision does to inversions and edits on a scene model: float32 beside another
 dtype, in the same process, over several test scenes (issue 11's precision question).
 
-For each of the first SCENES two-object test scenes (or those named by --only) and each dtype, the demo's work
-(:func:`dpl_edit.demo.run_demo`: NTI and DPL inversions, each followed by a Prompt-to-Prompt word
-swap of the first object's shape, compared with the renderer's oracle) plus each inversion's
-reconstruction. Per method, the means over the scenes and the lower dtype's differences from
+For each of the first SCENES two-object test scenes (or those named by --only) and each dtype,
+the demo's work (:func:`dpl_edit.demo.run_demo`: NTI and DPL inversions, each followed by a
+Prompt-to-Prompt word swap of the first object's shape, compared with the renderer's oracle) plus
+each inversion's reconstruction. Per method, the means over the scenes and the lower dtype's differences from
 float32, scene by scene:
 
 - reconstruction PSNR (the source branch sampled back, against the source image);

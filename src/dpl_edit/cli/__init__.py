@@ -79,10 +79,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dpl-edit {__version__}")
     commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
     defined = COMMANDS[command].module if command else None
+    first = next((name for name, each in COMMANDS.items() if each.module == defined), None)
     for name, (module, line) in COMMANDS.items():
         if module != defined:
             commands.add_parser(name, help=line, add_help=False)
-        elif name == next(n for n, c in COMMANDS.items() if c.module == module):  # its module's first command
+        elif name == first:  # the module defines all its commands at its first one's place
             importlib.import_module(f".{module}", __name__).register(commands)
     return parser
 
