@@ -67,26 +67,6 @@ def test_each_command_is_defined_by_the_module_the_table_names(name):
     assert [a.help for a in subparsers._choices_actions] == [c.help for c in COMMANDS.values()]
 
 
-def test_help_version_and_a_wrong_command_load_no_torch():
-    """`dpl --help` (0.05 s) and `dpl --version` answer before torch is imported (1.4-1.8 s on this
-    project's CPU), and so does a missing or unknown command."""
-    code = (
-        "import sys\n"
-        "from dpl_edit.cli import main\n"
-        "for argv in (['--help'], ['--version'], ['nope'], []):\n"
-        "    try:\n"
-        "        main(argv)\n"
-        "    except SystemExit:\n"
-        "        pass\n"
-        "print('loaded:', [name for name in ('torch', 'numpy', 'PIL') if name in sys.modules])\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert "loaded: []" in done.stdout
-    assert "check-scenes" in done.stdout and "dpl-edit 0.1.0" in done.stdout
-    assert "invalid choice: 'nope'" in done.stderr and "required: COMMAND" in done.stderr
-
-
 def test_the_package_s_public_names_load_on_first_use_from_their_modules():
     """``dpl_edit``'s exports (PEP 562): each is its module's object, and the imports type checkers
     read name the same modules."""
@@ -108,25 +88,33 @@ def test_the_package_s_public_names_load_on_first_use_from_their_modules():
     assert typed == dpl_edit._EXPORTS
 
 
-def test_help_and_argument_errors_load_no_model_libraries():
-    """`dpl --help` and a bad argument answer without diffusers, transformers, scikit-learn,
-    matplotlib, SciPy or Gradio (4-5 s of imports on this project's CPU): they load with a model,
-    a figure, a background mask or the page. A fresh interpreter, so nothing the tests loaded counts."""
+def test_help_and_argument_errors_load_no_torch_or_no_model_libraries():
+    """`dpl --help` (0.05 s), `dpl --version` and a missing or unknown command answer before torch is
+    imported (1.4-1.8 s on this project's CPU); a command's help and a bad argument answer without
+    diffusers, transformers, scikit-learn, matplotlib, SciPy or Gradio (4-5 s of imports): they load
+    with a model, a figure, a background mask or the page. A fresh interpreter, so nothing the tests
+    loaded counts."""
     code = (
         "import sys\n"
         "from dpl_edit.cli import main\n"
-        "for argv in (['--help'], ['invert', '--help'], ['demo', '--steps', '0']):\n"
-        "    try:\n"
-        "        main(argv)\n"
-        "    except SystemExit:\n"
-        "        pass\n"
+        "def answer(argvs):\n"
+        "    for argv in argvs:\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "answer((['--help'], ['--version'], ['nope'], []))\n"
+        "print('loaded first:', [name for name in ('torch', 'numpy', 'PIL') if name in sys.modules])\n"
+        "answer((['invert', '--help'], ['demo', '--steps', '0']))\n"
         "heavy = ['diffusers', 'transformers', 'sklearn', 'matplotlib', 'scipy', 'gradio']\n"
-        "print('loaded:', [name for name in heavy if name in sys.modules])\n"
+        "print('loaded then:', [name for name in heavy if name in sys.modules])\n"
     )
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
-    assert "loaded: []" in done.stdout
+    assert "loaded first: []" in done.stdout and "loaded then: []" in done.stdout
+    assert "check-scenes" in done.stdout and "dpl-edit 0.1.0" in done.stdout
+    assert "invalid choice: 'nope'" in done.stderr and "required: COMMAND" in done.stderr
     assert "must be at least 1" in done.stderr  # the bad argument's message still comes
 
 

@@ -121,7 +121,7 @@ def test_dpl_in_a_half_precision_warns_that_float32_is_its_reliable_one(image, c
                    dpl=DynamicPromptConfig(max_iterations=1), null_text=NullTextConfig(max_iterations=1),
                    progress=False)
         name = str(dtype).removeprefix("torch.")
-        warned = f"DPL in {name}" in caplog.text and measured in caplog.text and "float32 is DPL's reliable" in caplog.text
+        warned = all(text in caplog.text for text in (f"DPL in {name}", measured, "float32 is DPL's reliable precision"))
         assert warned == (method == "dpl"), method
 
 
