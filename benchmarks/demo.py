@@ -11,7 +11,15 @@ half the speed of the day before on 2026-11-27: compare walls only at like rates
 cache warm. The eager "first" run is the first in this benchmark: the operating system's file cache
 may already hold torch's libraries from an earlier process.
 
+This shared CPU's speed moves from day to day, and a large matmul's rate does not follow it: on
+2026-11-28 the matmul ran at its usual rate while the same code ran the demo's DPL inversion at half
+the speed of 2026-11-26. So the title also gives the demo's own kernels' time, a scene-UNet forward
+and backward at batch 1, before and after the runs; and ``--against REV`` times another revision of
+this repository (a temporary git worktree) in the same run, alternating with this checkout, with
+the ratios of their medians: a comparison that holds whatever the day's speed.
+
     python benchmarks/demo.py                         # eager, 1 first + 2 later runs
+    python benchmarks/demo.py --against 2589792       # this checkout against an earlier revision
     python benchmarks/demo.py --compile --json benchmarks/results/speed/cpu-demo.json
 """
 
@@ -21,15 +29,19 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from timing import machine, timed
 
+ROOT = Path(__file__).resolve().parent.parent
 TARGET_S = 30.0  # issue 11: `dpl demo` at most 30 s wall on a warm machine (this project's 2-core CPU)
 METHOD_ROW = re.compile(r"^\| (NTI|DPL) \+ P2P \| [^|]+\| [^|]+\| [^|]+\| ([\d.]+) \| ([\d.]+) \|$", re.MULTILINE)
 
@@ -59,32 +71,85 @@ def matmul_rate() -> float:
     return 2 * 1024**3 / timed(lambda: a @ b, torch.device("cpu"), repeats=20, warmup=3) / 1e9
 
 
+def unet_ms() -> float:
+    """Milliseconds of one scene-UNet forward and backward to the text states at batch 1 (median of 20): the
+    demo's own kernels (small convolutions and attention), whose speed a large matmul's does not tell."""
+    from dpl_edit.registry import SCENE_MODEL_ID, load_model
+
+    model = load_model(SCENE_MODEL_ID)
+    z = torch.randn(1, 4, model.latent_size, model.latent_size, generator=torch.Generator().manual_seed(0))
+    states = model.encode_prompt("").requires_grad_(True)
+    return 1000 * timed(lambda: model.predict(z, 501, states).square().mean().backward(), torch.device("cpu"),
+                        repeats=20, warmup=3)
+
+
+@contextmanager
+def checkout(rev: str) -> Iterator[Path]:
+    """The ``src`` folder of a temporary git worktree of revision ``rev`` (removed afterwards)."""
+    with tempfile.TemporaryDirectory(prefix="dpl-demo-") as parent:
+        folder = Path(parent) / "tree"
+        added = subprocess.run(["git", "worktree", "add", "--detach", "-q", str(folder), rev], cwd=ROOT,
+                               capture_output=True, text=True, check=False)
+        if added.returncode != 0:
+            raise SystemExit(f"--against {rev}: git could not check it out ({added.stderr.strip()})")
+        try:
+            yield folder / "src"
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=ROOT, check=False)
+
+
+def medians(rows: list[dict], code: str, mode: str) -> dict:
+    """A code's median per column over its later runs of a mode (its first run where there are none)."""
+    runs = [row for row in rows if row["code"] == code and row["mode"] == mode]
+    later = [row for row in runs if row["run"] != "first"] or runs
+    return {k: statistics.median(row[k] for row in later) for k in later[0] if k not in ("code", "mode", "run")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--later-runs", type=int, default=2, help="runs after the first of each mode (default: 2)")
     parser.add_argument("--compile", action="store_true", help="also time `dpl demo --compile` (minutes on a CPU)")
+    parser.add_argument("--against", metavar="REV",
+                        help="also time revision REV of this repository, alternating with this checkout")
     parser.add_argument("--json")
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    rate = matmul_rate()
+    rate, gauge = matmul_rate(), [unet_ms()]
     modes = {"eager": []} | ({"compiled": ["--compile"]} if args.compile else {})
     rows = []
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as caches, (checkout(args.against) if args.against else nullcontext()) as other:
+        sources = {"this checkout": ROOT / "src"} | ({args.against: other} if args.against else {})
         for mode, extra in modes.items():
-            mode_env = {**env, "TORCHINDUCTOR_CACHE_DIR": cache} if extra else env  # a cache of its own, empty at first
             for run in range(1 + args.later_runs):
-                row = {"mode": mode, "run": "first" if run == 0 else f"later {run}", **run_demo(extra, mode_env)}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                # alternating, the order reversed every other round, so a drift in the machine's speed
+                # falls on both codes
+                for code, src in (list(sources.items()) if run % 2 == 0 else list(sources.items())[::-1]):
+                    code_env = {**env, "PYTHONPATH": str(src)}
+                    if extra:  # each code's compiled runs with a cache of their own, empty at first
+                        code_env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(caches) / f"{mode}-{list(sources).index(code)}")
+                    row = {"code": code, "mode": mode, "run": "first" if run == 0 else f"later {run}",
+                           **run_demo(extra, code_env)}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    gauge.append(unet_ms())
     title = (f"`dpl demo` (scene model, 20 steps), {machine(torch.device('cpu'))}, {os.cpu_count()} CPUs, "
-             f"torch {torch.__version__}, matmul {rate:.0f} GFLOP/s on {torch.get_num_threads()} threads")
-    columns = [k for k in rows[0] if k not in ("mode", "run")]
-    print(f"\n{title}\n\n| mode | run | " + " | ".join(columns) + " |\n|---|---|" + "---|" * len(columns))
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads: matmul {rate:.0f} GFLOP/s, scene-UNet "
+             f"forward + backward {gauge[0]:.1f} ms before the runs and {gauge[1]:.1f} ms after")
+    columns = [k for k in rows[0] if k not in ("code", "mode", "run")]
+    print(f"\n{title}\n\n| code | mode | run | " + " | ".join(columns) + " |\n|---|---|---|" + "---|" * len(columns))
     for row in rows:
-        print(f"| {row['mode']} | {row['run']} | " + " | ".join(f"{row.get(k, float('nan')):.2f}" for k in columns) + " |")
+        print(f"| {row['code']} | {row['mode']} | {row['run']} | "
+              + " | ".join(f"{row.get(k, float('nan')):.2f}" for k in columns) + " |")
+    if args.against:
+        times = [k for k in columns if k.endswith(" s")]
+        print(f"\nmedians of the later runs, {args.against} / this checkout:\n\n| mode | " + " | ".join(times)
+              + " |\n|---|" + "---|" * len(times))
+        for mode in modes:
+            ours, theirs = medians(rows, "this checkout", mode), medians(rows, args.against, mode)
+            print(f"| {mode} | " + " | ".join(f"{theirs[k] / ours[k]:.2f}x" for k in times) + " |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"title": title, "rows": rows}, f, indent=1)
+            json.dump({"title": title, "unet ms": gauge, "matmul GFLOP/s": rate, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
