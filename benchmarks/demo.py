@@ -12,8 +12,8 @@ cache warm. The eager "first" run is the first in this benchmark: the operating 
 may already hold torch's libraries from an earlier process.
 
 This shared CPU's speed moves from day to day, and a large matmul's rate does not follow it: on
-2026-11-28 the matmul ran at its usual rate while the same code ran the demo's DPL inversion at half
-the speed of 2026-11-26. So the title also gives the demo's own kernels' time, a scene-UNet forward
+2026-11-28 the matmul ran at its usual rate while 2026-11-26's code ran the demo's DPL inversion at
+0.5-0.6 times the speed it had on 2026-11-26. So the title also gives the demo's own kernels' time, a scene-UNet forward
 and backward at batch 1, before and after the runs; and ``--against REV`` times another revision of
 this repository (a temporary git worktree) in the same run, alternating with this checkout, with
 the ratios of their medians: a comparison that holds whatever the day's speed.
