@@ -3,9 +3,7 @@
 Each run is a fresh `python -m dpl_edit.cli demo` process (imports, model load, both inversions,
 both edits, figures). Printed per run: the wall time, the demo's own total (from its summary.txt),
 the start-up part (wall minus the demo's total: interpreter, imports, loading the model), each
-method's inversion and edit seconds, and the wall time over issue 11's 30 s target; the title
-gives the machine's float32 matmul rate measured first (this project's shared CPU ran the demo at
-half the speed of the day before on 2026-11-27: compare walls only at like rates). With
+method's inversion and edit seconds, and the wall time over issue 11's 30 s target. With
 ``--compile`` the same runs follow with `--compile`, the first of them with an empty inductor cache
 (its compilation included, as a first run on a new machine pays it) and the later ones with that
 cache warm. The eager "first" run is the first in this benchmark: the operating system's file cache
@@ -13,8 +11,9 @@ may already hold torch's libraries from an earlier process.
 
 This shared CPU's speed moves from day to day, and a large matmul's rate does not follow it: on
 2026-11-28 the matmul ran at its usual rate while 2026-11-26's code ran the demo's DPL inversion at
-0.5-0.6 times the speed it had on 2026-11-26. So the title also gives the demo's own kernels' time, a scene-UNet forward
-and backward at batch 1, before and after the runs; and ``--against REV`` times another revision of
+0.5-0.6 times the speed it had on 2026-11-26. So the title gives the demo's own kernels' time, a
+scene-UNet forward and backward at batch 1 (``timing.scene_unet_ms``), before and after the runs,
+beside the matmul rate that the older tables name; and ``--against REV`` times another revision of
 this repository (a temporary git worktree) in the same run, alternating with this checkout, with
 the ratios of their medians: a comparison that holds whatever the day's speed.
 
@@ -39,7 +38,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from timing import machine, timed
+from timing import cpu_label, scene_unet_ms, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_S = 30.0  # issue 11: `dpl demo` at most 30 s wall on a warm machine (this project's 2-core CPU)
@@ -65,22 +64,10 @@ def run_demo(extra: list[str], env: dict[str, str]) -> dict:
 
 
 def matmul_rate() -> float:
-    """GFLOP/s of a 1024x1024 float32 matmul (median of 20) on torch's threads: how fast this machine runs today
-    (a shared cloud CPU's rate moves from day to day; the README's tables name theirs)."""
+    """GFLOP/s of a 1024x1024 float32 matmul (median of 20) on torch's threads (the README's older tables name
+    the day's speed by it; ``timing.scene_unet_ms`` follows the demo's speed, which this rate does not)."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     return 2 * 1024**3 / timed(lambda: a @ b, torch.device("cpu"), repeats=20, warmup=3) / 1e9
-
-
-def unet_ms() -> float:
-    """Milliseconds of one scene-UNet forward and backward to the text states at batch 1 (median of 20): the
-    demo's own kernels (small convolutions and attention), whose speed a large matmul's does not tell."""
-    from dpl_edit.registry import SCENE_MODEL_ID, load_model
-
-    model = load_model(SCENE_MODEL_ID)
-    z = torch.randn(1, 4, model.latent_size, model.latent_size, generator=torch.Generator().manual_seed(0))
-    states = model.encode_prompt("").requires_grad_(True)
-    return 1000 * timed(lambda: model.predict(z, 501, states).square().mean().backward(), torch.device("cpu"),
-                        repeats=20, warmup=3)
 
 
 @contextmanager
@@ -114,7 +101,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    rate, gauge = matmul_rate(), [unet_ms()]
+    rate, gauge = matmul_rate(), [scene_unet_ms()]
     modes = {"eager": []} | ({"compiled": ["--compile"]} if args.compile else {})
     rows = []
     with tempfile.TemporaryDirectory() as caches, (checkout(args.against) if args.against else nullcontext()) as other:
@@ -131,10 +118,9 @@ def main() -> None:
                            **run_demo(extra, code_env)}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
-    gauge.append(unet_ms())
-    title = (f"`dpl demo` (scene model, 20 steps), {machine(torch.device('cpu'))}, {os.cpu_count()} CPUs, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads: matmul {rate:.0f} GFLOP/s, scene-UNet "
-             f"forward + backward {gauge[0]:.1f} ms before the runs and {gauge[1]:.1f} ms after")
+    gauge.append(scene_unet_ms())
+    title = (f"`dpl demo` (scene model, 20 steps), {cpu_label(gauge[0])} before the runs and in {gauge[1]:.1f} ms "
+             f"after, {os.cpu_count()} CPUs, torch {torch.__version__}, matmul {rate:.0f} GFLOP/s")
     columns = [k for k in rows[0] if k not in ("code", "mode", "run")]
     print(f"\n{title}\n\n| code | mode | run | " + " | ".join(columns) + " |\n|---|---|---|" + "---|" * len(columns))
     for row in rows:
