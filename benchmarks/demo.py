@@ -41,6 +41,7 @@ import torch
 from timing import cpu_label, scene_unet_ms, timed
 
 ROOT = Path(__file__).resolve().parent.parent
+THIS = "this checkout"  # the code of ROOT, as the rows name it
 TARGET_S = 30.0  # issue 11: `dpl demo` at most 30 s wall on a warm machine (this project's 2-core CPU)
 METHOD_ROW = re.compile(r"^\| (NTI|DPL) \+ P2P \| [^|]+\| [^|]+\| [^|]+\| ([\d.]+) \| ([\d.]+) \|$", re.MULTILINE)
 
@@ -105,15 +106,15 @@ def main() -> None:
     modes = {"eager": []} | ({"compiled": ["--compile"]} if args.compile else {})
     rows = []
     with tempfile.TemporaryDirectory() as caches, (checkout(args.against) if args.against else nullcontext()) as other:
-        sources = {"this checkout": ROOT / "src"} | ({args.against: other} if args.against else {})
+        codes = list(enumerate([(THIS, ROOT / "src")] + ([(args.against, other)] if args.against else [])))
         for mode, extra in modes.items():
             for run in range(1 + args.later_runs):
                 # alternating, the order reversed every other round, so a drift in the machine's speed
                 # falls on both codes
-                for code, src in (list(sources.items()) if run % 2 == 0 else list(sources.items())[::-1]):
+                for k, (code, src) in (codes if run % 2 == 0 else codes[::-1]):
                     code_env = {**env, "PYTHONPATH": str(src)}
                     if extra:  # each code's compiled runs with a cache of their own, empty at first
-                        code_env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(caches) / f"{mode}-{list(sources).index(code)}")
+                        code_env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(caches) / f"{mode}-{k}")
                     row = {"code": code, "mode": mode, "run": "first" if run == 0 else f"later {run}",
                            **run_demo(extra, code_env)}
                     print(json.dumps(row), flush=True)
@@ -131,7 +132,7 @@ def main() -> None:
         print(f"\nmedians of the later runs, {args.against} / this checkout:\n\n| mode | " + " | ".join(times)
               + " |\n|---|" + "---|" * len(times))
         for mode in modes:
-            ours, theirs = medians(rows, "this checkout", mode), medians(rows, args.against, mode)
+            ours, theirs = medians(rows, THIS, mode), medians(rows, args.against, mode)
             print(f"| {mode} | " + " | ".join(f"{theirs[k] / ours[k]:.2f}x" for k in times) + " |")
     if args.json:
         with open(args.json, "w") as f:
