@@ -1,4 +1,4 @@
-"""PIE-Bench's layout, `dpl batch` (resume, failures, two accelerate processes) and `dpl metrics`, on a
+"""PIE-Bench's layout, `dpl batch` (resume, failures, two accelerate or worker processes) and `dpl metrics`, on a
 PIE-format mini dataset made here (rendered scenes, 2 DDIM steps, the bundled model)."""
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from PIL import Image
 
 from dpl_edit.batch.metrics import StructureDistance, region_psnr, tables, unedited_part
 from dpl_edit.batch.piebench import decode_mask, edit_path, encode_mask, read_dataset
+from dpl_edit.batch.processes import Worker, run_workers, threads_per_process
 from dpl_edit.batch.runner import METHOD_FOLDERS, pie_edit_config, record_path, run_batch
-from dpl_edit.cli import main
+from dpl_edit.cli import build_parser, main
+from dpl_edit.cli.batch import worker_argv
 from dpl_edit.errors import DplEditError
 from dpl_edit.registry import load_model
 from dpl_edit.scenes.export import export_scenes
@@ -174,25 +176,64 @@ def test_a_batch_that_does_not_fit_in_memory_inverts_each_image_alone(dataset, m
     assert "did not fit in the device's memory" in caplog.text and "--batch-size" in caplog.text
 
 
-def test_two_accelerate_processes_write_what_one_does(dataset, tmp_path):
+def test_accelerate_and_worker_processes_write_what_one_process_does(dataset, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     common = ["batch", str(dataset), "--model", "scenes", "--methods", "nti", "--steps", str(STEPS),
               "--device", "cpu", "--quiet", "--range", "0:4"]
-    one = subprocess.run([sys.executable, "-m", "dpl_edit.cli", *common, "--out", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "-m", "dpl_edit.cli", *common, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert two.returncode == 0, two.stderr
-    assert "process 1 of 2" in two.stdout and "process 2 of 2" in two.stdout
+
+    def run(*prefix, out, extra=()):
+        done = subprocess.run([sys.executable, *prefix, "-m", "dpl_edit.cli", *common, "--out", str(tmp_path / out),
+                               *extra], env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    run(out="one")
+    two = run("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", out="two")
+    assert "process 1 of 2" in two and "process 2 of 2" in two
+    workers = run(out="workers", extra=("--processes", "2"))
+    assert "2 processes: 4 done, 0 skipped (already done), 0 failed" in workers
+    assert not list((tmp_path / "workers").glob(".claims-*"))  # the claims folder goes with the run
+    again = run(out="workers", extra=("--processes", "2"))
+    assert "2 processes: 0 done, 4 skipped (already done), 0 failed" in again
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
-    assert len(files) == 4 and files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.png"))
-    for name in files:
-        a = np.asarray(Image.open(tmp_path / "one" / name), dtype=np.int16)
-        b = np.asarray(Image.open(tmp_path / "two" / name), dtype=np.int16)
-        assert np.abs(a - b).max() <= 1, name  # the same computation; at most a rounding apart
+    assert len(files) == 4
+    for other in ("two", "workers"):
+        assert files == sorted(p.relative_to(tmp_path / other) for p in (tmp_path / other).rglob("*.png"))
+        for name in files:
+            a = np.asarray(Image.open(tmp_path / "one" / name), dtype=np.int16)
+            b = np.asarray(Image.open(tmp_path / other / name), dtype=np.int16)
+            assert np.abs(a - b).max() <= 1, (other, name)  # the same computation; at most a rounding apart
+
+
+def test_workers_claim_each_chunk_once(tmp_path):
+    workers = [Worker(index, 3, tmp_path) for index in range(3)]
+    taken = [[chunk for chunk in range(10) if worker.claim(chunk)] for worker in workers]
+    assert taken == [list(range(10)), [], []]
+    assert not Worker(1, 3, tmp_path).claim(4) and Worker(1, 3, tmp_path).claim(10)
+    assert threads_per_process(1) >= threads_per_process(2) >= threads_per_process(10_000) == 1
+
+
+def test_a_worker_gets_the_same_batch_as_its_parent(tmp_path):
+    argv = ["batch", "DATA", "--out", "OUT", "--methods", "dpl", "--types", "1,6", "--range", "3:9", "--steps", "7",
+            "--batch-size", "2", "--processes", "3", "--target-tokens", "keep", "--model", "scenes", "--device", "cpu",
+            "--dtype", "bfloat16", "--no-cuda-graphs", "--seed", "5"]
+    args = build_parser("batch").parse_args(argv)
+    worker = build_parser("batch").parse_args(worker_argv(args, Worker(1, 3, tmp_path)))
+    assert (worker.worker, worker.claims, worker.quiet) == ("1/3", tmp_path, True)
+    skip = {"processes", "worker", "claims", "quiet"}
+    assert {k: v for k, v in vars(worker).items() if k not in skip} == {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def test_failed_workers_say_so_once(tmp_path, capsys):
+    # both workers fail alike (no such dataset): one copy of their error, then what failed
+    with pytest.raises(DplEditError, match=r"worker processes 1, 2 of 2 stopped early.*0 items done"):
+        run_workers(lambda worker: ["batch", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--quiet",
+                                    "--worker", f"{worker.index}/2", "--claims", str(worker.claims)],
+                    2, tmp_path / "out", left=lambda: 1, total=1, progress=False)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "missing" in errors[0]
+    assert not list((tmp_path / "out").glob(".claims-*"))
 
 
 def test_unedited_part_metrics_mask_as_pie_bench():

@@ -9,8 +9,9 @@ output layout; beside it, ``records/<method>/<key>.json`` says how it went (sett
 steps at the cap, versions, or why it failed). Both are written under temporary names and renamed,
 the record last, so a killed run loses at most the image in flight and a rerun skips what is done.
 Under ``accelerate launch`` the items are split between the processes (accelerate's
-``split_between_processes``); each process writes only its own items, so the files are those of
-one process.
+``split_between_processes``); the workers of ``dpl batch --processes`` (:mod:`.processes`) take
+the next unclaimed chunk of images in turn. Each process writes only its own items, so the files are
+those of one process.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ..images import load_image
 from ..inversion.dynamic_prompt import DynamicPromptConfig, capped_steps
 from ..pipeline import invert, invert_many
 from .piebench import IMAGES, EditItem, edit_path
+from .processes import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -101,18 +103,26 @@ def image_groups(dataset: str | Path, items: Sequence[EditItem]) -> list[list[Ed
 def run_batch(model, dataset: str | Path, items: Sequence[EditItem], methods: Sequence[str], out: str | Path,
               num_steps: int = PIE_STEPS, guidance_scale: float = PIE_GUIDANCE, split: bool = True,
               progress: bool = True, on_inversion: Callable | None = None, target_tokens: str | None = None,
-              dpl: DynamicPromptConfig | None = None, batch_size: int = 1) -> BatchSummary:
+              dpl: DynamicPromptConfig | None = None, batch_size: int = 1,
+              worker: Worker | None = None) -> BatchSummary:
     """Invert each of this process's source images once per method and edit all its items; returns the
     counts. ``batch_size`` images are inverted at once, in lockstep (:func:`invert_many`: the same
     inversions, with batched UNet calls). ``on_inversion(method, items, image, inversion)``, if given,
-    sees each fresh inversion; ``target_tokens`` and ``dpl`` replace the model's recommended settings."""
+    sees each fresh inversion; ``target_tokens`` and ``dpl`` replace the model's recommended settings.
+    A ``worker`` of ``dpl batch --processes`` does the chunks of ``batch_size`` images it claims."""
     unknown = set(methods) - set(METHOD_FOLDERS)
     if unknown:
         raise DplEditError(f"Unknown methods {sorted(unknown)}; choose from {', '.join(METHOD_FOLDERS)}")
     checks.count("batch_size", batch_size)
-    mine, summary = _share(image_groups(dataset, items), split, cpu=model.device.type == "cpu")
+    groups = image_groups(dataset, items)
+    if worker is None:
+        mine, summary = _share(groups, split, cpu=model.device.type == "cpu")
+    else:
+        mine, summary = groups, BatchSummary(process=worker.index, processes=worker.count)
     bar = tqdm(total=sum(len(group) for group in mine), desc="Items", unit="item", disable=not progress)
     for first in range(0, len(mine), batch_size):
+        if worker is not None and not worker.claim(first // batch_size):
+            continue
         chunk = mine[first : first + batch_size]
         for method in methods:
             todo = [[item for item in group if not is_done(out, method, item)] for group in chunk]
@@ -124,6 +134,8 @@ def run_batch(model, dataset: str | Path, items: Sequence[EditItem], methods: Se
             bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=summary.failed)
         bar.update(sum(len(group) for group in chunk))
     bar.close()
+    if worker is not None:
+        worker.report({"done": summary.done, "skipped": summary.skipped, "failed": summary.failed})
     return summary
 
 

@@ -33,7 +33,7 @@ COMMANDS = {
     "check-scenes": Command("scenes", "quality table of a scene model: caption following, reconstruction, localisation"),
     "serve": Command("serve", "a web page to invert once and edit many times, with the attention views"),
     "batch": Command("batch", "invert and edit every item of a PIE-Bench folder with several methods (resumable; "
-                     "accelerate)"),
+                     "several processes)"),
     "metrics": Command("batch", "PIE-Bench's metrics of a batch folder, methods side by side"),
     "scenes": Command("batch", "the scene world as a dataset: `dpl scenes export DIR`"),
 }
