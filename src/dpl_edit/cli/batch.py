@@ -35,7 +35,7 @@ def register(commands) -> None:
     p.add_argument("--processes", type=int, default=1,
                    help="worker processes on this machine, each with its share of the CPU's threads, each taking the "
                    "next images no other has taken (default: 1); on a CPU, one per core gets through more items an "
-                   "hour than one process with every core (1.48x with 2 on a 2-core CPU: see README)")
+                   "hour than one process with every core (1.43x with 2 on a 2-core CPU: see README)")
     p.add_argument("--target-tokens", choices=TARGET_TOKENS, default=None,
                    help="which learned DPL vectors the target prompts keep (default: the model's recommendation, "
                    "else keep, the authors')")
