@@ -225,6 +225,12 @@ def test_a_worker_gets_the_same_batch_as_its_parent(tmp_path):
     assert {k: v for k, v in vars(worker).items() if k not in skip} == {k: v for k, v in vars(args).items() if k not in skip}
 
 
+def test_worker_processes_are_refused_under_accelerate(dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["batch", str(dataset), "--out", str(tmp_path), "--processes", "2", "--model", "scenes"]) == 2
+    assert "accelerate launch" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
 def test_failed_workers_say_so_once(tmp_path, capsys):
     # both workers fail alike (no such dataset): one copy of their error, then what failed
     with pytest.raises(DplEditError, match=r"worker processes 1, 2 of 2 stopped early.*0 items done"):

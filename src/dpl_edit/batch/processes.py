@@ -2,7 +2,7 @@
 
 At batch 1 a diffusion model's kernels (small convolutions, matmuls and attention) scale poorly over
 a CPU's threads, while processes with a thread each run side by side at nearly their full speed: on
-this project's 2-core CPU a scene-UNet forward + backward ran 1.2-1.5 times as fast on 2 threads as
+this project's 2-core CPU a scene-UNet forward + backward ran 1.2-1.6 times as fast on 2 threads as
 on 1, and two processes of one thread each got through 1.43 times as many scene items an hour as one
 process of two (README, Batch editing; ``benchmarks/processes.py``). Each worker is ``python -m
 dpl_edit.cli batch`` with its share of the CPU's threads. It takes the next chunk of images that no other worker has claimed (by

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -125,6 +126,9 @@ def batch_command(args: argparse.Namespace) -> int:
     checks.count("--processes", args.processes)
     checks.output_folder("--out", args.out)
     items = selection(args)
+    if args.processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DplEditError("--processes starts its own worker processes: under accelerate launch or torchrun, which "
+                           "split the items between their processes already, leave it out")
     if args.processes > 1 and args.worker is None:
         counts = run_processes(args, items, methods)
         summary = BatchSummary(**counts)
