@@ -8,8 +8,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -223,6 +225,21 @@ def test_a_worker_gets_the_same_batch_as_its_parent(tmp_path):
     assert (worker.worker, worker.claims, worker.quiet) == ("1/3", tmp_path, True)
     skip = {"processes", "worker", "claims", "quiet"}
     assert {k: v for k, v in vars(worker).items() if k not in skip} == {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def test_an_interrupted_parent_stops_its_workers(dataset, tmp_path):
+    # the interrupt reaches the parent alone (not a terminal's Ctrl-C): it passes it on and waits for them
+    parent = subprocess.Popen([sys.executable, "-m", "dpl_edit.cli", "batch", str(dataset), "--model", "scenes",
+                               "--methods", "dpl", "--steps", "50", "--device", "cpu", "--quiet", "--out", str(tmp_path),
+                               "--processes", "2"], env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE,
+                              text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".claims-*/chunk-*")) and time.monotonic() < deadline:  # the workers have begun
+        time.sleep(0.2)
+    parent.send_signal(signal.SIGINT)
+    _, err = parent.communicate(timeout=120)
+    assert parent.returncode == 130, err
+    assert err.count("interrupted") == 1 and not list(tmp_path.glob(".claims-*"))
 
 
 def test_worker_processes_are_refused_under_accelerate(dataset, tmp_path, monkeypatch, capsys):

@@ -5,10 +5,11 @@ a CPU's threads, while processes with a thread each run side by side at nearly t
 this project's 2-core CPU a scene-UNet forward + backward ran 1.2-1.6 times as fast on 2 threads as
 on 1, and two processes of one thread each got through 1.43 times as many scene items an hour as one
 process of two (README, Batch editing; ``benchmarks/processes.py``). Each worker is ``python -m
-dpl_edit.cli batch`` with its share of the CPU's threads. It takes the next chunk of images that no other worker has claimed (by
-creating a file in the run's claims folder), so every worker stays busy whatever each image costs,
-and writes its counts there when it ends. The parent shows one progress bar over the run's items,
-passes the workers' messages on above it (an error that several print, once), and adds the counts up.
+dpl_edit.cli batch`` with its share of the CPU's threads. It takes the next chunk of images that no
+other worker has claimed (by creating a file in the run's claims folder), so every worker stays busy
+whatever each image costs, and writes its counts there when it ends. The parent shows one progress
+bar over the run's items, passes the workers' messages on above it (an error that several print,
+once), adds the counts up, and passes an interrupt on to the workers that it did not reach.
 """
 
 from __future__ import annotations
@@ -116,10 +117,12 @@ def run_workers(argv: Callable[[Worker], list[str]], count: int, out: Path, left
 
 
 def _pass_on(process: subprocess.Popen, errors: set[str]) -> None:
-    """A worker's messages, each printed above the progress bar; an error line that another worker
-    printed already is left out."""
+    """A worker's messages, each printed above the progress bar; left out: an error line that another
+    worker printed already, and the line of an interrupted worker (the parent, interrupted, says it)."""
     for line in process.stderr:
         line = line.rstrip("\n")
+        if line.startswith("interrupted; "):
+            continue
         with ERRORS_LOCK:
             if line.startswith("error: "):
                 if line in errors:
