@@ -99,6 +99,8 @@ CASES = {
     "attention no inversion": (["attention", "{root}/folder"], "holds no inversion"),
     "batch zero batch size": (["batch", "{root}/folder", "--out", "{root}/batch", "--model", "tiny", "--batch-size", "0"],
                               "--batch-size must be at least 1"),
+    "batch zero processes": (["batch", "{root}/folder", "--out", "{root}/batch", "--model", "tiny", "--processes", "0"],
+                             "--processes must be at least 1"),
 }
 
 
