@@ -94,7 +94,6 @@ def run_workers(argv: Callable[[Worker], list[str]], count: int, out: Path, left
         for reader in readers:
             reader.join()
         bar.update(total - left() - bar.n)
-        bar.close()
         counts = dict.fromkeys(COUNTS, 0)
         for worker in workers:
             report = claims / f"worker-{worker.index}.json"
@@ -134,14 +133,22 @@ def _pass_on(process: subprocess.Popen, errors: set[str]) -> None:
 def _stop(processes: list[subprocess.Popen]) -> None:
     """Stop the workers of an interrupted parent: interrupted too where the interrupt did not reach them
     (a terminal's Ctrl-C does), and killed where they have not ended after ``STOP_S``."""
-    deadline = time.monotonic() + STOP_S
-    time.sleep(GRACE_S)
+    started = time.monotonic()
+    _wait(processes, started + GRACE_S)
     for process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
+    for process in _wait(processes, started + STOP_S):
+        process.kill()
+        process.wait()
+
+
+def _wait(processes: list[subprocess.Popen], deadline: float) -> list[subprocess.Popen]:
+    """Wait for the processes until ``deadline`` (``time.monotonic``); those still running."""
+    running = []
     for process in processes:
         try:
             process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            running.append(process)
+    return running
