@@ -47,6 +47,16 @@ def test_bad_input_gives_a_message_not_a_traceback(argv, message, photo, tmp_pat
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
+def test_an_interrupt_while_starting_is_one_line_not_a_traceback(monkeypatch, capsys):
+    # Ctrl-C while the command's module (and torch) still imports: what an interrupted run says
+    def interrupted(name, package=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dpl_edit.cli.importlib.import_module", interrupted)
+    assert main(["demo", "--out", "anywhere"]) == 130
+    assert capsys.readouterr().err == "interrupted; nothing was written for the step in progress\n"
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["invert", "--help"])

@@ -15,6 +15,8 @@ from typing import NamedTuple
 from .. import __version__
 from ..errors import DplEditError, out_of_memory
 
+INTERRUPTED = "interrupted; nothing was written for the step in progress"  # what a Ctrl-C leaves: this line, exit code 130
+
 
 class Command(NamedTuple):
     module: str  # the module under dpl_edit.cli that defines the command's arguments and runs it
@@ -44,8 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     # the command's name first, from a parser that imports no command module (so `dpl --help`,
     # `--version` and a missing or unknown command answer without loading torch), then its arguments
     command = build_parser().parse_known_args(argv)[0].command
-    args = build_parser(command).parse_args(argv)
-    import torch  # every command needs it; after the arguments, so a bad one is answered at once
+    try:
+        args = build_parser(command).parse_args(argv)  # imports the command's module, and with it torch
+        import torch  # every command needs it; after the arguments, so a bad one is answered at once
+    except KeyboardInterrupt:  # while importing: nothing has started
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     if args.seed is not None and command != "train-scenes":
@@ -56,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; nothing was written for the step in progress", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except torch.OutOfMemoryError as err:
         print(f"error: {out_of_memory(err)}", file=sys.stderr)
