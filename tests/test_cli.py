@@ -4,11 +4,13 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from dpl_edit import cli
 from dpl_edit.cli import COMMANDS, build_parser, common, main
 
 
@@ -96,6 +98,35 @@ def test_the_package_s_public_names_load_on_first_use_from_their_modules():
                 if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"]
     typed = {alias.name: node.module.lstrip(".") for node in block.body for alias in node.names}
     assert typed == dpl_edit._EXPORTS
+
+
+def test_the_executable_keeps_its_start_up_out_of_the_garbage_collector():
+    """`dpl` (and `python -m dpl_edit.cli`) runs `console`, which pauses the collector while the
+    command's modules and the model load and freezes them after (see cli/collector.py); the library
+    and `main` leave Python's collector as it is. A fresh interpreter, so the test process's own
+    collector is not touched."""
+    assert '[project.scripts]\ndpl = "dpl_edit.cli:console"\n' in (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert "sys.exit(console())" in (Path(cli.__file__).parent / "__main__.py").read_text()
+    code = (
+        "import gc\n"
+        "from dpl_edit.cli import build_parser, collector, common\n"
+        "args = build_parser('invert').parse_args(['invert', 'x.png', '--prompt', 'a', '--out', 'o', '--model', 'tiny'])\n"
+        "with collector.loading():\n"
+        "    pass\n"
+        "print('library:', gc.isenabled(), gc.get_freeze_count())\n"
+        "collector.start()\n"
+        "print('started:', gc.isenabled())\n"
+        "collector.settle()\n"
+        "print('settled:', gc.isenabled(), gc.get_freeze_count() > 0)\n"
+        "model = common.load(args, 'tiny')\n"
+        "tracked = {id(o) for o in gc.get_objects()}\n"
+        "print('loaded:', gc.isenabled(), id(model.unet) in tracked, id(model.text_encoder) in tracked)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["library: True 0", "started: False", "settled: True True",
+                                        "loaded: True False False"]
 
 
 def test_help_and_argument_errors_load_no_torch_or_no_model_libraries():

@@ -10,6 +10,7 @@ import torch
 from ..errors import DplEditError
 from ..models import StableDiffusion
 from ..registry import NAMED_MODELS, cuda_graphs_by_default, load_model
+from . import collector
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -64,7 +65,8 @@ def load(args: argparse.Namespace, name: str) -> StableDiffusion:
     if not args.quiet:
         how = ", compiling its UNet" if args.compile else ", with CUDA graphs" if graphs else ""
         print(f"Loading model {name} on {device} ({args.dtype}{how})", file=sys.stderr)
-    return load_model(name, device=device, dtype=DTYPES[args.dtype], compile=args.compile, cuda_graphs=graphs)
+    with collector.loading():
+        return load_model(name, device=device, dtype=DTYPES[args.dtype], compile=args.compile, cuda_graphs=graphs)
 
 
 def pairs(items: list[str], option: str, convert=float) -> dict:
