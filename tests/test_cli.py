@@ -100,6 +100,14 @@ def test_the_package_s_public_names_load_on_first_use_from_their_modules():
     assert typed == dpl_edit._EXPORTS
 
 
+def in_a_fresh_interpreter(code: str) -> subprocess.CompletedProcess:
+    """Run Python ``code`` in a new interpreter (offline); it must succeed."""
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_the_executable_keeps_its_start_up_out_of_the_garbage_collector():
     """`dpl` (and `python -m dpl_edit.cli`) runs `console`, which pauses the collector while the
     command's modules and the model load and freezes them after (see cli/collector.py); the library
@@ -122,9 +130,7 @@ def test_the_executable_keeps_its_start_up_out_of_the_garbage_collector():
         "tracked = {id(o) for o in gc.get_objects()}\n"
         "print('loaded:', gc.isenabled(), id(model.unet) in tracked, id(model.text_encoder) in tracked)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr
+    done = in_a_fresh_interpreter(code)
     assert done.stdout.splitlines() == ["library: True 0", "started: False", "settled: True True",
                                         "loaded: True False False"]
 
@@ -150,9 +156,7 @@ def test_help_and_argument_errors_load_no_torch_or_no_model_libraries():
         "heavy = ['diffusers', 'transformers', 'sklearn', 'matplotlib', 'scipy', 'gradio']\n"
         "print('loaded then:', [name for name in heavy if name in sys.modules])\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr
+    done = in_a_fresh_interpreter(code)
     assert "loaded first: []" in done.stdout and "loaded then: []" in done.stdout
     assert "check-scenes" in done.stdout and "dpl-edit 0.1.0" in done.stdout
     assert "invalid choice: 'nope'" in done.stderr and "required: COMMAND" in done.stderr
