@@ -2,8 +2,9 @@
 
 Each run is a fresh `python -m dpl_edit.cli demo` process (imports, model load, both inversions,
 both edits, figures). Printed per run: the wall time, the demo's own total (from its summary.txt),
-the start-up part (wall minus the demo's total: interpreter, imports, loading the model), each
-method's inversion and edit seconds, and the wall time over issue 11's 30 s target. With
+the start-up part (wall minus the demo's total: interpreter, imports, loading the model, and the
+interpreter's exit), each method's inversion and edit seconds, and the wall time over issue 11's
+30 s target. With
 ``--compile`` the same runs follow with `--compile`, the first of them with an empty inductor cache
 (its compilation included, as a first run on a new machine pays it) and the later ones with that
 cache warm. The eager "first" run is the first in this benchmark: the operating system's file cache
