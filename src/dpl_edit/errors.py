@@ -3,6 +3,8 @@
 The command line prints them without a traceback.
 """
 
+INTERRUPTED = "interrupted; nothing was written for the step in progress"  # what a Ctrl-C leaves: this line, exit code 130
+
 
 class DplEditError(Exception):
     """Base class of the errors meant for the user."""

@@ -30,7 +30,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..artifacts import write_atomic
-from ..errors import DplEditError
+from ..errors import INTERRUPTED, DplEditError
 
 POLL_S = 2.0  # how often the parent counts the finished items for its progress bar
 GRACE_S = 2.0  # how long an interrupted parent waits before passing the interrupt on to its workers
@@ -120,7 +120,7 @@ def _pass_on(process: subprocess.Popen, errors: set[str]) -> None:
     worker printed already, and the line of an interrupted worker (the parent, interrupted, says it)."""
     for line in process.stderr:
         line = line.rstrip("\n")
-        if line.startswith("interrupted; "):
+        if line == INTERRUPTED:
             continue
         with ERRORS_LOCK:
             if line.startswith("error: "):

@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .. import __version__
-from ..errors import DplEditError, out_of_memory
+from ..errors import INTERRUPTED, DplEditError, out_of_memory
 from . import collector
-
-INTERRUPTED = "interrupted; nothing was written for the step in progress"  # what a Ctrl-C leaves: this line, exit code 130
 
 
 class Command(NamedTuple):
