@@ -34,6 +34,7 @@ def test_demo_writes_its_pictures_and_summary(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--quiet"]) == 0
     summary = (tmp_path / "demo" / "summary.txt").read_text()
     assert "NTI + P2P" in summary and "DPL + P2P" in summary and "oval -> triangle" in summary
+    assert "steps at the 21-iteration cap; last step L_at" in summary  # why DPL's inversion took its time
     for name in ("demo.png", "attention_nti_vs_dpl.png", "attention_dpl_steps.png", "background_mask.png",
                  "source.png", "oracle.png", "nti_p2p.png", "dpl_p2p.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 0, name

@@ -24,6 +24,7 @@ from .artifacts import Inversion
 from .editing import EditConfig, edit, recommended_edit_config
 from .errors import SettingError
 from .images import psnr
+from .inversion.dynamic_prompt import saturation
 from .localisation import attention_shares
 from .models import StableDiffusion
 from .pipeline import invert
@@ -138,6 +139,7 @@ def _noun_shares(inversion: Inversion, masks) -> dict[str, list[float]]:
 
 def _summary(source: str, target: str, what: str, steps: int, model: StableDiffusion,
              results: dict[str, MethodResult], seconds: float) -> str:
+    dpl = results["dpl"].inversion
     rows = [f"| {METHODS[m]} | {r.background_psnr:.2f} | {r.other_object_psnr:.2f} | {r.edited_object_psnr:.2f} "
             f"| {r.inversion_seconds:.1f} | {r.edit_seconds:.1f} |" for m, r in results.items()]
     return "\n".join([
@@ -152,6 +154,8 @@ def _summary(source: str, target: str, what: str, steps: int, model: StableDiffu
         "| method | background PSNR | other object PSNR | edited object PSNR vs oracle | inversion s | edit s |",
         "|---|---|---|---|---|---|",
         *rows,
+        "",
+        saturation(dpl.dpl_log, dpl.settings["dpl"]["max_iterations"]),
         "",
         ("Where each noun's attention lies (step-averaged cross-attention, share of its mass; "
          "leakage is mass off its own object):"),
