@@ -129,6 +129,23 @@ def test_bad_input_ends_in_one_error_line(case, files, capsys):
     assert _snapshot(files) == before
 
 
+@pytest.mark.parametrize("command", ["invert", "run"])
+@pytest.mark.parametrize(("image", "message"), [("missing.png", "No image file at"),
+                                                ("note.txt", "Could not read")])
+def test_the_image_is_read_before_the_model_loads(command, image, message, files, monkeypatch, capsys):
+    """A wrong path or a file that is no image is said at once, not after a model's load (tens of
+    seconds for Stable Diffusion, minutes with --compile)."""
+    def no_model(*args):
+        raise AssertionError("the model was loaded before the image was read")
+
+    monkeypatch.setattr("dpl_edit.cli.inversion.load", no_model)
+    prompt = ["--prompt", "a {cat}"] if command == "invert" else ["--source", "a {cat}", "--target", "a dog"]
+    assert _run([command, str(files / image), *prompt, "--out", str(files / "unwritten")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("error:") == 1 and "Traceback" not in err, err
+    assert not (files / "unwritten").exists()
+
+
 API_CASES = [
     (lambda: NullTextConfig(max_iterations=0), "null-text max_iterations must be at least 1"),
     (lambda: DynamicPromptConfig(lambda_dj=math.nan), "DPL lambda_dj must be a finite number"),

@@ -29,6 +29,12 @@ def load_image(path: str | os.PathLike, size: int, fit: Fit = "crop") -> Image.I
     """
     if fit not in FITS:
         raise ImageLoadError(f"Unknown fit {fit!r}; choose one of {', '.join(FITS)}")
+    return fit_square(open_image(path), size, fit)
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """An image file as an RGB PIL image of its own size (EXIF orientation applied, any mode made
+    RGB as :func:`load_image` says); an ImageLoadError that says what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(f"No image file at {path}")
@@ -40,7 +46,7 @@ def load_image(path: str | os.PathLike, size: int, fit: Fit = "crop") -> Image.I
         raise ImageLoadError(
             f"Could not read {path} as an image ({err}). Use a PNG, JPEG, WebP, BMP or TIFF file."
         ) from err
-    return fit_square(to_rgb(image), size, fit)
+    return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

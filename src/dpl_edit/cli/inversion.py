@@ -7,12 +7,14 @@ import dataclasses
 import time
 from pathlib import Path
 
+from PIL import Image
+
 from .. import checks
 from ..artifacts import Inversion
 from ..editing import MODES, EditConfig, EditResult, edit, recommended_edit_config
 from ..editing.plan import TARGET_TOKENS
 from ..errors import DplEditError
-from ..images import FITS, load_image, psnr
+from ..images import FITS, fit_square, open_image, psnr
 from ..inversion import DynamicPromptConfig, NullTextConfig
 from ..inversion.dynamic_prompt import LOSSES, NULL_STRATEGIES, saturation
 from ..losses import SPANS
@@ -232,10 +234,12 @@ def invert_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def inversion_settings(args: argparse.Namespace) -> tuple[NullTextConfig, dict]:
-    """Everything about an inversion that can be checked before loading a model: the marks, the
-    output folder, the step count and guidance, the null-text settings and the DPL settings chosen
-    on the command line (checked by building a config from them)."""
+def inversion_settings(args: argparse.Namespace) -> tuple[NullTextConfig, dict, Image.Image]:
+    """Everything about an inversion that can be checked before loading a model: the image (read,
+    so that a wrong path or a file that is no image is said at once, not after the model's load),
+    the marks, the output folder, the step count and guidance, the null-text settings and the DPL
+    settings chosen on the command line (checked by building a config from them)."""
+    image = open_image(args.image)
     check_marks(args.prompt, args.words, require_words=args.method == "dpl")
     checks.output_folder("--out", args.out)
     checks.count("--steps", args.steps)
@@ -251,13 +255,13 @@ def inversion_settings(args: argparse.Namespace) -> tuple[NullTextConfig, dict]:
     overrides = dict(max_iterations=args.dpl_iterations, losses=losses, lambda_dj=args.lambda_dj,
                      lambda_bg=args.lambda_bg, **chosen)
     DynamicPromptConfig(**overrides)  # checks the values
-    return null_text, overrides
+    return null_text, overrides, image
 
 
-def invert_from_args(args: argparse.Namespace, model, settings: tuple[NullTextConfig, dict]) -> Inversion:
-    null_text, overrides = settings
+def invert_from_args(args: argparse.Namespace, model, settings: tuple[NullTextConfig, dict, Image.Image]) -> Inversion:
+    null_text, overrides, image = settings
     dpl = model_dpl_config(model, **overrides)
-    image = load_image(args.image, model.image_size, fit=args.fit)
+    image = fit_square(image, model.image_size, args.fit)
     started = time.perf_counter()
     inversion = invert(
         model, image, args.prompt, method=args.method, null=args.null, words=args.words, num_steps=args.steps,
