@@ -111,6 +111,10 @@ class StableDiffusion:
         if local.exists():
             _check_folder(local)
             name = str(local)
+        elif _is_a_path(name):  # not a hub id (owner/name): a folder that is not there
+            raise ModelLoadError(f"No model folder at {local}. Pass the path of an existing diffusers folder "
+                                 "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a "
+                                 "Hugging Face hub id (owner/name).")
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -572,6 +576,13 @@ def _check_folder(path: Path) -> None:
             "Expected the layout written by StableDiffusionPipeline.save_pretrained "
             "(model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/)."
         )
+
+
+def _is_a_path(name: str) -> bool:
+    """Whether a model name can only be a folder: absolute, relative to ``.`` or ``~``, or with more
+    parts than a hub id's owner/name."""
+    return (Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+            or os.sep != "/" and os.sep in name)
 
 
 def _load_failure_message(name: str, err: Exception) -> str:
