@@ -58,7 +58,7 @@ CASES = {
     "invert image is a folder": (["invert", "{root}/folder"] + INVERT[2:], "No image file at"),
     "invert image missing": (["invert", "{root}/missing.png"] + INVERT[2:], "No image file at"),
     "invert model folder missing": (["invert", "{image}", "--prompt", "a cat", "--model", "{root}/no/model", "--out",
-                                     "{root}/new"], "No model folder at"),
+                                     "{root}/new"], "there is no folder at"),
     "invert dpl without marks": (["invert", "{image}", "--prompt", "a cat", "--method", "dpl", "--out", "{root}/x"],
                                  "No dynamic word"),
     "edit cross steps above 1": (EDIT + ["--cross-steps", "1.5"], "cross_replace_steps must be in [0, 1]"),

@@ -50,7 +50,7 @@ def test_missing_and_malformed_models_give_clear_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="not in the local cache|could be fetched"):
         StableDiffusion.from_pretrained("nobody/no-such-model")
     for folder in (tmp_path / "no-such-folder", "./models/sd", "~/models/no-such-folder", "models/sd/v1-4"):
-        with pytest.raises(ModelLoadError, match="No model folder at .*existing diffusers folder"):
+        with pytest.raises(ModelLoadError, match="there is no folder at .*existing diffusers folder"):
             StableDiffusion.from_pretrained(folder)  # a path, not a hub id: said without asking the hub
     (tmp_path / "unet").mkdir()
     with pytest.raises(ModelLoadError, match="lacks tokenizer/, text_encoder/, vae/, scheduler/"):

@@ -112,9 +112,9 @@ class StableDiffusion:
             _check_folder(local)
             name = str(local)
         elif _is_a_path(name):  # not a hub id (owner/name): a folder that is not there
-            raise ModelLoadError(f"No model folder at {local}. Pass the path of an existing diffusers folder "
-                                 "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a "
-                                 "Hugging Face hub id (owner/name).")
+            raise ModelLoadError(f"Could not load model {name!r}: there is no folder at {local}. Pass the path of an "
+                                 "existing diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+                                 "scheduler/) or a Hugging Face hub id (owner/name).")
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
