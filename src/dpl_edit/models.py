@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # diffusers and transformers load when a model does (`dpl --h
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+FOLDER_LAYOUT = ", ".join(["model_index.json", *(f"{c}/" for c in COMPONENTS)])  # a diffusers folder, as messages name it
 # Largest relative error of the compiled UNet's gradient against eager that compile() accepts: about
 # 100x what reordered reductions give (fp32: 1.4e-6 measured on the tiny model; bf16/fp16 eps 8e-3 / 1e-3).
 COMPILE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float64: 1e-8}
@@ -113,8 +114,7 @@ class StableDiffusion:
             name = str(local)
         elif _is_a_path(name):  # not a hub id (owner/name): a folder that is not there
             raise ModelLoadError(f"Could not load model {name!r}: there is no folder at {local}. Pass the path of an "
-                                 "existing diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-                                 "scheduler/) or a Hugging Face hub id (owner/name).")
+                                 f"existing diffusers folder ({FOLDER_LAYOUT}) or a Hugging Face hub id (owner/name).")
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -573,8 +573,7 @@ def _check_folder(path: Path) -> None:
     if missing:
         raise ModelLoadError(
             f"{path} is not a diffusers Stable Diffusion folder: it lacks {', '.join(missing)}. "
-            "Expected the layout written by StableDiffusionPipeline.save_pretrained "
-            "(model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/)."
+            f"Expected the layout written by StableDiffusionPipeline.save_pretrained ({FOLDER_LAYOUT})."
         )
 
 
@@ -600,6 +599,6 @@ def _load_failure_message(name: str, err: Exception) -> str:
     )
     return (
         f"Could not load model {name!r}: {hint} ({first_line}). Pass the path of a diffusers "
-        "folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), or "
+        f"folder ({FOLDER_LAYOUT}), or "
         "download the model on a machine with network access (huggingface-cli download NAME)."
     )
