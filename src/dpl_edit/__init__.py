@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "DplEditError": "errors",
+    "DynamicPromptConfig": "inversion",
+    "DynamicPromptStep": "inversion",
     "EditConfig": "editing",
     "EditResult": "editing",
     "ImageLoadError": "errors",
@@ -29,11 +31,14 @@ _EXPORTS = {
     "invert": "pipeline",
     "invert_many": "pipeline",
     "load_image": "images",
+    "load_model": "registry",
     "reconstruct": "pipeline",
     "reconstruct_latents": "pipeline",
 }
 __all__ = [  # the keys of _EXPORTS, spelt out for linters
     "DplEditError",
+    "DynamicPromptConfig",
+    "DynamicPromptStep",
     "EditConfig",
     "EditResult",
     "ImageLoadError",
@@ -49,6 +54,7 @@ __all__ = [  # the keys of _EXPORTS, spelt out for linters
     "invert",
     "invert_many",
     "load_image",
+    "load_model",
     "reconstruct",
     "reconstruct_latents",
 ]
@@ -65,9 +71,10 @@ if TYPE_CHECKING:  # what type checkers and editors read
         SettingError,
     )
     from .images import load_image
-    from .inversion import NullTextConfig, NullTextStep
+    from .inversion import DynamicPromptConfig, DynamicPromptStep, NullTextConfig, NullTextStep
     from .models import StableDiffusion
     from .pipeline import invert, invert_many, reconstruct, reconstruct_latents
+    from .registry import load_model
 
 
 def __getattr__(name: str):
