@@ -18,13 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dpl_edit.batch.metrics import StructureDistance, region_psnr, tables, unedited_part
+from dpl_edit.batch.metrics import StructureDistance, published_means, region_psnr, tables, unedited_part
 from dpl_edit.batch.piebench import decode_mask, edit_path, encode_mask, read_dataset
 from dpl_edit.batch.processes import Worker, run_workers, threads_per_process
 from dpl_edit.batch.runner import METHOD_FOLDERS, pie_edit_config, record_path, run_batch
 from dpl_edit.cli import build_parser, main
 from dpl_edit.cli.batch import worker_argv
 from dpl_edit.errors import DplEditError
+from dpl_edit.published import PIE_BENCH_P2P
 from dpl_edit.registry import load_model
 from dpl_edit.scenes.export import export_scenes
 
@@ -441,3 +442,14 @@ def test_scene_benchmark_runs_through_batch_and_metrics(tmp_path):
     assert "| ddim | 1 |" in table and "| dpl | 1 |" in table  # localisation rows (NTI keeps DDIM's maps)
     assert "| all | dpl | 3 |" in table and "psnr distractors" in table
     assert (tmp_path / "dpl+p2p" / "annotation_images").is_dir() and (tmp_path / "localisation.png").is_file()
+
+
+def test_a_pie_bench_table_shows_the_published_rows_of_its_methods_and_a_scene_table_none():
+    row = {"method": "nti", "editing_type_id": "1", "psnr_unedit_part": 25.0, "structure_distance": 0.02}
+    rows = [{**row, "key": "a"}, {**row, "key": "a", "method": "dpl", "psnr_unedit_part": 26.0}]
+    markdown, means = tables({"rows": rows, "notes": []})
+    assert "| all | nti, published (SD 1.4) | 700 | 13.44 | 27.03 |" in markdown  # structure x10^3, then PSNR
+    assert "dpl, published" not in markdown and set(means) == {"all", "1"}
+    assert published_means({"rows": rows}) == {"nti": {"items": 700, **PIE_BENCH_P2P["nti"]}}
+    scenes = [{**each, "psnr_edit_part_vs_oracle": 12.0} for each in rows]
+    assert "published" not in tables({"rows": scenes, "notes": []})[0] and published_means({"rows": scenes}) == {}

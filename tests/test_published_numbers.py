@@ -1,12 +1,13 @@
 """Every published number the method rests on, pinned: the DPL paper's (and its authors'
-validated values), null-text inversion's and Prompt-to-Prompt's. Each is checked by name, so
-swapping two of them fails."""
+validated values), null-text inversion's and Prompt-to-Prompt's, and the evaluation results ours
+are read beside (DPL's Table 1 and background-mask IoU, PIE-Bench's P2P rows). Each is checked by
+name, so swapping two of them fails."""
 
 import math
 
 import pytest
 
-from dpl_edit import EditConfig, NullTextConfig
+from dpl_edit import EditConfig, NullTextConfig, published
 from dpl_edit.inversion import DynamicPromptConfig
 
 
@@ -39,3 +40,27 @@ def test_prompt_to_prompt_defaults():
     assert (c.cross_replace_steps, c.self_replace_steps) == (0.8, 0.4)
     assert (c.blend_threshold, c.subtract_threshold, c.blend_start) == (0.3, 0.3, 0.2)
     assert c.self_max_resolution == 16 and c.mode == "replace" and c.target_tokens == "keep"
+
+
+def test_evaluation_results_of_the_papers():
+    table_1 = published.DPL_WORD_SWAP
+    assert table_1["cat -> leopard, dog -> tiger"] == {
+        "original images": {"clip_score": 32.50},
+        "nti": {"clip_score": 31.50, "structure_dist": 0.0800},
+        "dpl": {"clip_score": 32.23, "structure_dist": 0.0312},
+    }
+    assert table_1["book -> box, clock -> sunflower"] == {
+        "original images": {"clip_score": 16.46},
+        "nti": {"clip_score": 12.91, "structure_dist": 0.0191},
+        "dpl": {"clip_score": 14.29, "structure_dist": 0.0163},
+    }
+    assert published.DPL_USER_STUDY == {"nti": 12.8, "dpl": 87.2}
+    assert published.DPL_BACKGROUND_MASK_IOU == {1: 0.803, 2: 0.749}
+    assert published.PIE_BENCH_ITEMS == 700
+    assert published.PIE_BENCH_P2P == {
+        "nti": {"structure_distance": 13.44, "psnr_unedit_part": 27.03, "lpips_unedit_part": 60.67,
+                "mse_unedit_part": 35.86, "ssim_unedit_part": 84.11, "clip_similarity_target_image": 24.75,
+                "clip_similarity_target_image_edit_part": 21.86},
+        "direct": {"structure_distance": 11.65, "psnr_unedit_part": 27.22, "lpips_unedit_part": 54.55,
+                   "clip_similarity_target_image": 25.02, "clip_similarity_target_image_edit_part": 22.10},
+    }

@@ -39,6 +39,7 @@ from torchmetrics.functional.regression import mean_squared_error
 from tqdm.auto import tqdm
 
 from ..errors import DplEditError
+from ..published import PIE_BENCH_ITEMS, PIE_BENCH_P2P
 from .lpips import Lpips, default_weights
 from .piebench import EDIT_TYPES, IMAGES, EditItem, decode_mask, edit_path
 from .runner import METHOD_FOLDERS
@@ -254,8 +255,21 @@ def tables(result: dict) -> tuple[str, dict]:
             name = "all" if kind == "all" else f"{kind} {EDIT_TYPES.get(kind, '')}".strip()
             cells = [name, method, f"{scored}" + (f" (+{missing} missing)" if missing else "")]
             lines.append("| " + " | ".join(cells + [f"{values[n]:.2f}" if n in values else "" for n in present]) + " |")
+        if kind == "all":
+            for method, values in published_means(result).items():
+                cells = ["all", f"{method}, published (SD 1.4)", f"{values['items']}"]
+                lines.append("| " + " | ".join(cells + [f"{values[n]:.2f}" if n in values else "" for n in present]) + " |")
     notes = "".join(f"\n- {note}" for note in result["notes"])
     return "\n".join(lines) + ("\n" + notes if notes else "") + "\n", means
+
+
+def published_means(result: dict) -> dict[str, dict]:
+    """PIE-Bench's published means (:data:`dpl_edit.published.PIE_BENCH_P2P`) of the methods in a
+    run on PIE-Bench (not on exported scenes, whose rows have an oracle), to be read beside ours."""
+    if any("psnr_edit_part_vs_oracle" in row for row in result["rows"]):
+        return {}
+    methods = dict.fromkeys(row["method"] for row in result["rows"])
+    return {method: {"items": PIE_BENCH_ITEMS, **PIE_BENCH_P2P[method]} for method in methods if method in PIE_BENCH_P2P}
 
 
 def _label(name: str) -> str:
@@ -267,6 +281,6 @@ def write_tables(result: dict, folder: str | Path) -> tuple[Path, Path]:
     markdown, means = tables(result)
     folder = Path(folder)
     (folder / "metrics.md").write_text(markdown)
-    (folder / "metrics.json").write_text(json.dumps({"means": means, "rows": result["rows"],
-                                                     "notes": result["notes"]}, indent=1))
+    (folder / "metrics.json").write_text(json.dumps({"means": means, "published": published_means(result),
+                                                     "rows": result["rows"], "notes": result["notes"]}, indent=1))
     return folder / "metrics.md", folder / "metrics.json"
