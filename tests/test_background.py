@@ -1,4 +1,5 @@
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -7,6 +8,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dpl_edit.background import background_mask, cluster_agreement, round_trip
+from dpl_edit.images import to_pil
+from dpl_edit.pipeline import background_of, invert
+from dpl_edit.registry import SCENE_MODEL_ID, load_model
+from dpl_edit.scenes import quality
 
 
 def _scene_self_attention(res=8):
@@ -81,3 +86,25 @@ def test_agreement_formula():
     maps = torch.tensor([[[2.0, 1.0], [0.0, 0.0]]])  # max-scaled: [[1, .5], [0, 0]]
     agreement = cluster_agreement(clusters, maps, 2)
     torch.testing.assert_close(agreement, torch.tensor([[1.0], [0.5 / 3]]))
+
+
+def test_background_of_is_the_mask_a_dpl_inversion_finds(model, image):
+    image = to_pil(image)
+    inversion = invert(model, image, "a {cat} and a {dog}", method="dpl", num_steps=2, progress=False)
+    found = background_of(model, image, "a {cat} and a {dog}", num_steps=2, progress=False)
+    assert torch.equal(found.mask.cpu(), inversion.background_mask)
+    assert torch.equal(found.clusters.cpu(), inversion.clusters)
+
+
+def test_the_scene_checks_measure_the_background_mask_beside_the_paper(monkeypatch):
+    scene_model = load_model(SCENE_MODEL_ID)
+    ious = quality.background_iou(scene_model, 1, progress=False)
+    assert list(ious) == [1, 2]
+    assert all(0 <= value <= 1 for values in ious.values() for value in values)
+    report = quality.QualityReport(1, 1, 1, 30, 30, 0.5, 0.1, 0.6, 0.05, ious)
+    assert report.rows()[-2][0].startswith("DPL background mask IoU, 2 objects (paper: 0.749; everything: ")
+    assert report.rows()[-4][0].startswith("DPL background mask IoU, 1 object (paper: 0.803; everything: ")
+    # a mask of everything: its IoU is the background's share of the image, and its rest holds no object
+    monkeypatch.setattr(quality, "background_of", lambda *args, **kwargs: SimpleNamespace(mask=torch.ones(16, 16)))
+    for iou, everything, objects in quality.background_iou(scene_model, 2, progress=False).values():
+        assert iou == pytest.approx(everything) and objects == 0 and 0.5 < everything < 1

@@ -20,7 +20,7 @@ from PIL import Image
 from . import checks
 from .artifacts import Inversion, library_versions
 from .attention import AttentionLayer, AttentionStore, attention_layers, select_layers
-from .background import background_mask
+from .background import BackgroundMask, background_mask
 from .diffusion import DDIMSchedule
 from .editing import reconstruct_latents
 from .errors import DplEditError, ImageLoadError
@@ -123,15 +123,9 @@ def invert_many(
     started = time.perf_counter()
     marked = [parse_marked_prompt(prompt, model.tokenizer, words, require_words=method == "dpl") for prompt in prompts]
     schedule = DDIMSchedule.from_scheduler(model.scheduler, num_steps)
-    with torch.no_grad():  # each image and prompt encoded alone: the batch changes only the UNet's calls
-        cond = torch.cat([model.encode_tokens(torch.tensor([m.token_ids], device=model.device)) for m in marked])
-    source_latent = torch.cat([model.encode_image(to_tensor(image)) for image in images])
+    cond, source_latent, pivot, store = _recorded_ddim_inversion(model, images, marked, schedule, dpl,
+                                                                 with_self=method == "dpl", progress=progress)
     cross_layers = _layers(model, "cross", dpl.cross_resolution)
-    self_layers = _layers(model, "self", dpl.self_resolution) if method == "dpl" else []
-    store = AttentionStore(history=[("cross", dpl.cross_resolution)])
-    pivot = ddim_inversion(
-        model, source_latent, cond, schedule, record=cross_layers + self_layers, store=store, progress=progress
-    ).pivot
     null_init = model.encode_prompt("")
     fingerprint, versions = model.fingerprint(), library_versions()
     results = [
@@ -185,14 +179,7 @@ def _learn_tokens(results: list[Inversion], model, marked, pivot, null_init, sto
                   dpl: DynamicPromptConfig, null_text: NullTextConfig, null: str, callback, progress: bool):
     """DPL on top of the DDIM inversion of a batch: each image's background mask (from its row of
     ``store``'s maps), then Alg. 1 in lockstep; fills ``results``, returns each image's maps."""
-    masks = [
-        background_mask(
-            store.average_maps("self", dpl.self_resolution)[b],
-            word_maps(store.average_maps("cross", dpl.cross_resolution)[b], [w.positions for w in m.words]),
-            num_clusters=dpl.num_clusters, threshold=dpl.agreement_threshold, seed=dpl.cluster_seed,
-        )
-        for b, m in enumerate(marked)
-    ]
+    masks = _background_masks(store, marked, dpl)
     learned = dynamic_prompt_inversion_many(
         model, marked, pivot, null_init, [mask.mask for mask in masks], cross_layers, schedule,
         results[0].guidance_scale, dpl, null_text, null=null, callback=callback, progress=progress,
@@ -212,6 +199,49 @@ def _learn_tokens(results: list[Inversion], model, marked, pivot, null_init, sto
             background_clusters=mask.background_clusters,
         )
     return [each.cross_maps for each in learned]
+
+
+def background_of(model: StableDiffusion, image: Image.Image, prompt: str, *, words: Sequence[str] = (),
+                  num_steps: int = 50, dpl: DynamicPromptConfig | None = None, progress: bool = True) -> BackgroundMask:
+    """DPL's background mask of an image (paper section 3.3) as ``invert(method="dpl")`` finds it
+    before learning its tokens: from the DDIM inversion's self-attention clusters and the marked
+    words' cross-attention, at the word maps' size (1 = background)."""
+    _check_arguments(model, image, "dpl", "optimized", "paper")
+    checks.count("num_steps", num_steps)
+    dpl = dpl or model_dpl_config(model)
+    marked = [parse_marked_prompt(prompt, model.tokenizer, words, require_words=True)]
+    schedule = DDIMSchedule.from_scheduler(model.scheduler, num_steps)
+    store = _recorded_ddim_inversion(model, [image], marked, schedule, dpl, with_self=True, progress=progress)[3]
+    return _background_masks(store, marked, dpl)[0]
+
+
+def _recorded_ddim_inversion(model: StableDiffusion, images: Sequence[Image.Image], marked, schedule: DDIMSchedule,
+                             dpl: DynamicPromptConfig, with_self: bool, progress: bool):
+    """The DDIM inversion of a batch with its maps recorded: (text states, source latents, pivot, store);
+    the store keeps the cross-attention maps of every step and, ``with_self``, averages the
+    self-attention maps DPL's background mask needs."""
+    with torch.no_grad():  # each image and prompt encoded alone: the batch changes only the UNet's calls
+        cond = torch.cat([model.encode_tokens(torch.tensor([m.token_ids], device=model.device)) for m in marked])
+    source_latent = torch.cat([model.encode_image(to_tensor(image)) for image in images])
+    cross_layers = _layers(model, "cross", dpl.cross_resolution)
+    self_layers = _layers(model, "self", dpl.self_resolution) if with_self else []
+    store = AttentionStore(history=[("cross", dpl.cross_resolution)])
+    pivot = ddim_inversion(
+        model, source_latent, cond, schedule, record=cross_layers + self_layers, store=store, progress=progress
+    ).pivot
+    return cond, source_latent, pivot, store
+
+
+def _background_masks(store: AttentionStore, marked, dpl: DynamicPromptConfig) -> list[BackgroundMask]:
+    """Each image's background mask from its row of ``store``'s averaged maps."""
+    return [
+        background_mask(
+            store.average_maps("self", dpl.self_resolution)[b],
+            word_maps(store.average_maps("cross", dpl.cross_resolution)[b], [w.positions for w in m.words]),
+            num_clusters=dpl.num_clusters, threshold=dpl.agreement_threshold, seed=dpl.cluster_seed,
+        )
+        for b, m in enumerate(marked)
+    ]
 
 
 def model_dpl_config(model: StableDiffusion, **overrides) -> DynamicPromptConfig:

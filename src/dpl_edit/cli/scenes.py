@@ -50,11 +50,13 @@ def register(commands) -> None:
         help=COMMANDS["check-scenes"].help,
         description="Judge a scene model on test scenes: caption following of generated samples (by a "
         "checker of the renderer's looks), VAE and null-text-inversion reconstruction PSNR, and the IoU "
-        "of each noun's map with its own and with the other object. Prints a table with the bars.",
+        "of each noun's map with its own and with the other object, and DPL's background mask against the "
+        "true background (beside the paper's IoU). Prints a table with the bars.",
     )
     p.add_argument("--samples", type=int, default=64, help="generated samples judged (default: 64)")
     p.add_argument("--reconstructions", type=int, default=4, help="scenes inverted with NTI (default: 4)")
-    p.add_argument("--localisations", type=int, default=16, help="two-object scenes for localisation (default: 16)")
+    p.add_argument("--localisations", type=int, default=16, help="two-object scenes for localisation, and as many "
+                   "one- and two-object scenes for the background mask (default: 16)")
     add_model_options(p, required_default=None)
     p.set_defaults(run=check_scenes)
 
@@ -94,6 +96,7 @@ def check_scenes(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     report = check_scene_model(model, args.samples, args.reconstructions, args.localisations, progress=not args.quiet)
     print(f"\nScene model {args.model}: {args.samples} samples, {args.reconstructions} reconstructions, "
+          f"{args.localisations} two-object scenes, background masks of {args.localisations} one- and "
           f"{args.localisations} two-object scenes ({time.perf_counter() - started:.0f} s)\n")
     print("| check | value | bar | passed |")
     print("|---|---|---|---|")
