@@ -52,7 +52,8 @@ def register(commands) -> None:
         "SSIM of the unedited part (no weights needed), its LPIPS (SqueezeNet 1.1: --lpips), Structure distance "
         "(DINO ViT-B/8: --dino), CLIP similarity of the whole edit and of its edited part (CLIP ViT-L/14: --clip), and for rendered scenes the PSNR of the "
         "edited part against the oracle. Writes OUT/metrics.md and OUT/metrics.json; on PIE-Bench both also give "
-        "the published results of NTI+P2P and direct inversion+P2P (SD 1.4, 700 items) beside ours.",
+        "the published results of those methods PIE-Bench reports (NTI+P2P, direct inversion+P2P; SD 1.4, 700 items) "
+        "beside ours.",
     )
     p.add_argument("out", type=Path, help="a folder written by dpl batch")
     p.add_argument("--dataset", type=Path, required=True, help="the PIE-Bench folder it was run on")
