@@ -234,10 +234,11 @@ def _recorded_ddim_inversion(model: StableDiffusion, images: Sequence[Image.Imag
 
 def _background_masks(store: AttentionStore, marked, dpl: DynamicPromptConfig) -> list[BackgroundMask]:
     """Each image's background mask from its row of ``store``'s averaged maps."""
+    self_maps = store.average_maps("self", dpl.self_resolution)  # (B, ...): averaged once for the batch
+    cross_maps = store.average_maps("cross", dpl.cross_resolution)
     return [
         background_mask(
-            store.average_maps("self", dpl.self_resolution)[b],
-            word_maps(store.average_maps("cross", dpl.cross_resolution)[b], [w.positions for w in m.words]),
+            self_maps[b], word_maps(cross_maps[b], [w.positions for w in m.words]),
             num_clusters=dpl.num_clusters, threshold=dpl.agreement_threshold, seed=dpl.cluster_seed,
         )
         for b, m in enumerate(marked)
