@@ -76,8 +76,9 @@ class Inversion:
         with torch.no_grad():
             if self.token_vectors is None:
                 return [model.encode_tokens(token_ids)] * self.num_steps
-            vectors = self.token_vectors.to(model.device, model.dtype)
-            return [model.encode_tokens(token_ids, v, self.token_positions) for v in vectors]
+            vectors = self.token_vectors.to(model.device, model.dtype)  # (T, K, D_in): all steps in one batch
+            states = model.encode_tokens(token_ids.expand(len(vectors), -1), vectors, self.token_positions)
+            return list(states.split(1))
 
     def check_compatible(self, model: StableDiffusion) -> None:
         """Raise :class:`InversionFileError` unless this inversion was made with ``model``."""

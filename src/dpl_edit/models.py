@@ -230,6 +230,8 @@ class StableDiffusion:
         ``vectors`` (K, D_in) replace the input token embeddings at ``positions`` (K ints, or a
         tensor of them) before the whole encoder runs, so later tokens see them through causal
         attention (DPL's dynamic tokens, REFERENCE section 5). Gradients flow to ``vectors`` only.
+        ``vectors`` (B, K, D_in) give each row its own: one batched forward for all of an
+        inversion's steps, where one forward per step would pay the encoder's launches each time.
         """
         if vectors is None:
             return self.text_encoder(token_ids).last_hidden_state
@@ -550,7 +552,7 @@ class _SubstitutedEmbedding(nn.Module):
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         embeds = self.table(token_ids)  # (B, L, D_in)
         index = torch.as_tensor(self.positions, device=embeds.device)
-        vectors = self.vectors.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+        vectors = self.vectors.to(embeds.dtype).expand(embeds.shape[0], -1, -1)  # (K, D_in) or (B, K, D_in)
         return embeds.index_copy(1, index, vectors)
 
 
@@ -558,8 +560,8 @@ class _SubstitutedEmbedding(nn.Module):
 def _substituted_embeddings(
     text_encoder: CLIPTextModel, vectors: torch.Tensor, positions: Sequence[int] | torch.Tensor
 ) -> Iterator[None]:
-    if vectors.shape[0] != len(positions):
-        raise ValueError(f"{vectors.shape[0]} token vectors for {len(positions)} positions")
+    if vectors.shape[-2] != len(positions):
+        raise ValueError(f"{vectors.shape[-2]} token vectors for {len(positions)} positions")
     table = text_encoder.get_input_embeddings()
     text_encoder.set_input_embeddings(_SubstitutedEmbedding(table, vectors, positions))
     try:

@@ -98,7 +98,8 @@ def _branch_states(model: StableDiffusion, inversion: Inversion, plan: EditPlan,
                    source: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per step (1 + n, 77, D): the source's states, then each target's with the learned vectors it keeps.
 
-    A target that keeps no learned vector has the same states at every step: encoded once.
+    A target that keeps no learned vector has the same states at every step: encoded once; one
+    that keeps some is encoded for all steps in one batch.
     """
     per_target = []
     for target, (positions, rows) in zip(plan.targets, plan.kept_tokens):
@@ -107,7 +108,7 @@ def _branch_states(model: StableDiffusion, inversion: Inversion, plan: EditPlan,
             per_target.append([model.encode_tokens(ids)] * inversion.num_steps)
         else:
             vectors = inversion.token_vectors[:, rows].to(model.device, model.dtype)  # (T, k, D_in)
-            per_target.append([model.encode_tokens(ids, v, positions) for v in vectors])
+            per_target.append(list(model.encode_tokens(ids.expand(len(vectors), -1), vectors, positions).split(1)))
     return [torch.cat([source[i], *(states[i] for states in per_target)]) for i in range(inversion.num_steps)]
 
 
