@@ -78,6 +78,11 @@ CASES = {
     "run cross steps 3": (RUN + ["--cross-steps", "3"], "cross_replace_steps must be in [0, 1]"),
     "run guidance nan": (RUN + ["--guidance", "nan"], "--guidance must be a finite number"),
     "run out is a file": (RUN[:-1] + ["{root}/note.txt"], "is a file; give a folder"),
+    # the targets are checked before the inversion (the snapshot shows none was written)
+    "run empty target": (RUN[:4] + ["--target", " "] + RUN[6:], "A target prompt is empty"),
+    "run target of another length": (RUN[:4] + ["--target", "a cat and a big tiger"] + RUN[6:],
+                                     "have different token counts (5 and 6)"),
+    "edit empty target": (["edit", "{root}/inv", "--target", "", "--out", "{root}/edits"], "A target prompt is empty"),
     "reconstruct out is a folder": (["reconstruct", "{root}/inv", "--out", "{root}/folder"], "is a folder; give a file"),
     "reconstruct out in a missing folder": (["reconstruct", "{root}/inv", "--out", "{root}/nowhere/r.png"],
                                             "does not exist; create it first"),

@@ -11,7 +11,7 @@ from PIL import Image
 
 from .. import checks
 from ..artifacts import Inversion
-from ..editing import MODES, EditConfig, EditResult, edit, recommended_edit_config
+from ..editing import MODES, EditConfig, EditResult, edit, plan_edit, recommended_edit_config
 from ..editing.plan import TARGET_TOKENS
 from ..errors import DplEditError
 from ..images import FITS, fit_square, open_image, psnr
@@ -19,7 +19,7 @@ from ..inversion import DynamicPromptConfig, NullTextConfig
 from ..inversion.dynamic_prompt import LOSSES, NULL_STRATEGIES, saturation
 from ..losses import SPANS
 from ..pipeline import METHODS, PRESETS, invert, model_dpl_config, reconstruct
-from ..prompts import check_marks
+from ..prompts import check_marks, parse_marked_prompt
 from ..registry import DEFAULT_MODEL
 from ..views import edit_grid, save_figure
 from . import COMMANDS
@@ -219,8 +219,11 @@ def run_command(args: argparse.Namespace) -> int:
     args.prompt = args.source
     settings = inversion_settings(args)
     model = load(args, args.model)
-    inversion = invert_from_args(args, model, settings)
     config = model_edit_config(args, config, model)
+    # the targets checked against the source before minutes of inversion, not after
+    source = parse_marked_prompt(args.source, model.tokenizer, args.words, require_words=False)
+    plan_edit(model, args.source, source.positions, args.target, config, args.steps)
+    inversion = invert_from_args(args, model, settings)
     started = time.perf_counter()
     result = edit(model, inversion, args.target, config, progress=not args.quiet)
     print(f"Edited in {time.perf_counter() - started:.1f} s")

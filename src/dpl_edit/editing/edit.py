@@ -51,13 +51,9 @@ def edit(
 ) -> EditResult:
     """Edit the inverted image towards each target prompt (braces in them are allowed and ignored)."""
     inversion.check_compatible(model)
-    if not targets:
-        raise PromptError("Give at least one target prompt to edit towards.")
-    source = parse_marked_prompt(inversion.prompt, model.tokenizer, require_words=False)
-    if list(source.token_ids) != inversion.token_ids:
+    plan = plan_edit(model, inversion.prompt, inversion.token_positions, targets, config, inversion.num_steps)
+    if list(plan.source.token_ids) != inversion.token_ids:
         raise InversionFileError("The model's tokenizer reads the inversion's prompt differently; use its model.")
-    prompts = [parse_marked_prompt(t, model.tokenizer, require_words=False) for t in targets]
-    plan = make_plan(source, prompts, inversion.token_positions, config, inversion.num_steps, model.tokenizer)
     resolution = inversion.settings.get("cross_resolution", 16)
     layers = [layer for layer in attention_layers(model.unet)
               if layer.kind == "cross" or layer.resolution <= config.self_max_resolution]
@@ -69,7 +65,23 @@ def edit(
     images = [to_pil(model.decode_latents(latents[b : b + 1])) for b in range(latents.shape[0])]
     return EditResult(images[0], images[1:], list(targets), controller.maps / inversion.num_steps, plan,
                       controller.blend_masks, latents,
-                      [model.tokenizer.convert_ids_to_tokens(list(p.token_ids)) for p in prompts])
+                      [model.tokenizer.convert_ids_to_tokens(list(p.token_ids)) for p in plan.targets])
+
+
+def plan_edit(model: StableDiffusion, source: str, token_positions: Sequence[int], targets: Sequence[str],
+              config: EditConfig, num_steps: int) -> EditPlan:
+    """The Prompt-to-Prompt plan of editing ``source`` (its dynamic words at ``token_positions``)
+    towards ``targets``; a :class:`PromptError` for no target, an empty one, or targets the mode
+    cannot map. It needs no inversion, so a caller can check an edit before inverting."""
+    if not targets:
+        raise PromptError("Give at least one target prompt to edit towards.")
+    for target in targets:
+        if not target.replace("{", "").replace("}", "").strip():
+            raise PromptError("A target prompt is empty: give the prompt the edited image should match, "
+                              "for example the source prompt with one word changed.")
+    marked = parse_marked_prompt(source, model.tokenizer, require_words=False)
+    prompts = [parse_marked_prompt(t, model.tokenizer, require_words=False) for t in targets]
+    return make_plan(marked, prompts, token_positions, config, num_steps, model.tokenizer)
 
 
 def reconstruct_latents(model: StableDiffusion, inversion: Inversion, *, progress: bool = True) -> torch.Tensor:
