@@ -87,7 +87,6 @@ def test_substituted_token_vectors(model):
     assert model.text_encoder.get_input_embeddings().weight.grad is None
 
 
-
 def test_token_vectors_per_row_encode_as_one_row_each(model):
     """(B, K, D_in) vectors, one set per row (an inversion's steps in one batch), give each row the
     states its own vectors give alone: the same arithmetic per row, so float32's defaults hold (the
@@ -99,6 +98,7 @@ def test_token_vectors_per_row_encode_as_one_row_each(model):
     torch.testing.assert_close(batched, one_by_one)
     with pytest.raises(ValueError, match="2 token vectors for 1 positions"):
         model.encode_tokens(ids.expand(5, -1), vectors, [2])
+
 
 def _broken_compiled_call(*args, **kwargs):
     raise RuntimeError("simulated CUDA-graph replay failure\nwith a second line")
