@@ -1,8 +1,10 @@
 """Bad input through every command: exit code 2, one `error:` line, no traceback, files on disk
 unchanged; the same values through the Python API raise DplEditError with the same message."""
 
+import errno
 import hashlib
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,7 @@ CASES = {
     "invert unknown span": (INVERT + ["--span", "all"], "invalid choice"),
     "invert unknown method": (INVERT + ["--method", "magic"], "invalid choice"),
     "invert out is a file": (INVERT[:-1] + ["{root}/note.txt"], "is a file; give a folder"),
+    "invert out inside a file": (INVERT[:-1] + ["{root}/note.txt/inv"], "note.txt is a file, not a folder"),
     "invert image is a folder": (["invert", "{root}/folder"] + INVERT[2:], "No image file at"),
     "invert image missing": (["invert", "{root}/missing.png"] + INVERT[2:], "No image file at"),
     "invert model folder missing": (["invert", "{image}", "--prompt", "a cat", "--model", "{root}/no/model", "--out",
@@ -70,6 +73,7 @@ CASES = {
     "edit reweight malformed": (EDIT + ["--reweight", "tiger"], "--reweight takes WORD=VALUE"),
     "edit word steps above 1": (EDIT + ["--cross-steps-word", "tiger=1.2"], "cross_replace_steps of 'tiger' must be"),
     "edit out is a file": (EDIT[:-1] + ["{root}/note.txt"], "is a file; give a folder"),
+    "edit out inside a file": (EDIT[:-1] + ["{root}/note.txt/edits"], "note.txt is a file, not a folder"),
     "edit no inversion": (["edit", "{root}/folder", "--target", "a dog"], "holds no inversion"),
     "edit blend occurrence zero": (EDIT + ["--blend", "cat@0"], "word@N"),
     "edit blend occurrence missing": (EDIT + ["--blend", "cat@5"], "occurrence(s) of 'cat', not 5"),
@@ -86,12 +90,17 @@ CASES = {
     "reconstruct out is a folder": (["reconstruct", "{root}/inv", "--out", "{root}/folder"], "is a folder; give a file"),
     "reconstruct out in a missing folder": (["reconstruct", "{root}/inv", "--out", "{root}/nowhere/r.png"],
                                             "does not exist; create it first"),
+    "reconstruct out inside a file": (["reconstruct", "{root}/inv", "--out", "{root}/note.txt/r.png"],
+                                      "note.txt is a file, not a folder"),
+    "reconstruct out of no image format": (["reconstruct", "{root}/inv", "--out", "{root}/r.txt"],
+                                           "the file name must end in .png, .jpg"),
     "reconstruct no inversion": (["reconstruct", "{root}/folder"], "holds no inversion"),
     "demo zero steps": (["demo", "--steps", "0", "--out", "{root}/demo"], "The number of steps must be at least 1"),
     "demo scene beyond the split": (["demo", "--scene", "99999999", "--out", "{root}/demo"],
                                     "The scene number must be below 10000000"),
     "demo negative scene": (["demo", "--scene", "-1", "--out", "{root}/demo"], "expected a scene number"),
     "demo out is a file": (["demo", "--out", "{root}/note.txt"], "is a file; give a folder"),
+    "demo out inside a file": (["demo", "--out", "{root}/note.txt/demo"], "note.txt is a file, not a folder"),
     "check-scenes zero samples": (["check-scenes", "--model", "scenes", "--samples", "0"], "--samples must be at least 1"),
     "check-scenes negative localisations": (["check-scenes", "--model", "scenes", "--localisations", "-1"],
                                             "--localisations must be at least 1"),
@@ -101,9 +110,19 @@ CASES = {
     "train negative time limit": (["train-scenes", "--out", "{root}/train", "--time-limit", "-5"],
                                   "--time-limit must be in (0, inf]"),
     "train out is a file": (["train-scenes", "--out", "{root}/note.txt"], "is a file; give a folder"),
+    "train export is a file": (["train-scenes", "--out", "{root}/train", "--export", "{root}/note.txt"],
+                               "note.txt is a file; give a folder"),
     "localisation malformed mask": (["localisation", "{root}/inv", "--mask", "cat"], "--mask takes WORD=FILE"),
     "localisation missing mask": (["localisation", "{root}/inv", "--mask", "cat={root}/none.png"], "Could not read the mask"),
+    "localisation out is a folder": (["localisation", "{root}/inv", "--mask", "cat={root}/cat.png", "--out",
+                                      "{root}/folder"], "is a folder; give a file name"),
+    "localisation out in a missing folder": (["localisation", "{root}/inv", "--mask", "cat={root}/cat.png", "--out",
+                                              "{root}/nowhere/plot.png"], "does not exist; create it first"),
+    "localisation out of no plot format": (["localisation", "{root}/inv", "--mask", "cat={root}/cat.png", "--out",
+                                            "{root}/plot.txt"], "the file name must end in .png, .pdf, .svg"),
     "attention no inversion": (["attention", "{root}/folder"], "holds no inversion"),
+    "attention out inside a file": (["attention", "{root}/inv", "--out", "{root}/note.txt/views"],
+                                    "note.txt is a file, not a folder"),
     "batch zero batch size": (["batch", "{root}/folder", "--out", "{root}/batch", "--model", "tiny", "--batch-size", "0"],
                               "--batch-size must be at least 1"),
     "batch zero processes": (["batch", "{root}/folder", "--out", "{root}/batch", "--model", "tiny", "--processes", "0"],
@@ -203,3 +222,36 @@ def test_running_out_of_device_memory_is_one_line_that_says_what_to_change(monke
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in err[0]
     assert "--batch-size" in err[0] and "--no-cuda-graphs" in err[0] and "bug" not in err[0]
+
+
+def test_a_place_this_user_may_not_write_in_is_said_before_any_work(monkeypatch, capsys, files):
+    """The nearest existing folder of --out must be writable (tested with os.access, which a root
+    user passes everywhere, so it is made to refuse here)."""
+    monkeypatch.setattr("dpl_edit.checks.os.access", lambda path, mode: Path(path) != files)
+    before = _snapshot(files)
+    assert main(["edit", str(files / "inv"), "--target", "a cat and a tiger", "--out", str(files / "a" / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --out {files / 'a' / 'b'}: this user may not write in {files}; give another place."]
+    assert _snapshot(files) == before
+
+
+@pytest.mark.parametrize(("code", "words"), [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only")])
+def test_a_file_the_system_refuses_is_one_line_not_a_bug(code, words, monkeypatch, capsys, files):
+    """A full disk or a read-only place found only while writing (the checks cannot foresee them)."""
+    def refused(folder):
+        raise OSError(code, os.strerror(code), str(files / "inv" / "inversion.safetensors"))
+
+    monkeypatch.setattr("dpl_edit.cli.inversion.Inversion.load", refused)
+    assert main(["reconstruct", str(files / "inv")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and "inversion.safetensors" in err[0], err
+    assert "bug" not in err[0] and "Traceback" not in err[0]
+
+
+def test_other_os_errors_are_still_bugs(monkeypatch, capsys, files):
+    def missing(folder):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "somewhere")
+
+    monkeypatch.setattr("dpl_edit.cli.inversion.Inversion.load", missing)
+    assert main(["reconstruct", str(files / "inv")]) == 1
+    assert "this is a bug in dpl-edit" in capsys.readouterr().err

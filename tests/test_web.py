@@ -3,6 +3,7 @@ a real headless Chromium (Debian's chromium + chromium-driver, driven by Seleniu
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -129,6 +130,18 @@ def test_a_handler_that_runs_out_of_memory_says_what_to_change():
 
     message = handler()
     assert message.startswith(ERROR) and "ran out of memory" in message and "bug" not in message
+
+
+def test_a_handler_on_a_full_disk_says_so_and_is_no_bug():
+    from dpl_edit.web.app import ERROR, _guarded
+
+    @_guarded(2)
+    def handler():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/dpl-edit-serve/x.safetensors")
+
+    message, _ = handler()
+    assert message.startswith(ERROR) and "the disk is full" in message and "dpl serve --cache" in message
+    assert "bug" not in message
 
 
 def test_small_images_are_enlarged_for_the_page():
@@ -265,6 +278,8 @@ def test_huge_uploads_are_refused_before_decoding(bench, tmp_path, monkeypatch):
     (["serve", "--model", "/no/such/model"], "Could not load model"),
     (["serve", "--port", "70000"], "at most 65535"),
     (["serve", "--steps", "0"], "--steps"),
+    (["serve", "--cache", __file__], "is a file; give a folder"),
+    (["serve", "--cache", f"{__file__}/cache"], "is a file, not a folder"),
 ])
 def test_serve_refuses_bad_settings_before_starting(argv, message, capsys):
     from dpl_edit.cli import main

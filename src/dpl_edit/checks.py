@@ -37,19 +37,41 @@ def count(name: str, value: int, low: int = 1) -> None:
         raise SettingError(f"{name} must be at least {low}, got {value}")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what an image may be written as
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")  # what a plot may be written as
+
+
 def output_folder(name: str, path: str | os.PathLike) -> Path:
-    """A folder to write into: it may exist as a folder or not yet, never be a file."""
+    """A folder to write into: it may exist as a folder or not yet, never be a file, and can be made
+    (the nearest part of its path that exists is a folder this process may write in)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SettingError(f"{name} {path} is a file; give a folder (it is created if missing).")
+    _writable(name, path, path)
     return path
 
 
-def output_file(name: str, path: str | os.PathLike) -> Path:
-    """A file to write: not an existing folder, and in a folder that exists."""
+def output_file(name: str, path: str | os.PathLike, suffixes: tuple[str, ...]) -> Path:
+    """A file to write: not an existing folder, named with one of ``suffixes`` (its format), and in
+    a folder that exists and may be written in."""
     path = Path(path)
     if path.is_dir():
-        raise SettingError(f"{name} {path} is a folder; give a file name such as {path / 'image.png'}.")
-    if not path.parent.is_dir():
+        raise SettingError(f"{name} {path} is a folder; give a file name such as {path / ('image' + suffixes[0])}.")
+    if path.suffix.lower() not in suffixes:
+        raise SettingError(f"{name} {path}: the file name must end in {', '.join(suffixes)} (its format).")
+    if not path.parent.exists():
         raise SettingError(f"{name}: the folder {path.parent} does not exist; create it first.")
+    _writable(name, path, path.parent)
     return path
+
+
+def _writable(name: str, path: Path, folder: Path) -> None:
+    """The nearest part of ``folder`` (where ``path`` is written) that exists is a folder this
+    process may write in."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SettingError(f"{name} {path} cannot be written: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SettingError(f"{name} {path}: this user may not write in {existing}; give another place.")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import checks
 from .artifacts import Inversion
 from .errors import DplEditError
 
@@ -175,7 +176,7 @@ def write_attention_views(
 ) -> list[Path]:
     """Write the PNG views of the inversion in ``folder`` (and its comparison with ``compare``)."""
     inversion = Inversion.load(folder)
-    out = Path(out or folder)
+    out = checks.output_folder("The attention views' folder", out or folder)
     out.mkdir(parents=True, exist_ok=True)
     figures = {"attention_words.png": word_attention_grid(inversion)}
     if inversion.clusters is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .. import __version__
-from ..errors import INTERRUPTED, DplEditError, out_of_memory
+from ..errors import INTERRUPTED, DplEditError, out_of_memory, system_refusal
 from . import collector
 
 
@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {out_of_memory(err)}", file=sys.stderr)
         return 1
     except Exception as err:  # noqa: BLE001 (a bug: one line here, the traceback in a log file)
+        if isinstance(err, OSError) and (refusal := system_refusal(err, "--out")):  # the machine, not a bug
+            print(f"error: {refusal}", file=sys.stderr)
+            return 1
         log = Path(tempfile.gettempdir()) / f"dpl-edit-error-{time.strftime('%Y%m%d-%H%M%S')}.log"
         log.write_text("".join(traceback.format_exception(err)))
         print(f"error: unexpected {type(err).__name__} ({err}); this is a bug in dpl-edit, please report it "

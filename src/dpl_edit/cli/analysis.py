@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .. import checks
 from ..artifacts import Inversion
 from ..errors import DplEditError
 from ..localisation import THRESHOLDS, attention_shares, best_iou, iou_curve, load_mask, mean_iou, plot_curves
@@ -53,6 +54,7 @@ def attention(args: argparse.Namespace) -> int:
 
 
 def localisation(args: argparse.Namespace) -> int:
+    checks.output_file("--out", args.out, checks.PLOT_SUFFIXES)
     masks = {}
     for item in args.mask:
         word, sep, path = item.partition("=")

@@ -281,7 +281,7 @@ def invert_from_args(args: argparse.Namespace, model, settings: tuple[NullTextCo
 
 def reconstruct_command(args: argparse.Namespace) -> int:
     inversion = Inversion.load(args.dir)
-    out = checks.output_file("--out", args.out or args.dir / "reconstruction.png")
+    out = checks.output_file("--out", args.out or args.dir / "reconstruction.png", checks.IMAGE_SUFFIXES)
     model = load(args, args.model or inversion.model_id)
     image = reconstruct(model, inversion, progress=not args.quiet)
     image.save(out)

@@ -68,6 +68,8 @@ def train_scenes(args: argparse.Namespace) -> int:
         grounding_weight=args.grounding_weight,
     )
     checks.output_folder("--out", args.out)
+    if args.export:
+        checks.output_folder("--export", args.export)
     if args.time_limit is not None:
         checks.finite("--time-limit", args.time_limit, 0.0, above=True)
     trainer = SceneTrainer(config, args.out, device=pick_device(args.device), compile=args.compile)

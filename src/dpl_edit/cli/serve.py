@@ -38,6 +38,7 @@ def register(commands) -> None:
 def serve_command(args: argparse.Namespace) -> int:
     checks.count("--port", args.port)
     checks.count("--steps", args.steps)
+    checks.output_folder("--cache", args.cache)
     if args.port > 65535:
         raise DplEditError(f"--port must be at most 65535, got {args.port}")
     try:

@@ -19,7 +19,7 @@ import torch
 from ..cli.common import pairs
 from ..editing import MODES, EditConfig, recommended_edit_config
 from ..editing.plan import TARGET_TOKENS
-from ..errors import DplEditError, out_of_memory
+from ..errors import DplEditError, out_of_memory, system_refusal
 from ..images import FITS
 from .workbench import DPL_NULLS, PAGE_METHODS, InvertSettings, Workbench, enlarged
 
@@ -41,9 +41,10 @@ def _guarded(outputs: int):
                 message = str(err)
             except torch.OutOfMemoryError as err:
                 message = out_of_memory(err)
-            except Exception:  # a bug: the traceback goes to the server's log, never to the page
-                logger.exception("dpl serve: unexpected error in %s", handler.__name__)
-                message = "Something went wrong on the server (a bug in dpl-edit; the details are in its log)."
+            except OSError as err:
+                message = system_refusal(err, "dpl serve --cache") or _bug(handler)
+            except Exception:  # noqa: BLE001 (a bug: the traceback goes to the server's log, never to the page)
+                message = _bug(handler)
             if outputs == 1:
                 return ERROR + message
             return (ERROR + message, *[gr.skip() for _ in range(outputs - 1)])
@@ -51,6 +52,12 @@ def _guarded(outputs: int):
         return run
 
     return wrap
+
+
+def _bug(handler) -> str:
+    """Log the traceback of an unexpected error (never shown on the page) and say so."""
+    logger.exception("dpl serve: unexpected error in %s", handler.__name__)
+    return "Something went wrong on the server (a bug in dpl-edit; the details are in its log)."
 
 
 def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
