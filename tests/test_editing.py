@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpl_edit import EditConfig, PromptError, edit, invert, reconstruct
+from dpl_edit import DplEditError, EditConfig, PromptError, edit, invert, reconstruct
 from dpl_edit.editing.attention_edits import blend_mask, edit_cross_attention, local_blend
 from dpl_edit.editing.plan import make_plan
 from dpl_edit.images import to_pil
@@ -120,6 +120,27 @@ def test_several_targets_blend_and_processors_restored(model, inversions):
     assert torch.equal(result.latents[1:][outside], source[outside])
     with pytest.raises(PromptError, match="refine"):
         edit(model, inversions["dpl"], ["a leopard cub and a dog"], progress=False)
+
+
+def test_the_entry_points_take_folders_files_and_one_target_as_a_string(model, inversions, tmp_path):
+    """What a user would type: an inversion's folder for the inversion, an image file's path for
+    the image, one target prompt without a list; each gives what the explicit objects give."""
+    inversion = inversions["nti"]
+    inversion.save(tmp_path / "inv")
+    as_list = edit(model, inversion, ["a cat and a tiger"], progress=False)
+    as_folder = edit(model, tmp_path / "inv", "a cat and a tiger", progress=False)
+    assert as_folder.targets == ["a cat and a tiger"] and len(as_folder.edits) == 1
+    assert np.array_equal(np.asarray(as_folder.edits[0]), np.asarray(as_list.edits[0]))
+    assert np.array_equal(np.asarray(reconstruct(model, str(tmp_path / "inv"), progress=False)),
+                          np.asarray(reconstruct(model, inversion, progress=False)))
+    inversion.source_image.save(tmp_path / "source.png")
+    from_file = invert(model, tmp_path / "source.png", "a cat and a dog", method="ddim", num_steps=2, progress=False)
+    from_image = invert(model, inversion.source_image, "a cat and a dog", method="ddim", num_steps=2, progress=False)
+    assert torch.equal(from_file.latent_T, from_image.latent_T)
+    with pytest.raises(DplEditError, match="Expected an Inversion or the folder of a saved one, got int"):
+        reconstruct(model, 5)
+    with pytest.raises(DplEditError, match="Expected a PIL image or an image file's path, got Tensor"):
+        invert(model, torch.zeros(1, 3, 128, 128), "a cat", progress=False)
 
 
 def test_direct_inversion_reconstructs_exactly_and_dpl_combines_with_it(model, inversions):

@@ -111,6 +111,16 @@ class Inversion:
         return folder
 
     @classmethod
+    def of(cls, inversion: Inversion | str | os.PathLike) -> Inversion:
+        """``inversion`` itself, or the inversion saved in that folder (what the entry points that
+        take an inversion accept)."""
+        if isinstance(inversion, Inversion):
+            return inversion
+        if isinstance(inversion, (str, os.PathLike)):
+            return cls.load(inversion)
+        raise InversionFileError(f"Expected an Inversion or the folder of a saved one, got {type(inversion).__name__}.")
+
+    @classmethod
     def load(cls, folder: str | os.PathLike) -> Inversion:
         """Read an inversion folder written by :meth:`save` (tensors on the CPU)."""
         folder = Path(folder)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -24,7 +25,7 @@ from .background import BackgroundMask, background_mask
 from .diffusion import DDIMSchedule
 from .editing import reconstruct_latents
 from .errors import DplEditError, ImageLoadError
-from .images import to_pil, to_tensor
+from .images import load_image, to_pil, to_tensor
 from .inversion import (
     DynamicPromptConfig,
     DynamicPromptStep,
@@ -47,7 +48,7 @@ PRESETS = ("paper", "authors")
 
 def invert(
     model: StableDiffusion,
-    image: Image.Image,
+    image: Image.Image | str | os.PathLike,
     prompt: str,
     *,
     method: str = "nti",
@@ -61,7 +62,8 @@ def invert(
     callback: Callable[[NullTextStep | DynamicPromptStep], None] | None = None,
     progress: bool = True,
 ) -> Inversion:
-    """Invert a square RGB image of the model's size (see :func:`dpl_edit.images.load_image`).
+    """Invert a square RGB image of the model's size, or an image file (read by
+    :func:`dpl_edit.images.load_image`, its centre cropped).
 
     ``method``: ``"ddim"`` (DDIM inversion only; sampling then uses the "" embedding), ``"nti"``
     (null-text inversion, REFERENCE section 3), ``"npi"`` (negative-prompt inversion: the source
@@ -82,7 +84,7 @@ def invert(
 
 def invert_many(
     model: StableDiffusion,
-    images: Sequence[Image.Image],
+    images: Sequence[Image.Image | str | os.PathLike],
     prompts: Sequence[str],
     *,
     method: str = "nti",
@@ -108,6 +110,8 @@ def invert_many(
     if len(images) != len(prompts) or not images:
         raise DplEditError(f"invert_many needs as many prompts as images (at least one); got {len(images)} "
                            f"images and {len(prompts)} prompts")
+    images = [load_image(image, model.image_size) if isinstance(image, (str, os.PathLike)) else image
+              for image in images]
     for image in images:
         _check_arguments(model, image, method, null, preset)
     checks.count("num_steps", num_steps)
@@ -250,8 +254,8 @@ def model_dpl_config(model: StableDiffusion, **overrides) -> DynamicPromptConfig
     return DynamicPromptConfig(**{**model.settings.get("dpl", {}), **overrides})
 
 
-def reconstruct(model: StableDiffusion, inversion: Inversion, *, progress: bool = True) -> Image.Image:
-    """The image sampled back from an inversion (RGB, the model's size)."""
+def reconstruct(model: StableDiffusion, inversion: Inversion | str | os.PathLike, *, progress: bool = True) -> Image.Image:
+    """The image sampled back from an inversion or its folder (RGB, the model's size)."""
     return to_pil(model.decode_latents(reconstruct_latents(model, inversion, progress=progress)))
 
 
@@ -262,6 +266,9 @@ def _check_arguments(model: StableDiffusion, image: Image.Image, method: str, nu
         raise DplEditError(f"Unknown null strategy {null!r}; choose one of {', '.join(NULL_STRATEGIES)}")
     if preset not in PRESETS:
         raise DplEditError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if not isinstance(image, Image.Image):
+        raise ImageLoadError(f"Expected a PIL image or an image file's path, got {type(image).__name__}; "
+                             "load one with load_image(path, model.image_size).")
     if image.size != (model.image_size, model.image_size):
         raise ImageLoadError(
             f"The image is {image.size[0]}x{image.size[1]} but the model takes "

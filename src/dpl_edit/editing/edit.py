@@ -9,6 +9,7 @@ NTI and DPL, the source prompt's own for negative-prompt inversion, "" otherwise
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,13 +44,16 @@ class EditResult:
 
 def edit(
     model: StableDiffusion,
-    inversion: Inversion,
-    targets: Sequence[str],
+    inversion: Inversion | str | os.PathLike,
+    targets: str | Sequence[str],
     config: EditConfig = EditConfig(),
     *,
     progress: bool = True,
 ) -> EditResult:
-    """Edit the inverted image towards each target prompt (braces in them are allowed and ignored)."""
+    """Edit the inverted image (an :class:`Inversion` or its folder) towards each target prompt (one
+    prompt or several; braces in them are allowed and ignored)."""
+    inversion = Inversion.of(inversion)
+    targets = [targets] if isinstance(targets, str) else list(targets)
     inversion.check_compatible(model)
     plan = plan_edit(model, inversion.prompt, inversion.token_positions, targets, config, inversion.num_steps)
     if list(plan.source.token_ids) != inversion.token_ids:
@@ -68,11 +72,13 @@ def edit(
                       [model.tokenizer.convert_ids_to_tokens(list(p.token_ids)) for p in plan.targets])
 
 
-def plan_edit(model: StableDiffusion, source: str, token_positions: Sequence[int], targets: Sequence[str],
+def plan_edit(model: StableDiffusion, source: str, token_positions: Sequence[int], targets: str | Sequence[str],
               config: EditConfig, num_steps: int) -> EditPlan:
     """The Prompt-to-Prompt plan of editing ``source`` (its dynamic words at ``token_positions``)
-    towards ``targets``; a :class:`PromptError` for no target, an empty one, or targets the mode
-    cannot map. It needs no inversion, so a caller can check an edit before inverting."""
+    towards ``targets`` (one prompt or several); a :class:`PromptError` for no target, an empty
+    one, or targets the mode cannot map. It needs no inversion, so a caller can check an edit
+    before inverting."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
         raise PromptError("Give at least one target prompt to edit towards.")
     for target in targets:
@@ -84,8 +90,10 @@ def plan_edit(model: StableDiffusion, source: str, token_positions: Sequence[int
     return make_plan(marked, prompts, token_positions, config, num_steps, model.tokenizer)
 
 
-def reconstruct_latents(model: StableDiffusion, inversion: Inversion, *, progress: bool = True) -> torch.Tensor:
-    """Sample z_0 (1, C, h, w) back from an inversion: the source branch alone."""
+def reconstruct_latents(model: StableDiffusion, inversion: Inversion | str | os.PathLike, *,
+                        progress: bool = True) -> torch.Tensor:
+    """Sample z_0 (1, C, h, w) back from an inversion (or its folder): the source branch alone."""
+    inversion = Inversion.of(inversion)
     inversion.check_compatible(model)
     trajectory = _trajectory(model, inversion)
 
