@@ -5,13 +5,22 @@ import errno
 import hashlib
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from dpl_edit import DplEditError, EditConfig, NullTextConfig, SettingError, invert
+from dpl_edit import (
+    DplEditError,
+    EditConfig,
+    NullTextConfig,
+    SettingError,
+    StableDiffusion,
+    invert,
+    load_model,
+)
 from dpl_edit.cli import main
 from dpl_edit.demo import run_demo
 from dpl_edit.images import to_pil
@@ -62,6 +71,7 @@ CASES = {
     "invert image missing": (["invert", "{root}/missing.png"] + INVERT[2:], "No image file at"),
     "invert model folder missing": (["invert", "{image}", "--prompt", "a cat", "--model", "{root}/no/model", "--out",
                                      "{root}/new"], "there is no folder at"),
+    "invert unknown device": (INVERT + ["--device", "gpu"], "Unknown --device 'gpu'; use cpu, cuda, cuda:N or mps"),
     "invert dpl without marks": (["invert", "{image}", "--prompt", "a cat", "--method", "dpl", "--out", "{root}/x"],
                                  "No dynamic word"),
     "edit cross steps above 1": (EDIT + ["--cross-steps", "1.5"], "cross_replace_steps must be in [0, 1]"),
@@ -182,6 +192,9 @@ API_CASES = [
     (lambda: EditConfig(reweight={"tiger": math.nan}), "re-weighting factor of 'tiger' must be a finite"),
     (lambda: TrainConfig(grounding_weight=math.nan), "grounding weight must be a finite number"),
     (lambda: run_demo("unused", num_steps=0), "The number of steps must be at least 1"),
+    (lambda: load_model("tiny", dtype="bf16"), "dtype must be float32, float16 or bfloat16 (a torch.dtype or its name)"),
+    (lambda: load_model("tiny", device="gpu"), "Unknown device 'gpu'; use cpu, cuda, cuda:N or mps"),
+    (lambda: StableDiffusion.from_pretrained("unused", dtype=torch.int8), "dtype must be float32, float16 or bfloat16"),
     (lambda: run_demo("unused", scene_index=99999999), "The scene number must be below 10000000"),
 ]
 
@@ -189,9 +202,18 @@ API_CASES = [
 @pytest.mark.parametrize("index", range(len(API_CASES)))
 def test_the_api_raises_the_same_messages(index):
     make, message = API_CASES[index]
-    with pytest.raises(SettingError, match=message.replace("[", r"\[").replace("(", r"\(")) as raised:
+    with pytest.raises(SettingError, match=re.escape(message)) as raised:
         make()
     assert isinstance(raised.value, DplEditError) and isinstance(raised.value, ValueError)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_on_a_machine_without_it_is_said_before_loading(files, capsys):
+    assert _run([a.format(root=files, image=files / "image.png") for a in INVERT] + ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --device 'cuda' was asked for but this torch build sees no CUDA GPU; use cpu" in err, err
+    with pytest.raises(SettingError, match="sees no CUDA GPU"):
+        load_model("tiny", device="cuda:1")
 
 
 def test_invert_checks_guidance_and_steps(model, image):

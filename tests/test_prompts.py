@@ -40,5 +40,15 @@ def test_bad_marks_give_clear_errors(prompt, words, message):
         parse_marked_prompt(prompt, TOKENIZER, words)
 
 
+def test_one_listed_word_may_be_a_string():
+    """``words="cat"`` is the word, not the letters c, a, t (nor is EditConfig's blend="cat")."""
+    from dpl_edit import EditConfig
+
+    assert parse_marked_prompt("a cat and a dog", TOKENIZER, "cat") == parse_marked_prompt("a cat and a dog", TOKENIZER,
+                                                                                         ["cat"])
+    assert EditConfig(blend="cat", subtract=["dog"]).blend == ("cat",)
+    assert EditConfig(blend="cat", subtract=["dog"]).subtract == ("dog",)
+
+
 def test_strip_braces():
     assert strip_braces("a {cat} and a {dog}") == "a cat and a dog"

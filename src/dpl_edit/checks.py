@@ -10,7 +10,11 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 from .errors import SettingError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # a model's precisions
 
 
 def finite(name: str, value: float, low: float = -math.inf, high: float = math.inf, *, above: bool = False) -> None:
@@ -35,6 +39,30 @@ def count(name: str, value: int, low: int = 1) -> None:
         raise SettingError(f"{name} must be a whole number, got {value!r}")
     if value < low:
         raise SettingError(f"{name} must be at least {low}, got {value}")
+
+
+def dtype(name: str, value: torch.dtype | str) -> torch.dtype:
+    """A model precision: ``torch.float32``, ``float16`` or ``bfloat16``, or its name."""
+    chosen = DTYPES.get(value) if isinstance(value, str) else value
+    if not isinstance(chosen, torch.dtype) or chosen not in DTYPES.values():
+        raise SettingError(f"{name} must be float32, float16 or bfloat16 (a torch.dtype or its name), got {value!r}")
+    return chosen
+
+
+def device(name: str, value: torch.device | str) -> torch.device:
+    """A device this machine has: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    try:
+        chosen = torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise SettingError(f"Unknown {name} {value!r}; use cpu, cuda, cuda:N or mps") from err
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise SettingError(f"{name} {value!r} was asked for but this torch build sees no CUDA GPU; use cpu")
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise SettingError(f"{name} {value!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise SettingError(f"{name} {value!r} was asked for but this machine has no MPS device; use cpu")
+    return chosen
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what an image may be written as

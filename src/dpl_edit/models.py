@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from . import checks
 from .attention.early_exit import ForwardStopped
 from .attention.hook import AttentionHook, active_hook, is_hooked
 from .attention.store import AttentionStore
@@ -107,6 +108,7 @@ class StableDiffusion:
         Raises :class:`ModelLoadError` with a readable message when the model is missing, not
         cached while offline, or not in the diffusers Stable Diffusion layout.
         """
+        device, dtype = checks.device("device", device), checks.dtype("dtype", dtype)
         name = str(name_or_path)
         local = Path(name).expanduser()
         if local.exists():

@@ -45,7 +45,7 @@ class MarkedPrompt:
 
 
 def parse_marked_prompt(
-    prompt: str, tokenizer: CLIPTokenizer, words: Sequence[str] = (), require_words: bool = True
+    prompt: str, tokenizer: CLIPTokenizer, words: str | Sequence[str] = (), require_words: bool = True
 ) -> MarkedPrompt:
     """Find the dynamic words of a prompt, marked with braces and/or listed in ``words``.
 
@@ -55,7 +55,7 @@ def parse_marked_prompt(
     """
     check_marks(prompt, words, require_words)
     text, spans = _strip_braces(prompt)
-    for word in words:
+    for word in (words,) if isinstance(words, str) else words:  # one word given as a string, not its letters
         match = re.search(rf"(?<!\w){re.escape(word.strip())}(?!\w)", text, flags=re.IGNORECASE)
         if not word.strip() or match is None:
             raise PromptError(f"The word {word!r} is not in the prompt {text!r}; check its spelling.")
@@ -80,7 +80,7 @@ def parse_marked_prompt(
     return MarkedPrompt(text=text, token_ids=tuple(ids), words=tuple(dynamic), end_position=end)
 
 
-def check_marks(prompt: str, words: Sequence[str] = (), require_words: bool = True) -> None:
+def check_marks(prompt: str, words: str | Sequence[str] = (), require_words: bool = True) -> None:
     """The checks of :func:`parse_marked_prompt` that need no tokenizer (run before loading a model)."""
     _, spans = _strip_braces(prompt)
     if require_words and not spans and not words:

@@ -8,6 +8,7 @@ from importlib.resources import files
 
 import torch
 
+from . import checks
 from .models import StableDiffusion
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -29,7 +30,8 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     ``cuda_graphs`` replays its inner loops as CUDA graphs (:meth:`StableDiffusion.use_cuda_graphs`),
     by default wherever the model is on a CUDA device and not compiled (on an H200 every inversion
     took less time so, its captures included, and an edit as long in float32 and a third of it in
-    bfloat16: README, Benchmarks)."""
+    bfloat16: README, Benchmarks). ``device`` and ``dtype`` may be named (``"cuda"``, ``"bfloat16"``)."""
+    device, dtype = checks.device("device", device), checks.dtype("dtype", dtype)
     base, _, seed = name.partition(":")
     if name in SCENE_MODEL_FOLDERS:
         model = StableDiffusion.from_pretrained(scene_model_folder(name), device=device, dtype=dtype)

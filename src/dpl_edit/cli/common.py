@@ -7,12 +7,12 @@ import sys
 
 import torch
 
+from .. import checks
+from ..checks import DTYPES
 from ..errors import DplEditError
 from ..models import StableDiffusion
 from ..registry import NAMED_MODELS, cuda_graphs_by_default, load_model
 from . import collector
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def add_model_options(p: argparse.ArgumentParser, required_default: str | None) -> None:
@@ -47,13 +47,7 @@ def pick_device(name: str) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise DplEditError(f"Unknown device {name!r} ({err}); use cpu, cuda, cuda:N, mps or auto") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DplEditError("--device cuda was asked for but this torch build sees no CUDA GPU; use --device cpu")
-    return device
+    return checks.device("--device", name)
 
 
 def load(args: argparse.Namespace, name: str) -> StableDiffusion:

@@ -40,6 +40,9 @@ class EditConfig:
     target_tokens: str = "keep"  # keep (the authors'), plain, or auto (drop a noun's vector when its attribute changes)
 
     def __post_init__(self) -> None:
+        for name in ("blend", "subtract"):  # one word given as a string is that word, not its letters
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         if self.mode not in MODES:
             raise PromptError(f"Unknown edit mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.target_tokens not in TARGET_TOKENS:
