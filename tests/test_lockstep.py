@@ -121,7 +121,9 @@ def test_batched_unet_calls_invert_each_image_close_to_alone(model):
         assert difference.max() <= 2 * 3 * 3 * 1e-2 and difference.mean() < 1e-3
 
 
-def test_invert_many_wants_one_prompt_per_image(model):
+def test_invert_many_wants_one_prompt_per_image_or_one_for_all(model):
+    one = invert_many(model, [smooth_image(0)] * 2, "a cat", method="ddim", num_steps=2, progress=False)
+    assert [each.prompt for each in one] == ["a cat", "a cat"]
     with pytest.raises(DplEditError, match="as many prompts as images"):
         invert_many(model, [smooth_image(0)] * 2, ["a {cat}"], method="nti", num_steps=2, progress=False)
     with pytest.raises(DplEditError, match="as many prompts as images"):

@@ -85,7 +85,7 @@ def invert(
 def invert_many(
     model: StableDiffusion,
     images: Sequence[Image.Image | str | os.PathLike],
-    prompts: Sequence[str],
+    prompts: str | Sequence[str],
     *,
     method: str = "nti",
     null: str = "optimized",
@@ -98,15 +98,16 @@ def invert_many(
     callback: Callable[[NullTextStep | DynamicPromptStep], None] | None = None,
     progress: bool = True,
 ) -> list[Inversion]:
-    """Invert several images, each with its prompt, in lockstep: one inversion per image, as
-    :func:`invert` makes it (the same arguments; ``words`` apply to every prompt; the callbacks
-    name the image), with each UNet forward of the DDIM inversions and of the null-text
+    """Invert several images (PIL images or image files), each with its prompt (or one prompt, a
+    string, for all), in lockstep: one inversion per image, as :func:`invert` makes it (the same
+    arguments; ``words`` apply to every prompt; the callbacks name the image), with each UNet forward of the DDIM inversions and of the null-text
     optimisations run once for the whole batch (DPL: its recorded forward and null-text step at each
     step; each image's tokens are learned in turn). A batch uses the hardware better than one image
     at a time (on a GPU, where one image leaves it idle between kernel launches, most of all); each
     image still keeps its own optimisers and its own early stops. ``settings["seconds"]`` is the batch's time and
     ``settings["batch"]`` its size.
     """
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)  # one prompt for all
     if len(images) != len(prompts) or not images:
         raise DplEditError(f"invert_many needs as many prompts as images (at least one); got {len(images)} "
                            f"images and {len(prompts)} prompts")
