@@ -30,7 +30,7 @@ from .models import StableDiffusion
 from .pipeline import invert
 from .registry import SCENE_MODEL_ID, load_model
 from .scenes.edits import swap_config
-from .scenes.render import SPLIT_SIZE, WordSwap, render, split_scene, swap_word
+from .scenes.render import SPLIT_SIZE, WordSwap, check_scene_model_size, render, split_scene, swap_word
 from .views import background_view, comparison_grid, demo_figure, save_figure, word_attention_grid, word_map
 
 DEMO_SCENE = 16  # test split: "a purple oval and a purple circle on water" (look-alikes, one colour)
@@ -73,8 +73,9 @@ def run_demo(
     """Run the demo into folder ``out`` (PNGs, the two inversions, summary.txt); see the module doc."""
     started = time.perf_counter()
     out = check_demo_settings(out, scene_index, num_steps)
-    out.mkdir(parents=True, exist_ok=True)
     model = model or load_model(SCENE_MODEL_ID)
+    check_scene_model_size(model, "The demo")
+    out.mkdir(parents=True, exist_ok=True)
     scene = split_scene("test", scene_index, num_objects=2)
     if swap.kind == "shape" and scene.objects[swap.index].shape == swap.new:  # already that shape: another
         swap = replace(swap, new="circle" if swap.new != "circle" else "square")

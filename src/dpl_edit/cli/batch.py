@@ -183,8 +183,15 @@ def worker_argv(args: argparse.Namespace, worker) -> list[str]:
 
 def metrics_command(args: argparse.Namespace) -> int:
     from ..batch.metrics import evaluate, tables, write_tables
+    from ..batch.runner import METHOD_FOLDERS
 
     methods = methods_of(args)
+    if not args.out.is_dir():
+        raise DplEditError(f"There is no folder {args.out}: give the --out folder of a `dpl batch` run.")
+    if not any((args.out / METHOD_FOLDERS[method]).is_dir() for method in methods):
+        raise DplEditError(f"{args.out} holds no edits of {', '.join(methods)} (no "
+                           f"{', '.join(METHOD_FOLDERS[m] + '/' for m in methods)}): give the --out folder of a "
+                           "`dpl batch` run, and --methods as that run had them.")
     items = selection(args)
     result = evaluate(args.dataset, args.out, items, methods, dino=args.dino, clip=args.clip, lpips=args.lpips,
                       progress=not args.quiet)

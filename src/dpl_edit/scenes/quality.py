@@ -29,7 +29,7 @@ from ..published import DPL_BACKGROUND_MASK_IOU
 from ..sampling import sample
 from ..views import word_map
 from .classify import check_caption
-from .render import render, split_scene
+from .render import check_scene_model_size, render, split_scene
 
 
 @dataclass
@@ -157,6 +157,7 @@ def background_iou(model: StableDiffusion, count: int, progress: bool = True) ->
 def check_scene_model(model: StableDiffusion, samples: int = 64, reconstructions: int = 4,
                       localisations: int = 16, progress: bool = True) -> QualityReport:
     check_counts(samples, reconstructions, localisations)
+    check_scene_model_size(model, "check_scene_model (dpl check-scenes)")
     background, colour, shape = caption_following(model, samples, progress=progress)
     vae_psnr, nti_psnr = reconstruction(model, reconstructions, progress=progress)
     own, other, own_share, other_share = localisation(model, localisations, progress=progress)

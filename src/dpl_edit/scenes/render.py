@@ -11,9 +11,15 @@ can leak onto a distractor object.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..errors import SettingError
+
+if TYPE_CHECKING:
+    from ..models import StableDiffusion
 
 SIZE = 64  # image side in pixels
 SHAPES = ("circle", "oval", "square", "rectangle", "triangle")
@@ -28,6 +34,15 @@ BACKGROUNDS = ("grass", "sand", "water", "brick")
 CLASHES = {("blue", "water"), ("red", "brick"), ("yellow", "sand")}  # colour too close to the ground
 SPLIT_SEEDS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}  # disjoint seed ranges
 SPLIT_SIZE = 10_000_000
+
+
+def check_scene_model_size(model: StableDiffusion, what: str) -> None:
+    """``model`` makes images of the rendered scenes' size, which ``what`` (the demo, the scene
+    checks) needs: a clear error, before any work, for a model of another world."""
+    if model.image_size != SIZE:
+        raise SettingError(f"{what} is for scene models, which make {SIZE}x{SIZE} images (scenes, scenes-plain or "
+                           f"the model of a `dpl train-scenes` folder); {model.model_id} makes "
+                           f"{model.image_size}x{model.image_size} images.")
 OBJECT_COUNTS = (1, 2, 3)
 OBJECT_COUNT_WEIGHTS = (0.3, 0.5, 0.2)
 
