@@ -258,7 +258,27 @@ def inversion_settings(args: argparse.Namespace) -> tuple[NullTextConfig, dict, 
     overrides = dict(max_iterations=args.dpl_iterations, losses=losses, lambda_dj=args.lambda_dj,
                      lambda_bg=args.lambda_bg, **chosen)
     DynamicPromptConfig(**overrides)  # checks the values
+    _check_settings_have_effect(args)
     return null_text, overrides, image
+
+
+def _check_settings_have_effect(args: argparse.Namespace) -> None:
+    """A DPL option given with another method, or a null-text option with a method that optimises
+    no null text, would be ignored: said before any work, since the user meant something by it."""
+    dpl = DynamicPromptConfig()
+    dpl_only = {"null": "optimized", "dpl_iterations": dpl.max_iterations, "losses": ",".join(dpl.losses),
+                "lambda_dj": dpl.lambda_dj, "lambda_bg": dpl.lambda_bg, "span": None, "self_res": None}
+    null_text_only = {"preset": "paper", "nti_iterations": NullTextConfig.max_iterations}
+    method = f"--method {args.method}" + (f" --null {args.null}" if args.method == "dpl" else "")
+    for options, applies, what in (
+        (dpl_only, args.method == "dpl", "a DPL setting: --method dpl only"),
+        (null_text_only, args.method == "nti" or (args.method == "dpl" and args.null == "optimized"),
+         "a null-text optimisation setting: --method nti, or dpl with --null optimized"),
+    ):
+        idle = ["--" + name.replace("_", "-") for name, default in options.items() if getattr(args, name) != default]
+        if idle and not applies:
+            raise DplEditError(f"{', '.join(idle)}: no effect with {method} ({what}); "
+                               f"drop {'it' if len(idle) == 1 else 'them'} or change the method.")
 
 
 def invert_from_args(args: argparse.Namespace, model, settings: tuple[NullTextConfig, dict, Image.Image]) -> Inversion:
