@@ -91,6 +91,8 @@ CASES = {
     "edit no inversion": (["edit", "{root}/folder", "--target", "a dog"], "holds no inversion"),
     "edit blend occurrence zero": (EDIT + ["--blend", "cat@0"], "word@N"),
     "edit blend occurrence missing": (EDIT + ["--blend", "cat@5"], "occurrence(s) of 'cat', not 5"),
+    "edit blend setting without blend": (EDIT + ["--subtract", "cat", "--blend-start", "0.5"],
+                                         "subtract, blend_start: settings of local blending, which no blend words"),
     "edit unknown mode": (EDIT + ["--mode", "swap"], "invalid choice"),
     "edit unknown target tokens": (EDIT + ["--target-tokens", "some"], "invalid choice"),
     "run cross steps 3": (RUN + ["--cross-steps", "3"], "cross_replace_steps must be in [0, 1]"),

@@ -182,7 +182,9 @@ def test_blend_words_by_occurrence_or_braces():
         with pytest.raises(PromptError, match=message):
             make_plan(source, [target], [3, 4, 8, 9], EditConfig(blend=(spec,)), 10, TOKENIZER)
     with pytest.raises(PromptError, match="neither in"):
-        make_plan(source, [target], [3, 4, 8, 9], EditConfig(subtract=("oval",)), 10, TOKENIZER)
+        make_plan(source, [target], [3, 4, 8, 9], EditConfig(blend=("rectangle",), subtract=("oval",)), 10, TOKENIZER)
+    with pytest.raises(PromptError, match="subtract, blend_threshold: settings of local blending, which no blend words turn on"):
+        EditConfig(subtract=("oval",), blend_threshold=0.5)
 
 
 def test_target_tokens_keep_plain_and_auto():

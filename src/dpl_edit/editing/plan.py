@@ -55,6 +55,12 @@ class EditConfig:
         for word, factor in self.reweight.items():
             checks.finite(f"re-weighting factor of {word!r}", factor)
         checks.count("self_max_resolution", self.self_max_resolution)
+        if not self.blend:  # no local blend: its settings would do nothing
+            idle = [name for name in ("subtract", "blend_threshold", "blend_start", "subtract_threshold")
+                    if getattr(self, name) != type(self).__dataclass_fields__[name].default]
+            if idle:
+                raise PromptError(f"{', '.join(idle)}: settings of local blending, which no blend words turn on; "
+                                  "give the words whose regions may change (blend, --blend), or leave those out.")
 
 
 RECOMMENDABLE = ("target_tokens",)  # EditConfig fields a model's dpl_edit.json may recommend ("edit" section)
