@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from dpl_edit import Inversion, InversionFileError, invert
+from dpl_edit import Inversion, InversionFileError, SettingError, invert
 from dpl_edit.images import to_pil
 from dpl_edit.random_models import tiny_model
 
@@ -50,3 +50,11 @@ def test_damaged_folders_give_clear_errors(inversion, tmp_path):
     (folder / "inversion.json").write_text(json.dumps(meta))
     with pytest.raises(InversionFileError, match="format version"):
         Inversion.load(folder)
+
+
+def test_saving_into_a_file_is_said_before_writing(inversion, tmp_path):
+    (tmp_path / "note.txt").write_text("a file")
+    for folder in (tmp_path / "note.txt", tmp_path / "note.txt" / "inv"):
+        with pytest.raises(SettingError, match="The inversion's folder .*note.txt"):
+            inversion.save(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["note.txt"]

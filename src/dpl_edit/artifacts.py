@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from . import checks
 from .errors import InversionFileError
 from .models import StableDiffusion, fingerprints_match
 
@@ -92,7 +93,7 @@ class Inversion:
     # ------------------------------------------------------------------ saving
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the inversion into ``folder`` (created if needed); returns the folder."""
-        folder = Path(folder)
+        folder = checks.output_folder("The inversion's folder", folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name) for name in _TENSOR_FIELDS}
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None}
