@@ -34,15 +34,6 @@ BACKGROUNDS = ("grass", "sand", "water", "brick")
 CLASHES = {("blue", "water"), ("red", "brick"), ("yellow", "sand")}  # colour too close to the ground
 SPLIT_SEEDS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}  # disjoint seed ranges
 SPLIT_SIZE = 10_000_000
-
-
-def check_scene_model_size(model: StableDiffusion, what: str) -> None:
-    """``model`` makes images of the rendered scenes' size, which ``what`` (the demo, the scene
-    checks) needs: a clear error, before any work, for a model of another world."""
-    if model.image_size != SIZE:
-        raise SettingError(f"{what} is for scene models, which make {SIZE}x{SIZE} images (scenes, scenes-plain or "
-                           f"the model of a `dpl train-scenes` folder); {model.model_id} makes "
-                           f"{model.image_size}x{model.image_size} images.")
 OBJECT_COUNTS = (1, 2, 3)
 OBJECT_COUNT_WEIGHTS = (0.3, 0.5, 0.2)
 
@@ -158,6 +149,15 @@ def swap_word(scene: Scene, edit: WordSwap) -> Scene:
     objects = list(scene.objects)
     objects[edit.index] = replace(objects[edit.index], **{edit.kind: edit.new})
     return replace(scene, objects=tuple(objects))
+
+
+def check_scene_model_size(model: StableDiffusion, what: str) -> None:
+    """``model`` makes images of the rendered scenes' size, which ``what`` (the demo, the scene
+    checks) needs: a clear error, before any work, for a model of another world."""
+    if model.image_size != SIZE:
+        raise SettingError(f"{what} is for scene models, which make {SIZE}x{SIZE} images (scenes, scenes-plain or "
+                           f"the model of a `dpl train-scenes` folder); {model.model_id} makes "
+                           f"{model.image_size}x{model.image_size} images.")
 
 
 def background_texture(background: str, seed: int) -> np.ndarray:
