@@ -54,6 +54,8 @@ CASES = {
     "invert guidance text": (INVERT + ["--guidance", "abc"], "invalid float value"),
     "invert zero steps": (INVERT[:-4] + ["--steps", "0", "--out", "{root}/new"], "--steps must be at least 1"),
     "invert negative steps": (INVERT[:-4] + ["--steps", "-3", "--out", "{root}/new"], "--steps must be at least 1"),
+    "invert more steps than noise levels": (INVERT[:-4] + ["--steps", "1000", "--out", "{root}/new"],
+                                            "num_steps must be at most 999 with this model's DDIM scheduler"),
     "invert steps text": (INVERT[:-4] + ["--steps", "ten", "--out", "{root}/new"], "invalid int value"),
     "invert negative dpl iterations": (INVERT + ["--method", "dpl", "--dpl-iterations", "-1"],
                                        "DPL max_iterations must be at least 0"),

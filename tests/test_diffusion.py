@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler
 
+from dpl_edit import SettingError
 from dpl_edit.diffusion import DDIMSchedule, denoise_step, guided_noise, invert_step
 from dpl_edit.models import ddim_scheduler
 from dpl_edit.random_models import SD_SCHEDULE
@@ -45,6 +46,16 @@ def test_invert_then_denoise_is_identity_for_fixed_noise():
     z, eps = torch.randn(2, 1, 4, 8, 8).double()
     for i in range(50):
         torch.testing.assert_close(denoise_step(schedule, i, invert_step(schedule, i, z, eps), eps), z)
+
+
+def test_a_schedule_stays_on_the_trained_noise_levels():
+    """SD's scheduler (1000 levels, steps_offset 1) would step from level 1000 with 1000 steps, one
+    past its last (diffusers' DDIMScheduler then fails with an IndexError): at most 999 steps."""
+    scheduler = ddim_scheduler(SD_SCHEDULE)
+    assert DDIMSchedule.from_scheduler(scheduler, 999).timesteps[0] == 999
+    for steps in (1000, 5000):
+        with pytest.raises(SettingError, match=f"num_steps must be at most 999 .*got {steps}"):
+            DDIMSchedule.from_scheduler(scheduler, steps)
 
 
 def test_guidance():

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .errors import SettingError
+
 if TYPE_CHECKING:
     from diffusers import DDIMScheduler
 
@@ -41,6 +43,10 @@ class DDIMSchedule:
         from diffusers import DDIMScheduler
 
         probe = DDIMScheduler.from_config(config)
+        if not _fits(probe, num_steps):  # a level beyond the trained ones (1000 steps of SD 1.x: level 1000)
+            limit = next(n for n in range(min(num_steps, config.num_train_timesteps), 0, -1) if _fits(probe, n))
+            raise SettingError(f"num_steps must be at most {limit} with this model's DDIM scheduler "
+                               f"({config.num_train_timesteps} noise levels), got {num_steps}")
         probe.set_timesteps(num_steps)
         acp = probe.alphas_cumprod.double()
         return cls(
@@ -58,6 +64,14 @@ class DDIMSchedule:
     def alpha_cumprod(self, level: int) -> float:
         """Cumulative alpha at a level; levels below 0 are the clean image."""
         return self.alphas_cumprod[level] if level >= 0 else self.final_alpha_cumprod
+
+
+def _fits(scheduler: DDIMScheduler, num_steps: int) -> bool:
+    """Whether a run of ``num_steps`` stays on the scheduler's trained noise levels."""
+    if num_steps > scheduler.config.num_train_timesteps:
+        return False
+    scheduler.set_timesteps(num_steps)
+    return int(scheduler.timesteps.max()) < scheduler.config.num_train_timesteps
 
 
 def guided_noise(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
