@@ -49,6 +49,14 @@ def test_bad_files_give_clear_errors(tmp_path):
         load_image(tmp_path / "bad.png", 32, fit="squash")
 
 
+def test_an_image_too_large_to_open_is_said(tmp_path, monkeypatch):
+    """PIL refuses to decode an image of over twice MAX_IMAGE_PIXELS (about 179 megapixels)."""
+    path = _save(tmp_path, Image.new("RGB", (64, 64)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageLoadError, match="is too large to open safely"):
+        load_image(path, 32)
+
+
 def test_tensor_round_trip():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
     tensor = to_tensor(image)

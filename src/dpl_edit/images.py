@@ -42,6 +42,9 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as opened:
             opened.load()
             image = ImageOps.exif_transpose(opened)
+    except Image.DecompressionBombError as err:  # PIL's guard against huge decompressed sizes
+        raise ImageLoadError(f"{path} is too large to open safely ({err}). Scale it down first: it is "
+                             "resized to the model's size anyway (512x512 for Stable Diffusion 1.x).") from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ImageLoadError(
             f"Could not read {path} as an image ({err}). Use a PNG, JPEG, WebP, BMP or TIFF file."
