@@ -136,6 +136,8 @@ CASES = {
     "train export is a file": (["train-scenes", "--out", "{root}/train", "--export", "{root}/note.txt"],
                                "note.txt is a file; give a folder"),
     "localisation malformed mask": (["localisation", "{root}/inv", "--mask", "cat"], "--mask takes WORD=FILE"),
+    "localisation mask named twice": (["localisation", "{root}/inv", "--mask", "cat={root}/cat.png", "--mask",
+                                       "cat={root}/cat.png"], "--mask names 'cat' twice"),
     "localisation missing mask": (["localisation", "{root}/inv", "--mask", "cat={root}/none.png"], "Could not read the mask"),
     "localisation out is a folder": (["localisation", "{root}/inv", "--mask", "cat={root}/cat.png", "--out",
                                       "{root}/folder"], "is a folder; give a file name"),

@@ -57,6 +57,21 @@ def test_an_image_too_large_to_open_is_said(tmp_path, monkeypatch):
         load_image(path, 32)
 
 
+def test_a_mask_is_made_square_as_its_image_was(tmp_path):
+    """``load_mask`` crops, stretches or pads (with background) a non-square mask as ``--fit`` did the
+    image, at the mask's own resolution."""
+    from dpl_edit.localisation import load_mask
+
+    array = np.zeros((4, 6), dtype=np.uint8)  # 6 wide, 4 high; the object is columns 2-3
+    array[:, 2:4] = 255
+    path = _save(tmp_path, Image.fromarray(array))
+    crop = load_mask(path, "crop")
+    assert crop.shape == (4, 4) and crop[:, 1:3].all() and not crop[:, [0, 3]].any()
+    pad = load_mask(path, "pad")
+    assert pad.shape == (6, 6) and pad[1:5, 2:4].all() and pad.sum() == 8
+    assert load_mask(path, "resize").shape == (6, 6) and load_mask(path, "resize")[:, 2:4].all()
+
+
 def test_tensor_round_trip():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
     tensor = to_tensor(image)

@@ -86,5 +86,14 @@ def test_dpl_invert_attention_and_localisation_commands(scene, capsys):
     assert table.count("| nti nti") == 2 and table.count("| dpl dpl") == 2
     assert "mass on own mask" in table and "best IoU 0.1-1" in table
     assert (scene / "loc.png").is_file()
+    # masks of a wider picture whose centre square was inverted (--fit crop): the same numbers
+    for word in ("circle", "square"):
+        mask = Image.open(scene / f"{word}.png").convert("L")
+        wide = Image.new("L", (mask.width + 40, mask.height), 0)
+        wide.paste(mask, (20, 0))
+        wide.save(scene / f"{word}_wide.png")
+    assert main(["localisation", str(nti), str(dpl), "--mask", f"circle={scene / 'circle_wide.png'}",
+                 "--mask", f"square={scene / 'square_wide.png'}", "--out", str(scene / "loc.png")]) == 0
+    assert capsys.readouterr().out == table
     assert main(["localisation", str(nti), "--mask", f"tree={scene / 'circle.png'}"]) == 2
     assert "no word 'tree'" in capsys.readouterr().err

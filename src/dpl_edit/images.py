@@ -65,8 +65,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def fit_square(image: Image.Image, size: int, fit: Fit) -> Image.Image:
-    """Make an RGB image ``size`` x ``size`` by centre crop, stretch or pad (see :func:`load_image`)."""
+def fit_square(image: Image.Image, size: int, fit: Fit, *, fill: int | tuple[int, ...] = (255, 255, 255),
+               resample: Image.Resampling = Image.Resampling.LANCZOS) -> Image.Image:
+    """Make an image ``size`` x ``size`` by centre crop, stretch or pad with ``fill`` (white; see
+    :func:`load_image`); a mask takes the same geometry with ``fill=0`` and nearest resampling."""
     width, height = image.size
     if fit == "crop":
         side = min(width, height)
@@ -74,10 +76,10 @@ def fit_square(image: Image.Image, size: int, fit: Fit) -> Image.Image:
         image = image.crop((left, top, left + side, top + side))
     elif fit == "pad":
         side = max(width, height)
-        canvas = Image.new("RGB", (side, side), (255, 255, 255))
+        canvas = Image.new(image.mode, (side, side), fill)
         canvas.paste(image, ((side - width) // 2, (side - height) // 2))
         image = canvas
-    return image.resize((size, size), Image.Resampling.LANCZOS)
+    return image.resize((size, size), resample)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import ImageLoadError
+from .images import Fit, fit_square
 
 THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(11))
 SUMMARY_FROM = 1  # index of the first threshold (0.1) that summaries use: 0.0 switches every pixel on
@@ -67,15 +68,19 @@ def iou_curve(
     return torch.stack(ious).float()
 
 
-def load_mask(path: str | os.PathLike, size: int | None = None) -> torch.Tensor:
-    """A ground-truth mask (H, W) bool from an image file: pixels brighter than half are the object."""
+def load_mask(path: str | os.PathLike, fit: Fit = "crop") -> torch.Tensor:
+    """A ground-truth mask (S, S) bool from an image file: pixels brighter than half are the object.
+
+    A mask of a non-square image is made square as the image was (``fit``, the inversion's: centre
+    crop, stretch, or pad with background), at its own resolution, so that it lies where the
+    inverted image's pixels do."""
     try:
         with Image.open(path) as image:
             grey = image.convert("L")
     except (OSError, SyntaxError) as err:
         raise ImageLoadError(f"Could not read the mask {path} ({err}); use a black-and-white PNG.") from err
-    if size is not None and grey.size != (size, size):
-        grey = grey.resize((size, size), Image.Resampling.NEAREST)
+    side = min(grey.size) if fit == "crop" else max(grey.size)
+    grey = fit_square(grey, side, fit, fill=0, resample=Image.Resampling.NEAREST)
     return torch.from_numpy(np.asarray(grey) > 127)
 
 

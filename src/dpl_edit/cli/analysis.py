@@ -55,18 +55,25 @@ def attention(args: argparse.Namespace) -> int:
 
 def localisation(args: argparse.Namespace) -> int:
     checks.output_file("--out", args.out, checks.PLOT_SUFFIXES)
-    masks = {}
+    paths = {}
     for item in args.mask:
         word, sep, path = item.partition("=")
-        if not sep or not word or not path:
+        if not sep or not word.strip() or not path:
             raise DplEditError(f"--mask takes WORD=FILE, got {item!r}")
-        masks[word.strip()] = load_mask(path)
-    shapes = {mask.shape for mask in masks.values()}
-    if len(shapes) > 1:
-        raise DplEditError(f"The masks have different sizes ({sorted(shapes)}); give masks of one image.")
+        if word.strip() in paths:
+            raise DplEditError(f"--mask names {word.strip()!r} twice; give one mask per word.")
+        paths[word.strip()] = path
+    fitted = {}  # per fit: each word's mask made square as the inverted image was
     curves, shares = {}, {}
     for folder in args.dirs:
         inversion = Inversion.load(folder)
+        fit = inversion.settings.get("fit", "crop")
+        if fit not in fitted:
+            fitted[fit] = {word: load_mask(path, fit) for word, path in paths.items()}
+            shapes = {mask.shape for mask in fitted[fit].values()}
+            if len(shapes) > 1:
+                raise DplEditError(f"The masks have different sizes ({sorted(shapes)}); give masks of one image.")
+        masks = fitted[fit]
         words = dict(inversion_words(inversion))
         for word, mask in masks.items():
             if word not in words:
