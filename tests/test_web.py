@@ -286,3 +286,14 @@ def test_serve_refuses_bad_settings_before_starting(argv, message, capsys):
 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_serve_says_when_its_port_is_taken_before_loading_a_model(capsys, monkeypatch):
+    from dpl_edit.cli import main
+
+    monkeypatch.setattr("dpl_edit.web.workbench.Workbench.model", lambda self: pytest.fail("the model was loaded"))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"Cannot listen on 127.0.0.1:{port} (Address already in use)" in err and "--port" in err, err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +43,7 @@ def serve_command(args: argparse.Namespace) -> int:
     checks.output_folder("--cache", args.cache)
     if args.port > 65535:
         raise DplEditError(f"--port must be at most 65535, got {args.port}")
+    _check_address(args.host, args.port)
     try:
         from ..web.app import serve
         from ..web.workbench import Workbench
@@ -51,3 +54,19 @@ def serve_command(args: argparse.Namespace) -> int:
     print(f"dpl serve: model {args.model}, cache {args.cache}; open http://{args.host}:{args.port}", file=sys.stderr)
     serve(workbench, host=args.host, port=args.port, share=args.share, default_steps=args.steps)
     return 0
+
+
+def _check_address(host: str, port: int) -> None:
+    """The page can listen on ``host:port``: said before the model loads, not as Gradio's error after."""
+    try:
+        socket.getaddrinfo(host, port)
+    except socket.gaierror as err:
+        raise DplEditError(f"--host {host!r} is no name or address to listen on ({err.strerror}); the default, "
+                           "127.0.0.1, is this machine only, 0.0.0.0 every network it is on.") from err
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise DplEditError(f"Cannot listen on {host}:{port} ({reason}): another program may be using the port; "
+                           "give another with --port.") from err
