@@ -174,6 +174,11 @@ def test_run_then_edit_with_several_targets(photo, tmp_path, capsys):
     assert main(["edit", str(out), "--target", "a big red wall", "--mode", "refine", "--reweight", "big=2",
                  "--cross-steps-word", "big=0.5", "--out", str(tmp_path / "e"), "--quiet"]) == 0
     assert (tmp_path / "e" / "edit_1.png").is_file()
+    first = (out / "edits" / "edit_1.png").read_bytes()
+    capsys.readouterr()
+    assert main(["edit", str(out), "--target", "a red door", "--quiet"]) == 0  # a later edit, no --out
+    assert (out / "edits" / "edit_1.png").read_bytes() == first and (out / "edits-2" / "edit_1.png").is_file()
+    assert main(["edit", str(out), "--target", "a red door", "--quiet"]) == 0 and (out / "edits-3").is_dir()
     capsys.readouterr()
     assert main(["edit", str(out), "--target", "a big red wall", "--quiet"]) == 2
     assert "refine" in capsys.readouterr().err

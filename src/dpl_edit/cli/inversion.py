@@ -63,7 +63,8 @@ def register(commands) -> None:
     )
     p.add_argument("dir", type=Path, help="a folder written by `dpl invert`")
     add_edit_options(p)
-    p.add_argument("--out", type=Path, help="folder for the images (default: DIR/edits)")
+    p.add_argument("--out", type=Path, help="folder for the images (default: DIR/edits, or DIR/edits-2, -3, ... "
+                   "when that holds an earlier edit)")
     add_model_options(p, required_default=None)
     p.set_defaults(run=edit_command)
 
@@ -201,10 +202,20 @@ def write_edits(result: EditResult, source_image, out: Path) -> None:
     print(f"Grid: {out / 'edit_grid.png'}")
 
 
+def _unused_folder(base: Path) -> Path:
+    """``base``, or the first of base-2, base-3, ... that is missing or empty: a later edit of an
+    inversion keeps the earlier edits' images where no --out is given."""
+    folder, n = base, 1
+    while folder.is_dir() and any(folder.iterdir()):
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    return folder
+
+
 def edit_command(args: argparse.Namespace) -> int:
     config = edit_config(args)
     inversion = Inversion.load(args.dir)
-    out = checks.output_folder("--out", args.out or args.dir / "edits")
+    out = checks.output_folder("--out", args.out or _unused_folder(args.dir / "edits"))
     model = load(args, args.model or inversion.model_id)
     config = model_edit_config(args, config, model)
     started = time.perf_counter()
