@@ -44,6 +44,12 @@ class MarkedPrompt:
         return [p for word in self.words for p in word.positions]
 
 
+def text_list(texts: str | Sequence[str]) -> list[str]:
+    """Prompts or words as a list: one given as a string is a list of that one, not of its letters
+    (what the entry points take where a user may give one or several)."""
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
 def parse_marked_prompt(
     prompt: str, tokenizer: CLIPTokenizer, words: str | Sequence[str] = (), require_words: bool = True
 ) -> MarkedPrompt:
@@ -55,7 +61,7 @@ def parse_marked_prompt(
     """
     check_marks(prompt, words, require_words)
     text, spans = _strip_braces(prompt)
-    for word in (words,) if isinstance(words, str) else words:  # one word given as a string, not its letters
+    for word in text_list(words):
         match = re.search(rf"(?<!\w){re.escape(word.strip())}(?!\w)", text, flags=re.IGNORECASE)
         if not word.strip() or match is None:
             raise PromptError(f"The word {word!r} is not in the prompt {text!r}; check its spelling.")

@@ -13,7 +13,7 @@ import torch
 
 from .. import checks
 from ..errors import PromptError
-from ..prompts import MarkedPrompt, align_tokens, parse_marked_prompt, replacement_mapper
+from ..prompts import MarkedPrompt, align_tokens, parse_marked_prompt, replacement_mapper, text_list
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -40,9 +40,8 @@ class EditConfig:
     target_tokens: str = "keep"  # keep (the authors'), plain, or auto (drop a noun's vector when its attribute changes)
 
     def __post_init__(self) -> None:
-        for name in ("blend", "subtract"):  # one word given as a string is that word, not its letters
-            value = getattr(self, name)
-            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        for name in ("blend", "subtract"):  # one word may be given as a string
+            object.__setattr__(self, name, tuple(text_list(getattr(self, name))))
         if self.mode not in MODES:
             raise PromptError(f"Unknown edit mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.target_tokens not in TARGET_TOKENS:
