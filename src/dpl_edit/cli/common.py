@@ -8,7 +8,6 @@ import sys
 import torch
 
 from .. import checks
-from ..checks import DTYPES
 from ..errors import DplEditError
 from ..models import StableDiffusion
 from ..registry import NAMED_MODELS, cuda_graphs_by_default, load_model
@@ -26,7 +25,7 @@ def add_model_options(p: argparse.ArgumentParser, required_default: str | None) 
         "--device", default="auto",
         help="cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu (default: auto)",
     )
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
+    p.add_argument("--dtype", choices=checks.DTYPES, default="float32",
                    help="model precision (default: float32; bfloat16 is fast on a GPU and fine for NTI, unreliable for DPL: "
                    "see README, Benchmarks; float16 is for GPUs: on a CPU it runs tens of times slower)")
     p.add_argument("--compile", action="store_true",
@@ -60,7 +59,7 @@ def load(args: argparse.Namespace, name: str) -> StableDiffusion:
         how = ", compiling its UNet" if args.compile else ", with CUDA graphs" if graphs else ""
         print(f"Loading model {name} on {device} ({args.dtype}{how})", file=sys.stderr)
     with collector.loading():
-        return load_model(name, device=device, dtype=DTYPES[args.dtype], compile=args.compile, cuda_graphs=graphs)
+        return load_model(name, device=device, dtype=args.dtype, compile=args.compile, cuda_graphs=graphs)
 
 
 def pairs(items: list[str], option: str, convert=float) -> dict:
