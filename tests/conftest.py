@@ -14,7 +14,7 @@ from dpl_edit.random_models import tiny_model
 
 @pytest.fixture(scope="session")
 def model():
-    """A tiny random-weight Stable Diffusion (128 px images, 16x16 latents)."""
+    """A tiny random-weight Stable Diffusion (128 px images, 32x32 latents)."""
     return tiny_model(seed=0)
 
 

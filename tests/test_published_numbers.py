@@ -8,6 +8,7 @@ import math
 import pytest
 
 from dpl_edit import EditConfig, NullTextConfig, published
+from dpl_edit.editing.plan import P2P_SELF_MAX_RESOLUTION
 from dpl_edit.inversion import DynamicPromptConfig
 
 
@@ -39,7 +40,8 @@ def test_prompt_to_prompt_defaults():
     c = EditConfig()
     assert (c.cross_replace_steps, c.self_replace_steps) == (0.8, 0.4)
     assert (c.blend_threshold, c.subtract_threshold, c.blend_start) == (0.3, 0.3, 0.2)
-    assert c.self_max_resolution == 16 and c.mode == "replace" and c.target_tokens == "keep"
+    assert c.self_max_resolution is None and P2P_SELF_MAX_RESOLUTION == 16  # None: 16 at SD 1.x's level
+    assert c.mode == "replace" and c.target_tokens == "keep"
 
 
 def test_evaluation_results_of_the_papers():

@@ -32,6 +32,7 @@ _EXPORTS = {
     "invert_many": "pipeline",
     "load_image": "images",
     "load_model": "registry",
+    "model_dpl_config": "pipeline",
     "reconstruct": "pipeline",
     "reconstruct_latents": "pipeline",
 }
@@ -55,6 +56,7 @@ __all__ = [  # the keys of _EXPORTS, spelt out for linters
     "invert_many",
     "load_image",
     "load_model",
+    "model_dpl_config",
     "reconstruct",
     "reconstruct_latents",
 ]
@@ -73,7 +75,7 @@ if TYPE_CHECKING:  # what type checkers and editors read
     from .images import load_image
     from .inversion import DynamicPromptConfig, DynamicPromptStep, NullTextConfig, NullTextStep
     from .models import StableDiffusion
-    from .pipeline import invert, invert_many, reconstruct, reconstruct_latents
+    from .pipeline import invert, invert_many, model_dpl_config, reconstruct, reconstruct_latents
     from .registry import load_model
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from . import checks
 from .artifacts import Inversion, library_versions
-from .attention import AttentionLayer, AttentionStore, attention_layers, select_layers
+from .attention import AttentionLayer, AttentionStore, attention_layers, same_level_resolution, select_layers
 from .background import BackgroundMask, background_mask
 from .diffusion import DDIMSchedule
 from .editing import reconstruct_latents
@@ -251,8 +251,13 @@ def _background_masks(store: AttentionStore, marked, dpl: DynamicPromptConfig) -
 
 
 def model_dpl_config(model: StableDiffusion, **overrides) -> DynamicPromptConfig:
-    """The paper's DPL settings, updated by the model's recommended ones, then by ``overrides``."""
-    return DynamicPromptConfig(**{**model.settings.get("dpl", {}), **overrides})
+    """The paper's DPL settings with its map sizes at this model's level of the UNet
+    (:func:`~dpl_edit.attention.same_level_resolution`: SD 1.x's 16x16 and 32x32, SD 2.x's at 768
+    pixels 24x24 and 48x48), updated by the model's recommended settings, then by ``overrides``."""
+    paper = DynamicPromptConfig
+    sizes = {"cross_resolution": same_level_resolution(model.unet, "cross", paper.cross_resolution),
+             "self_resolution": same_level_resolution(model.unet, "self", paper.self_resolution)}
+    return DynamicPromptConfig(**{**sizes, **model.settings.get("dpl", {}), **overrides})
 
 
 def reconstruct(model: StableDiffusion, inversion: Inversion | str | os.PathLike, *, progress: bool = True) -> Image.Image:
@@ -285,6 +290,8 @@ def _layers(model: StableDiffusion, kind: str, resolution: int) -> list[Attentio
         sides = sorted({layer.resolution for layer in layers if layer.kind == kind}, reverse=True)
         raise DplEditError(
             f"This model has no {kind}-attention layers with {resolution}x{resolution} maps "
-            f"(it has {', '.join(map(str, sides))}); choose one of those sizes."
+            f"(it has {', '.join(map(str, sides))}); choose one of those sizes (--{kind}-res on the command line; "
+            f"in Python, DynamicPromptConfig({kind}_resolution=...), or model_dpl_config(model, ...), which "
+            "starts from the sizes of the model's own level)."
         )
     return chosen

@@ -3,7 +3,7 @@ attention probabilities, a scoped hook that installs it, and a store that averag
 
 from .early_exit import ForwardStopped, StopAfter, execution_order, last_layer
 from .hook import AttentionHook, AttentionHookError, attention_hook
-from .layers import AttentionLayer, attention_layers, select_layers
+from .layers import AttentionLayer, attention_layers, same_level_resolution, select_layers
 from .processor import AttentionObserver, InspectingProcessor
 from .store import AttentionStore
 
@@ -20,5 +20,6 @@ __all__ = [
     "attention_layers",
     "execution_order",
     "last_layer",
+    "same_level_resolution",
     "select_layers",
 ]

@@ -85,3 +85,20 @@ def select_layers(
         for layer in layers
         if layer.kind in kinds and layer.place in places and (sides is None or layer.resolution in sides)
     ]
+
+
+SD1_LATENT_SIZE = 64  # the latent side of Stable Diffusion 1.x at 512 pixels, for which the papers give map sides
+
+
+def same_level_resolution(unet: UNet2DConditionModel, kind: str, sd1_resolution: int) -> int:
+    """The side of this UNet's ``kind`` attention maps at the level where Stable Diffusion 1.x's
+    are ``sd1_resolution`` (the papers' map sizes: DPL's 16x16 cross- and 32x32 self-attention,
+    Prompt-to-Prompt's 16x16): that side itself where the UNet has such maps (SD 1.x, SD 2.x at 512
+    pixels, the tiny test model), else the side scaled by the latent size where that exists (SD 2.x at
+    768 pixels, latents of 96: 16 -> 24, 32 -> 48), else ``sd1_resolution`` unchanged (whose layers
+    are then missing, which the caller reports)."""
+    sides = {layer.resolution for layer in attention_layers(unet) if layer.kind == kind}
+    scaled, exact = divmod(sd1_resolution * unet.config.sample_size, SD1_LATENT_SIZE)
+    if sd1_resolution not in sides and not exact and scaled in sides:
+        return scaled
+    return sd1_resolution

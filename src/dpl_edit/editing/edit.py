@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ..artifacts import Inversion
-from ..attention import attention_hook, attention_layers
+from ..attention import attention_hook, attention_layers, same_level_resolution
 from ..diffusion import DDIMSchedule
 from ..errors import InversionFileError, PromptError
 from ..images import to_pil
@@ -25,7 +25,7 @@ from ..models import StableDiffusion
 from ..prompts import parse_marked_prompt, text_list
 from ..sampling import sample
 from .controller import PromptToPrompt
-from .plan import EditConfig, EditPlan, make_plan
+from .plan import P2P_SELF_MAX_RESOLUTION, EditConfig, EditPlan, make_plan
 
 
 @dataclass
@@ -59,9 +59,9 @@ def edit(
     if list(plan.source.token_ids) != inversion.token_ids:
         raise InversionFileError("The model's tokenizer reads the inversion's prompt differently; use its model.")
     resolution = inversion.settings.get("cross_resolution", 16)
-    layers = [layer for layer in attention_layers(model.unet)
-              if layer.kind == "cross" or layer.resolution <= config.self_max_resolution]
-    controller = PromptToPrompt(plan, resolution, config.self_max_resolution,
+    self_max = config.self_max_resolution or same_level_resolution(model.unet, "self", P2P_SELF_MAX_RESOLUTION)
+    layers = [layer for layer in attention_layers(model.unet) if layer.kind == "cross" or layer.resolution <= self_max]
+    controller = PromptToPrompt(plan, resolution, self_max,
                                 (config.blend_threshold, config.subtract_threshold), _trajectory(model, inversion),
                                 model.device, map_layers=layers, dtype=model.dtype)
     with attention_hook(model.unet, layers, controller):

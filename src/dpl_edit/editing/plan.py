@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 MODES = ("replace", "refine")
 TARGET_TOKENS = ("keep", "plain", "auto")  # which learned DPL vectors a target keeps
+P2P_SELF_MAX_RESOLUTION = 16  # Prompt-to-Prompt injects self-attention in SD 1.x's layers of 16x16 maps and below
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class EditConfig:
     cross_replace_steps: float = 0.8  # share of the steps whose cross-attention comes from the source
     word_cross_replace_steps: dict[str, float] = field(default_factory=dict)  # per target word
     self_replace_steps: float = 0.4  # share of the steps whose self-attention comes from the source
-    self_max_resolution: int = 16  # ... in layers with maps of this side and below
+    self_max_resolution: int | None = None  # ... in layers with maps of this side and below (None: P2P's 16 at SD 1.x's level)
     reweight: dict[str, float] = field(default_factory=dict)  # target word -> factor on its column
     blend: tuple[str, ...] = ()  # source regions (and their targets') that may change: "word", "word@2", "a {word}"
     blend_threshold: float = 0.3
@@ -53,7 +54,8 @@ class EditConfig:
             checks.fraction(name, value)
         for word, factor in self.reweight.items():
             checks.finite(f"re-weighting factor of {word!r}", factor)
-        checks.count("self_max_resolution", self.self_max_resolution)
+        if self.self_max_resolution is not None:
+            checks.count("self_max_resolution", self.self_max_resolution)
         if not self.blend:  # no local blend: its settings would do nothing
             idle = [name for name in ("subtract", "blend_threshold", "blend_start", "subtract_threshold")
                     if getattr(self, name) != type(self).__dataclass_fields__[name].default]
