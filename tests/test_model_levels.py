@@ -43,7 +43,7 @@ def test_the_tiny_models_keep_the_papers_sizes(model):
 def sd2_shaped():
     """SD 2.x at 768 pixels in miniature: four UNet levels whose sides (24, 12, 6, 3) hold none of
     SD 1.x's map sizes, linear projections in the transformers, attention computed in float32,
-    v-prediction; 96-pixel images through a 4x VAE."""
+    v-prediction, prompts padded with "!" (OpenCLIP's tokenizer); 96-pixel images through a 4x VAE."""
     with seeded(0):
         unet = UNet2DConditionModel(
             sample_size=24, block_out_channels=(32, 32, 64, 64), layers_per_block=1, cross_attention_dim=32,
@@ -52,9 +52,12 @@ def sd2_shaped():
         vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                             block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4,
                             norm_num_groups=8, sample_size=96)
-        text_encoder = clip_text_encoder(hidden_size=32, intermediate_size=37, layers=2, heads=4, hidden_act="gelu")
+        text_encoder = clip_text_encoder(hidden_size=32, intermediate_size=37, layers=2, heads=4, hidden_act="gelu",
+                                         pad_token_id=0)
+    tokenizer = clip_tokenizer()
+    tokenizer.pad_token = "!"
     scheduler = ddim_scheduler({**SD_SCHEDULE, "prediction_type": "v_prediction"})
-    return StableDiffusion(clip_tokenizer(), text_encoder, unet, vae, scheduler, "sd2-shaped-random")
+    return StableDiffusion(tokenizer, text_encoder, unet, vae, scheduler, "sd2-shaped-random")
 
 
 def test_inversion_and_editing_run_at_the_same_level_by_default(sd2_shaped):
@@ -64,7 +67,7 @@ def test_inversion_and_editing_run_at_the_same_level_by_default(sd2_shaped):
     for method in ("nti", "dpl"):
         inversion = invert(sd2_shaped, image, "a red {cat} and a {dog}", method=method, num_steps=5, dpl=config,
                            progress=False)
-        assert inversion.settings["cross_resolution"] == 6
+        assert inversion.settings["cross_resolution"] == 6 and inversion.token_ids[-1] == 0  # padded with "!"
         assert inversion.cross_maps.shape[-2:] == (6, 6)
     # Prompt-to-Prompt's self-attention injection in the layers of 6x6 maps and below, as if chosen
     edited = edit(sd2_shaped, inversion, "a red cat and a {fox}", progress=False)
