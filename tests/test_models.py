@@ -1,7 +1,9 @@
+import json
 import logging
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 
 from dpl_edit import ModelLoadError, PromptError, StableDiffusion
 from dpl_edit.attention import AttentionStore, attention_hook, attention_layers, select_layers
@@ -55,6 +57,22 @@ def test_missing_and_malformed_models_give_clear_errors(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(ModelLoadError, match="lacks tokenizer/, text_encoder/, vae/, scheduler/"):
         StableDiffusion.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"addition_embed_type": "text_time"}, r"takes extra conditioning \(addition_embed_type 'text_time', as SDXL's\)"),
+    ({"class_embed_type": "timestep"}, r"takes a class embedding \(class_embed_type 'timestep'"),
+    ({"in_channels": 9}, r"takes 9 input channels where the VAE's latents have 4 \(an inpainting"),
+    ({"cross_attention_dim": 64}, r"attends to text states 64 wide where the text encoder's are 32"),
+])
+def test_other_diffusers_models_are_refused_before_their_weights_load(model, tmp_path, monkeypatch, change, message):
+    model.save_pretrained(tmp_path / "m")
+    config = tmp_path / "m" / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", None)  # never reached
+    with pytest.raises(ModelLoadError, match="dpl-edit edits with text-to-image Stable Diffusion 1.x and 2.x, and its "
+                                             "UNet " + message):
+        StableDiffusion.from_pretrained(tmp_path / "m")
 
 
 def test_pickle_weights_are_refused(model, tmp_path):

@@ -123,6 +123,11 @@ class StableDiffusion:
         kwargs = {"use_safetensors": True}
         try:
             with _quiet_diffusers():
+                _check_architecture(  # the configurations, before gigabytes of weights
+                    str(name_or_path), UNet2DConditionModel.load_config(name, subfolder="unet"),
+                    CLIPTextModel.config_class.from_pretrained(name, subfolder="text_encoder").hidden_size,
+                    AutoencoderKL.load_config(name, subfolder="vae")["latent_channels"],
+                )
                 tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer")
                 text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dtype, **kwargs)
                 unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=dtype, **kwargs)
@@ -579,6 +584,28 @@ def _check_folder(path: Path) -> None:
             f"{path} is not a diffusers Stable Diffusion folder: it lacks {', '.join(missing)}. "
             f"Expected the layout written by StableDiffusionPipeline.save_pretrained ({FOLDER_LAYOUT})."
         )
+
+
+def _check_architecture(name: str, unet: dict, text_width: int, latent_channels: int) -> None:
+    """A clear error for the diffusers models that are not text-to-image Stable Diffusion 1.x/2.x
+    (whose UNet would fail at its first forward): SDXL, inpainting, depth, upscalers, unCLIP."""
+    widths = unet["cross_attention_dim"]
+    widths = set(widths) if isinstance(widths, (list, tuple)) else {widths}
+    problem = (
+        f"its UNet takes extra conditioning (addition_embed_type {unet['addition_embed_type']!r}, as SDXL's)"
+        if unet.get("addition_embed_type") else
+        f"its UNet takes a class embedding (class_embed_type {unet['class_embed_type']!r}, as upscalers and unCLIP)"
+        if unet.get("class_embed_type") else
+        f"its UNet takes {unet['in_channels']} input channels where the VAE's latents have {latent_channels} "
+        "(an inpainting, depth or InstructPix2Pix model)"
+        if unet.get("in_channels", 4) != latent_channels else
+        f"its UNet attends to text states {'/'.join(map(str, sorted(widths)))} wide where the text encoder's "
+        f"are {text_width} (another model's text encoder, or a second one as SDXL has)"
+        if widths != {text_width} else None
+    )
+    if problem:
+        raise ModelLoadError(f"Could not load model {name!r}: dpl-edit edits with text-to-image Stable Diffusion "
+                             f"1.x and 2.x, and {problem}.")
 
 
 def _is_a_path(name: str) -> bool:
