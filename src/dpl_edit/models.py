@@ -591,21 +591,20 @@ def _check_architecture(name: str, unet: dict, text_width: int, latent_channels:
     (whose UNet would fail at its first forward): SDXL, inpainting, depth, upscalers, unCLIP."""
     widths = unet["cross_attention_dim"]
     widths = set(widths) if isinstance(widths, (list, tuple)) else {widths}
-    problem = (
-        f"its UNet takes extra conditioning (addition_embed_type {unet['addition_embed_type']!r}, as SDXL's)"
-        if unet.get("addition_embed_type") else
-        f"its UNet takes a class embedding (class_embed_type {unet['class_embed_type']!r}, as upscalers and unCLIP)"
-        if unet.get("class_embed_type") else
-        f"its UNet takes {unet['in_channels']} input channels where the VAE's latents have {latent_channels} "
-        "(an inpainting, depth or InstructPix2Pix model)"
-        if unet.get("in_channels", 4) != latent_channels else
-        f"its UNet attends to text states {'/'.join(map(str, sorted(widths)))} wide where the text encoder's "
-        f"are {text_width} (another model's text encoder, or a second one as SDXL has)"
-        if widths != {text_width} else None
-    )
-    if problem:
-        raise ModelLoadError(f"Could not load model {name!r}: dpl-edit edits with text-to-image Stable Diffusion "
-                             f"1.x and 2.x, and {problem}.")
+    if unet.get("addition_embed_type"):
+        problem = f"takes extra conditioning (addition_embed_type {unet['addition_embed_type']!r}, as SDXL's)"
+    elif unet.get("class_embed_type"):
+        problem = f"takes a class embedding (class_embed_type {unet['class_embed_type']!r}, as upscalers and unCLIP)"
+    elif unet.get("in_channels", 4) != latent_channels:
+        problem = (f"takes {unet['in_channels']} input channels where the VAE's latents have {latent_channels} "
+                   "(an inpainting, depth or InstructPix2Pix model)")
+    elif widths != {text_width}:
+        problem = (f"attends to text states {'/'.join(map(str, sorted(widths)))} wide where the text encoder's "
+                   f"are {text_width} (another model's text encoder, or a second one as SDXL has)")
+    else:
+        return
+    raise ModelLoadError(f"Could not load model {name!r}: dpl-edit edits with text-to-image Stable Diffusion "
+                         f"1.x and 2.x, and its UNet {problem}.")
 
 
 def _is_a_path(name: str) -> bool:
