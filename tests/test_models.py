@@ -1,5 +1,9 @@
+import copy
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -73,6 +77,64 @@ def test_other_diffusers_models_are_refused_before_their_weights_load(model, tmp
     with pytest.raises(ModelLoadError, match="dpl-edit edits with text-to-image Stable Diffusion 1.x and 2.x, and its "
                                              "UNet " + message):
         StableDiffusion.from_pretrained(tmp_path / "m")
+
+
+def _save_fp16_variant(model, folder, keep_plain):
+    """``folder`` as ``StableDiffusionPipeline.save_pretrained(variant="fp16")`` writes it (half
+    weights in ``*.fp16.safetensors``), with or without the plain weights beside them."""
+    model.save_pretrained(folder)
+    for name in ("text_encoder", "unet", "vae"):
+        if not keep_plain:
+            for plain in (folder / name).glob("*.safetensors"):
+                plain.unlink()
+        half = copy.deepcopy(getattr(model, name)).to(torch.float16)  # (the shared fixture stays as it is)
+        half.save_pretrained(folder / name, variant="fp16", safe_serialization=True)
+
+
+def _unet_weight(model):
+    return model.unet.conv_in.weight.detach().clone()
+
+
+def test_a_folder_with_only_fp16_weights_loads_them_and_one_with_both_reads_the_plain_ones(model, tmp_path, caplog):
+    _save_fp16_variant(model, tmp_path / "half", keep_plain=False)
+    assert sorted(p.name for p in (tmp_path / "half" / "unet").glob("*.safetensors")) == [
+        "diffusion_pytorch_model.fp16.safetensors"]
+    with caplog.at_level(logging.INFO, logger="dpl_edit"):
+        half = StableDiffusion.from_pretrained(tmp_path / "half")  # diffusers alone: "no file named ..."
+    assert "no plain safetensors weights in text_encoder/, unet/, vae/; reading its 'fp16' ones" in caplog.text
+    assert half.dtype == torch.float32 and fingerprints_match(half.fingerprint(), model.fingerprint())
+    torch.testing.assert_close(_unet_weight(half), _unet_weight(model).half().float(), rtol=0, atol=0)
+    with pytest.raises(ModelLoadError, match=r"text_encoder/ has no 'non_ema' weights \(its safetensors weights: fp16\)"):
+        StableDiffusion.from_pretrained(tmp_path / "half", variant="non_ema")
+
+    _save_fp16_variant(model, tmp_path / "both", keep_plain=True)
+    torch.testing.assert_close(_unet_weight(StableDiffusion.from_pretrained(tmp_path / "both")), _unet_weight(model),
+                               rtol=0, atol=0)
+    chosen = StableDiffusion.from_pretrained(tmp_path / "both", variant="fp16")
+    torch.testing.assert_close(_unet_weight(chosen), _unet_weight(model).half().float(), rtol=0, atol=0)
+
+    for plain in (tmp_path / "both" / "unet").glob("diffusion_pytorch_model.safetensors"):
+        plain.rename(plain.with_name("diffusion_pytorch_model.non_ema.safetensors"))
+    with pytest.raises(ModelLoadError, match="unet/ has no plain safetensors weights but several variants "
+                                             r"\(fp16, non_ema\)\. Choose one \(--variant"):
+        StableDiffusion.from_pretrained(tmp_path / "both")
+
+
+def test_a_hub_id_loads_offline_from_the_cache_with_only_fp16_weights(model, tmp_path):
+    """A hub id as the Hugging Face cache holds it after ``from_pretrained(..., variant="fp16")``,
+    read by a fresh process with the hub offline (the cache's location is read at import)."""
+    snapshot = tmp_path / "hub" / "models--someone--tiny-sd" / "snapshots" / ("0" * 40)
+    _save_fp16_variant(model, snapshot, keep_plain=False)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    expected = model.fingerprint()
+    code = ("import json, sys; from dpl_edit import load_model; "
+            "print(json.dumps(load_model('someone/tiny-sd').fingerprint()))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    done = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert fingerprints_match(json.loads(done.stdout.strip().splitlines()[-1]), expected)
 
 
 def test_pickle_weights_are_refused(model, tmp_path):

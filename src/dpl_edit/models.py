@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,9 @@ RECORDING_CAPTURES = 4  # input signatures (batch sizes) of a recorded forward w
 EDIT_LAYOUTS = 2  # edit layouts (PromptToPrompt.graph_layout) whose captured forwards a model keeps
 RECOMPILE_LIMIT = 32  # graphs of the UNet's forward a compiled model may hold (dynamo's default: 8)
 SETTINGS_FILE = "dpl_edit.json"  # optional: the method settings a model recommends, e.g. its map sizes
+WEIGHTED = ("text_encoder", "unet", "vae")  # the components with weights
+# a component's safetensors weights, whole or sharded, plain or a variant ("fp16", "non_ema", ...)
+WEIGHTS_FILE = re.compile(r"(?:model|diffusion_pytorch_model)(?:\.(\w+))?(?:-\d+-of-\d+)?\.safetensors")
 
 
 def ddim_scheduler(config: dict) -> DDIMScheduler:
@@ -102,11 +106,16 @@ class StableDiffusion:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        variant: str | None = None,
     ) -> StableDiffusion:
         """Load from a diffusers folder or a hub id (safetensors weights only).
 
-        Raises :class:`ModelLoadError` with a readable message when the model is missing, not
-        cached while offline, or not in the diffusers Stable Diffusion layout.
+        ``variant`` names the weight files to read, as diffusers does (``"fp16"``:
+        ``diffusion_pytorch_model.fp16.safetensors``); by default each component's plain weights, or
+        the one variant it has where it has none (a folder or hub cache with only the ``fp16`` files).
+        Weights are converted to ``dtype`` whichever files they come from. Raises
+        :class:`ModelLoadError` with a readable message when the model is missing, not cached while
+        offline, or not in the diffusers Stable Diffusion layout.
         """
         device, dtype = checks.device("device", device), checks.dtype("dtype", dtype)
         name = str(name_or_path)
@@ -117,6 +126,7 @@ class StableDiffusion:
         elif _is_a_path(name):  # not a hub id (owner/name): a folder that is not there
             raise ModelLoadError(f"Could not load model {name!r}: there is no folder at {local}. Pass the path of an "
                                  f"existing diffusers folder ({FOLDER_LAYOUT}) or a Hugging Face hub id (owner/name).")
+        variants = _weight_variants(str(name_or_path), local if local.exists() else _cached_snapshot(name), variant)
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -129,9 +139,12 @@ class StableDiffusion:
                     AutoencoderKL.load_config(name, subfolder="vae")["latent_channels"],
                 )
                 tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer")
-                text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dtype, **kwargs)
-                unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=dtype, **kwargs)
-                vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=dtype, **kwargs)
+                text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dtype,
+                                                             variant=variants["text_encoder"], **kwargs)
+                unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=dtype,
+                                                            variant=variants["unet"], **kwargs)
+                vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=dtype,
+                                                    variant=variants["vae"], **kwargs)
                 scheduler_config = DDIMScheduler.load_config(name, subfolder="scheduler")
         except (OSError, ValueError) as err:
             raise ModelLoadError(_load_failure_message(str(name_or_path), err)) from err
@@ -584,6 +597,43 @@ def _check_folder(path: Path) -> None:
             f"{path} is not a diffusers Stable Diffusion folder: it lacks {', '.join(missing)}. "
             f"Expected the layout written by StableDiffusionPipeline.save_pretrained ({FOLDER_LAYOUT})."
         )
+
+
+def _cached_snapshot(name: str) -> Path | None:
+    """The folder of a hub id's snapshot in the local Hugging Face cache; None where it is not cached."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or not a valid hub id
+        return None
+
+
+def _weight_variants(name: str, folder: Path | None, variant: str | None) -> dict[str, str | None]:
+    """The variant each component's weights are read from: ``variant`` where given, else its plain
+    weights, else the one variant it has (diffusers reads the plain files unless told)."""
+    chosen = dict.fromkeys(WEIGHTED, variant)
+    for component in WEIGHTED if folder is not None else ():  # a hub id not cached: diffusers downloads
+        files = [f.name for f in (folder / component).glob("*.safetensors")]
+        found = {match[1] for match in map(WEIGHTS_FILE.fullmatch, files) if match}
+        if not found:
+            continue  # no safetensors weights at all: diffusers' error says so
+        labels = ", ".join(sorted(v or "plain" for v in found))
+        if variant is not None and variant not in found:
+            raise ModelLoadError(f"Could not load model {name!r}: its {component}/ has no {variant!r} weights "
+                                 f"(its safetensors weights: {labels}). Choose a variant it has (--variant, or "
+                                 "variant= in Python; none for the plain weights).")
+        if variant is None and None not in found:
+            if len(found) > 1:
+                raise ModelLoadError(f"Could not load model {name!r}: its {component}/ has no plain safetensors "
+                                     f"weights but several variants ({labels}). Choose one (--variant, or "
+                                     "variant= in Python).")
+            chosen[component] = found.pop()
+    if variant is None and any(chosen.values()):
+        logger.info("Model %s has no plain safetensors weights in %s; reading %s", name,
+                    ", ".join(f"{c}/" for c, v in chosen.items() if v),
+                    ", ".join(sorted({f"its {v!r} ones" for v in chosen.values() if v})))
+    return chosen
 
 
 def _check_architecture(name: str, unet: dict, text_width: int, latent_channels: int) -> None:

@@ -9,6 +9,7 @@ from importlib.resources import files
 import torch
 
 from . import checks
+from .errors import SettingError
 from .models import StableDiffusion
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -24,24 +25,27 @@ NAMED_MODELS = {
 
 
 def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               compile: bool = False, cuda_graphs: bool | None = None) -> StableDiffusion:
+               compile: bool = False, cuda_graphs: bool | None = None, variant: str | None = None) -> StableDiffusion:
     """Load a named model (``scenes``, ``scenes-plain``, ``tiny`` or ``tiny:SEED``), a diffusers
     folder, or a hub id; ``compile=True`` compiles its UNet (:meth:`StableDiffusion.compile`),
     ``cuda_graphs`` replays its inner loops as CUDA graphs (:meth:`StableDiffusion.use_cuda_graphs`),
     by default wherever the model is on a CUDA device and not compiled (on an H200 every inversion
     took less time so, its captures included, and an edit as long in float32 and a third of it in
-    bfloat16: README, Benchmarks). ``device`` and ``dtype`` may be named (``"cuda"``, ``"bfloat16"``)."""
+    bfloat16: README, Benchmarks). ``device`` and ``dtype`` may be named (``"cuda"``, ``"bfloat16"``);
+    ``variant`` chooses the weight files (:meth:`StableDiffusion.from_pretrained`)."""
     device, dtype = checks.device("device", device), checks.dtype("dtype", dtype)
     base, _, seed = name.partition(":")
     if name in SCENE_MODEL_FOLDERS:
-        model = StableDiffusion.from_pretrained(scene_model_folder(name), device=device, dtype=dtype)
+        model = StableDiffusion.from_pretrained(scene_model_folder(name), device=device, dtype=dtype, variant=variant)
         model.model_id = name
     elif base == TINY_MODEL_ID and (seed == "" or seed.isdigit()):
         from .random_models import tiny_model  # diffusers' model classes: only when one is built
 
+        if variant is not None:
+            raise SettingError(f"variant {variant!r}: the tiny model is built in memory and has no weight files")
         model = tiny_model(seed=int(seed or 0)).to(device, dtype)
     else:
-        model = StableDiffusion.from_pretrained(name, device=device, dtype=dtype)
+        model = StableDiffusion.from_pretrained(name, device=device, dtype=dtype, variant=variant)
     if cuda_graphs is None:
         cuda_graphs = cuda_graphs_by_default(model.device, compile)
     if cuda_graphs:

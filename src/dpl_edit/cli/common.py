@@ -28,6 +28,9 @@ def add_model_options(p: argparse.ArgumentParser, required_default: str | None) 
     p.add_argument("--dtype", choices=checks.DTYPES, default="float32",
                    help="model precision (default: float32; bfloat16 is fast on a GPU and fine for NTI, unreliable for DPL: "
                    "see README, Benchmarks; float16 is for GPUs: on a CPU it runs tens of times slower)")
+    p.add_argument("--variant", default=None,
+                   help="the weight files to read, as diffusers names them (fp16: *.fp16.safetensors); default: the "
+                   "plain ones, or the one variant a model has where it has no plain ones")
     p.add_argument("--compile", action="store_true",
                    help="compile the inner loops with torch.compile (UNet, hooked forwards, DPL's token step; CUDA "
                    "graphs on CUDA; minutes of compiling on a CPU, where it does not pay: see README, Benchmarks)")
@@ -57,9 +60,11 @@ def load(args: argparse.Namespace, name: str) -> StableDiffusion:
     graphs = args.cuda_graphs if args.cuda_graphs is not None else cuda_graphs_by_default(device, args.compile)
     if not args.quiet:
         how = ", compiling its UNet" if args.compile else ", with CUDA graphs" if graphs else ""
-        print(f"Loading model {name} on {device} ({args.dtype}{how})", file=sys.stderr)
+        weights = f", its {args.variant} weights" if args.variant else ""
+        print(f"Loading model {name} on {device} ({args.dtype}{weights}{how})", file=sys.stderr)
     with collector.loading():
-        return load_model(name, device=device, dtype=args.dtype, compile=args.compile, cuda_graphs=graphs)
+        return load_model(name, device=device, dtype=args.dtype, compile=args.compile, cuda_graphs=graphs,
+                          variant=args.variant)
 
 
 def pairs(items: list[str], option: str, convert=float) -> dict:
