@@ -2,6 +2,7 @@ import copy
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -135,6 +136,19 @@ def test_a_hub_id_loads_offline_from_the_cache_with_only_fp16_weights(model, tmp
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert fingerprints_match(json.loads(done.stdout.strip().splitlines()[-1]), expected)
+    # the cache's folder of the model, as a path: read as the snapshot its main ref names
+    assert fingerprints_match(StableDiffusion.from_pretrained(snapshot.parents[1]).fingerprint(), expected)
+
+
+@pytest.mark.parametrize(("file", "message"), [
+    ("v1-5-pruned-emaonly.safetensors", "is a single-file checkpoint; dpl-edit reads diffusers folders"),
+    ("sd-v1-4.ckpt", "StableDiffusionPipeline.from_single_file(PATH).save_pretrained(FOLDER)"),
+    ("notes.txt", "is a file; dpl-edit reads diffusers folders"),
+])
+def test_a_file_for_a_model_is_said_to_be_no_diffusers_folder(tmp_path, file, message):
+    (tmp_path / file).write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        StableDiffusion.from_pretrained(tmp_path / file)
 
 
 def test_pickle_weights_are_refused(model, tmp_path):

@@ -121,6 +121,7 @@ class StableDiffusion:
         name = str(name_or_path)
         local = Path(name).expanduser()
         if local.exists():
+            local = _cache_snapshot_of(local)
             _check_folder(local)
             name = str(local)
         elif _is_a_path(name):  # not a hub id (owner/name): a folder that is not there
@@ -591,12 +592,30 @@ def _substituted_embeddings(
 
 
 def _check_folder(path: Path) -> None:
+    if path.is_file():
+        checkpoint = path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+        raise ModelLoadError(
+            f"{path} is {'a single-file checkpoint' if checkpoint else 'a file'}; dpl-edit reads diffusers folders "
+            f"({FOLDER_LAYOUT}). "
+            + ("Convert it once with diffusers, StableDiffusionPipeline.from_single_file(PATH).save_pretrained(FOLDER) "
+               "(it reads the model's configurations from the Hugging Face Hub or its cache), and pass FOLDER."
+               if checkpoint else "Pass the folder of a diffusers model.")
+        )
     missing = [f"{c}/" for c in COMPONENTS if not (path / c).is_dir()]
     if missing:
         raise ModelLoadError(
             f"{path} is not a diffusers Stable Diffusion folder: it lacks {', '.join(missing)}. "
             f"Expected the layout written by StableDiffusionPipeline.save_pretrained ({FOLDER_LAYOUT})."
         )
+
+
+def _cache_snapshot_of(folder: Path) -> Path:
+    """A model's folder in the Hugging Face cache (``models--owner--name``, as users find it on disk)
+    is read as the snapshot its ``main`` ref names; any other path is itself."""
+    ref = folder / "refs" / "main"
+    if folder.is_dir() and ref.is_file() and (folder / "snapshots" / ref.read_text().strip()).is_dir():
+        return folder / "snapshots" / ref.read_text().strip()
+    return folder
 
 
 def _cached_snapshot(name: str) -> Path | None:
