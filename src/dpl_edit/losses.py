@@ -57,12 +57,13 @@ def attend_and_excite_kernel(sigma: float = 0.5, size: int = 3, device: torch.de
 
     Coded there as exp(-((x - mean) / (2 sigma))^2), i.e. a Gaussian of standard deviation
     sigma * sqrt(2) (about 0.71 for sigma = 0.5), normalised to sum 1. Made on ``device`` (no copy
-    from the host: none may happen while a CUDA graph is captured).
+    from the host: none may happen while a CUDA graph is captured) in float32, as there (and as
+    Apple's MPS devices allow: they have no float64).
     """
-    x = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
-    g = torch.exp(-((x / (2 * sigma)) ** 2))
-    kernel = torch.outer(g, g)
-    return (kernel / kernel.sum()).float()
+    x = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
+    g = 1 / (sigma * math.sqrt(2 * math.pi)) * torch.exp(-((x / (2 * sigma)) ** 2))  # their factors, in their order
+    kernel = g[:, None] * g[None, :]
+    return kernel / kernel.sum()
 
 
 def attention_balancing_loss(
