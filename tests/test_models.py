@@ -128,14 +128,16 @@ def test_a_hub_id_loads_offline_from_the_cache_with_only_fp16_weights(model, tmp
     _save_fp16_variant(model, snapshot, keep_plain=False)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    (snapshot / "dpl_edit.json").write_text(json.dumps({"edit": {"target_tokens": "auto"}}))  # what it recommends
     expected = model.fingerprint()
-    code = ("import json, sys; from dpl_edit import load_model; "
-            "print(json.dumps(load_model('someone/tiny-sd').fingerprint()))")
+    code = ("import json, sys; from dpl_edit import load_model; m = load_model('someone/tiny-sd'); "
+            "print(json.dumps([m.fingerprint(), m.settings]))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
     done = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
-    assert fingerprints_match(json.loads(done.stdout.strip().splitlines()[-1]), expected)
+    fingerprint, settings = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fingerprints_match(fingerprint, expected) and settings == {"edit": {"target_tokens": "auto"}}
     # the cache's folder of the model, as a path: read as the snapshot its main ref names
     assert fingerprints_match(StableDiffusion.from_pretrained(snapshot.parents[1]).fingerprint(), expected)
 

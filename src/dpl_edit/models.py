@@ -127,7 +127,8 @@ class StableDiffusion:
         elif _is_a_path(name):  # not a hub id (owner/name): a folder that is not there
             raise ModelLoadError(f"Could not load model {name!r}: there is no folder at {local}. Pass the path of an "
                                  f"existing diffusers folder ({FOLDER_LAYOUT}) or a Hugging Face hub id (owner/name).")
-        variants = _weight_variants(str(name_or_path), local if local.exists() else _cached_snapshot(name), variant)
+        folder = local if local.exists() else _cached_snapshot(name)  # None: a hub id that diffusers downloads
+        variants = _weight_variants(str(name_or_path), folder, variant)
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -149,8 +150,8 @@ class StableDiffusion:
                 scheduler_config = DDIMScheduler.load_config(name, subfolder="scheduler")
         except (OSError, ValueError) as err:
             raise ModelLoadError(_load_failure_message(str(name_or_path), err)) from err
-        settings_file = Path(name) / SETTINGS_FILE
-        settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        settings_file = folder / SETTINGS_FILE if folder else None  # a folder's or a cached hub model's
+        settings = json.loads(settings_file.read_text()) if settings_file and settings_file.is_file() else {}
         model = cls(tokenizer, text_encoder, unet, vae, ddim_scheduler(scheduler_config), name, settings)
         return model.to(device)
 
@@ -613,9 +614,8 @@ def _cache_snapshot_of(folder: Path) -> Path:
     """A model's folder in the Hugging Face cache (``models--owner--name``, as users find it on disk)
     is read as the snapshot its ``main`` ref names; any other path is itself."""
     ref = folder / "refs" / "main"
-    if folder.is_dir() and ref.is_file() and (folder / "snapshots" / ref.read_text().strip()).is_dir():
-        return folder / "snapshots" / ref.read_text().strip()
-    return folder
+    snapshot = folder / "snapshots" / ref.read_text().strip() if ref.is_file() else folder
+    return snapshot if snapshot.is_dir() else folder
 
 
 def _cached_snapshot(name: str) -> Path | None:
