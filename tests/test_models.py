@@ -155,9 +155,13 @@ def test_a_file_for_a_model_is_said_to_be_no_diffusers_folder(tmp_path, file, me
 
 def test_pickle_weights_are_refused(model, tmp_path):
     model.save_pretrained(tmp_path / "m")
-    for f in (tmp_path / "m").rglob("*.safetensors"):
-        f.unlink()
-    with pytest.raises(ModelLoadError):
+    for name in ("text_encoder", "unet", "vae"):  # the .bin files of an older download
+        for f in (tmp_path / "m" / name).glob("*.safetensors"):
+            f.unlink()
+        getattr(model, name).save_pretrained(tmp_path / "m" / name, safe_serialization=False)
+    assert list((tmp_path / "m" / "unet").glob("*.bin"))
+    with pytest.raises(ModelLoadError, match=r"only reads safetensors weights \(a pickle file.*this model has none.*"
+                                             r"from_pretrained\(NAME, use_safetensors=False\)\.save_pretrained"):
         StableDiffusion.from_pretrained(tmp_path / "m")
 
 

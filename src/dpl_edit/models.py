@@ -688,8 +688,10 @@ def _load_failure_message(name: str, err: Exception) -> str:
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if "safetensors" in str(err).lower():
         return (
-            f"Could not load model {name!r}: dpl-edit only reads safetensors weights and this "
-            f"model has none ({first_line}). Convert it to safetensors first."
+            f"Could not load model {name!r}: dpl-edit only reads safetensors weights (a pickle file, .bin or "
+            f".ckpt, can run code as it loads) and this model has none ({first_line}). If its .bin weights come "
+            "from a source you trust, convert them once with diffusers: StableDiffusionPipeline.from_pretrained("
+            "NAME, use_safetensors=False).save_pretrained(FOLDER) writes safetensors; then pass FOLDER."
         )
     hint = (
         "Hugging Face Hub access is off (HF_HUB_OFFLINE=1) and the model is not in the local cache"
