@@ -121,6 +121,22 @@ def test_a_folder_with_only_fp16_weights_loads_them_and_one_with_both_reads_the_
         StableDiffusion.from_pretrained(tmp_path / "both")
 
 
+def test_an_inversion_made_from_a_variant_is_edited_with_the_same_weights(model, tmp_path, capsys):
+    from dpl_edit import Inversion
+    from dpl_edit.cli import main
+    from dpl_edit.images import to_pil
+
+    _save_fp16_variant(model, tmp_path / "both", keep_plain=True)
+    to_pil(torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1).save(tmp_path / "x.png")
+    assert main(["invert", str(tmp_path / "x.png"), "--prompt", "a cat", "--model", str(tmp_path / "both"),
+                 "--variant", "fp16", "--steps", "2", "--out", str(tmp_path / "inv")]) == 0
+    assert Inversion.load(tmp_path / "inv").settings["variant"] == "fp16"
+    capsys.readouterr()
+    for argv, weights in ([[], "float32, its fp16 weights"], [["--model", str(tmp_path / "both")], "(float32)"]):
+        assert main(["reconstruct", str(tmp_path / "inv"), "--out", str(tmp_path / "r.png"), *argv]) == 0
+        assert weights in capsys.readouterr().err  # --model: that model as it says (its plain weights)
+
+
 def test_a_hub_id_loads_offline_from_the_cache_with_only_fp16_weights(model, tmp_path):
     """A hub id as the Hugging Face cache holds it after ``from_pretrained(..., variant="fp16")``,
     read by a fresh process with the hub offline (the cache's location is read at import)."""

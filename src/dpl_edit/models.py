@@ -78,6 +78,7 @@ class StableDiffusion:
     scheduler: DDIMScheduler
     model_id: str
     settings: dict = field(default_factory=dict)  # method settings shipped with the model (dpl_edit.json)
+    variant: str | None = None  # the weight files' variant asked for when loaded (from_pretrained), if any
     compiled: str | None = None  # torch.compile mode of the UNet's forwards (see compile())
     compiled_backward: bool = False  # whether gradient-carrying calls use the compiled UNet too
     hooked_forward: Callable | None = field(default=None, repr=False)  # the compiled forward under attention hooks
@@ -152,7 +153,7 @@ class StableDiffusion:
             raise ModelLoadError(_load_failure_message(str(name_or_path), err)) from err
         settings_file = folder / SETTINGS_FILE if folder else None  # a folder's or a cached hub model's
         settings = json.loads(settings_file.read_text()) if settings_file and settings_file.is_file() else {}
-        model = cls(tokenizer, text_encoder, unet, vae, ddim_scheduler(scheduler_config), name, settings)
+        model = cls(tokenizer, text_encoder, unet, vae, ddim_scheduler(scheduler_config), name, settings, variant)
         return model.to(device)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

@@ -147,7 +147,8 @@ def invert_many(
             guidance_scale=guidance_scale,
             null=null if method == "dpl" else METHOD_NULLS[method],
             words=[{"word": w.word, "positions": list(w.positions)} for w in m.words],
-            settings={"preset": preset, "cross_resolution": dpl.cross_resolution},
+            settings={"preset": preset, "cross_resolution": dpl.cross_resolution,
+                      **({"variant": model.variant} if model.variant else {})},  # for edits: the same weights
             versions=versions,
             source_image=image,
         )

@@ -8,6 +8,7 @@ import sys
 import torch
 
 from .. import checks
+from ..artifacts import Inversion
 from ..errors import DplEditError
 from ..models import StableDiffusion
 from ..registry import NAMED_MODELS, cuda_graphs_by_default, load_model
@@ -52,7 +53,9 @@ def pick_device(name: str) -> torch.device:
     return checks.device("--device", name)
 
 
-def load(args: argparse.Namespace, name: str) -> StableDiffusion:
+def load(args: argparse.Namespace, name: str, variant: str | None = None) -> StableDiffusion:
+    """The model ``name`` as the options say; ``variant`` (an inversion's) where ``--variant`` is not given."""
+    variant = args.variant if args.variant is not None else variant
     device = pick_device(args.device)
     if args.cuda_graphs and (args.compile or device.type != "cuda"):
         raise DplEditError("--cuda-graphs needs a CUDA device and no --compile (torch.compile makes its own CUDA "
@@ -60,11 +63,18 @@ def load(args: argparse.Namespace, name: str) -> StableDiffusion:
     graphs = args.cuda_graphs if args.cuda_graphs is not None else cuda_graphs_by_default(device, args.compile)
     if not args.quiet:
         how = ", compiling its UNet" if args.compile else ", with CUDA graphs" if graphs else ""
-        weights = f", its {args.variant} weights" if args.variant else ""
+        weights = f", its {variant} weights" if variant else ""
         print(f"Loading model {name} on {device} ({args.dtype}{weights}{how})", file=sys.stderr)
     with collector.loading():
         return load_model(name, device=device, dtype=args.dtype, compile=args.compile, cuda_graphs=graphs,
-                          variant=args.variant)
+                          variant=variant)
+
+
+def load_for(args: argparse.Namespace, inversion: Inversion) -> StableDiffusion:
+    """The model an inversion was made with (its weight files' variant too), unless --model names another."""
+    if args.model:
+        return load(args, args.model)
+    return load(args, inversion.model_id, inversion.settings.get("variant"))
 
 
 def pairs(items: list[str], option: str, convert=float) -> dict:

@@ -23,7 +23,7 @@ from ..prompts import check_marks, parse_marked_prompt
 from ..registry import DEFAULT_MODEL
 from ..views import edit_grid, save_figure
 from . import COMMANDS
-from .common import add_model_options, load, pairs
+from .common import add_model_options, load, load_for, pairs
 
 
 def register(commands) -> None:
@@ -216,7 +216,7 @@ def edit_command(args: argparse.Namespace) -> int:
     config = edit_config(args)
     inversion = Inversion.load(args.dir)
     out = checks.output_folder("--out", args.out or _unused_folder(args.dir / "edits"))
-    model = load(args, args.model or inversion.model_id)
+    model = load_for(args, inversion)
     config = model_edit_config(args, config, model)
     started = time.perf_counter()
     result = edit(model, inversion, args.target, config, progress=not args.quiet)
@@ -313,7 +313,7 @@ def invert_from_args(args: argparse.Namespace, model, settings: tuple[NullTextCo
 def reconstruct_command(args: argparse.Namespace) -> int:
     inversion = Inversion.load(args.dir)
     out = checks.output_file("--out", args.out or args.dir / "reconstruction.png", checks.IMAGE_SUFFIXES)
-    model = load(args, args.model or inversion.model_id)
+    model = load_for(args, inversion)
     image = reconstruct(model, inversion, progress=not args.quiet)
     image.save(out)
     quality = f", PSNR {psnr(image, inversion.source_image):.2f} dB against the source" if inversion.source_image else ""
