@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel
 
 from dpl_edit import ModelLoadError, PromptError, StableDiffusion
 from dpl_edit.attention import AttentionStore, attention_hook, attention_layers, select_layers
-from dpl_edit.models import RECOMPILE_LIMIT, fingerprints_match
+from dpl_edit.models import RECOMPILE_LIMIT, WEIGHTED, fingerprints_match
 from dpl_edit.random_models import tiny_model
 
 
@@ -84,7 +84,7 @@ def _save_fp16_variant(model, folder, keep_plain):
     """``folder`` as ``StableDiffusionPipeline.save_pretrained(variant="fp16")`` writes it (half
     weights in ``*.fp16.safetensors``), with or without the plain weights beside them."""
     model.save_pretrained(folder)
-    for name in ("text_encoder", "unet", "vae"):
+    for name in WEIGHTED:
         if not keep_plain:
             for plain in (folder / name).glob("*.safetensors"):
                 plain.unlink()
@@ -171,7 +171,7 @@ def test_a_file_for_a_model_is_said_to_be_no_diffusers_folder(tmp_path, file, me
 
 def test_pickle_weights_are_refused(model, tmp_path):
     model.save_pretrained(tmp_path / "m")
-    for name in ("text_encoder", "unet", "vae"):  # the .bin files of an older download
+    for name in WEIGHTED:  # the .bin files of an older download
         for f in (tmp_path / "m" / name).glob("*.safetensors"):
             f.unlink()
         getattr(model, name).save_pretrained(tmp_path / "m" / name, safe_serialization=False)

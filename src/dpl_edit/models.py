@@ -122,7 +122,7 @@ class StableDiffusion:
         name = str(name_or_path)
         local = Path(name).expanduser()
         if local.exists():
-            local = _cache_snapshot_of(local)
+            local = _main_snapshot(local)
             _check_folder(local)
             name = str(local)
         elif _is_a_path(name):  # not a hub id (owner/name): a folder that is not there
@@ -611,7 +611,7 @@ def _check_folder(path: Path) -> None:
         )
 
 
-def _cache_snapshot_of(folder: Path) -> Path:
+def _main_snapshot(folder: Path) -> Path:
     """A model's folder in the Hugging Face cache (``models--owner--name``, as users find it on disk)
     is read as the snapshot its ``main`` ref names; any other path is itself."""
     ref = folder / "refs" / "main"
