@@ -121,6 +121,31 @@ def test_bad_input_gives_a_message(bench, scene, tmp_path, case, message):
             bench.edit(view.key, plain.replace("circle", "big round ball"), EditConfig())
 
 
+def test_the_workbench_loads_models_in_the_servers_precision_and_keeps_each_precision_apart(tmp_path, monkeypatch):
+    from dpl_edit.web import workbench
+
+    loaded = []
+    real = workbench.load_model
+
+    def load_model(name, **options):
+        loaded.append((name, options))
+        return real(name, **{**options, "variant": None})  # the tiny model has no weight files to choose from
+
+    monkeypatch.setattr(workbench, "load_model", load_model)
+    half = Workbench(tmp_path / "cache", model_name="tiny", dtype="bfloat16", variant="fp16")
+    full = Workbench(tmp_path / "cache", model_name="tiny")
+    path, caption = half.scene_example(0)
+    views = [bench.invert(path, caption, InvertSettings(steps=2)) for bench in (half, full)]
+    assert half.model().dtype == torch.bfloat16 and full.model().dtype == torch.float32
+    assert views[0].key != views[1].key and not views[1].cached  # the float32 page did not take the bf16 inversion
+    assert "float32 is its reliable precision" in views[0].summary and "reliable" not in views[1].summary
+    # the views after each inversion reused the loaded model (its model_id is "tiny:0"); a model named
+    # on the page loads in the same precision, with its own weight files
+    half.model("tiny:1")
+    assert [(name, options["dtype"], options["variant"]) for name, options in loaded] == [
+        ("tiny", "bfloat16", "fp16"), ("tiny", "float32", None), ("tiny:1", "bfloat16", None)]
+
+
 def test_a_handler_that_runs_out_of_memory_says_what_to_change():
     from dpl_edit.web.app import ERROR, _guarded
 
@@ -280,6 +305,8 @@ def test_huge_uploads_are_refused_before_decoding(bench, tmp_path, monkeypatch):
     (["serve", "--steps", "0"], "--steps"),
     (["serve", "--cache", __file__], "is a file; give a folder"),
     (["serve", "--cache", f"{__file__}/cache"], "is a file, not a folder"),
+    (["serve", "--device", "cpu", "--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
+    (["serve", "--model", "tiny", "--variant", "fp16"], "the tiny model is built in memory"),
 ])
 def test_serve_refuses_bad_settings_before_starting(argv, message, capsys):
     from dpl_edit.cli import main

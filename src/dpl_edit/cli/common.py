@@ -53,21 +53,31 @@ def pick_device(name: str) -> torch.device:
     return checks.device("--device", name)
 
 
-def load(args: argparse.Namespace, name: str, variant: str | None = None) -> StableDiffusion:
-    """The model ``name`` as the options say; ``variant`` (an inversion's) where ``--variant`` is not given."""
-    variant = args.variant if args.variant is not None else variant
+def load_options(args: argparse.Namespace) -> dict:
+    """``load_model``'s device, dtype, compile and cuda_graphs as the options say (checked)."""
     device = pick_device(args.device)
     if args.cuda_graphs and (args.compile or device.type != "cuda"):
         raise DplEditError("--cuda-graphs needs a CUDA device and no --compile (torch.compile makes its own CUDA "
                            f"graphs); here the device is {device}{' and --compile was given' if args.compile else ''}")
     graphs = args.cuda_graphs if args.cuda_graphs is not None else cuda_graphs_by_default(device, args.compile)
+    return {"device": device, "dtype": args.dtype, "compile": args.compile, "cuda_graphs": graphs}
+
+
+def load(args: argparse.Namespace, name: str, variant: str | None = None) -> StableDiffusion:
+    """The model ``name`` as the options say; ``variant`` (an inversion's) where ``--variant`` is not given."""
+    variant = args.variant if args.variant is not None else variant
+    options = load_options(args)
     if not args.quiet:
-        how = ", compiling its UNet" if args.compile else ", with CUDA graphs" if graphs else ""
-        weights = f", its {variant} weights" if variant else ""
-        print(f"Loading model {name} on {device} ({args.dtype}{weights}{how})", file=sys.stderr)
+        print(f"Loading model {name} on {described(options, variant)}", file=sys.stderr)
     with collector.loading():
-        return load_model(name, device=device, dtype=args.dtype, compile=args.compile, cuda_graphs=graphs,
-                          variant=variant)
+        return load_model(name, variant=variant, **options)
+
+
+def described(options: dict, variant: str | None) -> str:
+    """``cpu (float32)``, ``cuda (bfloat16, its fp16 weights, with CUDA graphs)``: what ``load_options`` chose."""
+    how = ", compiling its UNet" if options["compile"] else ", with CUDA graphs" if options["cuda_graphs"] else ""
+    weights = f", its {variant} weights" if variant else ""
+    return f"{options['device']} ({options['dtype']}{weights}{how})"
 
 
 def load_for(args: argparse.Namespace, inversion: Inversion) -> StableDiffusion:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from .. import checks
 from ..errors import DplEditError
-from . import COMMANDS
-from .common import pick_device
+from . import COMMANDS, collector
+from .common import add_model_options, described, load_options
 
 
 def register(commands) -> None:
@@ -23,17 +23,13 @@ def register(commands) -> None:
         "edit it with Prompt-to-Prompt as often as you like, and look at each word's attention. Inversions are "
         "cached on disk (by image, prompt, model and settings), so editing never inverts again.",
     )
-    p.add_argument("--model", default="scenes",
-                   help="a named model (scenes, scenes-plain, tiny) or a diffusers folder (default: scenes)")
+    add_model_options(p, "scenes")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
     p.add_argument("--steps", type=int, default=50, help="the page's default number of steps (default: 50)")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dpl-edit-serve",
                    help="folder for cached inversions and downloads (default: dpl-edit-serve in the temp folder)")
     p.add_argument("--share", action="store_true", help="also ask Gradio for a public share link (off by default)")
-    p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--quiet", action="store_true", help="fewer log messages")
     p.set_defaults(run=serve_command)
 
 
@@ -43,15 +39,18 @@ def serve_command(args: argparse.Namespace) -> int:
     checks.output_folder("--cache", args.cache)
     if args.port > 65535:
         raise DplEditError(f"--port must be at most 65535, got {args.port}")
+    options = load_options(args)
     _check_address(args.host, args.port)
     try:
         from ..web.app import serve
         from ..web.workbench import Workbench
     except ImportError as err:
         raise DplEditError(f"dpl serve needs Gradio ({err}); install it with: pip install 'dpl-edit[web]'") from err
-    workbench = Workbench(args.cache, model_name=args.model, device=pick_device(args.device))
-    workbench.model()  # a model that cannot be loaded (offline, say) fails here, before the page starts
-    print(f"dpl serve: model {args.model}, cache {args.cache}; open http://{args.host}:{args.port}", file=sys.stderr)
+    workbench = Workbench(args.cache, model_name=args.model, variant=args.variant, **options)
+    with collector.loading():
+        workbench.model()  # a model that cannot be loaded (offline, say) fails here, before the page starts
+    print(f"dpl serve: model {args.model} on {described(options, args.variant)}, cache {args.cache}; "
+          f"open http://{args.host}:{args.port}", file=sys.stderr)
     serve(workbench, host=args.host, port=args.port, share=args.share, default_steps=args.steps)
     return 0
 

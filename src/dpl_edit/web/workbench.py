@@ -102,11 +102,20 @@ class EditView:
 
 @dataclass
 class Workbench:
-    """One model at a time (loaded on first use) and an inversion cache in ``cache_dir``."""
+    """One model at a time (loaded on first use) and an inversion cache in ``cache_dir``.
+
+    ``device``, ``dtype``, ``compile`` and ``cuda_graphs`` are :func:`~dpl_edit.registry.load_model`'s
+    for every model the page loads; ``variant`` chooses the weight files of ``model_name`` only (a
+    model named on the page reads its plain weights, or the one variant it has).
+    """
 
     cache_dir: Path
     model_name: str = "scenes"
     device: str | torch.device = "cpu"
+    dtype: str | torch.dtype = "float32"
+    variant: str | None = None
+    compile: bool = False
+    cuda_graphs: bool | None = None
     _model: object = field(default=None, repr=False)
     _loaded: str | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -118,11 +127,15 @@ class Workbench:
     # -------------------------------------------------------------- inputs
     def model(self, name: str | None = None):
         """The model called ``name`` (default: the one loaded last, else the server's), loaded once; a
-        clear error when it is not available offline."""
+        clear error when it is not available offline. An inversion's ``model_id`` (what the loaded
+        model calls itself: ``tiny:0``, a folder's path as read) names the loaded model too."""
         name = (name or self._loaded or self.model_name).strip()
         with self._lock:
-            if self._loaded != name:
-                self._model, self._loaded = load_model(name, device=self.device), name
+            if name not in (self._loaded, getattr(self._model, "model_id", None)):
+                variant = self.variant if name == self.model_name else None
+                self._model = load_model(name, device=self.device, dtype=self.dtype, compile=self.compile,
+                                         cuda_graphs=self.cuda_graphs, variant=variant)
+                self._loaded = name
             return self._model
 
     def scene_example(self, index: int, objects: int = 2) -> tuple[str, str]:
@@ -234,6 +247,9 @@ class Workbench:
             cap = inversion.settings["dpl"]["max_iterations"]
             summary += (f"; DPL steps at the {cap}-iteration cap: {capped_steps(inversion.dpl_log, cap)} "
                         f"of {inversion.num_steps}")
+        if inversion.method == "dpl" and model.dtype != torch.float32:
+            summary += (f"; DPL in {str(model.dtype).removeprefix('torch.')} went astray on some scenes where "
+                        "float32 did not (README, Benchmarks): float32 is its reliable precision")
         return InversionView(
             key=key, inversion=inversion, reconstruction=reconstruction, psnr=score,
             attention=figure_image(word_attention_grid(inversion)),
@@ -292,9 +308,10 @@ class Workbench:
 
     # -------------------------------------------------------------- cache
     def _key(self, image: Image.Image, prompt: str, model, settings: InvertSettings) -> str:
-        """``<image, prompt and model>-<method settings>``: inversions of one image and prompt share a prefix."""
-        pair = hashlib.sha256(png_bytes(image) + prompt.encode() + json.dumps(model.fingerprint(), sort_keys=True,
-                                                                                default=str).encode())
+        """``<image, prompt, model and its precision>-<method settings>``: inversions of one image and prompt
+        share a prefix."""
+        model_key = json.dumps([model.fingerprint(), str(model.dtype)], sort_keys=True, default=str)
+        pair = hashlib.sha256(png_bytes(image) + prompt.encode() + model_key.encode())
         method = hashlib.sha256(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
         return f"{pair.hexdigest()[:20]}-{settings.method}-{method.hexdigest()[:12]}"
 
