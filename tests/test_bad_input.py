@@ -80,7 +80,7 @@ CASES = {
     "invert variant of the tiny model": (INVERT + ["--variant", "fp16"], "the tiny model is built in memory"),
     "invert variant the model lacks": (["invert", "{image}", "--prompt", "a cat", "--model", "scenes", "--variant",
                                         "fp16", "--out", "{root}/new"],
-                                       "its text_encoder/ has no 'fp16' weights (its safetensors weights: plain)"),
+                                       "model 'scenes' (the bundled model in "),
     "invert unknown device": (INVERT + ["--device", "gpu"], "Unknown --device 'gpu'; use cpu, cuda, cuda:N or mps"),
     "invert dpl without marks": (["invert", "{image}", "--prompt", "a cat", "--method", "dpl", "--out", "{root}/x"],
                                  "No dynamic word"),

@@ -9,7 +9,7 @@ from importlib.resources import files
 import torch
 
 from . import checks
-from .errors import SettingError
+from .errors import ModelLoadError, SettingError
 from .models import StableDiffusion
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -36,7 +36,11 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     device, dtype = checks.device("device", device), checks.dtype("dtype", dtype)
     base, _, seed = name.partition(":")
     if name in SCENE_MODEL_FOLDERS:
-        model = StableDiffusion.from_pretrained(scene_model_folder(name), device=device, dtype=dtype, variant=variant)
+        folder = scene_model_folder(name)
+        try:
+            model = StableDiffusion.from_pretrained(folder, device=device, dtype=dtype, variant=variant)
+        except ModelLoadError as err:  # named as the person named it, not as the package's folder
+            raise ModelLoadError(str(err).replace(repr(folder), f"{name!r} (the bundled model in {folder})", 1)) from None
         model.model_id = name
     elif base == TINY_MODEL_ID and (seed == "" or seed.isdigit()):
         from .random_models import tiny_model  # diffusers' model classes: only when one is built
