@@ -3,6 +3,7 @@ PIE-format mini dataset made here (rendered scenes, 2 DDIM steps, the bundled mo
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -122,6 +123,7 @@ def test_batch_writes_pie_layout_resumes_and_records_failures(dataset, model, tm
         for method in ("nti", "dpl"):
             record = json.loads(record_path(out, method, item).read_text())
             assert record["status"] == ("failed" if item is items[4] else "done"), record
+            assert (record["model"], record["dtype"], "variant" in record) == ("scenes", "float32", False)
             if item is not items[4]:
                 assert edit_path(out, METHOD_FOLDERS[method], item).is_file()
     failed = json.loads(record_path(out, "nti", items[4]).read_text())
@@ -220,8 +222,11 @@ def test_workers_claim_each_chunk_once(tmp_path):
 def test_a_worker_gets_the_same_batch_as_its_parent(tmp_path):
     argv = ["batch", "DATA", "--out", "OUT", "--methods", "dpl", "--types", "1,6", "--range", "3:9", "--steps", "7",
             "--batch-size", "2", "--processes", "3", "--target-tokens", "keep", "--model", "scenes", "--device", "cpu",
-            "--dtype", "bfloat16", "--no-cuda-graphs", "--seed", "5"]
+            "--dtype", "bfloat16", "--variant", "fp16", "--compile", "--no-cuda-graphs", "--seed", "5"]
     args = build_parser("batch").parse_args(argv)
+    batch = next(a for a in build_parser("batch")._actions if isinstance(a, argparse._SubParsersAction)).choices["batch"]
+    options = {a.dest for a in batch._actions if a.option_strings} - {"help", "quiet", "worker", "claims"}
+    assert {k for k in options if getattr(args, k) != batch.get_default(k)} == options  # every option is given
     worker = build_parser("batch").parse_args(worker_argv(args, Worker(1, 3, tmp_path)))
     assert (worker.worker, worker.claims, worker.quiet) == ("1/3", tmp_path, True)
     skip = {"processes", "worker", "claims", "quiet"}

@@ -145,7 +145,8 @@ def _run_groups(model, dataset: Path, groups: list[list[EditItem]], method: str,
     """One inversion of each group's image (all of them in lockstep), then each item's edit; a record per
     item. An image that does not load fails its own items; if the lockstep inversion fails, each image is
     inverted alone, so that a bad one fails only its own items."""
-    base = {"method": method, "model": model.model_id, "steps": num_steps, "guidance": guidance,
+    base = {"method": method, "model": model.model_id, "dtype": str(model.dtype).removeprefix("torch."),
+            **({"variant": model.variant} if model.variant else {}), "steps": num_steps, "guidance": guidance,
             "versions": library_versions()}
     records = [[{"key": item.key, "image_path": item.image_path, "editing_type_id": item.editing_type_id,
                  "source_prompt": item.source_prompt, "target_prompt": item.target_prompt, **base} for item in group]

@@ -171,7 +171,7 @@ def worker_argv(args: argparse.Namespace, worker) -> list[str]:
             "--batch-size", str(args.batch_size), "--model", str(args.model), "--device", args.device,
             "--dtype", args.dtype, "--quiet", "--worker", f"{worker.index}/{worker.count}", "--claims", str(worker.claims)]
     for flag, value in (("--types", args.types), ("--range", args.index_range), ("--target-tokens", args.target_tokens),
-                        ("--seed", args.seed)):
+                        ("--variant", args.variant), ("--seed", args.seed)):
         if value is not None:
             argv += [flag, str(value)]
     if args.compile:
