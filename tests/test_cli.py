@@ -31,6 +31,21 @@ def test_invert_then_reconstruct(photo, tmp_path, capsys):
     assert "PSNR" in capsys.readouterr().out
 
 
+def test_an_inversion_is_reconstructed_and_edited_in_its_own_precision(photo, tmp_path, capsys):
+    from dpl_edit import Inversion
+
+    out = tmp_path / "inv"
+    assert main(["invert", str(photo), "--prompt", "a red wall", "--out", str(out), "--model", "tiny", "--steps", "2",
+                 "--dtype", "bfloat16", "--quiet"]) == 0
+    assert Inversion.load(out).settings["dtype"] == "bfloat16"
+    capsys.readouterr()
+    for argv, dtype in ([[], "(bfloat16)"], [["--dtype", "float32"], "(float32)"], [["--model", "tiny"], "(bfloat16)"]):
+        assert main(["reconstruct", str(out), "--out", str(tmp_path / "r.png"), *argv]) == 0
+        assert dtype in capsys.readouterr().err
+    assert main(["edit", str(out), "--target", "a red door", "--out", str(tmp_path / "edits")]) == 0
+    assert "(bfloat16)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -41,8 +41,9 @@ def test_the_readme_python_examples_run(tmp_path, monkeypatch, model):
     def invert_many(*args, **kwargs):
         return one_step(*args, **{**kwargs, "num_steps": 1, "progress": False})
 
-    monkeypatch.setattr(registry, "load_model", load_model)
+    # the package's export first: reading it (to restore it after) loads registry's, which must still be the real one
     monkeypatch.setattr(dpl_edit, "load_model", load_model, raising=False)
+    monkeypatch.setattr(registry, "load_model", load_model)
     monkeypatch.setattr(pipeline, "invert_many", invert_many)
     monkeypatch.chdir(tmp_path)
     pixels = np.random.default_rng(0).integers(0, 256, (80, 96, 3), dtype=np.uint8)  # not square: the crop

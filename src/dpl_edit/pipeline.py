@@ -148,7 +148,9 @@ def invert_many(
             null=null if method == "dpl" else METHOD_NULLS[method],
             words=[{"word": w.word, "positions": list(w.positions)} for w in m.words],
             settings={"preset": preset, "cross_resolution": dpl.cross_resolution,
-                      **({"variant": model.variant} if model.variant else {})},  # for edits: the same weights
+                      # for edits: the same weights, in the same precision
+                      "dtype": str(model.dtype).removeprefix("torch."),
+                      **({"variant": model.variant} if model.variant else {})},
             versions=versions,
             source_image=image,
         )

@@ -169,9 +169,9 @@ def worker_argv(args: argparse.Namespace, worker) -> list[str]:
     """The command line of one worker of a ``--processes`` run: the same batch, quiet, as ``worker``."""
     argv = ["batch", str(args.dataset), "--out", str(args.out), "--methods", args.methods, "--steps", str(args.steps),
             "--batch-size", str(args.batch_size), "--model", str(args.model), "--device", args.device,
-            "--dtype", args.dtype, "--quiet", "--worker", f"{worker.index}/{worker.count}", "--claims", str(worker.claims)]
+            "--quiet", "--worker", f"{worker.index}/{worker.count}", "--claims", str(worker.claims)]
     for flag, value in (("--types", args.types), ("--range", args.index_range), ("--target-tokens", args.target_tokens),
-                        ("--variant", args.variant), ("--seed", args.seed)):
+                        ("--dtype", args.dtype), ("--variant", args.variant), ("--seed", args.seed)):
         if value is not None:
             argv += [flag, str(value)]
     if args.compile:

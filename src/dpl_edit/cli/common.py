@@ -26,8 +26,8 @@ def add_model_options(p: argparse.ArgumentParser, required_default: str | None) 
         "--device", default="auto",
         help="cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu (default: auto)",
     )
-    p.add_argument("--dtype", choices=checks.DTYPES, default="float32",
-                   help="model precision (default: float32; bfloat16 is fast on a GPU and fine for NTI, unreliable for DPL: "
+    p.add_argument("--dtype", choices=checks.DTYPES, default=None,
+                   help="model precision (default: float32, or the precision of the inversion a command reads; bfloat16 is fast on a GPU and fine for NTI, unreliable for DPL: "
                    "see README, Benchmarks; float16 is for GPUs: on a CPU it runs tens of times slower)")
     p.add_argument("--variant", default=None,
                    help="the weight files to read, as diffusers names them (fp16: *.fp16.safetensors); default: the "
@@ -53,20 +53,22 @@ def pick_device(name: str) -> torch.device:
     return checks.device("--device", name)
 
 
-def load_options(args: argparse.Namespace) -> dict:
-    """``load_model``'s device, dtype, compile and cuda_graphs as the options say (checked)."""
+def load_options(args: argparse.Namespace, dtype: str | None = None) -> dict:
+    """``load_model``'s device, dtype, compile and cuda_graphs as the options say (checked); ``dtype`` (an
+    inversion's) where ``--dtype`` is not given, float32 where neither is."""
     device = pick_device(args.device)
     if args.cuda_graphs and (args.compile or device.type != "cuda"):
         raise DplEditError("--cuda-graphs needs a CUDA device and no --compile (torch.compile makes its own CUDA "
                            f"graphs); here the device is {device}{' and --compile was given' if args.compile else ''}")
     graphs = args.cuda_graphs if args.cuda_graphs is not None else cuda_graphs_by_default(device, args.compile)
-    return {"device": device, "dtype": args.dtype, "compile": args.compile, "cuda_graphs": graphs}
+    return {"device": device, "dtype": args.dtype or dtype or "float32", "compile": args.compile, "cuda_graphs": graphs}
 
 
-def load(args: argparse.Namespace, name: str, variant: str | None = None) -> StableDiffusion:
-    """The model ``name`` as the options say; ``variant`` (an inversion's) where ``--variant`` is not given."""
+def load(args: argparse.Namespace, name: str, variant: str | None = None, dtype: str | None = None) -> StableDiffusion:
+    """The model ``name`` as the options say; ``variant`` and ``dtype`` (an inversion's) where ``--variant``
+    and ``--dtype`` are not given."""
     variant = args.variant if args.variant is not None else variant
-    options = load_options(args)
+    options = load_options(args, dtype)
     if not args.quiet:
         print(f"Loading model {name} on {described(options, variant)}", file=sys.stderr)
     with collector.loading():
@@ -81,10 +83,12 @@ def described(options: dict, variant: str | None) -> str:
 
 
 def load_for(args: argparse.Namespace, inversion: Inversion) -> StableDiffusion:
-    """The model an inversion was made with (its weight files' variant too), unless --model names another."""
+    """The model an inversion was made with (its weight files' variant too), unless --model names another, in
+    the inversion's precision unless --dtype names another."""
+    dtype = inversion.settings.get("dtype")
     if args.model:
-        return load(args, args.model)
-    return load(args, inversion.model_id, inversion.settings.get("variant"))
+        return load(args, args.model, dtype=dtype)
+    return load(args, inversion.model_id, inversion.settings.get("variant"), dtype)
 
 
 def pairs(items: list[str], option: str, convert=float) -> dict:
