@@ -27,7 +27,8 @@ def test_invert_then_reconstruct(photo, tmp_path, capsys):
     assert main(["invert", str(photo), "--prompt", "a red wall", "--out", str(out), *args[:-2]]) == 0
     assert (out / "inversion.json").is_file() and (out / "source.png").is_file()
     assert main(["reconstruct", str(out), "--quiet"]) == 0
-    assert Image.open(out / "reconstruction.png").size == (128, 128)
+    with Image.open(out / "reconstruction.png") as image:
+        assert image.size == (128, 128)
     assert "PSNR" in capsys.readouterr().out
 
 

@@ -76,7 +76,8 @@ def test_dpl_invert_attention_and_localisation_commands(scene, capsys):
                  "--out", str(nti), *common]) == 0
     assert main(["attention", str(dpl), "--compare", str(nti)]) == 0
     for name in ("attention_words.png", "attention_background.png", "attention_comparison.png", "dpl_log.png"):
-        assert Image.open(dpl / name).size[0] > 100
+        with Image.open(dpl / name) as image:
+            assert image.size[0] > 100
     assert main(["attention", str(nti), "--quiet"]) == 0
     assert (nti / "attention_words.png").is_file()
     capsys.readouterr()

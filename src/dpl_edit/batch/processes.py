@@ -112,6 +112,10 @@ def run_workers(argv: Callable[[Worker], list[str]], count: int, out: Path, left
         raise
     finally:
         bar.close()
+        for process, reader in zip(processes, readers, strict=False):
+            reader.join(timeout=1.0)  # an ended worker's last lines; a reader still reading keeps its pipe
+            if not reader.is_alive():
+                process.stderr.close()
         shutil.rmtree(claims, ignore_errors=True)
 
 
