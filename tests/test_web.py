@@ -135,7 +135,7 @@ def test_the_workbench_loads_models_in_the_servers_precision_and_keeps_each_prec
     half = Workbench(tmp_path / "cache", model_name="tiny", dtype="bfloat16", variant="fp16")
     full = Workbench(tmp_path / "cache", model_name="tiny")
     path, caption = half.scene_example(0)
-    views = [bench.invert(path, caption, InvertSettings(steps=2)) for bench in (half, full)]
+    views = [bench.invert(path, caption, InvertSettings(steps=1)) for bench in (half, full)]
     assert half.model().dtype == torch.bfloat16 and full.model().dtype == torch.float32
     assert views[0].key != views[1].key and not views[1].cached  # the float32 page did not take the bf16 inversion
     assert "float32 is its reliable precision" in views[0].summary and "reliable" not in views[1].summary
