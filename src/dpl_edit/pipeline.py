@@ -128,9 +128,9 @@ def invert_many(
     started = time.perf_counter()
     marked = [parse_marked_prompt(prompt, model.tokenizer, words, require_words=method == "dpl") for prompt in prompts]
     schedule = DDIMSchedule.from_scheduler(model.scheduler, num_steps)
-    cond, source_latent, pivot, store = _recorded_ddim_inversion(model, images, marked, schedule, dpl,
-                                                                 with_self=method == "dpl", progress=progress)
     cross_layers = _layers(model, "cross", dpl.cross_resolution)
+    cond, source_latent, pivot, store = _recorded_ddim_inversion(model, images, marked, schedule, cross_layers, dpl,
+                                                                 with_self=method == "dpl", progress=progress)
     null_init = model.encode_prompt("")
     fingerprint, versions = model.fingerprint(), library_versions()
     results = [
@@ -219,19 +219,21 @@ def background_of(model: StableDiffusion, image: Image.Image, prompt: str, *, wo
     dpl = dpl or model_dpl_config(model)
     marked = [parse_marked_prompt(prompt, model.tokenizer, words, require_words=True)]
     schedule = DDIMSchedule.from_scheduler(model.scheduler, num_steps)
-    store = _recorded_ddim_inversion(model, [image], marked, schedule, dpl, with_self=True, progress=progress)[3]
+    cross_layers = _layers(model, "cross", dpl.cross_resolution)
+    store = _recorded_ddim_inversion(model, [image], marked, schedule, cross_layers, dpl, with_self=True,
+                                     progress=progress)[3]
     return _background_masks(store, marked, dpl)[0]
 
 
 def _recorded_ddim_inversion(model: StableDiffusion, images: Sequence[Image.Image], marked, schedule: DDIMSchedule,
-                             dpl: DynamicPromptConfig, with_self: bool, progress: bool):
+                             cross_layers: list[AttentionLayer], dpl: DynamicPromptConfig, with_self: bool,
+                             progress: bool):
     """The DDIM inversion of a batch with its maps recorded: (text states, source latents, pivot, store);
-    the store keeps the cross-attention maps of every step and, ``with_self``, averages the
+    the store keeps the maps of ``cross_layers`` at every step and, ``with_self``, averages the
     self-attention maps DPL's background mask needs."""
     with torch.no_grad():  # each image and prompt encoded alone: the batch changes only the UNet's calls
         cond = torch.cat([model.encode_tokens(torch.tensor([m.token_ids], device=model.device)) for m in marked])
     source_latent = torch.cat([model.encode_image(to_tensor(image)) for image in images])
-    cross_layers = _layers(model, "cross", dpl.cross_resolution)
     self_layers = _layers(model, "self", dpl.self_resolution) if with_self else []
     store = AttentionStore(history=[("cross", dpl.cross_resolution)])
     pivot = ddim_inversion(
