@@ -45,6 +45,12 @@ def test_an_inversion_is_reconstructed_and_edited_in_its_own_precision(photo, tm
         assert dtype in capsys.readouterr().err
     assert main(["edit", str(out), "--target", "a red door", "--out", str(tmp_path / "edits")]) == 0
     assert "(bfloat16)" in capsys.readouterr().err
+    inversion = Inversion.load(out)
+    inversion.settings["dtype"] = "float16"  # made on a GPU, read on this CPU: float32, said so
+    inversion.save(out)
+    assert main(["reconstruct", str(out), "--out", str(tmp_path / "r.png"), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "made in float16, which runs tens of times slower on a CPU" in err and "(float32)" in err
 
 
 @pytest.mark.parametrize(

@@ -55,8 +55,13 @@ def pick_device(name: str) -> torch.device:
 
 def load_options(args: argparse.Namespace, dtype: str | None = None) -> dict:
     """``load_model``'s device, dtype, compile and cuda_graphs as the options say (checked); ``dtype`` (an
-    inversion's) where ``--dtype`` is not given, float32 where neither is."""
+    inversion's) where ``--dtype`` is not given, float32 where neither is, or where an inversion made in
+    float16 (on a GPU) is read on a CPU, which has no fast float16 kernels."""
     device = pick_device(args.device)
+    if args.dtype is None and dtype == "float16" and device.type == "cpu":
+        print("The inversion was made in float16, which runs tens of times slower on a CPU: loading the model in "
+              "float32 (--dtype float16 keeps float16)", file=sys.stderr)
+        dtype = None
     if args.cuda_graphs and (args.compile or device.type != "cuda"):
         raise DplEditError("--cuda-graphs needs a CUDA device and no --compile (torch.compile makes its own CUDA "
                            f"graphs); here the device is {device}{' and --compile was given' if args.compile else ''}")
