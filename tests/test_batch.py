@@ -22,7 +22,15 @@ from PIL import Image
 from dpl_edit.batch.metrics import StructureDistance, published_means, region_psnr, tables, unedited_part
 from dpl_edit.batch.piebench import decode_mask, edit_path, encode_mask, read_dataset
 from dpl_edit.batch.processes import Worker, run_workers, threads_per_process
-from dpl_edit.batch.runner import METHOD_FOLDERS, pie_edit_config, record_path, run_batch
+from dpl_edit.batch.runner import (
+    METHOD_FOLDERS,
+    PIE_GUIDANCE,
+    check_same_run,
+    pie_edit_config,
+    record_path,
+    run_batch,
+    run_settings,
+)
 from dpl_edit.cli import build_parser, main
 from dpl_edit.cli.batch import worker_argv
 from dpl_edit.errors import DplEditError
@@ -135,6 +143,25 @@ def test_batch_writes_pie_layout_resumes_and_records_failures(dataset, model, tm
     record_path(out, "dpl", items[1]).unlink()  # killed after writing the image, before its record
     again = run_batch(model, broken, items, ["nti", "dpl"], out, num_steps=STEPS, progress=False)
     assert (again.done, again.skipped, again.failed) == (1, 9, 2)
+
+    # a resumed run with other settings, of any method, would mix two runs in one folder: refused before any work
+    with pytest.raises(DplEditError, match=rf"holds dpl edits of another run \(steps {STEPS}; records.dpl.*"
+                                           rf"where this run has steps {STEPS + 1}: give the same settings"):
+        run_batch(model, broken, items, ["npi"], out, num_steps=STEPS + 1, progress=False)
+    ours = run_settings(model, STEPS, PIE_GUIDANCE)
+    check_same_run(out, ours)
+    for other, said in (({"dtype": "bfloat16"}, "dtype float32"), ({"variant": "fp16"}, "variant none"),
+                        ({"model": "tiny:0"}, "model scenes"), ({"guidance": 5.0}, "guidance 7.5")):
+        with pytest.raises(DplEditError, match=f"another run \\({said};"):
+            check_same_run(out, {**ours, **other})
+    for path in (out / "records").rglob("*.json"):  # records of before the precision was recorded
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in record.items() if k != "dtype"}))
+    check_same_run(out, {**ours, "dtype": "bfloat16", "variant": "fp16"})
+    (tmp_path / "sd" / "unet").mkdir(parents=True)  # one model folder named two ways is one model
+    (tmp_path / "sd-run" / "records" / "nti").mkdir(parents=True)
+    (tmp_path / "sd-run" / "records" / "nti" / "x.json").write_text(json.dumps({**ours, "model": str(tmp_path / "sd")}))
+    check_same_run(tmp_path / "sd-run", {**ours, "model": str(tmp_path / "sd" / "unet" / "..")})
 
 
 def test_lockstep_batches_write_what_one_image_at_a_time_does(model, one_at_a_time, tmp_path):

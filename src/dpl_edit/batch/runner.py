@@ -77,6 +77,42 @@ def record_path(out: str | Path, method: str, item: EditItem) -> Path:
     return Path(out) / "records" / method / f"{item.key}.json"
 
 
+def run_settings(model, num_steps: int, guidance_scale: float) -> dict:
+    """What makes one run's edits comparable, as each record keeps it: model, precision, weight
+    variant, DDIM steps and guidance."""
+    return {"model": model.model_id, "dtype": str(model.dtype).removeprefix("torch."),
+            **({"variant": model.variant} if model.variant else {}), "steps": num_steps, "guidance": guidance_scale}
+
+
+def check_same_run(out: str | Path, settings: dict) -> None:
+    """A :class:`DplEditError` where ``out`` holds records (done or failed, of any method) of another run:
+    another model, precision, weight variant, step count or guidance, which a resumed run, or a run of
+    another method to be compared with them (``dpl metrics``), would mix with its own (a record from
+    before a setting was recorded is not judged on it)."""
+    for method in sorted(folder.name for folder in (Path(out) / "records").glob("*") if folder.is_dir()):
+        for path in sorted((Path(out) / "records" / method).glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue  # redone as not done
+            names = [name for name in ("steps", "guidance", "dtype") if name in record]
+            names += ["variant"] if "dtype" in record else []  # recorded with the precision, where there is one
+            differ = [name for name in names if record.get(name) != settings.get(name)]
+            if not _same_model(record.get("model"), settings["model"]):
+                differ.insert(0, "model")
+            if differ:
+                theirs = ", ".join(f"{name} {record.get(name, 'none')}" for name in differ)
+                ours = ", ".join(f"{name} {settings.get(name, 'none')}" for name in differ)
+                raise DplEditError(f"{out} holds {method} edits of another run ({theirs}; {path.relative_to(out)}) "
+                                   f"where this run has {ours}: give the same "
+                                   "settings to go on with that run, or another --out folder")
+
+
+def _same_model(a: str | None, b: str) -> bool:
+    """One model id: equal, or two paths to one folder."""
+    return a is None or a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
 def is_done(out: str | Path, method: str, item: EditItem) -> bool:
     path = record_path(out, method, item)
     if not path.is_file() or not edit_path(out, METHOD_FOLDERS[method], item).is_file():
@@ -114,6 +150,7 @@ def run_batch(model, dataset: str | Path, items: Sequence[EditItem], methods: Se
     if unknown:
         raise DplEditError(f"Unknown methods {sorted(unknown)}; choose from {', '.join(METHOD_FOLDERS)}")
     checks.count("batch_size", batch_size)
+    check_same_run(out, run_settings(model, num_steps, guidance_scale))
     groups = image_groups(dataset, items)
     if worker is None:
         mine, summary = _share(groups, split, cpu=model.device.type == "cpu")
@@ -145,9 +182,7 @@ def _run_groups(model, dataset: Path, groups: list[list[EditItem]], method: str,
     """One inversion of each group's image (all of them in lockstep), then each item's edit; a record per
     item. An image that does not load fails its own items; if the lockstep inversion fails, each image is
     inverted alone, so that a bad one fails only its own items."""
-    base = {"method": method, "model": model.model_id, "dtype": str(model.dtype).removeprefix("torch."),
-            **({"variant": model.variant} if model.variant else {}), "steps": num_steps, "guidance": guidance,
-            "versions": library_versions()}
+    base = {"method": method, **run_settings(model, num_steps, guidance), "versions": library_versions()}
     records = [[{"key": item.key, "image_path": item.image_path, "editing_type_id": item.editing_type_id,
                  "source_prompt": item.source_prompt, "target_prompt": item.target_prompt, **base} for item in group]
                for group in groups]
