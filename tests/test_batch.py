@@ -116,7 +116,7 @@ def model():
     return load_model("scenes")
 
 
-def test_batch_writes_pie_layout_resumes_and_records_failures(dataset, model, tmp_path):
+def test_batch_writes_pie_layout_resumes_and_records_failures(dataset, model, tmp_path, capsys):
     broken = tmp_path / "data"
     shutil.copytree(dataset, broken)
     items = read_dataset(broken)
@@ -131,7 +131,7 @@ def test_batch_writes_pie_layout_resumes_and_records_failures(dataset, model, tm
         for method in ("nti", "dpl"):
             record = json.loads(record_path(out, method, item).read_text())
             assert record["status"] == ("failed" if item is items[4] else "done"), record
-            assert (record["model"], record["dtype"], "variant" in record) == ("scenes", "float32", False)
+            assert (record["model"], record["dtype"], record["variant"]) == ("scenes", "float32", None)
             if item is not items[4]:
                 assert edit_path(out, METHOD_FOLDERS[method], item).is_file()
     failed = json.loads(record_path(out, "nti", items[4]).read_text())
@@ -148,15 +148,17 @@ def test_batch_writes_pie_layout_resumes_and_records_failures(dataset, model, tm
     with pytest.raises(DplEditError, match=rf"holds dpl edits of another run \(steps {STEPS}; records.dpl.*"
                                            rf"where this run has steps {STEPS + 1}: give the same settings"):
         run_batch(model, broken, items, ["npi"], out, num_steps=STEPS + 1, progress=False)
+    assert main(["batch", str(broken), "--out", str(out), "--steps", str(STEPS + 1), "--processes", "2"]) == 2
+    assert f"where this run has steps {STEPS + 1}" in capsys.readouterr().err  # said before any worker starts
     ours = run_settings(model, STEPS, PIE_GUIDANCE)
     check_same_run(out, ours)
-    for other, said in (({"dtype": "bfloat16"}, "dtype float32"), ({"variant": "fp16"}, "variant none"),
+    for other, said in (({"dtype": "bfloat16"}, "dtype float32"), ({"variant": "fp16"}, "variant None"),
                         ({"model": "tiny:0"}, "model scenes"), ({"guidance": 5.0}, "guidance 7.5")):
         with pytest.raises(DplEditError, match=f"another run \\({said};"):
             check_same_run(out, {**ours, **other})
     for path in (out / "records").rglob("*.json"):  # records of before the precision was recorded
         record = json.loads(path.read_text())
-        path.write_text(json.dumps({k: v for k, v in record.items() if k != "dtype"}))
+        path.write_text(json.dumps({k: v for k, v in record.items() if k not in ("dtype", "variant")}))
     check_same_run(out, {**ours, "dtype": "bfloat16", "variant": "fp16"})
     (tmp_path / "sd" / "unet").mkdir(parents=True)  # one model folder named two ways is one model
     (tmp_path / "sd-run" / "records" / "nti").mkdir(parents=True)

@@ -80,37 +80,36 @@ def record_path(out: str | Path, method: str, item: EditItem) -> Path:
 def run_settings(model, num_steps: int, guidance_scale: float) -> dict:
     """What makes one run's edits comparable, as each record keeps it: model, precision, weight
     variant, DDIM steps and guidance."""
-    return {"model": model.model_id, "dtype": str(model.dtype).removeprefix("torch."),
-            **({"variant": model.variant} if model.variant else {}), "steps": num_steps, "guidance": guidance_scale}
+    return {"model": model.model_id, "dtype": str(model.dtype).removeprefix("torch."), "variant": model.variant,
+            "steps": num_steps, "guidance": guidance_scale}
 
 
 def check_same_run(out: str | Path, settings: dict) -> None:
     """A :class:`DplEditError` where ``out`` holds records (done or failed, of any method) of another run:
     another model, precision, weight variant, step count or guidance, which a resumed run, or a run of
-    another method to be compared with them (``dpl metrics``), would mix with its own (a record from
-    before a setting was recorded is not judged on it)."""
+    another method to be compared with them (``dpl metrics``), would mix with its own. Only the
+    :func:`run_settings` in ``settings`` are judged (a parent of worker processes knows no model), and
+    only where a record has them (one from before a setting was recorded is not judged on it)."""
     for method in sorted(folder.name for folder in (Path(out) / "records").glob("*") if folder.is_dir()):
         for path in sorted((Path(out) / "records" / method).glob("*.json")):
             try:
                 record = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
                 continue  # redone as not done
-            names = [name for name in ("steps", "guidance", "dtype") if name in record]
-            names += ["variant"] if "dtype" in record else []  # recorded with the precision, where there is one
-            differ = [name for name in names if record.get(name) != settings.get(name)]
-            if not _same_model(record.get("model"), settings["model"]):
+            differ = [name for name in settings if name in record and name != "model" and record[name] != settings[name]]
+            if "model" in settings and "model" in record and not _same_model(record["model"], settings["model"]):
                 differ.insert(0, "model")
             if differ:
-                theirs = ", ".join(f"{name} {record.get(name, 'none')}" for name in differ)
-                ours = ", ".join(f"{name} {settings.get(name, 'none')}" for name in differ)
+                theirs = ", ".join(f"{name} {record[name]}" for name in differ)
+                ours = ", ".join(f"{name} {settings[name]}" for name in differ)
                 raise DplEditError(f"{out} holds {method} edits of another run ({theirs}; {path.relative_to(out)}) "
                                    f"where this run has {ours}: give the same "
                                    "settings to go on with that run, or another --out folder")
 
 
-def _same_model(a: str | None, b: str) -> bool:
+def _same_model(a: str, b: str) -> bool:
     """One model id: equal, or two paths to one folder."""
-    return a is None or a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
 def is_done(out: str | Path, method: str, item: EditItem) -> bool:

@@ -151,7 +151,10 @@ def batch_command(args: argparse.Namespace) -> int:
 def run_processes(args: argparse.Namespace, items, methods: list[str]) -> dict[str, int]:
     """``dpl batch`` as ``args.processes`` workers (:mod:`dpl_edit.batch.processes`); their counts added up."""
     from ..batch.processes import run_workers
-    from ..batch.runner import is_done
+    from ..batch.runner import PIE_GUIDANCE, check_same_run, is_done
+
+    # what is known before a worker loads the model (they check the model and its weight files too)
+    check_same_run(args.out, {"dtype": args.dtype or "float32", "steps": args.steps, "guidance": PIE_GUIDANCE})
 
     left = [(method, item) for method in methods for item in items if not is_done(args.out, method, item)]
     if not left:
