@@ -4,6 +4,7 @@ PIE-format mini dataset made here (rendered scenes, 2 DDIM steps, the bundled mo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -164,6 +165,10 @@ def test_batch_writes_pie_layout_resumes_and_records_failures(dataset, model, tm
     (tmp_path / "sd-run" / "records" / "nti").mkdir(parents=True)
     (tmp_path / "sd-run" / "records" / "nti" / "x.json").write_text(json.dumps({**ours, "model": str(tmp_path / "sd")}))
     check_same_run(tmp_path / "sd-run", {**ours, "model": str(tmp_path / "sd" / "unet" / "..")})
+    check_same_run(out, ours, items)
+    other = dataclasses.replace(items[0], editing_prompt="another [target]")  # another dataset, the same key
+    with pytest.raises(DplEditError, match=f"another item under key {items[0].key} .*target_prompt 'a "):
+        check_same_run(out, ours, [other])
 
 
 def test_lockstep_batches_write_what_one_image_at_a_time_does(model, one_at_a_time, tmp_path):

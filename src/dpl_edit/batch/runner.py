@@ -84,27 +84,46 @@ def run_settings(model, num_steps: int, guidance_scale: float) -> dict:
             "steps": num_steps, "guidance": guidance_scale}
 
 
-def check_same_run(out: str | Path, settings: dict) -> None:
+def check_same_run(out: str | Path, settings: dict, items: Sequence[EditItem] = ()) -> None:
     """A :class:`DplEditError` where ``out`` holds records (done or failed, of any method) of another run:
     another model, precision, weight variant, step count or guidance, which a resumed run, or a run of
     another method to be compared with them (``dpl metrics``), would mix with its own. Only the
     :func:`run_settings` in ``settings`` are judged (a parent of worker processes knows no model), and
-    only where a record has them (one from before a setting was recorded is not judged on it)."""
-    for method in sorted(folder.name for folder in (Path(out) / "records").glob("*") if folder.is_dir()):
-        for path in sorted((Path(out) / "records" / method).glob("*.json")):
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue  # redone as not done
-            differ = [name for name in settings if name in record and name != "model" and record[name] != settings[name]]
-            if "model" in settings and "model" in record and not _same_model(record["model"], settings["model"]):
-                differ.insert(0, "model")
+    only where a record has them (one from before a setting was recorded is not judged on it). A
+    record under the key of one of ``items`` must be that item's (its image and prompts): another
+    dataset's, whose keys collide with this one's, would be skipped as done."""
+    records = _records(out)
+    for path, record in records.items():
+        differ = [name for name in settings if name in record and name != "model" and record[name] != settings[name]]
+        if "model" in settings and "model" in record and not _same_model(record["model"], settings["model"]):
+            differ.insert(0, "model")
+        if differ:
+            theirs = ", ".join(f"{name} {record[name]}" for name in differ)
+            ours = ", ".join(f"{name} {settings[name]}" for name in differ)
+            raise DplEditError(f"{out} holds {path.parent.name} edits of another run ({theirs}; "
+                               f"{path.relative_to(out)}) where this run has {ours}: give the same settings to go "
+                               "on with that run, or another --out folder")
+    methods = {path.parent.name for path in records}
+    for item in items:
+        ours = {"image_path": item.image_path, "source_prompt": item.source_prompt, "target_prompt": item.target_prompt}
+        for path in sorted(record_path(out, method, item) for method in methods):
+            record = records.get(path, {})
+            differ = [name for name, value in ours.items() if name in record and record[name] != value]
             if differ:
-                theirs = ", ".join(f"{name} {record[name]}" for name in differ)
-                ours = ", ".join(f"{name} {settings[name]}" for name in differ)
-                raise DplEditError(f"{out} holds {method} edits of another run ({theirs}; {path.relative_to(out)}) "
-                                   f"where this run has {ours}: give the same "
-                                   "settings to go on with that run, or another --out folder")
+                raise DplEditError(f"{out} holds an edit of another item under key {item.key} "
+                                   f"({path.relative_to(out)}: {differ[0]} {record[differ[0]]!r}, where this "
+                                   f"dataset's is {ours[differ[0]]!r}): give another --out folder for this dataset")
+
+
+def _records(out: str | Path) -> dict[Path, dict]:
+    """Every readable record of a batch folder, by path (one that cannot be read is redone as not done)."""
+    records = {}
+    for path in sorted((Path(out) / "records").glob("*/*.json")):
+        try:
+            records[path] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+    return records
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -149,7 +168,7 @@ def run_batch(model, dataset: str | Path, items: Sequence[EditItem], methods: Se
     if unknown:
         raise DplEditError(f"Unknown methods {sorted(unknown)}; choose from {', '.join(METHOD_FOLDERS)}")
     checks.count("batch_size", batch_size)
-    check_same_run(out, run_settings(model, num_steps, guidance_scale))
+    check_same_run(out, run_settings(model, num_steps, guidance_scale), items)
     groups = image_groups(dataset, items)
     if worker is None:
         mine, summary = _share(groups, split, cpu=model.device.type == "cpu")

@@ -154,7 +154,7 @@ def run_processes(args: argparse.Namespace, items, methods: list[str]) -> dict[s
     from ..batch.runner import PIE_GUIDANCE, check_same_run, is_done
 
     # what is known before a worker loads the model (they check the model and its weight files too)
-    check_same_run(args.out, {"dtype": args.dtype or "float32", "steps": args.steps, "guidance": PIE_GUIDANCE})
+    check_same_run(args.out, {"dtype": args.dtype or "float32", "steps": args.steps, "guidance": PIE_GUIDANCE}, items)
 
     left = [(method, item) for method in methods for item in items if not is_done(args.out, method, item)]
     if not left:
