@@ -49,6 +49,11 @@ def dtype(name: str, value: torch.dtype | str) -> torch.dtype:
     return chosen
 
 
+def dtype_name(value: torch.dtype) -> str:
+    """A precision's name as ``--dtype`` and :func:`dtype` take it: ``"bfloat16"``."""
+    return str(value).removeprefix("torch.")
+
+
 def device(name: str, value: torch.device | str) -> torch.device:
     """A device this machine has: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     try:

@@ -124,7 +124,7 @@ def invert_many(
                     "(reconstruction 2-8 dB below float32's)" if model.dtype == torch.bfloat16 else
                     "measured on 2 scenes at 20 steps only, where bfloat16 did not go astray either")
         logger.warning("DPL in %s: %s; README, Benchmarks. float32 is DPL's reliable precision.",
-                       str(model.dtype).removeprefix("torch."), measured)
+                       checks.dtype_name(model.dtype), measured)
     started = time.perf_counter()
     marked = [parse_marked_prompt(prompt, model.tokenizer, words, require_words=method == "dpl") for prompt in prompts]
     schedule = DDIMSchedule.from_scheduler(model.scheduler, num_steps)
@@ -149,7 +149,7 @@ def invert_many(
             words=[{"word": w.word, "positions": list(w.positions)} for w in m.words],
             settings={"preset": preset, "cross_resolution": dpl.cross_resolution,
                       # for edits: the same weights, in the same precision
-                      "dtype": str(model.dtype).removeprefix("torch."),
+                      "dtype": checks.dtype_name(model.dtype),
                       **({"variant": model.variant} if model.variant else {})},
             versions=versions,
             source_image=image,

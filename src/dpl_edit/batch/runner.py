@@ -80,7 +80,7 @@ def record_path(out: str | Path, method: str, item: EditItem) -> Path:
 def run_settings(model, num_steps: int, guidance_scale: float) -> dict:
     """What makes one run's edits comparable, as each record keeps it: model, precision, weight
     variant, DDIM steps and guidance."""
-    return {"model": model.model_id, "dtype": str(model.dtype).removeprefix("torch."), "variant": model.variant,
+    return {"model": model.model_id, "dtype": checks.dtype_name(model.dtype), "variant": model.variant,
             "steps": num_steps, "guidance": guidance_scale}
 
 

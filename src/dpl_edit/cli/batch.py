@@ -11,7 +11,7 @@ from .. import checks
 from ..editing.plan import TARGET_TOKENS
 from ..errors import DplEditError
 from . import COMMANDS
-from .common import add_model_options, load
+from .common import add_model_options, load, load_options
 
 
 def register(commands) -> None:
@@ -154,7 +154,8 @@ def run_processes(args: argparse.Namespace, items, methods: list[str]) -> dict[s
     from ..batch.runner import PIE_GUIDANCE, check_same_run, is_done
 
     # what is known before a worker loads the model (they check the model and its weight files too)
-    check_same_run(args.out, {"dtype": args.dtype or "float32", "steps": args.steps, "guidance": PIE_GUIDANCE}, items)
+    check_same_run(args.out, {"dtype": load_options(args)["dtype"], "steps": args.steps, "guidance": PIE_GUIDANCE},
+                   items)
 
     left = [(method, item) for method in methods for item in items if not is_done(args.out, method, item)]
     if not left:

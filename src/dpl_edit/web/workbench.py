@@ -248,7 +248,7 @@ class Workbench:
             summary += (f"; DPL steps at the {cap}-iteration cap: {capped_steps(inversion.dpl_log, cap)} "
                         f"of {inversion.num_steps}")
         if inversion.method == "dpl" and model.dtype != torch.float32:
-            summary += (f"; DPL in {str(model.dtype).removeprefix('torch.')} went astray on some scenes where "
+            summary += (f"; DPL in {checks.dtype_name(model.dtype)} went astray on some scenes where "
                         "float32 did not (README, Benchmarks): float32 is its reliable precision")
         return InversionView(
             key=key, inversion=inversion, reconstruction=reconstruction, psnr=score,
