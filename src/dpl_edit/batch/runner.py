@@ -116,14 +116,17 @@ def check_same_run(out: str | Path, settings: dict, items: Sequence[EditItem] = 
 
 
 def _records(out: str | Path) -> dict[Path, dict]:
-    """Every readable record of a batch folder, by path (one that cannot be read is redone as not done)."""
-    records = {}
-    for path in sorted((Path(out) / "records").glob("*/*.json")):
-        try:
-            records[path] = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-    return records
+    """Every readable record of a batch folder, by path."""
+    records = {path: _read_record(path) for path in sorted((Path(out) / "records").glob("*/*.json"))}
+    return {path: record for path, record in records.items() if record is not None}
+
+
+def _read_record(path: Path) -> dict | None:
+    """A record, or None where it cannot be read (its item is redone as not done)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -135,10 +138,7 @@ def is_done(out: str | Path, method: str, item: EditItem) -> bool:
     path = record_path(out, method, item)
     if not path.is_file() or not edit_path(out, METHOD_FOLDERS[method], item).is_file():
         return False
-    try:
-        return json.loads(path.read_text()).get("status") == "done"
-    except (OSError, json.JSONDecodeError):
-        return False
+    return (_read_record(path) or {}).get("status") == "done"
 
 
 def image_groups(dataset: str | Path, items: Sequence[EditItem]) -> list[list[EditItem]]:
