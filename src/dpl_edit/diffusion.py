@@ -47,7 +47,7 @@ class DDIMSchedule:
             limit = next(n for n in range(min(num_steps, config.num_train_timesteps), 0, -1) if _fits(probe, n))
             raise SettingError(f"num_steps must be at most {limit} with this model's DDIM scheduler "
                                f"({config.num_train_timesteps} noise levels), got {num_steps}")
-        probe.set_timesteps(num_steps)
+        # _fits left the probe's timesteps set for num_steps
         acp = probe.alphas_cumprod.double()
         return cls(
             timesteps=tuple(probe.timesteps.tolist()),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 
 import torch
 
@@ -74,10 +75,17 @@ def load(args: argparse.Namespace, name: str, variant: str | None = None, dtype:
     and ``--dtype`` are not given."""
     variant = args.variant if args.variant is not None else variant
     options = load_options(args, dtype)
+    with loading(args, name, options, variant):
+        return load_model(name, variant=variant, **options)
+
+
+@contextmanager
+def loading(args: argparse.Namespace, name: str, options: dict, variant: str | None):
+    """Around a model's load: what loads, and how, said first (unless --quiet); the collector kept out of it."""
     if not args.quiet:
         print(f"Loading model {name} on {described(options, variant)}", file=sys.stderr)
     with collector.loading():
-        return load_model(name, variant=variant, **options)
+        yield
 
 
 def described(options: dict, variant: str | None) -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from .. import checks
 from ..errors import DplEditError
-from . import COMMANDS, collector
-from .common import add_model_options, described, load_options
+from . import COMMANDS
+from .common import add_model_options, load_options, loading
 
 
 def register(commands) -> None:
@@ -47,9 +47,7 @@ def serve_command(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise DplEditError(f"dpl serve needs Gradio ({err}); install it with: pip install 'dpl-edit[web]'") from err
     workbench = Workbench(args.cache, model_name=args.model, variant=args.variant, **options)
-    if not args.quiet:
-        print(f"Loading model {args.model} on {described(options, args.variant)}", file=sys.stderr)
-    with collector.loading():
+    with loading(args, args.model, options, args.variant):
         workbench.model()  # a model that cannot be loaded (offline, say) fails here, before the page starts
     print(f"dpl serve: model {args.model}, cache {args.cache}; open http://{args.host}:{args.port}", file=sys.stderr)
     serve(workbench, host=args.host, port=args.port, share=args.share, default_steps=args.steps)
