@@ -186,7 +186,7 @@ def worker_argv(args: argparse.Namespace, worker) -> list[str]:
 
 
 def metrics_command(args: argparse.Namespace) -> int:
-    from ..batch.metrics import evaluate, tables, write_tables
+    from ..batch.metrics import evaluate, write_tables
     from ..batch.runner import METHOD_FOLDERS
 
     methods = methods_of(args)
@@ -199,9 +199,8 @@ def metrics_command(args: argparse.Namespace) -> int:
     items = selection(args)
     result = evaluate(args.dataset, args.out, items, methods, dino=args.dino, clip=args.clip, lpips=args.lpips,
                       progress=not args.quiet)
-    markdown, _ = tables(result)
     paths = write_tables(result, args.out)
-    print(markdown)
+    print(paths[0].read_text())  # the tables as written
     print(f"Written: {paths[0]}, {paths[1]}", file=sys.stderr)
     return 0
 
