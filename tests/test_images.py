@@ -30,6 +30,12 @@ def test_modes_and_exif_orientation(tmp_path):
     for mode in ("L", "P", "RGBA", "I;16", "CMYK"):
         image = Image.new(mode, (40, 30))
         assert load_image(_save(tmp_path, image, f"m.{'tif' if mode == 'CMYK' else 'png'}"), 32).mode == "RGB"
+    # 16-bit greyscale keeps its brightness: full scale is 65535, whatever the image's own maximum
+    for mode in ("I;16", "I"):
+        dark = Image.fromarray(np.array([[0, 32896], [4112, 8224]], dtype=np.uint16 if mode == "I;16" else np.int32))
+        assert dark.mode == mode
+        read = np.asarray(load_image(_save(tmp_path, dark, f"g.{'png' if mode == 'I;16' else 'tif'}"), 2))
+        assert read[..., 0].tolist() == [[0, 128], [16, 32]] and (read == read[..., :1]).all()
     tall = Image.new("RGB", (20, 40), (255, 0, 0))
     exif = tall.getexif()
     exif[0x0112] = 6  # rotate 90 degrees on display

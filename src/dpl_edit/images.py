@@ -58,10 +58,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        scaled = (array / max(array.max(), 1.0) * 255).round().astype(np.uint8)
-        return Image.fromarray(scaled).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale ("I": as older Pillows open it)
+        array = np.asarray(image, dtype=np.float64).clip(0, 65535)
+        return Image.fromarray((array * (255 / 65535)).round().astype(np.uint8)).convert("RGB")
     return image.convert("RGB")
 
 
