@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dpl_edit import ImageLoadError, load_image
@@ -76,6 +77,27 @@ def test_a_mask_is_made_square_as_its_image_was(tmp_path):
     pad = load_mask(path, "pad")
     assert pad.shape == (6, 6) and pad[1:5, 2:4].all() and pad.sum() == 8
     assert load_mask(path, "resize").shape == (6, 6) and load_mask(path, "resize")[:, 2:4].all()
+
+
+def test_masks_of_0_and_1_16_bit_masks_and_empty_masks(tmp_path):
+    """A 0/1 mask (a boolean array saved with PIL) and a 16-bit one read as the 0/255 mask; a mask
+    with no object, or none left after the crop, is an error rather than an IoU of 0."""
+    from dpl_edit.localisation import load_mask
+
+    array = np.zeros((4, 6), dtype=np.uint8)
+    array[1:3, 2:4] = 1
+    want = load_mask(_save(tmp_path, Image.fromarray(array * 255), "white.png"))
+    assert want.sum() == 4
+    assert torch.equal(load_mask(_save(tmp_path, Image.fromarray(array), "ones.png")), want)
+    assert torch.equal(load_mask(_save(tmp_path, Image.fromarray(array.astype(bool)), "bool.png")), want)
+    assert torch.equal(load_mask(_save(tmp_path, Image.fromarray(array.astype(np.uint16) * 65535), "16.png")), want)
+    with pytest.raises(ImageLoadError, match="no object pixels"):
+        load_mask(_save(tmp_path, Image.fromarray(np.zeros((4, 6), dtype=np.uint8)), "empty.png"))
+    side = np.zeros((4, 8), dtype=np.uint8)
+    side[:, 0] = 255  # the object is outside the centred square
+    with pytest.raises(ImageLoadError, match="no object pixels in the centred square"):
+        load_mask(_save(tmp_path, Image.fromarray(side), "side.png"), "crop")
+    assert load_mask(tmp_path / "side.png", "pad").sum() == 4
 
 
 def test_tensor_round_trip():

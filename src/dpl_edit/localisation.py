@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import ImageLoadError
-from .images import Fit, fit_square
+from .images import Fit, fit_square, to_rgb
 
 THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(11))
 SUMMARY_FROM = 1  # index of the first threshold (0.1) that summaries use: 0.0 switches every pixel on
@@ -69,19 +69,28 @@ def iou_curve(
 
 
 def load_mask(path: str | os.PathLike, fit: Fit = "crop") -> torch.Tensor:
-    """A ground-truth mask (S, S) bool from an image file: pixels brighter than half are the object.
+    """A ground-truth mask (S, S) bool from an image file: pixels brighter than half are the object,
+    or, in a mask of 0s and 1s (as a boolean array saved with PIL is), the 1s.
 
     A mask of a non-square image is made square as the image was (``fit``, the inversion's: centre
     crop, stretch, or pad with background), at its own resolution, so that it lies where the
-    inverted image's pixels do."""
+    inverted image's pixels do. A mask with no object pixels left is an ImageLoadError: every IoU
+    with it would be 0 whatever the map."""
     try:
         with Image.open(path) as image:
-            grey = image.convert("L")
+            image.load()
+            grey = (to_rgb(image) if image.mode.startswith("I") else image).convert("L")  # 16-bit: from 65535
     except (OSError, SyntaxError) as err:
         raise ImageLoadError(f"Could not read the mask {path} ({err}); use a black-and-white PNG.") from err
     side = min(grey.size) if fit == "crop" else max(grey.size)
-    grey = fit_square(grey, side, fit, fill=0, resample=Image.Resampling.NEAREST)
-    return torch.from_numpy(np.asarray(grey) > 127)
+    grey = np.asarray(fit_square(grey, side, fit, fill=0, resample=Image.Resampling.NEAREST))
+    binary = int(grey.max()) <= 1  # 0/1, not 0/255
+    mask = grey > (0 if binary else 127)
+    if not mask.any():
+        where = " in the centred square the image was cropped to" if fit == "crop" else ""
+        raise ImageLoadError(f"The mask {path} has no object pixels{where} (the object is white, or 1 in a "
+                             "mask of 0s and 1s).")
+    return torch.from_numpy(mask)
 
 
 def plot_curves(curves: Mapping[str, torch.Tensor], path: str | os.PathLike, title: str = "") -> None:
