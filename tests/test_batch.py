@@ -20,7 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dpl_edit.batch.metrics import StructureDistance, published_means, region_psnr, tables, unedited_part
+from dpl_edit.batch.metrics import (
+    StructureDistance,
+    at_source_size,
+    published_means,
+    region_psnr,
+    tables,
+    unedited_part,
+)
 from dpl_edit.batch.piebench import decode_mask, edit_path, encode_mask, read_dataset
 from dpl_edit.batch.processes import Worker, run_workers, threads_per_process
 from dpl_edit.batch.runner import (
@@ -318,6 +325,24 @@ def test_unedited_part_metrics_mask_as_pie_bench():
     assert scores["psnr_unedit_part"] == pytest.approx(10 * math.log10(1 / mse), rel=1e-5)
     assert region_psnr(b, b, mask | True) == pytest.approx(120.0)
     assert all(math.isnan(v) for v in unedited_part(a, b, np.ones((64, 64), dtype=bool)).values())
+
+
+def test_an_edit_is_compared_with_its_source_at_the_source_s_size():
+    """Our edits are at the model's size (SD 2.x: 768 against PIE-Bench's 512; the scene model: 64),
+    PIE-Bench's own outputs a strip of panels with the edit last; anything else is refused."""
+    rng = np.random.default_rng(0)
+    source, edit = (Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(2))
+    assert at_source_size(edit, source) is edit
+    strip = Image.new("RGB", (24, 8))
+    strip.paste(source, (8, 0))
+    strip.paste(edit, (16, 0))
+    assert np.array_equal(np.asarray(at_source_size(strip, source)), np.asarray(edit))
+    for side in (12, 4):  # a model of another size than the dataset's images
+        larger = edit.resize((side, side), Image.Resampling.LANCZOS)
+        assert np.array_equal(np.asarray(at_source_size(larger, source)),
+                              np.asarray(larger.resize((8, 8), Image.Resampling.LANCZOS)))
+    with pytest.raises(DplEditError, match="10x8, its source image 8x8"):
+        at_source_size(Image.new("RGB", (10, 8)), source, "10x8")
 
 
 def test_structure_distance_is_the_key_self_similarity_of_dino_s_last_layer(tmp_path):

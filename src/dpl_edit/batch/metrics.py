@@ -53,6 +53,22 @@ def unit(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
 
 
+def at_source_size(edited: Image.Image, source: Image.Image, path: str | Path = "the edit") -> Image.Image:
+    """The edit as the metrics compare it with the source image: as it is at the source's size; its last
+    panel where it is PIE-Bench's strip of panels ([text,] source, reconstruction, edit: a multiple of the
+    source's size); resized to the source's size where it is the same picture at a model's own size (SD
+    2.x's 768 pixels against PIE-Bench's 512, the scene model's 64); else a DplEditError."""
+    (width, height), (side_w, side_h) = edited.size, source.size
+    if (width, height) == (side_w, side_h):
+        return edited
+    if width % side_w == 0 and height % side_h == 0:
+        return edited.crop((width - side_w, height - side_h, width, height))
+    if width * side_h == height * side_w:
+        return edited.resize(source.size, Image.Resampling.LANCZOS)
+    raise DplEditError(f"{path} is {width}x{height}, its source image {side_w}x{side_h}: neither the source's "
+                       "shape nor a strip of panels of its size, so it cannot be compared with it.")
+
+
 def unedited_images(source: Image.Image, edited: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Source and edit in [0, 1] with the edited part (mask) zeroed, as PIE-Bench compares them."""
     keep = torch.from_numpy(1 - mask.astype(np.float32))
@@ -200,10 +216,7 @@ def evaluate(dataset: str | Path, out: str | Path, items: Sequence[EditItem], me
                 rows.append({**row, "missing": True})
                 continue
             with Image.open(path) as opened:
-                edited = opened.convert("RGB")
-            if edited.size != source.size:  # PIE-Bench's outputs may hold [text, source, reconstruction, edit]
-                edited = edited.crop((edited.width - source.width, edited.height - source.height,
-                                      edited.width, edited.height))
+                edited = at_source_size(opened.convert("RGB"), source, path)
             row.update(unedited_part(source, edited, mask))
             if "lpips" in weighted:
                 row["lpips_unedit_part"] = unedited_lpips(weighted["lpips"], source, edited, mask)
