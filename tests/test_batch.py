@@ -100,6 +100,9 @@ def test_scene_export_is_a_pie_bench_folder(dataset):
     config = pie_edit_config(shape, {})
     assert (config.mode, config.cross_replace_steps, config.self_replace_steps) == ("refine", 0.4, 0.6)
     assert config.reweight == {shape.blended_word[1]: 2.0} and config.blend == shape.blended_word
+    # as PIE-Bench's run_editing_p2p.py: the first two words, whatever follows
+    longer = dataclasses.replace(shape, blended_word=("teddy", "bear", "dog"))
+    assert pie_edit_config(longer, {}).blend == ("teddy", "bear") and pie_edit_config(longer, {}).reweight == {"bear": 2.0}
 
 
 def test_brackets_become_dpl_words_without_a_dpl_prompt(tmp_path):

@@ -63,10 +63,12 @@ class BatchSummary:
 
 
 def pie_edit_config(item: EditItem, model_settings: dict, target_tokens: str | None = None) -> EditConfig:
-    """PIE-Bench's P2P settings for an item (and ``target_tokens``, else the model's recommendation)."""
+    """PIE-Bench's P2P settings for an item (and ``target_tokens``, else the model's recommendation). As
+    its ``run_editing_p2p.py``, the blend words are the first two words of ``blended_word`` and the
+    second is re-weighted."""
     blend, reweight = (), {}
     if len(item.blended_word) >= 2:
-        source_word, target_word = item.blended_word[0], item.blended_word[-1]
+        source_word, target_word = item.blended_word[:2]
         blend, reweight = (source_word, target_word), {target_word: PIE_REWEIGHT}
     config = EditConfig(mode="refine", cross_replace_steps=PIE_CROSS_STEPS, self_replace_steps=PIE_SELF_STEPS,
                         blend=blend, reweight=reweight, **({"target_tokens": target_tokens} if target_tokens else {}))
