@@ -281,13 +281,21 @@ def test_an_interrupted_parent_stops_its_workers(dataset, tmp_path):
     # the interrupt reaches the parent alone (not a terminal's Ctrl-C): it passes it on and waits for them
     parent = subprocess.Popen([sys.executable, "-m", "dpl_edit.cli", "batch", str(dataset), "--model", "scenes",
                                "--methods", "dpl", "--steps", "50", "--device", "cpu", "--quiet", "--out", str(tmp_path),
-                               "--processes", "2"], env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE,
-                              text=True)
+                               "--processes", "2"], env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"},
+                              stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".claims-*/chunk-*")) and time.monotonic() < deadline:  # the workers have begun
         time.sleep(0.2)
     parent.send_signal(signal.SIGINT)
-    _, err = parent.communicate(timeout=120)
+    try:
+        _, err = parent.communicate(timeout=120)  # by design it ends within about 65 s (the workers killed at 60)
+    except subprocess.TimeoutExpired:  # seen once in CI and not since: leave what explains it
+        states = subprocess.run(["ps", "-o", "pid,ppid,stat,etime,wchan:24,args", "-p", str(parent.pid), "--ppid",
+                                 str(parent.pid)], check=False, capture_output=True, text=True).stdout
+        subprocess.run(["pkill", "-KILL", "-P", str(parent.pid)], check=False)
+        parent.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's Python stack to its stderr
+        _, err = parent.communicate(timeout=30)
+        pytest.fail(f"the interrupted parent had not ended after 120 s\n{states}\nits stderr:\n{err}")
     assert parent.returncode == 130, err
     assert err.count("interrupted") == 1 and not list(tmp_path.glob(".claims-*"))
 
@@ -340,7 +348,7 @@ def test_an_edit_is_compared_with_its_source_at_the_source_s_size():
     strip.paste(source, (8, 0))
     strip.paste(edit, (16, 0))
     assert np.array_equal(np.asarray(at_source_size(strip, source)), np.asarray(edit))
-    for side in (12, 4):  # a model of another size than the dataset's images
+    for side in (12, 4, 16):  # a model of another size than the dataset's images (16: a multiple, not a strip)
         larger = edit.resize((side, side), Image.Resampling.LANCZOS)
         assert np.array_equal(np.asarray(at_source_size(larger, source)),
                               np.asarray(larger.resize((8, 8), Image.Resampling.LANCZOS)))

@@ -54,17 +54,18 @@ def unit(image: Image.Image) -> torch.Tensor:
 
 
 def at_source_size(edited: Image.Image, source: Image.Image, path: str | Path = "the edit") -> Image.Image:
-    """The edit as the metrics compare it with the source image: as it is at the source's size; its last
-    panel where it is PIE-Bench's strip of panels ([text,] source, reconstruction, edit: a multiple of the
-    source's size); resized to the source's size where it is the same picture at a model's own size (SD
-    2.x's 768 pixels against PIE-Bench's 512, the scene model's 64); else a DplEditError."""
+    """The edit as the metrics compare it with the source image: as it is at the source's size; resized
+    to the source's size where it has the source's shape at another size (a model's own: SD 2.x's 768
+    pixels against PIE-Bench's 512, the scene model's 64, the tiny model's 128 against a scene's 64);
+    its last panel where it is PIE-Bench's strip of panels (text, source, reconstruction, edit side by
+    side: a multiple of the source's size); else a DplEditError."""
     (width, height), (side_w, side_h) = edited.size, source.size
     if (width, height) == (side_w, side_h):
         return edited
-    if width % side_w == 0 and height % side_h == 0:
-        return edited.crop((width - side_w, height - side_h, width, height))
     if width * side_h == height * side_w:
         return edited.resize(source.size, Image.Resampling.LANCZOS)
+    if width % side_w == 0 and height % side_h == 0:
+        return edited.crop((width - side_w, height - side_h, width, height))
     raise DplEditError(f"{path} is {width}x{height}, its source image {side_w}x{side_h}: neither the source's "
                        "shape nor a strip of panels of its size, so it cannot be compared with it.")
 
