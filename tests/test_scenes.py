@@ -1,5 +1,11 @@
 """Scene renderer, edit oracle, splits, and the training pipeline on CPU."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -108,6 +114,23 @@ def test_training_resumes_exactly(tmp_path):
     resumed.resume()
     for name, value in straight.ema.items():
         torch.testing.assert_close(resumed.ema[name], value, rtol=0, atol=0)
+
+
+def test_a_killed_training_run_saves_its_checkpoint(tmp_path):
+    """A SIGTERM (``kill``, a batch system's stop or time limit) is a Ctrl-C to ``dpl``: the run saves
+    where it is (no checkpoint is due here before it) and says so in one line."""
+    run = subprocess.Popen(
+        [sys.executable, "-m", "dpl_edit.cli", "train-scenes", "--out", str(tmp_path), "--vae-steps", "100000",
+         "--vae-batch-size", "2", "--train-scenes", "8", "--checkpoint-every", "100000", "--device", "cpu", "--quiet"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE, text=True)
+    log, deadline = tmp_path / "loss_log.jsonl", time.monotonic() + 120
+    while not (log.is_file() and log.read_text()) and time.monotonic() < deadline:  # 50 steps are done
+        time.sleep(0.1)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and err.count("interrupted") == 1, err
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["stage"] == "vae" and state["step"] >= 50
 
 
 def test_training_resumes_from_an_exported_model(tmp_path):

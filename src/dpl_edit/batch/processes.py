@@ -136,12 +136,14 @@ def _pass_on(process: subprocess.Popen, errors: set[str]) -> None:
 
 def _stop(processes: list[subprocess.Popen]) -> None:
     """Stop the workers of an interrupted parent: interrupted too where the interrupt did not reach them
-    (a terminal's Ctrl-C does), and killed where they have not ended after ``STOP_S``."""
+    (a terminal's Ctrl-C does; a ``kill`` of the parent does not), by a SIGTERM, which a worker takes as
+    a Ctrl-C (``dpl_edit.cli.terminate_as_interrupt``) even where it was started with SIGINT ignored (a
+    shell script's background job), and killed where they have not ended after ``STOP_S``."""
     started = time.monotonic()
     _wait(processes, started + GRACE_S)
     for process in processes:
         if process.poll() is None:
-            process.send_signal(signal.SIGINT)
+            process.send_signal(signal.SIGTERM)
     for process in _wait(processes, started + STOP_S):
         process.kill()
         process.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 import tempfile
 import time
@@ -42,12 +43,27 @@ COMMANDS = {
 
 def console() -> int:
     """The ``dpl`` executable (and ``python -m dpl_edit.cli``): :func:`main` with what its start-up
-    imports and loads kept out of the garbage collector's passes (:mod:`.collector`)."""
+    imports and loads kept out of the garbage collector's passes (:mod:`.collector`), and a SIGTERM
+    taken as a Ctrl-C (:func:`terminate_as_interrupt`)."""
+    terminate_as_interrupt()
     collector.start()
     try:
         return main()
     finally:
         collector.settle()  # the interpreter's exit then skips walking every object (about 1 s)
+
+
+def terminate_as_interrupt() -> None:
+    """A SIGTERM (``kill``, a batch system's stop, ``dpl batch --processes`` stopping its workers) ends the
+    process as a Ctrl-C does: the step in progress is dropped, what is written stays, a training run
+    saves its checkpoint, a batch parent stops its workers, and one ``interrupted`` line. Left alone where
+    the process was started with SIGTERM ignored, as Python leaves an ignored SIGINT."""
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
