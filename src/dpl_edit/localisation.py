@@ -78,7 +78,6 @@ def load_mask(path: str | os.PathLike, fit: Fit = "crop") -> torch.Tensor:
     with it would be 0 whatever the map."""
     try:
         with Image.open(path) as image:
-            image.load()
             grey = (to_rgb(image) if image.mode.startswith("I") else image).convert("L")  # 16-bit: from 65535
     except (OSError, SyntaxError) as err:
         raise ImageLoadError(f"Could not read the mask {path} ({err}); use a black-and-white PNG.") from err
