@@ -30,6 +30,14 @@ def test_round_trip_is_bit_identical(inversion, tmp_path):
     assert not list((tmp_path / "inv").glob("*.pkl")) and not list((tmp_path / "inv").glob("*.pt"))
 
 
+def test_an_inversion_without_an_image_saved_over_one_with_leaves_no_image(inversion, tmp_path):
+    import dataclasses
+
+    inversion.save(tmp_path / "inv")
+    dataclasses.replace(inversion, source_image=None).save(tmp_path / "inv")
+    assert Inversion.load(tmp_path / "inv").source_image is None
+
+
 def test_refuses_another_model(inversion, model):
     inversion.check_compatible(model)
     with pytest.raises(InversionFileError, match="differs from the loaded model"):

@@ -105,6 +105,8 @@ class Inversion:
             tmp = folder / (SOURCE_FILE + ".tmp")
             self.source_image.save(tmp, format="PNG")
             os.replace(tmp, folder / SOURCE_FILE)
+        else:  # not an earlier inversion's image taken for this one's
+            (folder / SOURCE_FILE).unlink(missing_ok=True)
         skip = (*_TENSOR_FIELDS, "source_image")
         metadata = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         metadata.update(format=FORMAT, format_version=FORMAT_VERSION, tensors_sha256=digest)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import time
 from pathlib import Path
 
 from PIL import Image
 
 from .. import checks
-from ..artifacts import Inversion
+from ..artifacts import METADATA_FILE, SOURCE_FILE, TENSORS_FILE, Inversion
 from ..editing import MODES, EditConfig, EditResult, edit, plan_edit, recommended_edit_config
 from ..editing.plan import TARGET_TOKENS
 from ..errors import DplEditError
@@ -202,11 +203,28 @@ def write_edits(result: EditResult, source_image, out: Path) -> None:
     print(f"Grid: {out / 'edit_grid.png'}")
 
 
+def set_aside_previous(folder: Path) -> Path | None:
+    """Move the inversion saved in ``folder``, with what was made from it there (its reconstruction
+    and ``edits`` folders), into ``folder/previous`` (``previous-2``, ... once that is taken), so that
+    the inversion about to replace it has no edits beside it that it did not make; returns where they
+    went, or None where ``folder`` holds no inversion. Other files stay where they are."""
+    if not (folder / METADATA_FILE).is_file():
+        return None
+    made = [TENSORS_FILE, METADATA_FILE, SOURCE_FILE, "reconstruction.png"]
+    made += [p.name for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"edits(-\d+)?", p.name)]
+    previous = _unused_folder(folder / "previous")
+    previous.mkdir(exist_ok=True)
+    for name in made:
+        if (folder / name).exists():
+            (folder / name).rename(previous / name)
+    return previous
+
+
 def _unused_folder(base: Path) -> Path:
     """``base``, or the first of base-2, base-3, ... that is missing or empty: a later edit of an
     inversion keeps the earlier edits' images where no --out is given."""
     folder, n = base, 1
-    while folder.is_dir() and any(folder.iterdir()):
+    while folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
         n += 1
         folder = base.with_name(f"{base.name}-{n}")
     return folder
@@ -238,7 +256,7 @@ def run_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = edit(model, inversion, args.target, config, progress=not args.quiet)
     print(f"Edited in {time.perf_counter() - started:.1f} s")
-    write_edits(result, inversion.source_image, args.out / "edits")
+    write_edits(result, inversion.source_image, _unused_folder(args.out / "edits"))
     return 0
 
 
@@ -303,8 +321,11 @@ def invert_from_args(args: argparse.Namespace, model, settings: tuple[NullTextCo
         progress=not args.quiet,
     )
     inversion.settings["fit"] = args.fit
+    previous = set_aside_previous(args.out)
     inversion.save(args.out)
     print(f"Inverted {args.image} with {args.method} in {time.perf_counter() - started:.1f} s -> {args.out}/")
+    if previous is not None:
+        print(f"The inversion this replaces, with its reconstruction and edits, is now in {previous}/")
     if inversion.dpl_log:  # (more than half the steps at the cap also logs a warning)
         print(saturation(inversion.dpl_log, dpl.max_iterations))
     return inversion
