@@ -213,24 +213,24 @@ def test_an_inversion_redone_in_its_folder_moves_the_old_one_and_its_edits_aside
 
     out = tmp_path / "run"
     common = ["--model", "tiny", "--steps", "2", "--quiet", "--out", str(out)]
-    assert main(["run", str(photo), "--source", "a {red} wall", "--target", "a blue wall", "--target",
-                 "a red door", "--dpl-iterations", "1", *common]) == 0
+    assert main(["run", str(photo), "--source", "a red wall", "--target", "a blue wall", "--target",
+                 "a red door", "--method", "ddim", *common]) == 0
     assert main(["reconstruct", str(out), "--quiet"]) == 0
     (out / "notes.txt").write_text("mine")
     first = Inversion.load(out)
     capsys.readouterr()
-    assert main(["invert", str(photo), "--prompt", "a red wall", *common]) == 0  # redone with nti
+    assert main(["invert", str(photo), "--prompt", "a red wall", "--method", "npi", *common]) == 0  # redone
     assert f"now in {out / 'previous'}/" in capsys.readouterr().out
     kept = Inversion.load(out / "previous")
-    assert kept.method == first.method == "dpl" and torch.equal(kept.latent_T, first.latent_T)
+    assert kept.method == first.method == "ddim" and torch.equal(kept.latent_T, first.latent_T)
     assert {p.name for p in (out / "previous").iterdir()} == {
         "inversion.safetensors", "inversion.json", "source.png", "reconstruction.png", "edits"}
     assert {p.name for p in (out / "previous" / "edits").iterdir()} >= {"edit_1.png", "edit_2.png"}
-    assert Inversion.load(out).method == "nti" and (out / "notes.txt").read_text() == "mine"
+    assert Inversion.load(out).method == "npi" and (out / "notes.txt").read_text() == "mine"
     assert not (out / "edits").exists() and not (out / "reconstruction.png").exists()
-    assert main(["run", str(photo), "--source", "a {red} wall", "--target", "a red door",
-                 "--dpl-iterations", "1", *common]) == 0  # again: previous-2, and edits of its own
-    assert Inversion.load(out / "previous-2").method == "nti" and not (out / "previous-2" / "edits").exists()
+    assert main(["run", str(photo), "--source", "a red wall", "--target", "a red door", "--method", "ddim",
+                 *common]) == 0  # again: previous-2, and edits of its own
+    assert Inversion.load(out / "previous-2").method == "npi" and not (out / "previous-2" / "edits").exists()
     assert sorted(p.name for p in (out / "edits").iterdir() if p.name.startswith("edit_")) == [
         "edit_1.png", "edit_grid.png"]
 

@@ -37,6 +37,10 @@ def test_modes_and_exif_orientation(tmp_path):
         assert dark.mode == mode
         read = np.asarray(load_image(_save(tmp_path, dark, f"g.{'png' if mode == 'I;16' else 'tif'}"), 2))
         assert read[..., 0].tolist() == [[0, 128], [16, 32]] and (read == read[..., :1]).all()
+    # float greyscale (a 32-bit TIFF): 0-1 as numpy and skimage write it, 0-255 once a value exceeds 1
+    for values, want in (([[0, 0.5], [0.0625, 1]], [[0, 128], [16, 255]]), ([[0, 128], [16, 300]], [[0, 128], [16, 255]])):
+        read = np.asarray(load_image(_save(tmp_path, Image.fromarray(np.array(values, np.float32)), "f.tif"), 2))
+        assert read[..., 0].tolist() == want
     tall = Image.new("RGB", (20, 40), (255, 0, 0))
     exif = tall.getexif()
     exif[0x0112] = 6  # rotate 90 degrees on display

@@ -53,7 +53,8 @@ def open_image(path: str | os.PathLike) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB version of any PIL image; transparency is composited on white."""
+    """RGB version of any PIL image; transparency is composited on white, 16-bit greyscale is read
+    from its full scale (65535), float greyscale from 0-1 unless a value exceeds 1 (then 0-255)."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -61,6 +62,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale ("I": as older Pillows open it)
         array = np.asarray(image, dtype=np.float64).clip(0, 65535)
         return Image.fromarray((array * (255 / 65535)).round().astype(np.uint8)).convert("RGB")
+    if image.mode == "F":  # 32-bit float: 0-1 where nothing exceeds 1 (numpy's and skimage's scale), else 0-255
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        scale = 255 if array.max() <= 1 else 1
+        return Image.fromarray((array * scale).clip(0, 255).round().astype(np.uint8)).convert("RGB")
     return image.convert("RGB")
 
 
