@@ -325,7 +325,7 @@ def invert_from_args(args: argparse.Namespace, model, settings: tuple[NullTextCo
     inversion.save(args.out)
     print(f"Inverted {args.image} with {args.method} in {time.perf_counter() - started:.1f} s -> {args.out}/")
     if previous is not None:
-        print(f"The inversion this replaces, with its reconstruction and edits, is now in {previous}/")
+        print(f"The inversion this replaces, and what was made from it here, is now in {previous}/")
     if inversion.dpl_log:  # (more than half the steps at the cap also logs a warning)
         print(saturation(inversion.dpl_log, dpl.max_iterations))
     return inversion
