@@ -216,6 +216,7 @@ def test_an_inversion_redone_in_its_folder_moves_the_old_one_and_its_edits_aside
     assert main(["run", str(photo), "--source", "a red wall", "--target", "a blue wall", "--target",
                  "a red door", "--method", "ddim", *common]) == 0
     assert main(["reconstruct", str(out), "--quiet"]) == 0
+    assert main(["attention", str(out), "--quiet"]) == 0
     (out / "notes.txt").write_text("mine")
     first = Inversion.load(out)
     capsys.readouterr()
@@ -224,7 +225,7 @@ def test_an_inversion_redone_in_its_folder_moves_the_old_one_and_its_edits_aside
     kept = Inversion.load(out / "previous")
     assert kept.method == first.method == "ddim" and torch.equal(kept.latent_T, first.latent_T)
     assert {p.name for p in (out / "previous").iterdir()} == {
-        "inversion.safetensors", "inversion.json", "source.png", "reconstruction.png", "edits"}
+        "inversion.safetensors", "inversion.json", "source.png", "reconstruction.png", "attention_words.png", "edits"}
     assert {p.name for p in (out / "previous" / "edits").iterdir()} >= {"edit_1.png", "edit_2.png"}
     assert Inversion.load(out).method == "npi" and (out / "notes.txt").read_text() == "mine"
     assert not (out / "edits").exists() and not (out / "reconstruction.png").exists()

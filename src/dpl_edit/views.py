@@ -171,6 +171,10 @@ def demo_figure(source, target, edits: dict, first: Inversion, second: Inversion
     return fig
 
 
+# What write_attention_views may write: the words' maps, DPL's clusters and mask, its log, a comparison.
+ATTENTION_VIEWS = ("attention_words.png", "attention_background.png", "dpl_log.png", "attention_comparison.png")
+
+
 def write_attention_views(
     folder: str | os.PathLike, compare: str | os.PathLike | None = None, out: str | os.PathLike | None = None
 ) -> list[Path]:
@@ -178,15 +182,16 @@ def write_attention_views(
     inversion = Inversion.load(folder)
     out = checks.output_folder("The attention views' folder", out or folder)
     out.mkdir(parents=True, exist_ok=True)
-    figures = {"attention_words.png": word_attention_grid(inversion)}
+    words, background, log, comparison = ATTENTION_VIEWS
+    figures = {words: word_attention_grid(inversion)}
     if inversion.clusters is not None:
-        figures["attention_background.png"] = background_view(inversion)
+        figures[background] = background_view(inversion)
     if inversion.dpl_log:
-        figures["dpl_log.png"] = dpl_log_view(inversion)
+        figures[log] = dpl_log_view(inversion)
     if compare is not None:
         other = Inversion.load(compare)
         pair = (other, inversion) if inversion.method == "dpl" else (inversion, other)
-        figures["attention_comparison.png"] = comparison_grid(*pair)
+        figures[comparison] = comparison_grid(*pair)
     for name, fig in figures.items():
         save_figure(fig, out / name)
     return [out / name for name in figures]

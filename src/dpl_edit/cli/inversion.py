@@ -22,7 +22,7 @@ from ..losses import SPANS
 from ..pipeline import METHODS, PRESETS, invert, model_dpl_config, reconstruct
 from ..prompts import check_marks, parse_marked_prompt
 from ..registry import DEFAULT_MODEL
-from ..views import edit_grid, save_figure
+from ..views import ATTENTION_VIEWS, edit_grid, save_figure
 from . import COMMANDS
 from .common import add_model_options, load, load_for, pairs
 
@@ -204,13 +204,13 @@ def write_edits(result: EditResult, source_image, out: Path) -> None:
 
 
 def set_aside_previous(folder: Path) -> Path | None:
-    """Move the inversion saved in ``folder``, with what was made from it there (its reconstruction
-    and ``edits`` folders), into ``folder/previous`` (``previous-2``, ... once that is taken), so that
+    """Move the inversion saved in ``folder``, with what was made from it there (its reconstruction,
+    attention views and ``edits`` folders), into ``folder/previous`` (``previous-2``, ... once that is taken), so that
     the inversion about to replace it has no edits beside it that it did not make; returns where they
     went, or None where ``folder`` holds no inversion. Other files stay where they are."""
     if not (folder / METADATA_FILE).is_file():
         return None
-    made = [TENSORS_FILE, METADATA_FILE, SOURCE_FILE, "reconstruction.png"]
+    made = [TENSORS_FILE, METADATA_FILE, SOURCE_FILE, "reconstruction.png", *ATTENTION_VIEWS]
     made += [p.name for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"edits(-\d+)?", p.name)]
     previous = _unused_folder(folder / "previous")
     previous.mkdir(exist_ok=True)
