@@ -209,6 +209,9 @@ API_CASES = [
     (lambda: DynamicPromptConfig(lambda_dj=math.nan), "DPL lambda_dj must be a finite number"),
     (lambda: DynamicPromptConfig(max_iterations=-1), "DPL max_iterations must be at least 0"),
     (lambda: DynamicPromptConfig(cross_resolution=0), "DPL cross_resolution must be at least 1"),
+    (lambda: DynamicPromptConfig(losses=("at", "leak")), "losses must be a non-empty subset of ('at', 'dj', 'bg')"),
+    (lambda: DynamicPromptConfig(losses=()), "losses must be a non-empty subset"),
+    (lambda: DynamicPromptConfig(balancing_span="all"), "balancing_span must be one of ('padded', 'prompt')"),
     (lambda: EditConfig(cross_replace_steps=1.5), "cross_replace_steps must be in [0, 1]"),
     (lambda: EditConfig(blend_start=math.nan), "blend_start must be a finite number"),
     (lambda: EditConfig(reweight={"tiger": math.nan}), "re-weighting factor of 'tiger' must be a finite"),
@@ -243,6 +246,16 @@ def test_invert_checks_guidance_and_steps(model, image):
                             ({"num_steps": 0}, "num_steps must be at least 1")):
         with pytest.raises(SettingError, match=message):
             invert(model, to_pil(image), "a cat", progress=False, **kwargs)
+
+
+def test_invert_checks_its_method_null_preset_and_image(model, image):
+    for kwargs, message in (({"method": "sdedit"}, "Unknown inversion method 'sdedit'; choose one of ddim, "),
+                            ({"null": "zero"}, "Unknown null strategy 'zero'; choose one of "),
+                            ({"preset": "fast"}, "Unknown preset 'fast'; choose one of paper, authors"),
+                            ({"image": image}, "Expected a PIL image or an image file's path, got Tensor"),
+                            ({"image": Image.new("RGB", (64, 96))}, "The image is 64x96 but the model takes 128x128")):
+        with pytest.raises(DplEditError, match=re.escape(message)):
+            invert(model, kwargs.pop("image", to_pil(image)), "a cat", progress=False, **kwargs)
 
 
 def test_an_unexpected_failure_is_one_line_and_a_log_file(monkeypatch, capsys, files):

@@ -66,11 +66,21 @@ def test_invert_caches_and_edit_never_inverts_again(bench, scene, monkeypatch):
     assert {"inversion/inversion.json", "edits/edit_1.png", "edits/edit_2.png", "edits/edit_grid.png"} <= names
 
 
-def test_nti_and_dpl_of_one_image_are_compared(bench, scene):
+def test_nti_and_dpl_of_one_image_are_compared_and_downloaded_apart(bench, scene):
+    import json
+
     path, caption = scene
-    bench.invert(path, caption, InvertSettings(steps=STEPS))
+    dpl = bench.invert(path, caption, InvertSettings(steps=STEPS))
     nti = bench.invert(path, caption, InvertSettings(method="nti", steps=STEPS))
     assert nti.comparison is not None and nti.background is None
+    # the two inversions of one image and prompt share their key's first part, not their downloads
+    for view in (dpl, nti):
+        with zipfile.ZipFile(bench.inversion_zip(view.key)) as archive:
+            assert json.loads(archive.read("inversion.json"))["method"] == view.inversion.method
+    target = caption.replace("{", "").replace("}", "").replace("circle", "square")
+    downloads = {bench.edit(view.key, target, config).download
+                 for view in (dpl, nti) for config in (EditConfig(), EditConfig(self_replace_steps=0.2))}
+    assert len(downloads) == 4
 
 
 def test_cancel_stops_the_inversion_and_keeps_nothing(bench, scene):

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import shutil
 import threading
 import zipfile
 from collections.abc import Callable
@@ -277,13 +276,15 @@ class Workbench:
         inversion = self.cached(key)
         result = edit(self.model(inversion.model_id), inversion, prompts, config, progress=False)
         grid = figure_image(edit_grid(result, inversion.source_image))
-        download = self._package(key, result, grid)
+        download = self._package(key, result, grid, config)
         return EditView([(image, target) for image, target in zip(result.edits, result.targets)], grid, download)
 
-    def _package(self, key: str, result: EditResult, grid: Image.Image) -> Path:
-        """inversion/ and edits/ of this edit as one zip in the cache."""
-        digest = hashlib.sha256("\n".join(result.targets).encode()).hexdigest()[:12]
-        path = self.cache_dir / "downloads" / f"{key[:16]}-{digest}.zip"
+    def _package(self, key: str, result: EditResult, grid: Image.Image, config: EditConfig) -> Path:
+        """inversion/ and edits/ of this edit as one zip in the cache, named by the whole inversion key,
+        the targets and the edit's settings (one image and prompt's NTI and DPL inversions share a key's
+        first part, and one inversion's edits of the same targets differ by their settings)."""
+        edit_settings = json.dumps([result.targets, dataclasses.asdict(config)], sort_keys=True, default=str)
+        path = self.cache_dir / "downloads" / f"{key}-edit-{hashlib.sha256(edit_settings.encode()).hexdigest()[:12]}.zip"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         with zipfile.ZipFile(tmp, "w") as archive:
@@ -300,10 +301,14 @@ class Workbench:
     def inversion_zip(self, key: str) -> Path:
         """The inversion folder as a zip."""
         folder = self.cache_dir / "inversions" / key
-        path = self.cache_dir / "downloads" / f"{key[:16]}-inversion.zip"
-        if not path.is_file():
+        path = self.cache_dir / "downloads" / f"{key}-inversion.zip"
+        if not path.is_file():  # written under a temporary name: an interrupted zip is never served
             path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.make_archive(str(path.with_suffix("")), "zip", folder)
+            tmp = path.with_suffix(".tmp")
+            with zipfile.ZipFile(tmp, "w") as archive:
+                for file in sorted(folder.iterdir()):
+                    archive.write(file, file.name)
+            tmp.replace(path)
         return path
 
     # -------------------------------------------------------------- cache
