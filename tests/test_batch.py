@@ -367,14 +367,37 @@ def test_an_edit_is_compared_with_its_source_at_the_source_s_size():
         at_source_size(Image.new("RGB", (10, 8)), source, "10x8")
 
 
-def test_structure_distance_is_the_key_self_similarity_of_dino_s_last_layer(tmp_path):
+def random_dino(folder):
+    """A small random ViT with DINO ViT-B/8's patch size and input size, saved as transformers does."""
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
     config = ViTConfig(image_size=224, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=64)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "dino")
-    distance = StructureDistance(tmp_path / "dino")
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+def random_clip(folder):
+    """A small random CLIP model and its processor (the real CLIP tokenizer), saved as transformers does."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from dpl_edit.tokenizer import clip_tokenizer
+
+    torch.manual_seed(0)
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+    config = CLIPConfig(text_config={**tower, "vocab_size": 49408},
+                        vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=clip_tokenizer())
+    processor.save_pretrained(folder)
+    return processor
+
+
+def test_structure_distance_is_the_key_self_similarity_of_dino_s_last_layer(tmp_path):
+    distance = StructureDistance(random_dino(tmp_path / "dino"))
     rng = np.random.default_rng(0)
     a = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     b = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
@@ -409,21 +432,31 @@ def test_metrics_command_runs_without_weights_and_names_them(dataset, model, tmp
     assert "0 (+1 missing)" in markdown
 
 
+def test_metrics_with_weights_score_every_edit_and_count_missing_ones(dataset, model, tmp_path, capsys):
+    items = read_dataset(dataset)[:2]
+    run_batch(model, dataset, items, ["nti"], tmp_path / "run", num_steps=STEPS, progress=False)
+    edit_path(tmp_path / "run", METHOD_FOLDERS["nti"], items[1]).unlink()  # one edit lost
+    random_dino(tmp_path / "dino")
+    random_clip(tmp_path / "clip")
+    assert main(["metrics", str(tmp_path / "run"), "--dataset", str(dataset), "--methods", "nti", "--range", "0:2",
+                 "--dino", str(tmp_path / "dino"), "--clip", str(tmp_path / "clip"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "structure distance x10^3" in printed and "clip similarity target image edit part" in printed
+    assert "| all | nti | 1 (+1 missing) |" in printed
+    result = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    scored, missing = result["rows"]
+    assert missing == {"key": items[1].key, "method": "nti", "editing_type_id": items[1].editing_type_id,
+                       "missing": True}
+    for name in ("structure_distance", "clip_similarity_target_image", "clip_similarity_target_image_edit_part"):
+        assert math.isfinite(scored[name]) and scored[name] >= 0, name
+
+
 def test_clip_similarity_is_torchmetrics_clip_score_of_a_local_folder(tmp_path):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from transformers import CLIPModel
 
     from dpl_edit.batch.metrics import ClipSimilarity
-    from dpl_edit.tokenizer import clip_tokenizer
 
-    torch.manual_seed(0)
-    tower = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
-    config = CLIPConfig(text_config={**tower, "vocab_size": 49408},
-                        vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=16)
-    CLIPModel(config).save_pretrained(tmp_path)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=clip_tokenizer())
-    processor.save_pretrained(tmp_path)
+    processor = random_clip(tmp_path)
     clip = ClipSimilarity(tmp_path)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     mask = np.zeros((64, 64), dtype=bool)
