@@ -108,3 +108,20 @@ def test_the_scene_checks_measure_the_background_mask_beside_the_paper(monkeypat
     monkeypatch.setattr(quality, "background_of", lambda *args, **kwargs: SimpleNamespace(mask=torch.ones(16, 16)))
     for iou, everything, objects in quality.background_iou(scene_model, 2, progress=False).values():
         assert iou == pytest.approx(everything) and objects == 0 and 0.5 < everything < 1
+
+
+def test_check_scenes_prints_every_check_of_the_bundled_model(capsys):
+    from dpl_edit.cli import main
+
+    assert main(["check-scenes", "--samples", "2", "--reconstructions", "1", "--localisations", "1", "--steps", "4",
+                 "--quiet"]) == 0  # the bundled model by default
+    out = capsys.readouterr().out
+    assert "Scene model scenes, 4 DDIM steps: 2 samples, 1 reconstructions" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| check")]
+    names = [row.split(" | ")[0][2:] for row in rows]
+    assert names[:9] == ["background right", "object colour right", "object shape right", "VAE reconstruction PSNR",
+                         "NTI reconstruction PSNR", "noun attention mass on own object",
+                         "noun attention mass on other object", "noun map best IoU, own object",
+                         "noun map best IoU, other object"]
+    assert len(rows) == 13 and all(row.endswith(("| yes |", "| no |", "|  |")) for row in rows)
+    assert "nan" not in out

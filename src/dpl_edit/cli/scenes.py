@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import checks
 from ..errors import DplEditError
+from ..registry import SCENE_MODEL_ID
 from ..scenes.quality import check_counts, check_scene_model
 from ..scenes.train import SceneTrainer, TrainConfig
 from . import COMMANDS
@@ -57,7 +58,9 @@ def register(commands) -> None:
     p.add_argument("--reconstructions", type=int, default=4, help="scenes inverted with NTI (default: 4)")
     p.add_argument("--localisations", type=int, default=16, help="two-object scenes for localisation, and as many "
                    "one- and two-object scenes for the background mask (default: 16)")
-    add_model_options(p, required_default=None)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the samples and inversions (default: 50, "
+                   "the steps the bars were set at; fewer for a quick look)")
+    add_model_options(p, required_default=SCENE_MODEL_ID)
     p.set_defaults(run=check_scenes)
 
 
@@ -91,13 +94,12 @@ def train_scenes(args: argparse.Namespace) -> int:
 
 
 def check_scenes(args: argparse.Namespace) -> int:
-    if not args.model:
-        raise DplEditError("check-scenes needs --model: a scene model folder (or scenes once it is bundled)")
-    check_counts(args.samples, args.reconstructions, args.localisations)
+    check_counts(args.samples, args.reconstructions, args.localisations, args.steps)
     model = load(args, args.model)
     started = time.perf_counter()
-    report = check_scene_model(model, args.samples, args.reconstructions, args.localisations, progress=not args.quiet)
-    print(f"\nScene model {args.model}: {args.samples} samples, {args.reconstructions} reconstructions, "
+    report = check_scene_model(model, args.samples, args.reconstructions, args.localisations, args.steps,
+                               progress=not args.quiet)
+    print(f"\nScene model {args.model}, {args.steps} DDIM steps: {args.samples} samples, {args.reconstructions} reconstructions, "
           f"{args.localisations} two-object scenes, background masks of {args.localisations} one- and "
           f"{args.localisations} two-object scenes ({time.perf_counter() - started:.0f} s)\n")
     print("| check | value | bar | passed |")

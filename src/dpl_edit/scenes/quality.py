@@ -73,18 +73,19 @@ class QualityReport:
         return rows
 
 
-def check_counts(samples: int, reconstructions: int, localisations: int) -> None:
-    """The numbers of scenes the checks use, checked (before any model is loaded)."""
+def check_counts(samples: int, reconstructions: int, localisations: int, num_steps: int = 50) -> None:
+    """The numbers of scenes and steps the checks use, checked (before any model is loaded)."""
     checks.count("--samples", samples)
     checks.count("--reconstructions", reconstructions)
     checks.count("--localisations", localisations)
+    checks.count("--steps", num_steps)
 
 
 @torch.no_grad()
 def caption_following(model: StableDiffusion, count: int, guidance_scale: float = 7.5, batch: int = 16,
-                      seed: int = 0, progress: bool = True) -> tuple[float, float, float]:
+                      seed: int = 0, num_steps: int = 50, progress: bool = True) -> tuple[float, float, float]:
     """Shares of (background, object colour, object shape) right over ``count`` test captions."""
-    schedule = DDIMSchedule.from_scheduler(model.scheduler, 50)
+    schedule = DDIMSchedule.from_scheduler(model.scheduler, num_steps)
     generator = torch.Generator().manual_seed(seed)
     null = model.encode_prompt("")
     backgrounds, colours, shapes = [], [], []
@@ -102,26 +103,27 @@ def caption_following(model: StableDiffusion, count: int, guidance_scale: float 
     return sum(backgrounds) / len(backgrounds), sum(colours) / len(colours), sum(shapes) / len(shapes)
 
 
-def reconstruction(model: StableDiffusion, count: int, progress: bool = True) -> tuple[float, float]:
+def reconstruction(model: StableDiffusion, count: int, num_steps: int = 50, progress: bool = True) -> tuple[float, float]:
     """Mean PSNR of the VAE's reconstruction and of NTI's, over ``count`` test scenes."""
     vae, nti = [], []
     for i in tqdm(range(count), desc="Reconstruction", disable=not progress, leave=False):
         scene = split_scene("test", i)
         image, _ = render(scene)
         vae.append(psnr(to_pil(model.decode_latents(model.encode_image(to_tensor(image)))), image))
-        inversion = invert(model, image, scene.caption, method="nti", progress=False)
+        inversion = invert(model, image, scene.caption, method="nti", num_steps=num_steps, progress=False)
         nti.append(psnr(reconstruct(model, inversion, progress=False), image))
     return sum(vae) / count, sum(nti) / count
 
 
-def localisation(model: StableDiffusion, count: int, progress: bool = True) -> tuple[float, float, float, float]:
+def localisation(model: StableDiffusion, count: int, num_steps: int = 50,
+                 progress: bool = True) -> tuple[float, float, float, float]:
     """Noun maps of DDIM inversions: mean best IoU (thresholds 0.1 .. 1.0) with their own and with the
     other object, and mean share of their mass on their own and on the other object."""
     own, other, own_share, other_share = [], [], [], []
     for i in tqdm(range(count), desc="Localisation", disable=not progress, leave=False):
         scene = split_scene("test", i, num_objects=2)
         image, masks = render(scene)
-        inversion = invert(model, image, scene.marked_caption(), method="ddim", progress=False)
+        inversion = invert(model, image, scene.marked_caption(), method="ddim", num_steps=num_steps, progress=False)
         nouns = [word_map(inversion, word["positions"]) for word in inversion.words]
         for k, noun in enumerate(nouns):
             mine, theirs = torch.from_numpy(masks[k]), torch.from_numpy(masks[1 - k])
@@ -133,7 +135,8 @@ def localisation(model: StableDiffusion, count: int, progress: bool = True) -> t
     return tuple(sum(v) / len(v) for v in (own, other, own_share, other_share))
 
 
-def background_iou(model: StableDiffusion, count: int, progress: bool = True) -> dict[int, tuple[float, float, float]]:
+def background_iou(model: StableDiffusion, count: int, num_steps: int = 50,
+                   progress: bool = True) -> dict[int, tuple[float, float, float]]:
     """Mean IoU of DPL's background mask (:func:`dpl_edit.pipeline.background_of`, brought to the
     image's size bilinearly and cut at one half) with the true background, over ``count`` test scenes
     of one object and ``count`` of two (the measure of the paper's supplementary material), each
@@ -145,7 +148,7 @@ def background_iou(model: StableDiffusion, count: int, progress: bool = True) ->
         for i in tqdm(range(count), desc=f"Background masks, {objects} object(s)", disable=not progress, leave=False):
             scene = split_scene("test", i, num_objects=objects)
             image, masks = render(scene)
-            found = background_of(model, image, scene.marked_caption(), progress=False).mask
+            found = background_of(model, image, scene.marked_caption(), num_steps=num_steps, progress=False).mask
             truth = ~torch.from_numpy(np.logical_or.reduce(masks))
             values.append(iou_curve(found, truth, thresholds=(0.5,)).item())
             everything.append(truth.float().mean().item())
@@ -155,11 +158,12 @@ def background_iou(model: StableDiffusion, count: int, progress: bool = True) ->
 
 
 def check_scene_model(model: StableDiffusion, samples: int = 64, reconstructions: int = 4,
-                      localisations: int = 16, progress: bool = True) -> QualityReport:
-    check_counts(samples, reconstructions, localisations)
+                      localisations: int = 16, num_steps: int = 50, progress: bool = True) -> QualityReport:
+    """The quality table's numbers; its bars were set at 50 DDIM steps (``num_steps``)."""
+    check_counts(samples, reconstructions, localisations, num_steps)
     check_scene_model_size(model, "check_scene_model (dpl check-scenes)")
-    background, colour, shape = caption_following(model, samples, progress=progress)
-    vae_psnr, nti_psnr = reconstruction(model, reconstructions, progress=progress)
-    own, other, own_share, other_share = localisation(model, localisations, progress=progress)
-    backgrounds = background_iou(model, localisations, progress=progress)
+    background, colour, shape = caption_following(model, samples, num_steps=num_steps, progress=progress)
+    vae_psnr, nti_psnr = reconstruction(model, reconstructions, num_steps, progress=progress)
+    own, other, own_share, other_share = localisation(model, localisations, num_steps, progress=progress)
+    backgrounds = background_iou(model, localisations, num_steps, progress=progress)
     return QualityReport(background, colour, shape, vae_psnr, nti_psnr, own, other, own_share, other_share, backgrounds)
