@@ -213,6 +213,40 @@ def test_a_batch_the_lockstep_inversion_cannot_take_inverts_each_image_alone(dat
     assert "inverted_with" not in json.loads(record_path(tmp_path, "ddim", items[0]).read_text())
 
 
+def test_an_inversion_or_edit_that_fails_fails_its_own_items_only(dataset, model, tmp_path, monkeypatch):
+    """The lockstep batch refused, one image's own inversion fails (its 3 items) and one item's edit
+    fails: each is recorded with its reason, and the other image's other items are done."""
+    from dpl_edit.batch import runner
+
+    items = read_dataset(dataset)  # 2 images, 3 edits each
+    bad_prompt, bad_target = items[0].marked_prompt(), items[4].target_prompt
+    invert, edit = runner.invert, runner.edit
+
+    def refuse(*args, **kwargs):
+        raise DplEditError("a prompt this batch cannot take")
+
+    def failing_invert(model, image, prompt, **kwargs):
+        if prompt == bad_prompt:
+            raise ValueError("this image's inversion failed")
+        return invert(model, image, prompt, **kwargs)
+
+    def failing_edit(model, inversion, targets, config, **kwargs):
+        if targets == [bad_target]:
+            raise DplEditError("this edit failed")
+        return edit(model, inversion, targets, config, **kwargs)
+
+    monkeypatch.setattr(runner, "invert_many", refuse)
+    monkeypatch.setattr(runner, "invert", failing_invert)
+    monkeypatch.setattr(runner, "edit", failing_edit)
+    summary = run_batch(model, dataset, items, ["ddim"], tmp_path, num_steps=STEPS, progress=False, batch_size=2)
+    assert (summary.done, summary.failed) == (2, 4)
+    reasons = {item.key: json.loads(record_path(tmp_path, "ddim", item).read_text()).get("reason") for item in items}
+    assert [reasons[item.key] for item in items] == [
+        "ValueError: this image's inversion failed"] * 3 + [None, "DplEditError: this edit failed", None]
+    edits = [edit_path(tmp_path, METHOD_FOLDERS["ddim"], item).is_file() for item in items]
+    assert edits == [False, False, False, True, False, True]
+
+
 def test_a_batch_that_does_not_fit_in_memory_inverts_each_image_alone(dataset, model, tmp_path, monkeypatch, caplog):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
