@@ -98,3 +98,13 @@ def test_dpl_invert_attention_and_localisation_commands(scene, capsys):
     assert capsys.readouterr().out == table
     assert main(["localisation", str(nti), "--mask", f"tree={scene / 'circle.png'}"]) == 2
     assert "no word 'tree'" in capsys.readouterr().err
+    # views that cannot be drawn are one error line: another prompt to compare with, an image lost
+    other = scene / "other"
+    assert main(["invert", str(scene / "scene.png"), "--prompt", "a circle beside a square", "--method", "ddim",
+                 "--out", str(other), *common]) == 0
+    assert main(["attention", str(dpl), "--compare", str(other), "--out", str(scene / "views")]) == 2
+    assert "different prompts ('a circle beside a square' vs 'a {circle} and a {square} on grass')" in \
+        capsys.readouterr().err
+    (nti / "source.png").unlink()
+    assert main(["attention", str(nti)]) == 2
+    assert "has no source.png; invert the image again" in capsys.readouterr().err
