@@ -1,6 +1,7 @@
 """The `dpl` command end to end on the tiny model."""
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -196,6 +197,16 @@ def test_run_then_edit_with_several_targets(photo, tmp_path, capsys):
     assert main(["edit", str(out), "--target", "a big red wall", "--mode", "refine", "--reweight", "big=2",
                  "--cross-steps-word", "big=0.5", "--out", str(tmp_path / "e"), "--quiet"]) == 0
     assert (tmp_path / "e" / "edit_1.png").is_file()
+    record = json.loads((out / "edits" / "edit.json").read_text())
+    assert record["targets"] == ["a blue wall", "a red door"] and record["method"] == "dpl"
+    assert record["inversion"] == ".." and record["source_prompt"] == "a {red} wall"
+    assert record["settings"]["blend"] == ["red"] and record["settings"]["mode"] == "replace"
+    # an edit written over an earlier one with more targets leaves none of the earlier one's images
+    again = tmp_path / "again"
+    for targets in (["--target", "a blue wall", "--target", "a red door"], ["--target", "a red door"]):
+        assert main(["edit", str(out), *targets, "--out", str(again), "--quiet"]) == 0
+    assert sorted(p.name for p in again.glob("edit_*.png")) == ["edit_1.png", "edit_grid.png"]
+    assert json.loads((again / "edit.json").read_text())["targets"] == ["a red door"]
     first = (out / "edits" / "edit_1.png").read_bytes()
     capsys.readouterr()
     assert main(["edit", str(out), "--target", "a red door", "--quiet"]) == 0  # a later edit, no --out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import re
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from .. import checks
-from ..artifacts import METADATA_FILE, SOURCE_FILE, TENSORS_FILE, Inversion
+from ..artifacts import METADATA_FILE, SOURCE_FILE, TENSORS_FILE, Inversion, write_atomic
 from ..editing import MODES, EditConfig, EditResult, edit, plan_edit, recommended_edit_config
 from ..editing.plan import TARGET_TOKENS
 from ..errors import DplEditError
@@ -59,8 +61,9 @@ def register(commands) -> None:
         "edit",
         help=COMMANDS["edit"].help,
         description="Edit the inversion in DIR towards each --target (one sampling run for all), writing "
-        "OUT/edit_N.png, OUT/reconstruction.png (the source branch) and OUT/edit_grid.png (source, "
-        "reconstruction, edit, and the attention maps of the edited words).",
+        "OUT/edit_N.png, OUT/reconstruction.png (the source branch), OUT/edit_grid.png (source, "
+        "reconstruction, edit, and the attention maps of the edited words) and OUT/edit.json (the inversion, "
+        "the targets in the order of edit_N.png, the settings).",
     )
     p.add_argument("dir", type=Path, help="a folder written by `dpl invert`")
     add_edit_options(p)
@@ -192,12 +195,27 @@ def model_edit_config(args: argparse.Namespace, config: EditConfig, model) -> Ed
     return recommended_edit_config(config, model.settings, chosen=["target_tokens"] if args.target_tokens else [])
 
 
-def write_edits(result: EditResult, source_image, out: Path) -> None:
+EDIT_FILE = "edit.json"
+
+
+def write_edits(result: EditResult, inversion: Inversion, source: Path, config: EditConfig, out: Path) -> None:
+    """The images, the grid and ``edit.json`` (the inversion's folder relative to ``out``, its method and prompt, the targets in the
+    order of edit_N.png, the edit's settings). An earlier edit's edit_N.png beyond this one's targets
+    are removed: the folder holds this edit only, never some of another's."""
     out.mkdir(parents=True, exist_ok=True)
     result.reconstruction.save(out / "reconstruction.png")
     for j, image in enumerate(result.edits, start=1):
         image.save(out / f"edit_{j}.png")
-    save_figure(edit_grid(result, source_image), out / "edit_grid.png")
+    for stale in out.glob("edit_*.png"):
+        number = re.fullmatch(r"edit_(\d+)\.png", stale.name)
+        if number and int(number.group(1)) > len(result.edits):
+            stale.unlink()
+    save_figure(edit_grid(result, inversion.source_image), out / "edit_grid.png")
+    # the inversion's folder relative to this one ("..", DIR/edits), which stays right when both move together
+    record = {"inversion": os.path.relpath(source.resolve(), out.resolve()), "method": inversion.method,
+              "source_prompt": inversion.prompt,
+              "targets": result.targets, "settings": dataclasses.asdict(config)}
+    write_atomic(out / EDIT_FILE, json.dumps(record, indent=2, default=str))
     for j, target in enumerate(result.targets, start=1):
         print(f"{out / f'edit_{j}.png'}: {target}")
     print(f"Grid: {out / 'edit_grid.png'}")
@@ -239,7 +257,7 @@ def edit_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = edit(model, inversion, args.target, config, progress=not args.quiet)
     print(f"Edited {args.dir} ({inversion.method}) in {time.perf_counter() - started:.1f} s")
-    write_edits(result, inversion.source_image, out)
+    write_edits(result, inversion, args.dir, config, out)
     return 0
 
 
@@ -256,7 +274,7 @@ def run_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = edit(model, inversion, args.target, config, progress=not args.quiet)
     print(f"Edited in {time.perf_counter() - started:.1f} s")
-    write_edits(result, inversion.source_image, _unused_folder(args.out / "edits"))
+    write_edits(result, inversion, args.out, config, _unused_folder(args.out / "edits"))
     return 0
 
 
