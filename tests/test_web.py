@@ -4,6 +4,7 @@ a real headless Chromium (Debian's chromium + chromium-driver, driven by Seleniu
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import socket
@@ -63,12 +64,13 @@ def test_invert_caches_and_edit_never_inverts_again(bench, scene, monkeypatch):
     assert len(first.edits) == 1 and len(second.edits) == 2 and second.edits[1][1].endswith("grass")
     with zipfile.ZipFile(second.download) as archive:
         names = set(archive.namelist())
+        record = json.loads(archive.read("edits/edit.json"))
     assert {"inversion/inversion.json", "edits/edit_1.png", "edits/edit_2.png", "edits/edit_grid.png"} <= names
+    assert record["inversion"] == "../inversion" and record["targets"] == [target, target.replace("sand", "grass")]
+    assert record["method"] == "dpl" and record["settings"]["cross_replace_steps"] == 0.8
 
 
 def test_nti_and_dpl_of_one_image_are_compared_and_downloaded_apart(bench, scene):
-    import json
-
     path, caption = scene
     dpl = bench.invert(path, caption, InvertSettings(steps=STEPS))
     nti = bench.invert(path, caption, InvertSettings(method="nti", steps=STEPS))

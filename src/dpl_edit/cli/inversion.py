@@ -14,7 +14,16 @@ from PIL import Image
 
 from .. import checks
 from ..artifacts import METADATA_FILE, SOURCE_FILE, TENSORS_FILE, Inversion, write_atomic
-from ..editing import MODES, EditConfig, EditResult, edit, plan_edit, recommended_edit_config
+from ..editing import (
+    EDIT_FILE,
+    MODES,
+    EditConfig,
+    EditResult,
+    edit,
+    edit_record,
+    plan_edit,
+    recommended_edit_config,
+)
 from ..editing.plan import TARGET_TOKENS
 from ..errors import DplEditError
 from ..images import FITS, fit_square, open_image, psnr
@@ -195,9 +204,6 @@ def model_edit_config(args: argparse.Namespace, config: EditConfig, model) -> Ed
     return recommended_edit_config(config, model.settings, chosen=["target_tokens"] if args.target_tokens else [])
 
 
-EDIT_FILE = "edit.json"
-
-
 def write_edits(result: EditResult, inversion: Inversion, source: Path, config: EditConfig, out: Path) -> None:
     """The images, the grid and ``edit.json`` (the inversion's folder relative to ``out``, its method and prompt, the targets in the
     order of edit_N.png, the edit's settings). An earlier edit's edit_N.png beyond this one's targets
@@ -212,9 +218,7 @@ def write_edits(result: EditResult, inversion: Inversion, source: Path, config: 
             stale.unlink()
     save_figure(edit_grid(result, inversion.source_image), out / "edit_grid.png")
     # the inversion's folder relative to this one ("..", DIR/edits), which stays right when both move together
-    record = {"inversion": os.path.relpath(source.resolve(), out.resolve()), "method": inversion.method,
-              "source_prompt": inversion.prompt,
-              "targets": result.targets, "settings": dataclasses.asdict(config)}
+    record = edit_record(inversion, result, config, os.path.relpath(source.resolve(), out.resolve()))
     write_atomic(out / EDIT_FILE, json.dumps(record, indent=2, default=str))
     for j, target in enumerate(result.targets, start=1):
         print(f"{out / f'edit_{j}.png'}: {target}")

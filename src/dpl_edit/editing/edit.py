@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from PIL import Image
@@ -40,6 +40,17 @@ class EditResult:
     blend_masks: torch.Tensor | None  # (n, 1, h, w) the last local-blend masks
     latents: torch.Tensor  # (1 + n, C, h, w) final latents, source first
     target_tokens: list[list[str]]  # each target's 77 BPE tokens (for labels)
+
+
+EDIT_FILE = "edit.json"
+
+
+def edit_record(inversion: Inversion, result: EditResult, config: EditConfig, inversion_folder: str) -> dict:
+    """What ``edit.json`` says of an edit, beside its images: where its inversion is (``inversion_folder``,
+    relative to the edit's folder), the inversion's method and prompt, the targets in the order of the
+    edit images and every setting as applied."""
+    return {"inversion": inversion_folder, "method": inversion.method, "source_prompt": inversion.prompt,
+            "targets": list(result.targets), "settings": asdict(config)}
 
 
 def edit(

@@ -24,7 +24,7 @@ from PIL import Image
 
 from .. import checks
 from ..artifacts import METADATA_FILE, Inversion
-from ..editing import EditConfig, EditResult, edit
+from ..editing import EDIT_FILE, EditConfig, EditResult, edit, edit_record
 from ..errors import DplEditError, ImageLoadError, PromptError
 from ..images import FITS, load_image, psnr
 from ..inversion import NullTextConfig
@@ -276,10 +276,11 @@ class Workbench:
         inversion = self.cached(key)
         result = edit(self.model(inversion.model_id), inversion, prompts, config, progress=False)
         grid = figure_image(edit_grid(result, inversion.source_image))
-        download = self._package(key, result, grid, config)
+        download = self._package(key, inversion, result, grid, config)
         return EditView([(image, target) for image, target in zip(result.edits, result.targets)], grid, download)
 
-    def _package(self, key: str, result: EditResult, grid: Image.Image, config: EditConfig) -> Path:
+    def _package(self, key: str, inversion: Inversion, result: EditResult, grid: Image.Image,
+                 config: EditConfig) -> Path:
         """inversion/ and edits/ of this edit as one zip in the cache, named by the whole inversion key,
         the targets and the edit's settings (one image and prompt's NTI and DPL inversions share a key's
         first part, and one inversion's edits of the same targets differ by their settings)."""
@@ -294,7 +295,8 @@ class Workbench:
             for j, image in enumerate(result.edits, start=1):
                 archive.writestr(f"edits/edit_{j}.png", png_bytes(image))
             archive.writestr("edits/edit_grid.png", png_bytes(grid))
-            archive.writestr("edits/targets.json", json.dumps(result.targets, indent=2))
+            record = edit_record(inversion, result, config, "../inversion")
+            archive.writestr(f"edits/{EDIT_FILE}", json.dumps(record, indent=2, default=str))
         tmp.replace(path)
         return path
 
