@@ -1,6 +1,7 @@
 """Scene renderer, edit oracle, splits, and the training pipeline on CPU."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -133,12 +134,18 @@ def test_a_killed_training_run_saves_its_checkpoint(tmp_path):
     assert state["stage"] == "vae" and state["step"] >= 50
 
 
-def test_training_resumes_from_an_exported_model(tmp_path):
+def test_training_resumes_from_an_exported_model(tmp_path, caplog):
     first = SceneTrainer(TINY_RUN, tmp_path / "a")
     while (first.stage, first.step) != ("diffusion", 1):  # one step per run, into the UNet stage
         first = SceneTrainer(TINY_RUN, tmp_path / "a")
         first.run(time_limit=0, progress=False)
-    first.export(tmp_path / "b" / "weights")
+    with caplog.at_level(logging.WARNING, logger="dpl_edit"):
+        first.export(tmp_path / "b" / "weights")
+    assert "float16 on the CPU" not in caplog.text  # a float16 copy is written; nothing runs in it
+    unet = {name[len("unet."):]: value for name, value in first.ema.items() if name.startswith("unet.")}
+    assert unet  # the model keeps its float32 EMA weights, not rounded ones
+    for name, value in unet.items():
+        assert torch.equal(first.model.unet.state_dict()[name], value), name
     resumed = SceneTrainer(replace(TINY_RUN, diffusion_steps=5), tmp_path / "b")
     resumed.resume()
     assert (resumed.stage, resumed.step) == ("diffusion", 1) and resumed.optimizer_state is None
@@ -147,6 +154,14 @@ def test_training_resumes_from_an_exported_model(tmp_path):
         torch.testing.assert_close(resumed.model.unet.state_dict()[name], value.float(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="other settings"):
         SceneTrainer(replace(TINY_RUN, seed=1), tmp_path / "b").resume()
+
+
+def test_exporting_a_folder_without_a_training_run_is_refused(tmp_path, capsys):
+    from dpl_edit.cli import main
+
+    assert main(["train-scenes", "--out", str(tmp_path / "typo"), "--export", str(tmp_path / "model")]) == 2
+    assert "holds no training run to export" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "model").exists()
 
 
 def test_grounding_loss_is_zero_inside_the_mask_and_ignores_absent_objects():

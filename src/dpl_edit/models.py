@@ -8,6 +8,7 @@ goes through the same :class:`StableDiffusion` object, so every code path is the
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -156,14 +157,18 @@ class StableDiffusion:
         model = cls(tokenizer, text_encoder, unet, vae, ddim_scheduler(scheduler_config), name, settings, variant)
         return model.to(device)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write a diffusers folder (safetensors weights) that :meth:`from_pretrained` reads."""
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Write a diffusers folder (safetensors weights) that :meth:`from_pretrained` reads; ``dtype``: the
+        weights written in that precision, from a copy of one component at a time (the model keeps its own)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(path / "tokenizer")
-        self.text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
-        self.unet.save_pretrained(path / "unet", safe_serialization=True)
-        self.vae.save_pretrained(path / "vae", safe_serialization=True)
+        for name in ("text_encoder", "unet", "vae"):
+            module = getattr(self, name)
+            if dtype is not None and module.dtype != dtype:
+                with _quiet_diffusers():  # it warns on every cast
+                    module = copy.deepcopy(module).to(dtype=dtype)
+            module.save_pretrained(path / name, safe_serialization=True)
         self.scheduler.save_pretrained(path / "scheduler")
         index = {
             "_class_name": "StableDiffusionPipeline",

@@ -78,6 +78,9 @@ def train_scenes(args: argparse.Namespace) -> int:
     trainer = SceneTrainer(config, args.out, device=pick_device(args.device), compile=args.compile)
     limit = None if args.time_limit is None else 60 * args.time_limit
     if args.export:
+        if trainer.saved_progress() is None:
+            raise DplEditError(f"{args.out} holds no training run to export (no checkpoint/ or weights/ in it): give "
+                               "the --out of a `dpl train-scenes` run.")
         trainer.resume()
         trainer.export(args.export)
         print(f"Exported the {trainer.stage} step {trainer.step} model to {args.export}")

@@ -293,25 +293,30 @@ class SceneTrainer:
         os.replace(tmp, final)
         return final
 
-    def resume(self) -> None:
-        """Continue from folder/checkpoint (full) or else folder/weights (an exported model), if either exists."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def saved_progress(self) -> tuple[Path, dict] | None:
+        """What training continues from: folder/checkpoint (full) or else folder/weights (an exported
+        model) and its progress; None where the folder holds neither."""
         full, light = self.folder / "checkpoint", self.folder / "weights"
         if (full / "state.json").is_file():
-            source, progress = full, json.loads((full / "state.json").read_text())
-        else:
-            settings = json.loads((light / SETTINGS_FILE).read_text()) if (light / SETTINGS_FILE).is_file() else {}
-            if "training" not in settings:
-                return
-            source, progress = light, settings["training"]
-        saved = {k: v for k, v in progress["config"].items() if k not in _MAY_CHANGE}
+            return full, json.loads((full / "state.json").read_text())
+        settings = json.loads((light / SETTINGS_FILE).read_text()) if (light / SETTINGS_FILE).is_file() else {}
+        return (light, settings["training"]) if "training" in settings else None
+
+    def resume(self) -> None:
+        """Continue from :meth:`saved_progress`, if there is any."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        saved = self.saved_progress()
+        if saved is None:
+            return
+        source, progress = saved
+        theirs = {k: v for k, v in progress["config"].items() if k not in _MAY_CHANGE}
         current = {k: v for k, v in asdict(self.config).items() if k not in _MAY_CHANGE}
-        if saved != current:
-            raise ValueError(f"{source} was made with other settings ({saved}); train into a new folder.")
+        if theirs != current:
+            raise ValueError(f"{source} was made with other settings ({theirs}); train into a new folder.")
         self.stage, self.step, self.scaling_factor = progress["stage"], progress["step"], progress["scaling_factor"]
         if self.scaling_factor is not None:
             self.model.vae.register_to_config(scaling_factor=self.scaling_factor)
-        if source == light:  # fp16 EMA weights: both the weights and the EMA start from them
+        if source.name == "weights":  # fp16 EMA weights: both the weights and the EMA start from them
             exported = StableDiffusion.from_pretrained(source)
             for prefix, module in _modules(self.model).items():
                 module.load_state_dict(getattr(exported, prefix).state_dict())
@@ -350,11 +355,9 @@ class SceneTrainer:
                     "config": asdict(self.config)}
         settings = model.settings
         model.settings = {**settings, "training": progress}
-        model.to(dtype=dtype)
         try:
-            model.save_pretrained(folder)
+            model.save_pretrained(folder, dtype=dtype)
         finally:
-            model.to(dtype=torch.float32)
             model.settings = settings
         return Path(folder)
 
