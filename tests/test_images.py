@@ -95,6 +95,15 @@ def test_masks_of_0_and_1_16_bit_masks_and_empty_masks(tmp_path):
     assert torch.equal(load_mask(_save(tmp_path, Image.fromarray(array), "ones.png")), want)
     assert torch.equal(load_mask(_save(tmp_path, Image.fromarray(array.astype(bool)), "bool.png")), want)
     assert torch.equal(load_mask(_save(tmp_path, Image.fromarray(array.astype(np.uint16) * 65535), "16.png")), want)
+    # a cut-out (the object opaque in any colour, the rest transparent) is its opaque pixels; an
+    # opaque RGBA mask is read by its brightness
+    cutout = np.zeros((4, 6, 4), dtype=np.uint8)
+    cutout[1:3, 2:4] = (30, 60, 200, 255)
+    assert torch.equal(load_mask(_save(tmp_path, Image.fromarray(cutout, "RGBA"), "cutout.png")), want)
+    opaque = np.dstack([array * 255] * 3 + [np.full_like(array, 255)])
+    assert torch.equal(load_mask(_save(tmp_path, Image.fromarray(opaque, "RGBA"), "opaque.png")), want)
+    grey_cutout = np.dstack([np.full_like(array, 40), array * 255])
+    assert torch.equal(load_mask(_save(tmp_path, Image.fromarray(grey_cutout, "LA"), "la.png")), want)
     with pytest.raises(ImageLoadError, match="no object pixels"):
         load_mask(_save(tmp_path, Image.fromarray(np.zeros((4, 6), dtype=np.uint8)), "empty.png"))
     side = np.zeros((4, 8), dtype=np.uint8)

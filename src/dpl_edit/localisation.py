@@ -70,7 +70,8 @@ def iou_curve(
 
 def load_mask(path: str | os.PathLike, fit: Fit = "crop") -> torch.Tensor:
     """A ground-truth mask (S, S) bool from an image file: pixels brighter than half are the object,
-    or, in a mask of 0s and 1s (as a boolean array saved with PIL is), the 1s.
+    or, in a mask of 0s and 1s (as a boolean array saved with PIL is), the 1s; in an image with
+    transparent pixels (a cut-out of the object), the pixels more than half opaque.
 
     A mask of a non-square image is made square as the image was (``fit``, the inversion's: centre
     crop, stretch, or pad with background), at its own resolution, so that it lies where the
@@ -79,6 +80,10 @@ def load_mask(path: str | os.PathLike, fit: Fit = "crop") -> torch.Tensor:
     try:
         with Image.open(path) as image:
             grey = (to_rgb(image) if image.mode.startswith("I") else image).convert("L")  # 16-bit: from 65535
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                alpha = image.convert("RGBA").getchannel("A")
+                if alpha.getextrema()[0] < 255:  # a cut-out: its transparent pixels are the background
+                    grey = alpha
     except (OSError, SyntaxError) as err:
         raise ImageLoadError(f"Could not read the mask {path} ({err}); use a black-and-white PNG.") from err
     side = min(grey.size) if fit == "crop" else max(grey.size)
@@ -88,7 +93,7 @@ def load_mask(path: str | os.PathLike, fit: Fit = "crop") -> torch.Tensor:
     if not mask.any():
         where = " in the centred square the image was cropped to" if fit == "crop" else ""
         raise ImageLoadError(f"The mask {path} has no object pixels{where} (the object is white, or 1 in a "
-                             "mask of 0s and 1s).")
+                             "mask of 0s and 1s, or opaque in a cut-out).")
     return torch.from_numpy(mask)
 
 
