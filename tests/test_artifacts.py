@@ -38,6 +38,16 @@ def test_an_inversion_without_an_image_saved_over_one_with_leaves_no_image(inver
     assert Inversion.load(tmp_path / "inv").source_image is None
 
 
+
+def test_an_image_of_the_user_s_called_source_png_is_never_written_over(inversion, tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "source.png").write_bytes(b"the user's picture")
+    with pytest.raises(SettingError, match="holds source.png but no inversion"):
+        inversion.save(tmp_path / "photos")
+    assert (tmp_path / "photos" / "source.png").read_bytes() == b"the user's picture"
+    assert not (tmp_path / "photos" / "inversion.safetensors").exists()
+
+
 def test_refuses_another_model(inversion, model):
     inversion.check_compatible(model)
     with pytest.raises(InversionFileError, match="differs from the loaded model"):

@@ -36,6 +36,8 @@ def files(tmp_path_factory):
     to_pil(torch.rand(1, 3, 128, 128, generator=g) * 2 - 1).save(root / "image.png")
     (root / "note.txt").write_text("not an image, not a folder")
     (root / "folder").mkdir()
+    (root / "photos").mkdir()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(root / "photos" / "source.png")  # the user's, not an inversion's
     Image.new("L", (128, 128), 255).save(root / "cat.png")
     assert main(["invert", str(root / "image.png"), "--prompt", "a cat and a dog", "--model", "tiny", "--steps", "2",
                  "--out", str(root / "inv"), "--quiet"]) == 0
@@ -73,6 +75,9 @@ CASES = {
                                            "--nti-iterations: no effect with --method ddim"),
     "invert out is a file": (INVERT[:-1] + ["{root}/note.txt"], "is a file; give a folder"),
     "invert out inside a file": (INVERT[:-1] + ["{root}/note.txt/inv"], "note.txt is a file, not a folder"),
+    "invert out holding a source.png of the user's": (
+        INVERT[:-1] + ["{root}/photos"], "photos holds source.png but no inversion (inversion.json); an inversion would"),
+    "run out holding a source.png of the user's": (RUN[:-1] + ["{root}/photos"], "holds source.png but no inversion"),
     "invert image is a folder": (["invert", "{root}/folder"] + INVERT[2:], "No image file at"),
     "invert image missing": (["invert", "{root}/missing.png"] + INVERT[2:], "No image file at"),
     "invert model folder missing": (["invert", "{image}", "--prompt", "a cat", "--model", "{root}/no/model", "--out",

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from . import checks
-from .errors import InversionFileError
+from .errors import InversionFileError, SettingError
 from .models import StableDiffusion, fingerprints_match
 
 FORMAT = "dpl-edit/inversion"
@@ -92,8 +92,9 @@ class Inversion:
 
     # ------------------------------------------------------------------ saving
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write the inversion into ``folder`` (created if needed); returns the folder."""
-        folder = checks.output_folder("The inversion's folder", folder)
+        """Write the inversion into ``folder`` (created if needed, or holding an earlier inversion, which
+        this replaces); returns the folder."""
+        folder = inversion_folder("The inversion's folder", folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name) for name in _TENSOR_FIELDS}
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None}
@@ -140,6 +141,19 @@ class Inversion:
         for key in ("format", "format_version"):
             metadata.pop(key)
         return cls(**metadata, **tensors, source_image=image)
+
+
+def inversion_folder(name: str, folder: str | os.PathLike) -> Path:
+    """A folder an inversion may be written into (:func:`checks.output_folder`) that holds none of the
+    inversion's file names unless an inversion wrote them: an image of the user's called source.png,
+    say, is never written over."""
+    folder = checks.output_folder(name, folder)
+    if not (folder / METADATA_FILE).is_file():
+        taken = [file for file in (TENSORS_FILE, SOURCE_FILE) if (folder / file).exists()]
+        if taken:
+            raise SettingError(f"{name} {folder} holds {' and '.join(taken)} but no inversion ({METADATA_FILE}); "
+                               "an inversion would write over it: give another folder.")
+    return folder
 
 
 _TENSOR_FIELDS = (

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from .. import checks
-from ..artifacts import METADATA_FILE, SOURCE_FILE, TENSORS_FILE, Inversion, write_atomic
+from ..artifacts import METADATA_FILE, SOURCE_FILE, TENSORS_FILE, Inversion, inversion_folder, write_atomic
 from ..editing import (
     EDIT_FILE,
     MODES,
@@ -295,7 +295,7 @@ def inversion_settings(args: argparse.Namespace) -> tuple[NullTextConfig, dict, 
     settings chosen on the command line (checked by building a config from them)."""
     image = open_image(args.image)
     check_marks(args.prompt, args.words, require_words=args.method == "dpl")
-    checks.output_folder("--out", args.out)
+    inversion_folder("--out", args.out)
     checks.count("--steps", args.steps)
     checks.finite("--guidance", args.guidance, 0.0)
     losses = tuple(name.strip() for name in args.losses.split(",") if name.strip())
