@@ -203,9 +203,11 @@ def test_run_then_edit_with_several_targets(photo, tmp_path, capsys):
     assert record["settings"]["blend"] == ["red"] and record["settings"]["mode"] == "replace"
     # an edit written over an earlier one with more targets leaves none of the earlier one's images
     again = tmp_path / "again"
+    again.mkdir()
+    (again / "edit_7.png").write_bytes(b"a file of the user's, which no edit.json names")
     for targets in (["--target", "a blue wall", "--target", "a red door"], ["--target", "a red door"]):
         assert main(["edit", str(out), *targets, "--out", str(again), "--quiet"]) == 0
-    assert sorted(p.name for p in again.glob("edit_*.png")) == ["edit_1.png", "edit_grid.png"]
+    assert sorted(p.name for p in again.glob("edit_*.png")) == ["edit_1.png", "edit_7.png", "edit_grid.png"]
     assert json.loads((again / "edit.json").read_text())["targets"] == ["a red door"]
     first = (out / "edits" / "edit_1.png").read_bytes()
     capsys.readouterr()

@@ -209,13 +209,12 @@ def write_edits(result: EditResult, inversion: Inversion, source: Path, config: 
     order of edit_N.png, the edit's settings). An earlier edit's edit_N.png beyond this one's targets
     are removed: the folder holds this edit only, never some of another's."""
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _earlier_edit_count(out / EDIT_FILE)
     result.reconstruction.save(out / "reconstruction.png")
     for j, image in enumerate(result.edits, start=1):
         image.save(out / f"edit_{j}.png")
-    for stale in out.glob("edit_*.png"):
-        number = re.fullmatch(r"edit_(\d+)\.png", stale.name)
-        if number and int(number.group(1)) > len(result.edits):
-            stale.unlink()
+    for j in range(len(result.edits) + 1, earlier + 1):  # only images an earlier edit.json names
+        (out / f"edit_{j}.png").unlink(missing_ok=True)
     save_figure(edit_grid(result, inversion.source_image), out / "edit_grid.png")
     # the inversion's folder relative to this one ("..", DIR/edits), which stays right when both move together
     record = edit_record(inversion, result, config, os.path.relpath(source.resolve(), out.resolve()))
@@ -223,6 +222,14 @@ def write_edits(result: EditResult, inversion: Inversion, source: Path, config: 
     for j, target in enumerate(result.targets, start=1):
         print(f"{out / f'edit_{j}.png'}: {target}")
     print(f"Grid: {out / 'edit_grid.png'}")
+
+
+def _earlier_edit_count(path: Path) -> int:
+    """How many edit images the edit.json at ``path`` says its edit wrote (0 without a readable one)."""
+    try:
+        return len(json.loads(path.read_text())["targets"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def set_aside_previous(folder: Path) -> Path | None:
