@@ -205,9 +205,10 @@ def model_edit_config(args: argparse.Namespace, config: EditConfig, model) -> Ed
 
 
 def write_edits(result: EditResult, inversion: Inversion, source: Path, config: EditConfig, out: Path) -> None:
-    """The images, the grid and ``edit.json`` (the inversion's folder relative to ``out``, its method and prompt, the targets in the
-    order of edit_N.png, the edit's settings). An earlier edit's edit_N.png beyond this one's targets
-    are removed: the folder holds this edit only, never some of another's."""
+    """The images, the grid and ``edit.json`` (the inversion's folder relative to ``out``, its method and
+    prompt, the targets in the order of edit_N.png, the edit's settings). The edit_N.png beyond this
+    edit's targets that an earlier edit.json in ``out`` names are removed: the folder holds this edit
+    only, never some of another's; files no edit.json names stay."""
     out.mkdir(parents=True, exist_ok=True)
     earlier = _earlier_edit_count(out / EDIT_FILE)
     result.reconstruction.save(out / "reconstruction.png")
@@ -234,9 +235,9 @@ def _earlier_edit_count(path: Path) -> int:
 
 def set_aside_previous(folder: Path) -> Path | None:
     """Move the inversion saved in ``folder``, with what was made from it there (its reconstruction,
-    attention views and ``edits`` folders), into ``folder/previous`` (``previous-2``, ... once that is taken), so that
-    the inversion about to replace it has no edits beside it that it did not make; returns where they
-    went, or None where ``folder`` holds no inversion. Other files stay where they are."""
+    attention views and ``edits`` folders), into ``folder/previous`` (``previous-2``, ... once that is
+    taken), so that the inversion about to replace it has no edits beside it that it did not make;
+    returns where they went, or None where ``folder`` holds no inversion. Other files stay."""
     if not (folder / METADATA_FILE).is_file():
         return None
     made = [TENSORS_FILE, METADATA_FILE, SOURCE_FILE, "reconstruction.png", *ATTENTION_VIEWS]
