@@ -101,6 +101,7 @@ def test_cancel_stops_the_inversion_and_keeps_nothing(bench, scene):
     ("unreadable", "Could not read"),
     ("no image", "Upload an image"),
     ("edit first", "Invert an image first"),
+    ("a key that is no key", "Invert an image first"),
     ("unknown model", "Could not load model"),
     ("replace counts", "different token counts"),
 ])
@@ -126,6 +127,14 @@ def test_bad_input_gives_a_message(bench, scene, tmp_path, case, message):
             bench.invert(None, caption, InvertSettings(steps=STEPS))
         elif case == "edit first":
             bench.edit(None, plain, EditConfig())
+        elif case == "a key that is no key":  # never a path out of the cache, whatever a session sends
+            view = bench.invert(path, caption, InvertSettings(steps=STEPS))
+            escape = f"../inversions/{view.key}"
+            assert (bench.cache_dir / "inversions" / escape / "inversion.json").is_file()
+            for bad in (escape, view.key + "/.", str(bench.cache_dir / "inversions" / view.key)):
+                with pytest.raises(DplEditError, match="Invert an image first"):
+                    bench.inversion_zip(bad)
+            bench.edit(escape, plain, EditConfig())
         elif case == "unknown model":
             Workbench(tmp_path, model_name=str(tmp_path / "no-such-model")).model()
         elif case == "replace counts":

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import threading
 import zipfile
 from collections.abc import Callable
@@ -47,6 +48,8 @@ DPL_NULLS = ("optimized", "negative", "direct")
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 40_000_000
 DISPLAY_SIZE = 256  # small model images are shown enlarged (nearest neighbour)
+# An inversion's cache key (Workbench._key): <image, prompt and model>-<method>-<method settings>.
+KEY = re.compile(rf"[0-9a-f]{{20}}-(?:{'|'.join(PAGE_METHODS)})-[0-9a-f]{{12}}")
 
 Report = Callable[[float, str], None]  # (fraction done, what is happening)
 
@@ -260,10 +263,15 @@ class Workbench:
 
     def cached(self, key: str) -> Inversion:
         """A cached inversion by key (what a browser session keeps)."""
-        folder = self.cache_dir / "inversions" / key
-        if not key or not (folder / METADATA_FILE).is_file():
+        return Inversion.load(self._inversion_folder(key))
+
+    def _inversion_folder(self, key: str | None) -> Path:
+        """The cache folder of an inversion by its key; only a key :meth:`_key` makes names one (never a
+        path out of the cache, whatever a session sends)."""
+        folder = self.cache_dir / "inversions" / str(key)
+        if not key or not KEY.fullmatch(key) or not (folder / METADATA_FILE).is_file():
             raise DplEditError("Invert an image first: editing starts from an inversion.")
-        return Inversion.load(folder)
+        return folder
 
     # -------------------------------------------------------------- editing
     def edit(self, key: str | None, targets: str, config: EditConfig) -> EditView:
@@ -289,7 +297,7 @@ class Workbench:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         with zipfile.ZipFile(tmp, "w") as archive:
-            for file in sorted((self.cache_dir / "inversions" / key).iterdir()):
+            for file in sorted(self._inversion_folder(key).iterdir()):
                 archive.write(file, f"inversion/{file.name}")
             archive.writestr("edits/reconstruction.png", png_bytes(result.reconstruction))
             for j, image in enumerate(result.edits, start=1):
@@ -302,7 +310,7 @@ class Workbench:
 
     def inversion_zip(self, key: str) -> Path:
         """The inversion folder as a zip."""
-        folder = self.cache_dir / "inversions" / key
+        folder = self._inversion_folder(key)
         path = self.cache_dir / "downloads" / f"{key}-inversion.zip"
         if not path.is_file():  # written under a temporary name: an interrupted zip is never served
             path.parent.mkdir(parents=True, exist_ok=True)
