@@ -70,6 +70,23 @@ def at_source_size(edited: Image.Image, source: Image.Image, path: str | Path = 
                        "shape nor a strip of panels of its size, so it cannot be compared with it.")
 
 
+def inverted_square(edited: Image.Image, source: Image.Image, mask: np.ndarray, oracle: Image.Image | None
+                    ) -> tuple[Image.Image, np.ndarray, Image.Image | None]:
+    """The source, its mask and its oracle as ``dpl batch`` inverted the source: a square edit of a
+    non-square source (not a strip of its panels) was made from its centre square (``fit="crop"``),
+    so they are cropped to it; else as they are."""
+    (width, height), (side_w, side_h) = edited.size, source.size
+    if width != height or side_w == side_h or (width % side_w == 0 and height % side_h == 0):
+        return source, mask, oracle
+    side = min(side_w, side_h)
+    left, top = (side_w - side) // 2, (side_h - side) // 2  # as images.fit_square crops
+
+    def crop(image):
+        return None if image is None else image.crop((left, top, left + side, top + side))
+
+    return crop(source), mask[top : top + side, left : left + side], crop(oracle)
+
+
 def unedited_images(source: Image.Image, edited: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Source and edit in [0, 1] with the edited part (mask) zeroed, as PIE-Bench compares them."""
     keep = torch.from_numpy(1 - mask.astype(np.float32))
@@ -217,20 +234,25 @@ def evaluate(dataset: str | Path, out: str | Path, items: Sequence[EditItem], me
                 rows.append({**row, "missing": True})
                 continue
             with Image.open(path) as opened:
-                edited = at_source_size(opened.convert("RGB"), source, path)
-            row.update(unedited_part(source, edited, mask))
-            if "lpips" in weighted:
-                row["lpips_unedit_part"] = unedited_lpips(weighted["lpips"], source, edited, mask)
-            if oracle is not None:
-                row["psnr_edit_part_vs_oracle"] = region_psnr(edited, oracle, mask)
+                edited = opened.convert("RGB")
+            inverted, region, truth = inverted_square(edited, source, mask, oracle)
+            distractor = None
             if item.distractor_rle:
                 distractor = decode_mask(item.distractor_rle, mask.shape, border=False)
-                row["psnr_distractors"] = region_psnr(edited, source, distractor)
+                distractor = inverted_square(edited, source, distractor, None)[1]
+            edited = at_source_size(edited, inverted, path)
+            row.update(unedited_part(inverted, edited, region))
+            if "lpips" in weighted:
+                row["lpips_unedit_part"] = unedited_lpips(weighted["lpips"], inverted, edited, region)
+            if truth is not None:
+                row["psnr_edit_part_vs_oracle"] = region_psnr(edited, truth, region)
+            if distractor is not None:
+                row["psnr_distractors"] = region_psnr(edited, inverted, distractor)
             if "structure_distance" in weighted:
-                row["structure_distance"] = weighted["structure_distance"](source, edited)
+                row["structure_distance"] = weighted["structure_distance"](inverted, edited)
             if "clip" in weighted:
                 row["clip_similarity_target_image"] = weighted["clip"](edited, item.target_prompt)
-                row["clip_similarity_target_image_edit_part"] = weighted["clip"](edited, item.target_prompt, mask)
+                row["clip_similarity_target_image_edit_part"] = weighted["clip"](edited, item.target_prompt, region)
             rows.append(row)
     return {"rows": rows, "notes": notes}
 
