@@ -404,20 +404,21 @@ def test_an_edit_is_compared_with_its_source_at_the_source_s_size():
 def test_a_square_edit_of_a_wide_source_is_compared_with_the_square_that_was_inverted():
     """dpl batch inverts a non-square image's centre square (fit="crop"): the metrics crop the source,
     its mask and its oracle the same way; a strip of the source's panels and a square source stay whole."""
-    from dpl_edit.batch.metrics import inverted_square
+    from dpl_edit.batch.metrics import cropped, inverted_square
     from dpl_edit.images import fit_square
 
     rng = np.random.default_rng(0)
     source, oracle = (Image.fromarray(rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)) for _ in range(2))
     mask = rng.random((8, 12)) > 0.5
     square = Image.new("RGB", (16, 16))
-    cropped, region, truth = inverted_square(square, source, mask, oracle)
-    assert np.array_equal(np.asarray(cropped), np.asarray(fit_square(source, 8, "crop")))
+    box = inverted_square(square, source)
+    cropped_source, region, truth = (cropped(box, picture) for picture in (source, mask, oracle))
+    assert np.array_equal(np.asarray(cropped_source), np.asarray(fit_square(source, 8, "crop")))
     assert np.array_equal(np.asarray(truth), np.asarray(oracle)[:, 2:10]) and np.array_equal(region, mask[:, 2:10])
-    assert np.array_equal(np.asarray(at_source_size(square, cropped)), np.zeros((8, 8, 3)))
+    assert np.array_equal(np.asarray(at_source_size(square, cropped_source)), np.zeros((8, 8, 3)))
     for edited, src in ((Image.new("RGB", (36, 8)), source), (square, source.crop((0, 0, 8, 8)))):
-        kept = inverted_square(edited, src, mask, oracle)
-        assert kept[0] is src and kept[1] is mask and kept[2] is oracle
+        box = inverted_square(edited, src)
+        assert box is None and cropped(box, src) is src and cropped(box, mask) is mask and cropped(box, None) is None
 
 
 def random_dino(folder):

@@ -69,15 +69,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
+    """The box (left, top, right, bottom) of the centred square that ``fit="crop"`` keeps."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
 def fit_square(image: Image.Image, size: int, fit: Fit, *, fill: int | tuple[int, ...] = (255, 255, 255),
                resample: Image.Resampling = Image.Resampling.LANCZOS) -> Image.Image:
     """Make an image ``size`` x ``size`` by centre crop, stretch or pad with ``fill`` (white; see
     :func:`load_image`); a mask takes the same geometry with ``fill=0`` and nearest resampling."""
     width, height = image.size
     if fit == "crop":
-        side = min(width, height)
-        left, top = (width - side) // 2, (height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
+        image = image.crop(centre_square(width, height))
     elif fit == "pad":
         side = max(width, height)
         canvas = Image.new(image.mode, (side, side), fill)

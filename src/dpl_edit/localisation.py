@@ -79,11 +79,13 @@ def load_mask(path: str | os.PathLike, fit: Fit = "crop") -> torch.Tensor:
     with it would be 0 whatever the map."""
     try:
         with Image.open(path) as image:
-            grey = (to_rgb(image) if image.mode.startswith("I") else image).convert("L")  # 16-bit: from 65535
+            alpha = None
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 alpha = image.convert("RGBA").getchannel("A")
-                if alpha.getextrema()[0] < 255:  # a cut-out: its transparent pixels are the background
-                    grey = alpha
+            if alpha is not None and alpha.getextrema()[0] < 255:  # a cut-out: transparent pixels are background
+                grey = alpha
+            else:
+                grey = (to_rgb(image) if image.mode.startswith("I") else image).convert("L")  # 16-bit: from 65535
     except (OSError, SyntaxError) as err:
         raise ImageLoadError(f"Could not read the mask {path} ({err}); use a black-and-white PNG.") from err
     side = min(grey.size) if fit == "crop" else max(grey.size)

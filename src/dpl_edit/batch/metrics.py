@@ -39,6 +39,7 @@ from torchmetrics.functional.regression import mean_squared_error
 from tqdm.auto import tqdm
 
 from ..errors import DplEditError
+from ..images import centre_square
 from ..published import PIE_BENCH_ITEMS, PIE_BENCH_P2P
 from .lpips import Lpips, default_weights
 from .piebench import EDIT_TYPES, IMAGES, EditItem, decode_mask, edit_path
@@ -70,21 +71,24 @@ def at_source_size(edited: Image.Image, source: Image.Image, path: str | Path = 
                        "shape nor a strip of panels of its size, so it cannot be compared with it.")
 
 
-def inverted_square(edited: Image.Image, source: Image.Image, mask: np.ndarray, oracle: Image.Image | None
-                    ) -> tuple[Image.Image, np.ndarray, Image.Image | None]:
-    """The source, its mask and its oracle as ``dpl batch`` inverted the source: a square edit of a
-    non-square source (not a strip of its panels) was made from its centre square (``fit="crop"``),
-    so they are cropped to it; else as they are."""
+def inverted_square(edited: Image.Image, source: Image.Image) -> tuple[int, int, int, int] | None:
+    """The box of ``source`` that ``dpl batch`` inverted for ``edited``: a square edit of a non-square
+    source (not a strip of its panels) was made from its centre square (``fit="crop"``); None where
+    the edit is of the whole source."""
     (width, height), (side_w, side_h) = edited.size, source.size
     if width != height or side_w == side_h or (width % side_w == 0 and height % side_h == 0):
-        return source, mask, oracle
-    side = min(side_w, side_h)
-    left, top = (side_w - side) // 2, (side_h - side) // 2  # as images.fit_square crops
+        return None
+    return centre_square(side_w, side_h)
 
-    def crop(image):
-        return None if image is None else image.crop((left, top, left + side, top + side))
 
-    return crop(source), mask[top : top + side, left : left + side], crop(oracle)
+def cropped(box: tuple[int, int, int, int] | None, picture: Image.Image | np.ndarray | None):
+    """An image, or a mask (rows, columns), cut to ``box``; as it is where ``box`` or it is None."""
+    if box is None or picture is None:
+        return picture
+    if isinstance(picture, Image.Image):
+        return picture.crop(box)
+    left, top, right, bottom = box
+    return picture[top:bottom, left:right]
 
 
 def unedited_images(source: Image.Image, edited: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,11 +239,11 @@ def evaluate(dataset: str | Path, out: str | Path, items: Sequence[EditItem], me
                 continue
             with Image.open(path) as opened:
                 edited = opened.convert("RGB")
-            inverted, region, truth = inverted_square(edited, source, mask, oracle)
+            box = inverted_square(edited, source)
+            inverted, region, truth = (cropped(box, picture) for picture in (source, mask, oracle))
             distractor = None
             if item.distractor_rle:
-                distractor = decode_mask(item.distractor_rle, mask.shape, border=False)
-                distractor = inverted_square(edited, source, distractor, None)[1]
+                distractor = cropped(box, decode_mask(item.distractor_rle, mask.shape, border=False))
             edited = at_source_size(edited, inverted, path)
             row.update(unedited_part(inverted, edited, region))
             if "lpips" in weighted:

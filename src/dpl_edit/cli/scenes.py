@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import checks
 from ..errors import DplEditError
 from ..registry import SCENE_MODEL_ID
-from ..scenes.quality import check_counts, check_scene_model
+from ..scenes.quality import BAR_STEPS, check_counts, check_scene_model
 from ..scenes.train import SceneTrainer, TrainConfig
 from . import COMMANDS
 from .common import add_model_options, load, pick_device
@@ -58,8 +58,8 @@ def register(commands) -> None:
     p.add_argument("--reconstructions", type=int, default=4, help="scenes inverted with NTI (default: 4)")
     p.add_argument("--localisations", type=int, default=16, help="two-object scenes for localisation, and as many "
                    "one- and two-object scenes for the background mask (default: 16)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the samples and inversions (default: 50, "
-                   "the steps the bars were set at; fewer for a quick look)")
+    p.add_argument("--steps", type=int, default=BAR_STEPS, help="DDIM steps of the samples and inversions "
+                   f"(default: {BAR_STEPS}, the steps the bars were set at; fewer for a quick look)")
     add_model_options(p, required_default=SCENE_MODEL_ID)
     p.set_defaults(run=check_scenes)
 

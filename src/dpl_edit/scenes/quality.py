@@ -31,6 +31,8 @@ from ..views import word_map
 from .classify import check_caption
 from .render import check_scene_model_size, render, split_scene
 
+BAR_STEPS = 50  # the DDIM steps the bars were set at (the paper's)
+
 
 @dataclass
 class QualityReport:
@@ -73,7 +75,7 @@ class QualityReport:
         return rows
 
 
-def check_counts(samples: int, reconstructions: int, localisations: int, num_steps: int = 50) -> None:
+def check_counts(samples: int, reconstructions: int, localisations: int, num_steps: int = BAR_STEPS) -> None:
     """The numbers of scenes and steps the checks use, checked (before any model is loaded)."""
     checks.count("--samples", samples)
     checks.count("--reconstructions", reconstructions)
@@ -83,7 +85,7 @@ def check_counts(samples: int, reconstructions: int, localisations: int, num_ste
 
 @torch.no_grad()
 def caption_following(model: StableDiffusion, count: int, guidance_scale: float = 7.5, batch: int = 16,
-                      seed: int = 0, num_steps: int = 50, progress: bool = True) -> tuple[float, float, float]:
+                      seed: int = 0, num_steps: int = BAR_STEPS, progress: bool = True) -> tuple[float, float, float]:
     """Shares of (background, object colour, object shape) right over ``count`` test captions."""
     schedule = DDIMSchedule.from_scheduler(model.scheduler, num_steps)
     generator = torch.Generator().manual_seed(seed)
@@ -103,7 +105,7 @@ def caption_following(model: StableDiffusion, count: int, guidance_scale: float 
     return sum(backgrounds) / len(backgrounds), sum(colours) / len(colours), sum(shapes) / len(shapes)
 
 
-def reconstruction(model: StableDiffusion, count: int, num_steps: int = 50, progress: bool = True) -> tuple[float, float]:
+def reconstruction(model: StableDiffusion, count: int, num_steps: int = BAR_STEPS, progress: bool = True) -> tuple[float, float]:
     """Mean PSNR of the VAE's reconstruction and of NTI's, over ``count`` test scenes."""
     vae, nti = [], []
     for i in tqdm(range(count), desc="Reconstruction", disable=not progress, leave=False):
@@ -115,7 +117,7 @@ def reconstruction(model: StableDiffusion, count: int, num_steps: int = 50, prog
     return sum(vae) / count, sum(nti) / count
 
 
-def localisation(model: StableDiffusion, count: int, num_steps: int = 50,
+def localisation(model: StableDiffusion, count: int, num_steps: int = BAR_STEPS,
                  progress: bool = True) -> tuple[float, float, float, float]:
     """Noun maps of DDIM inversions: mean best IoU (thresholds 0.1 .. 1.0) with their own and with the
     other object, and mean share of their mass on their own and on the other object."""
@@ -135,7 +137,7 @@ def localisation(model: StableDiffusion, count: int, num_steps: int = 50,
     return tuple(sum(v) / len(v) for v in (own, other, own_share, other_share))
 
 
-def background_iou(model: StableDiffusion, count: int, num_steps: int = 50,
+def background_iou(model: StableDiffusion, count: int, num_steps: int = BAR_STEPS,
                    progress: bool = True) -> dict[int, tuple[float, float, float]]:
     """Mean IoU of DPL's background mask (:func:`dpl_edit.pipeline.background_of`, brought to the
     image's size bilinearly and cut at one half) with the true background, over ``count`` test scenes
@@ -158,8 +160,8 @@ def background_iou(model: StableDiffusion, count: int, num_steps: int = 50,
 
 
 def check_scene_model(model: StableDiffusion, samples: int = 64, reconstructions: int = 4,
-                      localisations: int = 16, num_steps: int = 50, progress: bool = True) -> QualityReport:
-    """The quality table's numbers; its bars were set at 50 DDIM steps (``num_steps``)."""
+                      localisations: int = 16, num_steps: int = BAR_STEPS, progress: bool = True) -> QualityReport:
+    """The quality table's numbers; its bars were set at :data:`BAR_STEPS` DDIM steps (``num_steps``)."""
     check_counts(samples, reconstructions, localisations, num_steps)
     check_scene_model_size(model, "check_scene_model (dpl check-scenes)")
     background, colour, shape = caption_following(model, samples, num_steps=num_steps, progress=progress)
