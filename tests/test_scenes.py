@@ -139,17 +139,22 @@ def test_training_resumes_from_an_exported_model(tmp_path, caplog):
     while (first.stage, first.step) != ("diffusion", 1):  # one step per run, into the UNet stage
         first = SceneTrainer(TINY_RUN, tmp_path / "a")
         first.run(time_limit=0, progress=False)
+    training = {name: value.clone() for name, value in first.model.unet.state_dict().items()}
     with caplog.at_level(logging.WARNING, logger="dpl_edit"):
         first.export(tmp_path / "b" / "weights")
     assert "float16 on the CPU" not in caplog.text  # a float16 copy is written; nothing runs in it
+    # the model in training keeps its own float32 weights (neither the EMA's nor rounded ones)
+    assert first.model.unet.training and any(p.requires_grad for p in first.model.unet.parameters())
+    for name, value in first.model.unet.state_dict().items():
+        assert torch.equal(training[name], value), name
     unet = {name[len("unet."):]: value for name, value in first.ema.items() if name.startswith("unet.")}
-    assert unet  # the model keeps its float32 EMA weights, not rounded ones
-    for name, value in unet.items():
-        assert torch.equal(first.model.unet.state_dict()[name], value), name
+    assert unet and any(not torch.equal(training[name], value) for name, value in unet.items())
+    exported = StableDiffusion.from_pretrained(tmp_path / "b" / "weights")
+    for name, value in unet.items():  # the export holds the EMA weights
+        assert torch.equal(exported.unet.state_dict()[name].float(), value.half().float()), name
     resumed = SceneTrainer(replace(TINY_RUN, diffusion_steps=5), tmp_path / "b")
     resumed.resume()
     assert (resumed.stage, resumed.step) == ("diffusion", 1) and resumed.optimizer_state is None
-    exported = StableDiffusion.from_pretrained(tmp_path / "b" / "weights")
     for name, value in exported.unet.state_dict().items():
         torch.testing.assert_close(resumed.model.unet.state_dict()[name], value.float(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="other settings"):

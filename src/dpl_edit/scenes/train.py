@@ -13,6 +13,7 @@ On CUDA the steps run under bf16 autocast, optionally with ``torch.compile``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -337,14 +338,16 @@ class SceneTrainer:
         logger.info("Resumed from %s at %s step %d", source, self.stage, self.step)
 
     def ema_model(self) -> StableDiffusion:
-        """The model with EMA weights (the VAE has none: its trained weights)."""
+        """A copy of the model with the EMA weights (the VAE has none: its trained weights), frozen
+        and in eval mode; the model in training keeps its own weights."""
+        model = copy.deepcopy(self.model)
         if self.ema:
-            for prefix, module in {"unet": self.model.unet, "text_encoder": self.model.text_encoder}.items():
+            for prefix, module in {"unet": model.unet, "text_encoder": model.text_encoder}.items():
                 module.load_state_dict({k[len(prefix) + 1:]: v for k, v in self.ema.items()
                                         if k.startswith(prefix + ".")}, strict=False)
-        for module in _modules(self.model).values():
+        for module in _modules(model).values():
             module.requires_grad_(False).eval()
-        return self.model
+        return model
 
     def export(self, folder: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
         """A diffusers folder (safetensors) of the EMA model, loadable by the engine; its dpl_edit.json
@@ -353,12 +356,8 @@ class SceneTrainer:
         model = self.ema_model()
         progress = {"stage": self.stage, "step": self.step, "scaling_factor": self.scaling_factor,
                     "config": asdict(self.config)}
-        settings = model.settings
-        model.settings = {**settings, "training": progress}
-        try:
-            model.save_pretrained(folder, dtype=dtype)
-        finally:
-            model.settings = settings
+        model.settings = {**model.settings, "training": progress}
+        model.save_pretrained(folder, dtype=dtype)
         return Path(folder)
 
 
