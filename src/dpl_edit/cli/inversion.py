@@ -28,7 +28,7 @@ from ..editing.plan import TARGET_TOKENS
 from ..errors import DplEditError
 from ..images import FITS, fit_square, open_image, psnr
 from ..inversion import DynamicPromptConfig, NullTextConfig
-from ..inversion.dynamic_prompt import LOSSES, NULL_STRATEGIES, saturation
+from ..inversion.dynamic_prompt import LOSSES, NULL_STRATEGIES, mostly_capped, saturation
 from ..losses import SPANS
 from ..pipeline import METHODS, PRESETS, invert, model_dpl_config, reconstruct
 from ..prompts import check_marks, parse_marked_prompt
@@ -356,8 +356,8 @@ def invert_from_args(args: argparse.Namespace, model, settings: tuple[NullTextCo
     print(f"Inverted {args.image} with {args.method} in {time.perf_counter() - started:.1f} s -> {args.out}/")
     if previous is not None:
         print(f"The inversion this replaces, and what was made from it here, is now in {previous}/")
-    if inversion.dpl_log:  # (more than half the steps at the cap also logs a warning)
-        print(saturation(inversion.dpl_log, dpl.max_iterations))
+    if inversion.dpl_log and not mostly_capped(inversion.dpl_log, dpl.max_iterations):
+        print(saturation(inversion.dpl_log, dpl.max_iterations))  # (mostly capped, the warning said it)
     return inversion
 
 
