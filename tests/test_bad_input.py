@@ -57,15 +57,15 @@ CASES = {
     "invert zero steps": (INVERT[:-4] + ["--steps", "0", "--out", "{root}/new"], "--steps must be at least 1"),
     "invert negative steps": (INVERT[:-4] + ["--steps", "-3", "--out", "{root}/new"], "--steps must be at least 1"),
     "invert more steps than noise levels": (INVERT[:-4] + ["--steps", "1000", "--out", "{root}/new"],
-                                            "num_steps must be at most 999 with this model's DDIM scheduler"),
+                                            "--steps must be at most 999 with this model's DDIM scheduler"),
     "invert steps text": (INVERT[:-4] + ["--steps", "ten", "--out", "{root}/new"], "invalid int value"),
     "invert negative dpl iterations": (INVERT + ["--method", "dpl", "--dpl-iterations", "-1"],
-                                       "DPL max_iterations must be at least 0"),
-    "invert lambda dj nan": (INVERT + ["--lambda-dj", "nan"], "DPL lambda_dj must be a finite number"),
-    "invert lambda bg negative": (INVERT + ["--lambda-bg", "-0.5"], "DPL lambda_bg must be in [0, inf]"),
-    "invert cross res zero": (INVERT + ["--cross-res", "0"], "DPL cross_resolution must be at least 1"),
-    "invert self res negative": (INVERT + ["--self-res", "-4"], "DPL self_resolution must be at least 1"),
-    "invert zero nti iterations": (INVERT + ["--nti-iterations", "0"], "null-text max_iterations must be at least 1"),
+                                       "--dpl-iterations must be at least 0"),
+    "invert lambda dj nan": (INVERT + ["--lambda-dj", "nan"], "--lambda-dj must be a finite number"),
+    "invert lambda bg negative": (INVERT + ["--lambda-bg", "-0.5"], "--lambda-bg must be in [0, inf]"),
+    "invert cross res zero": (INVERT + ["--cross-res", "0"], "--cross-res must be at least 1"),
+    "invert self res negative": (INVERT + ["--self-res", "-4"], "--self-res must be at least 1"),
+    "invert zero nti iterations": (INVERT + ["--nti-iterations", "0"], "--nti-iterations must be at least 1"),
     "invert unknown loss": (INVERT + ["--losses", "xx"], "--losses takes a comma-separated subset"),
     "invert unknown span": (INVERT + ["--span", "all"], "invalid choice"),
     "invert unknown method": (INVERT + ["--method", "magic"], "invalid choice"),
@@ -89,24 +89,24 @@ CASES = {
     "invert unknown device": (INVERT + ["--device", "gpu"], "Unknown --device 'gpu'; use cpu, cuda, cuda:N or mps"),
     "invert dpl without marks": (["invert", "{image}", "--prompt", "a cat", "--method", "dpl", "--out", "{root}/x"],
                                  "No dynamic word"),
-    "edit cross steps above 1": (EDIT + ["--cross-steps", "1.5"], "cross_replace_steps must be in [0, 1]"),
-    "edit cross steps nan": (EDIT + ["--cross-steps", "nan"], "cross_replace_steps must be a finite number"),
-    "edit self steps negative": (EDIT + ["--self-steps", "-0.1"], "self_replace_steps must be in [0, 1]"),
-    "edit blend threshold 2": (EDIT + ["--blend-threshold", "2"], "blend_threshold must be in [0, 1]"),
-    "edit blend start nan": (EDIT + ["--blend-start", "nan"], "blend_start must be a finite number"),
-    "edit reweight nan": (EDIT + ["--reweight", "tiger=nan"], "re-weighting factor of 'tiger' must be a finite"),
+    "edit cross steps above 1": (EDIT + ["--cross-steps", "1.5"], "--cross-steps must be in [0, 1]"),
+    "edit cross steps nan": (EDIT + ["--cross-steps", "nan"], "--cross-steps must be a finite number"),
+    "edit self steps negative": (EDIT + ["--self-steps", "-0.1"], "--self-steps must be in [0, 1]"),
+    "edit blend threshold 2": (EDIT + ["--blend-threshold", "2"], "--blend-threshold must be in [0, 1]"),
+    "edit blend start nan": (EDIT + ["--blend-start", "nan"], "--blend-start must be a finite number"),
+    "edit reweight nan": (EDIT + ["--reweight", "tiger=nan"], "--reweight 'tiger' must be a finite"),
     "edit reweight malformed": (EDIT + ["--reweight", "tiger"], "--reweight takes WORD=VALUE"),
-    "edit word steps above 1": (EDIT + ["--cross-steps-word", "tiger=1.2"], "cross_replace_steps of 'tiger' must be"),
+    "edit word steps above 1": (EDIT + ["--cross-steps-word", "tiger=1.2"], "--cross-steps-word 'tiger' must be"),
     "edit out is a file": (EDIT[:-1] + ["{root}/note.txt"], "is a file; give a folder"),
     "edit out inside a file": (EDIT[:-1] + ["{root}/note.txt/edits"], "note.txt is a file, not a folder"),
     "edit no inversion": (["edit", "{root}/folder", "--target", "a dog"], "holds no inversion"),
     "edit blend occurrence zero": (EDIT + ["--blend", "cat@0"], "word@N"),
     "edit blend occurrence missing": (EDIT + ["--blend", "cat@5"], "occurrence(s) of 'cat', not 5"),
     "edit blend setting without blend": (EDIT + ["--subtract", "cat", "--blend-start", "0.5"],
-                                         "subtract, blend_start: settings of local blending, which no blend words"),
+                                         "--subtract, --blend-start: settings of local blending, which no blend"),
     "edit unknown mode": (EDIT + ["--mode", "swap"], "invalid choice"),
     "edit unknown target tokens": (EDIT + ["--target-tokens", "some"], "invalid choice"),
-    "run cross steps 3": (RUN + ["--cross-steps", "3"], "cross_replace_steps must be in [0, 1]"),
+    "run cross steps 3": (RUN + ["--cross-steps", "3"], "--cross-steps must be in [0, 1]"),
     "run guidance nan": (RUN + ["--guidance", "nan"], "--guidance must be a finite number"),
     "run authors preset without null-text": (RUN + ["--method", "dpl", "--null", "negative", "--preset", "authors"],
                                              "--preset: no effect with --method dpl --null negative"),
@@ -137,8 +137,11 @@ CASES = {
     "check-scenes negative localisations": (["check-scenes", "--model", "scenes", "--localisations", "-1"],
                                             "--localisations must be at least 1"),
     "train grounding nan": (["train-scenes", "--out", "{root}/train", "--grounding-weight", "nan"],
-                            "grounding weight must be a finite number"),
-    "train zero batch": (["train-scenes", "--out", "{root}/train", "--batch-size", "0"], "batch size must be at least 1"),
+                            "--grounding-weight must be a finite number"),
+    "train zero batch": (["train-scenes", "--out", "{root}/train", "--batch-size", "0"], "--batch-size must be at least 1"),
+    "train zero vae batch": (["train-scenes", "--out", "{root}/train", "--vae-batch-size", "0"],
+                             "--vae-batch-size must be at least 1"),
+    "train negative steps": (["train-scenes", "--out", "{root}/train", "--steps", "-1"], "--steps must be at least 0"),
     "train negative time limit": (["train-scenes", "--out", "{root}/train", "--time-limit", "-5"],
                                   "--time-limit must be in (0, inf]"),
     "train out is a file": (["train-scenes", "--out", "{root}/note.txt"], "is a file; give a folder"),
@@ -317,3 +320,22 @@ def test_other_os_errors_are_still_bugs(monkeypatch, capsys, files):
     monkeypatch.setattr("dpl_edit.cli.inversion.Inversion.load", missing)
     assert main(["reconstruct", str(files / "inv")]) == 1
     assert "this is a bug in dpl-edit" in capsys.readouterr().err
+
+
+def test_the_command_line_names_its_options_only_where_a_message_opens_with_settings():
+    """The library's setting names become the command's options in a message's opening only: a
+    prompt or path quoted later keeps its words, even one that is a setting's name."""
+    from dpl_edit.cli.common import named_as_options
+    from dpl_edit.errors import PromptError
+
+    names = {"subtract": "--subtract", "blend_start": "--blend-start", "batch size": "--batch-size",
+             "vae batch size": "--vae-batch-size"}
+    for message, expected in (
+        ("subtract, blend_start: settings of blending (subtract)", "--subtract, --blend-start: settings of blending (subtract)"),
+        ("vae batch size must be at least 1, got 0", "--vae-batch-size must be at least 1, got 0"),
+        ("The word 'subtract' is in none of the target prompts", "The word 'subtract' is in none of the target prompts"),
+        ("subtracted", "subtracted"),
+    ):
+        with pytest.raises(PromptError) as raised, named_as_options(names):
+            raise PromptError(message)
+        assert str(raised.value) == expected

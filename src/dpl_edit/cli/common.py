@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from contextlib import contextmanager
 
@@ -116,3 +117,21 @@ def pairs(items: list[str], option: str, convert=float) -> dict:
         except ValueError:
             raise DplEditError(f"{option} takes WORD=VALUE, got {item!r}") from None
     return result
+
+
+@contextmanager
+def named_as_options(names: dict[str, str]):
+    """The library's errors in this command's words: the settings a :class:`DplEditError`'s message
+    opens with (``cross_replace_steps must be ...``, ``subtract, blend_start: ...``), as a config field
+    or check names them in ``names``, are replaced by their options (``--cross-steps``), so the message
+    names what the user typed. Only the opening is read: a prompt or path quoted later stays as it is."""
+    name = "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
+    opening = re.compile(rf"(?:{name})(?:, (?:{name}))*(?=[ :])")
+    try:
+        yield
+    except DplEditError as err:
+        found = opening.match(str(err))
+        if found is None:
+            raise
+        renamed = re.sub(name, lambda match: names[match.group(0)], found.group(0))
+        raise type(err)(renamed + str(err)[found.end():]) from err

@@ -35,7 +35,7 @@ from ..prompts import check_marks, parse_marked_prompt
 from ..registry import DEFAULT_MODEL
 from ..views import ATTENTION_VIEWS, edit_grid, save_figure
 from . import COMMANDS
-from .common import add_model_options, load, load_for, pairs
+from .common import add_model_options, load, load_for, named_as_options, pairs
 
 
 def register(commands) -> None:
@@ -260,39 +260,52 @@ def _unused_folder(base: Path) -> Path:
     return folder
 
 
+# the library's names of the settings these commands take, as their options (named_as_options)
+OPTION_NAMES = {
+    "num_steps": "--steps", "guidance_scale": "--guidance", "null-text max_iterations": "--nti-iterations",
+    "DPL max_iterations": "--dpl-iterations", "DPL lambda_dj": "--lambda-dj", "DPL lambda_bg": "--lambda-bg",
+    "DPL cross_resolution": "--cross-res", "DPL self_resolution": "--self-res", "cross_replace_steps of": "--cross-steps-word",
+    "cross_replace_steps": "--cross-steps", "self_replace_steps": "--self-steps", "blend_threshold": "--blend-threshold",
+    "blend_start": "--blend-start", "subtract": "--subtract", "re-weighting factor of": "--reweight",
+}
+
+
 def edit_command(args: argparse.Namespace) -> int:
-    config = edit_config(args)
-    inversion = Inversion.load(args.dir)
-    out = checks.output_folder("--out", args.out or _unused_folder(args.dir / "edits"))
-    model = load_for(args, inversion)
-    config = model_edit_config(args, config, model)
-    started = time.perf_counter()
-    result = edit(model, inversion, args.target, config, progress=not args.quiet)
+    with named_as_options(OPTION_NAMES):
+        config = edit_config(args)
+        inversion = Inversion.load(args.dir)
+        out = checks.output_folder("--out", args.out or _unused_folder(args.dir / "edits"))
+        model = load_for(args, inversion)
+        config = model_edit_config(args, config, model)
+        started = time.perf_counter()
+        result = edit(model, inversion, args.target, config, progress=not args.quiet)
     print(f"Edited {args.dir} ({inversion.method}) in {time.perf_counter() - started:.1f} s")
     write_edits(result, inversion, args.dir, config, out)
     return 0
 
 
 def run_command(args: argparse.Namespace) -> int:
-    config = edit_config(args)
-    args.prompt = args.source
-    settings = inversion_settings(args)
-    model = load(args, args.model)
-    config = model_edit_config(args, config, model)
-    # the targets checked against the source before minutes of inversion, not after
-    source = parse_marked_prompt(args.source, model.tokenizer, args.words, require_words=False)
-    plan_edit(model, args.source, source.positions, args.target, config, args.steps)
-    inversion = invert_from_args(args, model, settings)
-    started = time.perf_counter()
-    result = edit(model, inversion, args.target, config, progress=not args.quiet)
+    with named_as_options(OPTION_NAMES):
+        config = edit_config(args)
+        args.prompt = args.source
+        settings = inversion_settings(args)
+        model = load(args, args.model)
+        config = model_edit_config(args, config, model)
+        # the targets checked against the source before minutes of inversion, not after
+        source = parse_marked_prompt(args.source, model.tokenizer, args.words, require_words=False)
+        plan_edit(model, args.source, source.positions, args.target, config, args.steps)
+        inversion = invert_from_args(args, model, settings)
+        started = time.perf_counter()
+        result = edit(model, inversion, args.target, config, progress=not args.quiet)
     print(f"Edited in {time.perf_counter() - started:.1f} s")
     write_edits(result, inversion, args.out, config, _unused_folder(args.out / "edits"))
     return 0
 
 
 def invert_command(args: argparse.Namespace) -> int:
-    settings = inversion_settings(args)
-    invert_from_args(args, load(args, args.model), settings)
+    with named_as_options(OPTION_NAMES):
+        settings = inversion_settings(args)
+        invert_from_args(args, load(args, args.model), settings)
     return 0
 
 

@@ -12,7 +12,7 @@ from ..registry import SCENE_MODEL_ID
 from ..scenes.quality import BAR_STEPS, check_counts, check_scene_model
 from ..scenes.train import SceneTrainer, TrainConfig
 from . import COMMANDS
-from .common import add_model_options, load, pick_device
+from .common import add_model_options, load, named_as_options, pick_device
 
 
 def register(commands) -> None:
@@ -64,12 +64,19 @@ def register(commands) -> None:
     p.set_defaults(run=check_scenes)
 
 
+# TrainConfig's names of the settings train-scenes takes, as its options (named_as_options)
+TRAIN_OPTIONS = {"seed": "--seed", "train scenes": "--train-scenes", "vae steps": "--vae-steps",
+                 "vae batch size": "--vae-batch-size", "diffusion steps": "--steps", "batch size": "--batch-size",
+                 "checkpoint every": "--checkpoint-every", "grounding weight": "--grounding-weight"}
+
+
 def train_scenes(args: argparse.Namespace) -> int:
-    config = TrainConfig(
-        seed=args.seed, train_scenes=args.train_scenes, vae_steps=args.vae_steps, vae_batch_size=args.vae_batch_size,
-        diffusion_steps=args.steps, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
-        grounding_weight=args.grounding_weight,
-    )
+    with named_as_options(TRAIN_OPTIONS):
+        config = TrainConfig(
+            seed=args.seed, train_scenes=args.train_scenes, vae_steps=args.vae_steps,
+            vae_batch_size=args.vae_batch_size, diffusion_steps=args.steps, batch_size=args.batch_size,
+            checkpoint_every=args.checkpoint_every, grounding_weight=args.grounding_weight,
+        )
     checks.output_folder("--out", args.out)
     if args.export:
         checks.output_folder("--export", args.export)
