@@ -186,6 +186,15 @@ def test_help_and_argument_errors_load_no_torch_or_no_model_libraries():
     assert "must be at least 1" in done.stderr  # the bad argument's message still comes
 
 
+def test_an_unknown_option_is_answered_with_its_command_s_usage(capsys):
+    """Not with the top parser's `usage: dpl [-h] [--version] COMMAND ...`, which names no option."""
+    with pytest.raises(SystemExit) as exited:
+        main(["attention", "some/inversion", "--steps", "0-5"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "usage: dpl attention" in err and "--compare" in err
+    assert "dpl attention: error: unrecognized arguments: --steps 0-5" in err
+
+
 def test_run_then_edit_with_several_targets(photo, tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--model", "tiny", "--steps", "3", "--quiet"]

@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     # `--version` and a missing or unknown command answer without loading torch), then its arguments
     command = build_parser().parse_known_args(argv)[0].command
     try:
-        args = build_parser(command).parse_args(argv)  # imports the command's module, and with it torch
+        parser = build_parser(command)  # imports the command's module, and with it torch
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the command's parser, with its usage (the top parser shows only `dpl COMMAND`)
+            parser.commands.choices[command].error(f"unrecognized arguments: {' '.join(unknown)}")
         import torch  # every command needs it; after the arguments, so a bad one is answered at once
     except KeyboardInterrupt:  # while importing: nothing has started
         print(INTERRUPTED, file=sys.stderr)
@@ -112,6 +115,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dpl-edit {__version__}")
     commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
+    parser.commands = commands
     defined = COMMANDS[command].module if command else None
     first = next((name for name, each in COMMANDS.items() if each.module == defined), None)
     for name, (module, line) in COMMANDS.items():
