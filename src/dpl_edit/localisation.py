@@ -103,7 +103,7 @@ def plot_curves(curves: Mapping[str, torch.Tensor], path: str | os.PathLike, tit
     """Plot IoU-vs-threshold curves (label -> (11,) tensor) to a PNG."""
     from matplotlib.figure import Figure  # (not pyplot: no global state)
 
-    fig = Figure(figsize=(5, 3.6))
+    fig = Figure(figsize=(5, 3.6), layout="constrained")
     ax = fig.subplots()
     for label, curve in curves.items():
         ax.plot(THRESHOLDS, curve.numpy(), marker="o", label=f"{label} (mean {curve.mean():.3f})")
@@ -113,5 +113,4 @@ def plot_curves(curves: Mapping[str, torch.Tensor], path: str | os.PathLike, tit
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -123,7 +123,6 @@ def dpl_log_view(inversion: Inversion) -> Figure:
     axes[1].set_xlabel("step (0 = noisiest)")
     axes[1].set_title("AdamW steps on the tokens", fontsize=10)
     fig.suptitle(f"DPL per step: {inversion.prompt}", fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -167,7 +166,6 @@ def demo_figure(source, target, edits: dict, first: Inversion, second: Inversion
     for ax in axes.flat:
         ax.axis("off")
     fig.suptitle(f"{second.prompt}  ->  {target_prompt}", fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -205,10 +203,12 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> None:
 def _subplots(rows: int, columns: int, figsize: tuple[float, float], squeeze: bool = True) -> tuple[Figure, np.ndarray]:
     """A figure and its axes, made without pyplot: no global figure list or backend to switch (a
     notebook importing this keeps its own), and safe in the web page's worker threads. Matplotlib
-    loads here, with the first figure (`dpl --help` without it)."""
+    loads here, with the first figure (`dpl --help` without it). Laid out by matplotlib's constrained
+    layout, which keeps a lower row's titles (a wrapped target prompt) off the images above them,
+    where ``tight_layout`` let them overlap."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize)
+    fig = Figure(figsize=figsize, layout="constrained")
     return fig, fig.subplots(rows, columns, squeeze=squeeze)
 
 
@@ -223,7 +223,6 @@ def _finish(fig: Figure, axes: np.ndarray, title: str) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
 
 
 def edit_grid(result, source_image) -> Figure:
