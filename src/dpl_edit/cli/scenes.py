@@ -109,11 +109,16 @@ def check_scenes(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     report = check_scene_model(model, args.samples, args.reconstructions, args.localisations, args.steps,
                                progress=not args.quiet)
-    print(f"\nScene model {args.model}, {args.steps} DDIM steps: {args.samples} samples, {args.reconstructions} reconstructions, "
-          f"{args.localisations} two-object scenes, background masks of {args.localisations} one- and "
-          f"{args.localisations} two-object scenes ({time.perf_counter() - started:.0f} s)\n")
+    print(f"\nScene model {args.model}, {_count(args.steps, 'DDIM step')}: {_count(args.samples, 'sample')}, "
+          f"{_count(args.reconstructions, 'reconstruction')}, {_count(args.localisations, 'two-object scene')}, "
+          f"background masks of {args.localisations} one- and {_count(args.localisations, 'two-object scene')} "
+          f"({time.perf_counter() - started:.0f} s)\n")
     print("| check | value | bar | passed |")
     print("|---|---|---|---|")
     for check, value, bar, passed in report.rows():
         print(f"| {check} | {value} | {bar} | {('yes' if passed else 'no') if bar else ''} |")
     return 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
