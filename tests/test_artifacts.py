@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -67,6 +68,41 @@ def test_damaged_folders_give_clear_errors(inversion, tmp_path):
     meta["format_version"] = 99
     (folder / "inversion.json").write_text(json.dumps(meta))
     with pytest.raises(InversionFileError, match="format version"):
+        Inversion.load(folder)
+
+
+def _edited(meta: dict, **changes) -> dict:
+    meta = {**meta, **changes}
+    return {k: v for k, v in meta.items() if v is not _DROP}
+
+
+_DROP = object()
+HAND_EDITS = {  # what an inversion.json edited by hand, damaged or of another version may hold
+    "not an object": (lambda meta: [1, 2], "holds no JSON object (found list)"),
+    "a field unknown here": (lambda meta: _edited(meta, colour="red"), "unknown fields colour"),
+    "a required field missing": (lambda meta: _edited(meta, prompt=_DROP), "(no prompt)"),
+    "a field of another type": (lambda meta: _edited(meta, num_steps="four"), "num_steps of the wrong type"),
+    "a count given as a flag": (lambda meta: _edited(meta, num_steps=True), "num_steps of the wrong type"),
+    "an unknown null": (lambda meta: _edited(meta, null="zero"), "null 'zero' is none of empty, optimized"),
+    "more steps than the tensors": (lambda meta: _edited(meta, num_steps=6), "num_steps 6, but null_states has 4 rows"),
+    "no hash": (lambda meta: _edited(meta, tensors_sha256=_DROP), "does not match"),
+}
+
+
+@pytest.mark.parametrize("case", HAND_EDITS)
+def test_a_hand_edited_or_damaged_inversion_json_is_said_to_be_one(inversion, tmp_path, case):
+    """Not a TypeError or KeyError from the dataclass or from deep in an edit (`dpl` called those bugs)."""
+    folder = inversion.save(tmp_path / "inv")
+    edit, message = HAND_EDITS[case]
+    (folder / "inversion.json").write_text(json.dumps(edit(json.loads((folder / "inversion.json").read_text()))))
+    with pytest.raises(InversionFileError, match=re.escape(message)):
+        Inversion.load(folder)
+
+
+def test_an_unreadable_source_image_is_said_to_be_one(inversion, tmp_path):
+    folder = inversion.save(tmp_path / "inv")
+    (folder / "source.png").write_text("not a picture")
+    with pytest.raises(InversionFileError, match="source.png is no readable image"):
         Inversion.load(folder)
 
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import platform
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -130,16 +130,19 @@ class Inversion:
         folder = Path(folder)
         metadata = _read_metadata(folder)
         tensor_path = folder / TENSORS_FILE
-        if not tensor_path.is_file() or _sha256(tensor_path) != metadata.pop("tensors_sha256"):
+        if not tensor_path.is_file() or _sha256(tensor_path) != metadata.pop("tensors_sha256", None):
             raise InversionFileError(
                 f"{tensor_path} is missing or does not match {METADATA_FILE} (interrupted copy?). "
                 "Invert the image again."
             )
         tensors = load_file(tensor_path)
+        _check_contents(metadata, tensors, folder / METADATA_FILE)
         source = folder / SOURCE_FILE
-        image = Image.open(source).convert("RGB") if source.is_file() else None
-        for key in ("format", "format_version"):
-            metadata.pop(key)
+        try:
+            image = Image.open(source).convert("RGB") if source.is_file() else None
+        except (OSError, Image.DecompressionBombError) as err:
+            raise InversionFileError(f"{source} is no readable image ({err}); put the inverted image back there "
+                                     "as a PNG, or invert the image again.") from err
         return cls(**metadata, **tensors, source_image=image)
 
 
@@ -188,12 +191,56 @@ def _read_metadata(folder: Path) -> dict:
         metadata = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise InversionFileError(f"{path} is not valid JSON ({err}); invert the image again.") from err
+    if not isinstance(metadata, dict):
+        raise InversionFileError(f"{path} holds no JSON object (found {type(metadata).__name__}); invert the image again.")
     if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
         raise InversionFileError(
             f"{path} is not a dpl-edit inversion of format version {FORMAT_VERSION} "
             f"(found {metadata.get('format')!r} version {metadata.get('format_version')!r})."
         )
     return metadata
+
+
+# the JSON types of the fields inversion.json holds, by the start of their annotations
+_JSON_TYPES = {"str": str, "int": int, "float": (int, float), "dict": dict, "list": list}
+NULLS = ("empty", "optimized", "negative", "direct")  # what Inversion.null may be
+
+
+def _check_contents(metadata: dict, tensors: dict, path: Path) -> None:
+    """The fields an inversion has, of their JSON types, and the tensors its null needs: a hand-edited,
+    damaged or other version's ``inversion.json`` is said to be one (never a TypeError from deep in
+    an edit). ``metadata`` loses the file's format keys."""
+    for key in ("format", "format_version"):
+        metadata.pop(key)
+    known = {f.name: f for f in fields(Inversion) if f.name != "source_image"}
+    unknown = sorted(set(metadata) - set(known) | set(tensors) - set(_TENSOR_FIELDS))
+    required = [name for name, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in metadata and name not in tensors]
+    wrong = [name for name, value in metadata.items() if name in known and name not in _TENSOR_FIELDS
+             and not _of_json_type(value, known[name].type)]
+    problem = (f"unknown fields {', '.join(unknown)}" if unknown else f"no {', '.join(missing)}" if missing
+               else f"{', '.join(wrong)} of the wrong type" if wrong
+               else f"null {metadata.get('null')!r} is none of {', '.join(NULLS)}" if metadata.get("null", "empty") not in NULLS
+               else "null 'optimized' without null_states" if metadata.get("null") == "optimized" and "null_states" not in tensors
+               else _step_count_problem(metadata["num_steps"], tensors))
+    if problem:
+        raise InversionFileError(f"{path} is damaged or was written by another version of dpl-edit ({problem}); "
+                                 "invert the image again.")
+
+
+def _step_count_problem(num_steps: int, tensors: dict) -> str | None:
+    """What disagrees with ``num_steps`` among the tensors of one row per step (the trajectory: one more)."""
+    rows = {"null_states": num_steps, "token_vectors": num_steps, "cross_maps": num_steps, "trajectory": num_steps + 1}
+    wrong = [f"{name} has {len(tensors[name])} rows" for name, count in rows.items()
+             if name in tensors and len(tensors[name]) != count]
+    return f"num_steps {num_steps}, but {', '.join(wrong)}" if wrong else None
+
+
+def _of_json_type(value, annotation: str) -> bool:
+    if value is None:
+        return "None" in annotation
+    kind = _JSON_TYPES.get(annotation.split("[")[0].split(" ")[0])
+    return kind is None or (isinstance(value, kind) and not isinstance(value, bool))
 
 
 def _sha256(path: Path) -> str:
