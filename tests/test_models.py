@@ -64,6 +64,31 @@ def test_missing_and_malformed_models_give_clear_errors(tmp_path):
         StableDiffusion.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("{bad", "is not valid JSON"),
+    ("[1]", 'must be a JSON object whose "dpl" and "edit" entries are objects'),
+    ('{"dpl": 16}', 'must be a JSON object whose "dpl" and "edit" entries are objects'),
+    ('{"dpl": {"cross_res": 16}}', "names no dpl setting cross_res (it may recommend cross_resolution, "),
+    ('{"dpl": {"cross_resolution": 0}}', "recommends dpl settings that cannot be used: DPL cross_resolution must be"),
+    ('{"edit": {"mode": "refine"}}', "names no edit setting mode (it may recommend target_tokens)"),
+    ('{"edit": {"target_tokens": "all"}}', "recommends edit settings that cannot be used: Unknown target_tokens 'all'"),
+])
+def test_a_model_s_recommended_settings_are_checked_when_it_loads(model, tmp_path, text, message):
+    """A mistyped dpl_edit.json is said to be the model's file when the model loads: not a TypeError
+    (a bug, to `dpl`) nor, later, an error that names an option the user never gave."""
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "dpl_edit.json").write_text(text)
+    with pytest.raises(ModelLoadError, match=re.escape(f"{tmp_path / 'm' / 'dpl_edit.json'} (the settings this "
+                                                       f"model recommends) ") + ".*" + re.escape(message)):
+        StableDiffusion.from_pretrained(tmp_path / "m")
+
+
+def test_the_bundled_models_recommend_settings_that_load():
+    from dpl_edit.registry import load_model
+
+    assert load_model("scenes-plain", cuda_graphs=False).settings["edit"] == {"target_tokens": "auto"}
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"addition_embed_type": "text_time"}, r"takes extra conditioning \(addition_embed_type 'text_time', as SDXL's\)"),
     ({"class_embed_type": "timestep"}, r"takes a class embedding \(class_embed_type 'timestep'"),

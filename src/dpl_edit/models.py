@@ -29,7 +29,7 @@ from .attention.early_exit import ForwardStopped
 from .attention.hook import AttentionHook, active_hook, is_hooked
 from .attention.store import AttentionStore
 from .cuda_graphs import Capture, GraphedFunction, GraphedRecording, capture_cuda_graph
-from .errors import ModelLoadError, PromptError
+from .errors import DplEditError, ModelLoadError, PromptError
 
 if TYPE_CHECKING:  # diffusers and transformers load when a model does (`dpl --help` without them)
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -49,6 +49,36 @@ SETTINGS_FILE = "dpl_edit.json"  # optional: the method settings a model recomme
 WEIGHTED = ("text_encoder", "unet", "vae")  # the components with weights
 # a component's safetensors weights, whole or sharded, plain or a variant ("fp16", "non_ema", ...)
 WEIGHTS_FILE = re.compile(r"(?:model|diffusion_pytorch_model)(?:\.(\w+))?(?:-\d+-of-\d+)?\.safetensors")
+
+
+def _recommended_settings(file: Path) -> dict:
+    """A model folder's dpl_edit.json, checked when the model loads: its ``dpl`` section must make a
+    :class:`~dpl_edit.inversion.dynamic_prompt.DynamicPromptConfig` and its ``edit`` section hold
+    only what :data:`~dpl_edit.editing.plan.RECOMMENDABLE` names, with values an
+    :class:`~dpl_edit.editing.plan.EditConfig` takes (``training`` is the trainer's), so that a
+    mistyped recommendation is said to come from the file, not from the user's options."""
+    from .editing.plan import RECOMMENDABLE, EditConfig
+    from .inversion.dynamic_prompt import DynamicPromptConfig
+
+    def refuse(problem: str) -> ModelLoadError:
+        return ModelLoadError(f"{file} (the settings this model recommends) {problem}; fix it or remove it.")
+
+    try:
+        settings = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise refuse(f"is not valid JSON ({err})") from err
+    if not isinstance(settings, dict) or not all(isinstance(settings.get(k, {}), dict) for k in ("dpl", "edit")):
+        raise refuse('must be a JSON object whose "dpl" and "edit" entries are objects')
+    for section, make, allowed in (("dpl", DynamicPromptConfig, DynamicPromptConfig.__dataclass_fields__),
+                                   ("edit", EditConfig, RECOMMENDABLE)):
+        unknown = sorted(set(settings.get(section, {})) - set(allowed))
+        if unknown:
+            raise refuse(f'names no {section} setting {", ".join(unknown)} (it may recommend {", ".join(allowed)})')
+        try:
+            make(**settings.get(section, {}))
+        except DplEditError as err:
+            raise refuse(f"recommends {section} settings that cannot be used: {err}") from err
+    return settings
 
 
 def ddim_scheduler(config: dict) -> DDIMScheduler:
@@ -153,7 +183,7 @@ class StableDiffusion:
         except (OSError, ValueError) as err:
             raise ModelLoadError(_load_failure_message(str(name_or_path), err)) from err
         settings_file = folder / SETTINGS_FILE if folder else None  # a folder's or a cached hub model's
-        settings = json.loads(settings_file.read_text()) if settings_file and settings_file.is_file() else {}
+        settings = _recommended_settings(settings_file) if settings_file and settings_file.is_file() else {}
         model = cls(tokenizer, text_encoder, unet, vae, ddim_scheduler(scheduler_config), name, settings, variant)
         return model.to(device)
 
