@@ -118,6 +118,11 @@ def test_brackets_become_dpl_words_without_a_dpl_prompt(tmp_path):
     (tmp_path / "mapping_file.json").write_text(json.dumps({"7": {"image_path": "a.jpg"}}))
     with pytest.raises(DplEditError, match="lacks a field"):
         read_dataset(tmp_path)
+    for mapping, message in (([1], "holds no JSON object of items by key \\(found list\\)"),
+                             ({"7": 3}, "Entry '7' of .* is no JSON object of PIE-Bench's fields \\(found int\\)")):
+        (tmp_path / "mapping_file.json").write_text(json.dumps(mapping))
+        with pytest.raises(DplEditError, match=message):
+            read_dataset(tmp_path)
     with pytest.raises(DplEditError, match="No mapping_file.json"):
         read_dataset(tmp_path / "nowhere")
 
@@ -152,8 +157,9 @@ def test_batch_writes_pie_layout_resumes_and_records_failures(dataset, model, tm
     assert done["inversion_shared_by"] == 3 and done["inversion_s"] > 0 and done["edit_s"] > 0
 
     record_path(out, "dpl", items[1]).unlink()  # killed after writing the image, before its record
+    record_path(out, "dpl", items[2]).write_text("[]")  # a record that is no JSON object: redone, not a crash
     again = run_batch(model, broken, items, ["nti", "dpl"], out, num_steps=STEPS, progress=False)
-    assert (again.done, again.skipped, again.failed) == (1, 9, 2)
+    assert (again.done, again.skipped, again.failed) == (2, 8, 2)
 
     # a resumed run with other settings, of any method, would mix two runs in one folder: refused before any work
     with pytest.raises(DplEditError, match=rf"holds dpl edits of another run \(steps {STEPS}; records.dpl.*"

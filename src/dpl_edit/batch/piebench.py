@@ -109,10 +109,16 @@ def read_dataset(folder: str | Path, types: set[str] | None = None, start: int =
                            f"{IMAGES}/), or write one with `dpl scenes export`.")
     try:
         mapping = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DplEditError(f"Could not read {path} ({err})") from err
+    if not isinstance(mapping, dict):
+        raise DplEditError(f"{path} holds no JSON object of items by key (found {type(mapping).__name__}), as "
+                           "PIE-Bench's mapping_file.json does")
     items = []
     for key, entry in list(mapping.items())[start:stop]:
+        if not isinstance(entry, dict):
+            raise DplEditError(f"Entry {key!r} of {path} is no JSON object of PIE-Bench's fields (found "
+                               f"{type(entry).__name__})")
         try:
             item = EditItem(
                 key=str(key), image_path=entry["image_path"], original_prompt=entry["original_prompt"],

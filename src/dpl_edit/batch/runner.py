@@ -124,11 +124,12 @@ def _records(out: str | Path) -> dict[Path, dict]:
 
 
 def _read_record(path: Path) -> dict | None:
-    """A record, or None where it cannot be read (its item is redone as not done)."""
+    """A record, or None where it cannot be read or is no JSON object (its item is redone as not done)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def _same_model(a: str, b: str) -> bool:
