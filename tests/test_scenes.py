@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpl_edit import StableDiffusion
+from dpl_edit import DplEditError, StableDiffusion
 from dpl_edit.diffusion import DDIMSchedule
 from dpl_edit.images import to_pil
 from dpl_edit.sampling import sample
@@ -159,6 +159,18 @@ def test_training_resumes_from_an_exported_model(tmp_path, caplog):
         torch.testing.assert_close(resumed.model.unet.state_dict()[name], value.float(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="other settings"):
         SceneTrainer(replace(TINY_RUN, seed=1), tmp_path / "b").resume()
+
+
+@pytest.mark.parametrize("text", ["{cut", "[]", '{"stage": "vae"}'])
+def test_a_damaged_checkpoint_state_is_said_to_be_one(tmp_path, text, capsys):
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.json").write_text(text)
+    with pytest.raises(DplEditError, match="state.json holds no training progress that can be read .*move its folder"):
+        SceneTrainer(TINY_RUN, tmp_path).resume()
+    from dpl_edit.cli import main
+
+    assert main(["train-scenes", "--out", str(tmp_path), "--export", str(tmp_path / "model")]) == 2
+    assert "holds no training progress" in capsys.readouterr().err
 
 
 def test_exporting_a_folder_without_a_training_run_is_refused(tmp_path, capsys):

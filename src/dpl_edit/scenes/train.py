@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .. import checks
 from ..attention.hook import attention_hook
 from ..attention.layers import attention_layers, select_layers
+from ..errors import DplEditError
 from ..models import SETTINGS_FILE, StableDiffusion
 from .data import MASK_RESOLUTION, SceneSet, render_scene_set
 from .grounding import GroundingObserver
@@ -299,9 +300,9 @@ class SceneTrainer:
         model) and its progress; None where the folder holds neither."""
         full, light = self.folder / "checkpoint", self.folder / "weights"
         if (full / "state.json").is_file():
-            return full, json.loads((full / "state.json").read_text())
-        settings = json.loads((light / SETTINGS_FILE).read_text()) if (light / SETTINGS_FILE).is_file() else {}
-        return (light, settings["training"]) if "training" in settings else None
+            return full, _read_progress(full / "state.json")
+        progress = _read_progress(light / SETTINGS_FILE, "training") if (light / SETTINGS_FILE).is_file() else None
+        return None if progress is None else (light, progress)
 
     def resume(self) -> None:
         """Continue from :meth:`saved_progress`, if there is any."""
@@ -359,6 +360,24 @@ class SceneTrainer:
         model.settings = {**model.settings, "training": progress}
         model.save_pretrained(folder, dtype=dtype)
         return Path(folder)
+
+
+def _read_progress(path: Path, key: str | None = None) -> dict | None:
+    """A run's progress (stage, step, scaling factor, config) in the JSON file at ``path``: the whole
+    file (a checkpoint's state.json) or its ``key`` entry (an export's dpl_edit.json; None where it
+    has none). A file damaged or edited by hand is said to be, with what to do, rather than failing
+    somewhere in the resumption."""
+    try:
+        saved = json.loads(path.read_text())
+        progress = saved if key is None else saved.get(key)
+        if key is not None and progress is None:
+            return None
+        if not isinstance(progress, dict) or not {"stage", "step", "scaling_factor", "config"} <= set(progress):
+            raise ValueError("no stage, step, scaling_factor and config")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
+        raise DplEditError(f"{path} holds no training progress that can be read ({err}): move its folder "
+                           f"({path.parent}) away to train from the step before it, or train into a new folder.") from err
+    return progress
 
 
 # Settings that may change between resumptions (e.g. a GPU run continued on a CPU with smaller batches,
