@@ -97,6 +97,9 @@ def test_dpl_invert_attention_and_localisation_commands(scene, capsys, caplog):
     assert main(["localisation", str(nti), str(dpl), "--mask", f"circle={scene / 'circle_wide.png'}",
                  "--mask", f"square={scene / 'square_wide.png'}", "--out", str(scene / "loc.png")]) == 0
     assert capsys.readouterr().out == table
+    assert main(["localisation", str(nti), "--mask", f"circle={scene / 'circle.png'}", "--out",
+                 str(scene / "loc.png")]) == 0  # one mask: no other mask to hold any mass
+    assert "| nti nti circle | " in (alone := capsys.readouterr().out) and " | - | " in alone and "nan" not in alone
     assert main(["localisation", str(nti), "--mask", f"tree={scene / 'circle.png'}"]) == 2
     assert "no word 'tree'" in capsys.readouterr().err
     # views that cannot be drawn are one error line: another prompt to compare with, an image lost

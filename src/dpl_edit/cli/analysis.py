@@ -90,8 +90,8 @@ def localisation(args: argparse.Namespace) -> int:
         print("|---" * (len(THRESHOLDS) + 6) + "|")
         for label, curve in curves.items():
             share = shares[label].tolist()
-            own, other, rest = share if len(share) == 3 else (share[0], float("nan"), share[1])
-            print(f"| {label} | {own:.3f} | {other:.3f} | {rest:.3f} | "
+            own, other, rest = share if len(share) == 3 else (share[0], None, share[1])  # one mask: no other
+            print(f"| {label} | {own:.3f} | {'-' if other is None else f'{other:.3f}'} | {rest:.3f} | "
                   + " | ".join(f"{v:.3f}" for v in curve.tolist())
                   + f" | {mean_iou(curve):.3f} | {best_iou(curve):.3f} |")
         print(f"Plot: {args.out}")
