@@ -105,6 +105,25 @@ def test_scene_export_is_a_pie_bench_folder(dataset):
     assert pie_edit_config(longer, {}).blend == ("teddy", "bear") and pie_edit_config(longer, {}).reweight == {"bear": 2.0}
 
 
+def test_scenes_are_exported_over_an_earlier_export_only(tmp_path, capsys):
+    """A PIE-Bench folder's own mapping_file.json is never replaced by an export (nor its images mixed
+    with scenes); an earlier export is."""
+    assert export_scenes(tmp_path / "scenes", "test", (2,), 1) == 3
+    assert export_scenes(tmp_path / "scenes", "test", (3,), 1) == 3  # replaced
+    assert [item.image_path for item in read_dataset(tmp_path / "scenes")][0].endswith("test_3obj_0000.png")
+    pie = tmp_path / "pie"
+    pie.mkdir()
+    mapping = json.dumps({"000000000001": {"image_path": "0_random_140/000000000001.jpg", "original_prompt": "a [cat]",
+                                           "editing_prompt": "a [dog]", "editing_type_id": "0", "mask": []}})
+    for text in (mapping, "not json"):
+        (pie / "mapping_file.json").write_text(text)
+        with pytest.raises(DplEditError, match="holds a dataset that `dpl scenes export` did not write"):
+            export_scenes(pie, "test", (2,), 1)
+        assert main(["scenes", "export", str(pie), "--count", "1"]) == 2
+        assert "did not write" in capsys.readouterr().err
+        assert (pie / "mapping_file.json").read_text() == text and not (pie / "annotation_images").exists()
+
+
 def test_brackets_become_dpl_words_without_a_dpl_prompt(tmp_path):
     (tmp_path / "mapping_file.json").write_text(json.dumps({"7": {
         "image_path": "a.jpg", "original_prompt": "a [cat] sitting on a [mat]", "editing_prompt": "a [dog] sitting",

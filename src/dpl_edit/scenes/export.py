@@ -12,12 +12,13 @@ nouns in braces), ``oracle_image_path`` (the renderer's edit) and, for object sw
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 
-from ..batch.piebench import IMAGES, encode_mask, write_dataset
+from ..batch.piebench import IMAGES, MAPPING_FILE, encode_mask, write_dataset
 from ..errors import DplEditError
 from .render import BACKGROUNDS, COLOURS, SHAPES, Scene, WordSwap, render, split_scene, swap_word
 
@@ -58,10 +59,29 @@ def bracketed(scene: Scene, swap: WordSwap) -> str:
     return f"{listed} on {ground}"
 
 
+def _check_no_other_dataset(folder: Path) -> None:
+    path = folder / MAPPING_FILE
+    if not path.is_file():
+        return
+    try:
+        mapping = json.loads(path.read_text())
+        ours = isinstance(mapping, dict) and all(isinstance(entry, dict) and "oracle_image_path" in entry
+                                                 for entry in mapping.values())
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise DplEditError(f"{folder} holds a dataset that `dpl scenes export` did not write ({path}): exporting "
+                           "would replace its mapping and mix scenes into its images; give a new folder.")
+
+
 def export_scenes(folder: str | Path, split: str = "test", objects: tuple[int, ...] = (2, 3), count: int = 8,
                   seed: int = 0) -> int:
-    """Write ``count`` scenes of each object count as a PIE-Bench folder; returns the number of entries."""
+    """Write ``count`` scenes of each object count as a PIE-Bench folder; returns the number of entries.
+    A folder that holds a dataset this did not write (a ``mapping_file.json`` with an item that has no
+    oracle, PIE-Bench's own say) is refused before anything is written: its mapping would be replaced,
+    and scenes mixed into its images. An earlier export is replaced."""
     folder = Path(folder)
+    _check_no_other_dataset(folder)
     rng = np.random.default_rng(seed)
     entries = {}
     for n in objects:
