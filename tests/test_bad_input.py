@@ -16,9 +16,12 @@ from dpl_edit import (
     DplEditError,
     EditConfig,
     NullTextConfig,
+    PromptError,
     SettingError,
     StableDiffusion,
+    edit,
     invert,
+    invert_many,
     load_model,
 )
 from dpl_edit.cli import main
@@ -264,6 +267,23 @@ def test_invert_checks_its_method_null_preset_and_image(model, image):
                             ({"image": Image.new("RGB", (64, 96))}, "The image is 64x96 but the model takes 128x128")):
         with pytest.raises(DplEditError, match=re.escape(message)):
             invert(model, kwargs.pop("image", to_pil(image)), "a cat", progress=False, **kwargs)
+
+
+def test_prompts_and_words_that_are_not_text_are_said_to_be(model, image):
+    """None, a number or a list holding one where prompts or words go: a PromptError naming what,
+    not an AttributeError from deep in the tokenizer (words=None is no words)."""
+    picture = to_pil(image)
+    for call, message in (
+        (lambda: invert(model, picture, None), "Expected the prompt as a string, got None"),
+        (lambda: invert(model, picture, "a cat", method="dpl", words=[None]), "Expected words as a string or a list"),
+        (lambda: invert_many(model, [picture] * 2, ["a cat", 3]), "Expected prompts as a string or a list"),
+        (lambda: edit(model, invert(model, picture, "a cat", num_steps=1, progress=False), ["a dog", None]),
+         "Expected target prompts as a string or a list of strings, got ['a dog', None]"),
+        (lambda: EditConfig(subtract=[None]), "Expected subtract words as a string or a list of strings"),
+    ):
+        with pytest.raises(PromptError, match=re.escape(message)):
+            call()
+    assert invert(model, picture, "a {cat}", method="dpl", words=None, num_steps=1, progress=False).words
 
 
 def test_an_unexpected_failure_is_one_line_and_a_log_file(monkeypatch, capsys, files):

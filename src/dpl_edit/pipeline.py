@@ -24,7 +24,7 @@ from .attention import AttentionLayer, AttentionStore, attention_layers, same_le
 from .background import BackgroundMask, background_mask
 from .diffusion import DDIMSchedule
 from .editing import reconstruct_latents
-from .errors import DplEditError, ImageLoadError
+from .errors import DplEditError, ImageLoadError, PromptError
 from .images import load_image, to_pil, to_tensor
 from .inversion import (
     DynamicPromptConfig,
@@ -38,7 +38,7 @@ from .inversion import (
 from .inversion.dynamic_prompt import NULL_STRATEGIES, mostly_capped, saturation
 from .losses import word_maps
 from .models import StableDiffusion
-from .prompts import parse_marked_prompt
+from .prompts import parse_marked_prompt, text_list
 
 logger = logging.getLogger(__name__)
 METHODS = ("ddim", "nti", "npi", "direct", "dpl")
@@ -75,6 +75,8 @@ def invert(
     unless ``null_text`` is given. ``dpl`` defaults to the paper's settings updated by the
     model's own (its map sizes, from ``dpl_edit.json``).
     """
+    if not isinstance(prompt, str):
+        raise PromptError(f"Expected the prompt as a string, got {prompt!r}")
     return invert_many(
         model, [image], [prompt], method=method, null=null, words=words, num_steps=num_steps,
         guidance_scale=guidance_scale, preset=preset, null_text=null_text, dpl=dpl, callback=callback,
@@ -107,7 +109,8 @@ def invert_many(
     image still keeps its own optimisers and its own early stops. ``settings["seconds"]`` is the batch's time and
     ``settings["batch"]`` its size.
     """
-    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)  # one prompt for all
+    one = isinstance(prompts, str)  # one prompt for all
+    prompts = text_list(prompts, "prompts") * (len(images) if one else 1)
     if len(images) != len(prompts) or not images:
         raise DplEditError(f"invert_many needs as many prompts as images (at least one); got {len(images)} "
                            f"images and {len(prompts)} prompts")

@@ -44,10 +44,15 @@ class MarkedPrompt:
         return [p for word in self.words for p in word.positions]
 
 
-def text_list(texts: str | Sequence[str]) -> list[str]:
+def text_list(texts: str | Sequence[str], what: str = "texts") -> list[str]:
     """Prompts or words as a list: one given as a string is a list of that one, not of its letters
-    (what the entry points take where a user may give one or several)."""
-    return [texts] if isinstance(texts, str) else list(texts)
+    (what the entry points take where a user may give one or several); a :class:`PromptError` naming
+    ``what`` for anything but a string or a sequence of strings (None, a number, a list with None)."""
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, Sequence | set | frozenset) and all(isinstance(text, str) for text in texts):
+        return list(texts)
+    raise PromptError(f"Expected {what} as a string or a list of strings, got {texts!r}")
 
 
 def parse_marked_prompt(
@@ -61,7 +66,7 @@ def parse_marked_prompt(
     """
     check_marks(prompt, words, require_words)
     text, spans = _strip_braces(prompt)
-    for word in text_list(words):
+    for word in text_list(words or (), "words"):
         match = re.search(rf"(?<!\w){re.escape(word.strip())}(?!\w)", text, flags=re.IGNORECASE)
         if not word.strip() or match is None:
             raise PromptError(f"The word {word!r} is not in the prompt {text!r}; check its spelling.")
@@ -88,8 +93,10 @@ def parse_marked_prompt(
 
 def check_marks(prompt: str, words: str | Sequence[str] = (), require_words: bool = True) -> None:
     """The checks of :func:`parse_marked_prompt` that need no tokenizer (run before loading a model)."""
+    if not isinstance(prompt, str):
+        raise PromptError(f"Expected the prompt as a string, got {prompt!r}")
     _, spans = _strip_braces(prompt)
-    if require_words and not spans and not words:
+    if require_words and not spans and not text_list(words or (), "words"):  # (None: no words)
         raise PromptError(
             f"No dynamic word in {prompt!r}: mark the nouns to learn in curly brackets, "
             'e.g. "a {cat} and a {dog}" (or list them: --words on the command line, words= in Python).'

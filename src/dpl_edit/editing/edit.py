@@ -64,7 +64,7 @@ def edit(
     """Edit the inverted image (an :class:`Inversion` or its folder) towards each target prompt (one
     prompt or several; braces in them are allowed and ignored)."""
     inversion = Inversion.of(inversion)
-    targets = text_list(targets)
+    targets = text_list(targets, "target prompts")
     inversion.check_compatible(model)
     plan = plan_edit(model, inversion.prompt, inversion.token_positions, targets, config, inversion.num_steps)
     if list(plan.source.token_ids) != inversion.token_ids:
@@ -89,7 +89,7 @@ def plan_edit(model: StableDiffusion, source: str, token_positions: Sequence[int
     towards ``targets`` (one prompt or several); a :class:`PromptError` for no target, an empty
     one, or targets the mode cannot map. It needs no inversion, so a caller can check an edit
     before inverting."""
-    targets = text_list(targets)
+    targets = text_list(targets, "target prompts")
     if not targets:
         raise PromptError("Give at least one target prompt to edit towards.")
     for target in targets:

@@ -42,7 +42,7 @@ class EditConfig:
 
     def __post_init__(self) -> None:
         for name in ("blend", "subtract"):  # one word may be given as a string
-            object.__setattr__(self, name, tuple(text_list(getattr(self, name))))
+            object.__setattr__(self, name, tuple(text_list(getattr(self, name), f"{name} words")))
         if self.mode not in MODES:
             raise PromptError(f"Unknown edit mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.target_tokens not in TARGET_TOKENS:
