@@ -212,20 +212,31 @@ def _check_contents(metadata: dict, tensors: dict, path: Path) -> None:
     an edit). ``metadata`` loses the file's format keys."""
     for key in ("format", "format_version"):
         metadata.pop(key)
-    known = {f.name: f for f in fields(Inversion) if f.name != "source_image"}
-    unknown = sorted(set(metadata) - set(known) | set(tensors) - set(_TENSOR_FIELDS))
-    required = [name for name, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
-    missing = [name for name in required if name not in metadata and name not in tensors]
-    wrong = [name for name, value in metadata.items() if name in known and name not in _TENSOR_FIELDS
-             and not _of_json_type(value, known[name].type)]
-    problem = (f"unknown fields {', '.join(unknown)}" if unknown else f"no {', '.join(missing)}" if missing
-               else f"{', '.join(wrong)} of the wrong type" if wrong
-               else f"null {metadata.get('null')!r} is none of {', '.join(NULLS)}" if metadata.get("null", "empty") not in NULLS
-               else "null 'optimized' without null_states" if metadata.get("null") == "optimized" and "null_states" not in tensors
-               else _step_count_problem(metadata["num_steps"], tensors))
+    problem = _contents_problem(metadata, tensors)
     if problem:
         raise InversionFileError(f"{path} is damaged or was written by another version of dpl-edit ({problem}); "
                                  "invert the image again.")
+
+
+def _contents_problem(metadata: dict, tensors: dict) -> str | None:
+    known = {f.name: f for f in fields(Inversion) if f.name != "source_image"}
+    unknown = sorted(set(metadata) - set(known) | set(tensors) - set(_TENSOR_FIELDS))
+    if unknown:
+        return f"unknown fields {', '.join(unknown)}"
+    required = [name for name, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in metadata and name not in tensors]
+    if missing:
+        return f"no {', '.join(missing)}"
+    wrong = [name for name, value in metadata.items() if name not in _TENSOR_FIELDS
+             and not _of_json_type(value, known[name].type)]
+    if wrong:
+        return f"{', '.join(wrong)} of the wrong type"
+    null = metadata.get("null", "empty")
+    if null not in NULLS:
+        return f"null {null!r} is none of {', '.join(NULLS)}"
+    if null == "optimized" and "null_states" not in tensors:
+        return "null 'optimized' without null_states"
+    return _step_count_problem(metadata["num_steps"], tensors)
 
 
 def _step_count_problem(num_steps: int, tensors: dict) -> str | None:

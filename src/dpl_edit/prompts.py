@@ -50,9 +50,13 @@ def text_list(texts: str | Sequence[str], what: str = "texts") -> list[str]:
     ``what`` for anything but a string or a sequence of strings (None, a number, a list with None)."""
     if isinstance(texts, str):
         return [texts]
-    if isinstance(texts, Sequence | set | frozenset) and all(isinstance(text, str) for text in texts):
-        return list(texts)
-    raise PromptError(f"Expected {what} as a string or a list of strings, got {texts!r}")
+    try:
+        items = None if isinstance(texts, bytes) else list(texts)
+    except TypeError:  # not iterable
+        items = None
+    if items is None or not all(isinstance(text, str) for text in items):
+        raise PromptError(f"Expected {what} as a string or a list of strings, got {texts!r}")
+    return items
 
 
 def parse_marked_prompt(
