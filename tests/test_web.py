@@ -85,6 +85,26 @@ def test_nti_and_dpl_of_one_image_are_compared_and_downloaded_apart(bench, scene
     assert len(downloads) == 4
 
 
+def test_a_cache_entry_that_cannot_be_read_is_inverted_again(tmp_path, caplog):
+    """A damaged or other version's entry, or one a server stopped while saving left without its
+    inversion.json, is inverted again and replaced, never an error for that image for good; another
+    method's unreadable entry leaves the comparison out."""
+    bench = Workbench(tmp_path, model_name="scenes")
+    path, caption = bench.scene_example(0)
+    nti = InvertSettings(method="nti", steps=2)
+    first = bench.invert(path, caption, nti)
+    folder = tmp_path / "inversions" / first.key
+    (folder / "inversion.json").write_text("{cut")
+    again = bench.invert(path, caption, nti)
+    assert not again.cached and again.key == first.key and "cannot be read" in caplog.text
+    (folder / "inversion.json").unlink()  # stopped between the tensors and the JSON
+    assert not bench.invert(path, caption, nti).cached
+    assert bench.invert(path, caption, nti).cached
+    (folder / "inversion.json").write_text("[]")
+    dpl = bench.invert(path, caption, InvertSettings(method="dpl", steps=2))
+    assert dpl.comparison is None and dpl.inversion.method == "dpl"
+
+
 def test_cancel_stops_the_inversion_and_keeps_nothing(bench, scene):
     path, caption = scene
     settings = InvertSettings(steps=STEPS, seed=7)

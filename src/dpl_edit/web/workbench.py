@@ -13,7 +13,9 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import re
+import shutil
 import threading
 import zipfile
 from collections.abc import Callable
@@ -26,7 +28,7 @@ from PIL import Image
 from .. import checks
 from ..artifacts import METADATA_FILE, Inversion
 from ..editing import EDIT_FILE, EditConfig, EditResult, edit, edit_record
-from ..errors import DplEditError, ImageLoadError, PromptError
+from ..errors import DplEditError, ImageLoadError, InversionFileError, PromptError
 from ..images import FITS, load_image, psnr
 from ..inversion import NullTextConfig
 from ..inversion.dynamic_prompt import capped_steps
@@ -48,6 +50,7 @@ DPL_NULLS = ("optimized", "negative", "direct")
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 40_000_000
 DISPLAY_SIZE = 256  # small model images are shown enlarged (nearest neighbour)
+logger = logging.getLogger(__name__)
 # An inversion's cache key (Workbench._key): <image, prompt and model>-<method>-<method settings>.
 KEY = re.compile(rf"[0-9a-f]{{20}}-(?:{'|'.join(PAGE_METHODS)})-[0-9a-f]{{12}}")
 
@@ -200,12 +203,12 @@ class Workbench:
         parse_marked_prompt(prompt, model.tokenizer, require_words=settings.method == "dpl")  # checks the marks
         key = self._key(image, prompt, model, settings)
         folder = self.cache_dir / "inversions" / key
-        cached = (folder / METADATA_FILE).is_file()
-        if cached:
-            inversion = Inversion.load(folder)
-        else:
+        inversion = _readable(folder)
+        cached = inversion is not None
+        if not cached:
             inversion = self._invert(model, image, prompt, settings, report, cancelled)
             inversion.settings["fit"] = settings.fit
+            shutil.rmtree(folder, ignore_errors=True)  # what an unreadable or interrupted entry left there
             inversion.save(folder)
         return self.view(key, inversion, cached)
 
@@ -336,9 +339,19 @@ class Workbench:
         prefix = key.split("-")[0]
         folders = sorted((self.cache_dir / "inversions").glob(f"{prefix}-{wanted}-*"),
                          key=lambda f: f.stat().st_mtime, reverse=True)
-        for folder in folders:
-            if (folder / METADATA_FILE).is_file():
-                return Inversion.load(folder)
+        return next((inversion for folder in folders if (inversion := _readable(folder)) is not None), None)
+
+
+def _readable(folder: Path) -> Inversion | None:
+    """The cached inversion in ``folder``, or None where there is none or it cannot be read (damaged,
+    of another version, or left without its inversion.json by a server stopped while saving it):
+    inverting again replaces it, rather than the image failing for good."""
+    if not (folder / METADATA_FILE).is_file():
+        return None
+    try:
+        return Inversion.load(folder)
+    except InversionFileError as err:
+        logger.warning("The cached inversion %s cannot be read (%s); it is inverted again.", folder.name, err)
         return None
 
 
