@@ -263,7 +263,7 @@ def test_invert_checks_its_method_null_preset_and_image(model, image):
     for kwargs, message in (({"method": "sdedit"}, "Unknown inversion method 'sdedit'; choose one of ddim, "),
                             ({"null": "zero"}, "Unknown null strategy 'zero'; choose one of "),
                             ({"preset": "fast"}, "Unknown preset 'fast'; choose one of paper, authors"),
-                            ({"image": image}, "Expected a PIL image or an image file's path, got Tensor"),
+                            ({"image": image}, "Expected a PIL image, a numpy picture or an image file's path, got Tensor"),
                             ({"image": Image.new("RGB", (64, 96))}, "The image is 64x96 but the model takes 128x128")):
         with pytest.raises(DplEditError, match=re.escape(message)):
             invert(model, kwargs.pop("image", to_pil(image)), "a cat", progress=False, **kwargs)

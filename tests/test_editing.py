@@ -139,7 +139,7 @@ def test_the_entry_points_take_folders_files_and_one_target_as_a_string(model, i
     assert torch.equal(from_file.latent_T, from_image.latent_T)
     with pytest.raises(DplEditError, match="Expected an Inversion or the folder of a saved one, got int"):
         reconstruct(model, 5)
-    with pytest.raises(DplEditError, match="Expected a PIL image or an image file's path, got Tensor"):
+    with pytest.raises(DplEditError, match="Expected a PIL image, a numpy picture or an image file's path, got Tensor"):
         invert(model, torch.zeros(1, 3, 128, 128), "a cat", progress=False)
 
 

@@ -118,3 +118,28 @@ def test_tensor_round_trip():
     tensor = to_tensor(image)
     assert tensor.shape == (1, 3, 8, 8) and tensor.min() >= -1 and tensor.max() <= 1
     assert np.array_equal(np.asarray(to_pil(tensor)), np.asarray(image))
+
+
+def test_invert_reads_pil_images_of_any_mode_and_numpy_pictures_as_a_file_is_read(model, image, tmp_path):
+    """The Python API takes what the command line reads from a file the same way: an RGBA image's
+    transparency on white (not PIL's convert, which leaves it black), a 16-bit image from its full
+    scale, numpy pictures uint8 or float 0-1; the source kept is RGB, so it saves as PNG."""
+    from dpl_edit import invert
+    from dpl_edit.images import from_array
+
+    rgb = to_pil(image)
+    half = Image.fromarray(np.concatenate([np.asarray(rgb), np.full((128, 128, 1), 0, np.uint8)], axis=2))
+    half.putpixel((0, 0), (10, 20, 30, 255))
+    half.save(tmp_path / "cut-out.png")
+    read = load_image(tmp_path / "cut-out.png", 128)
+    assert read.getpixel((5, 5)) == (255, 255, 255) and read.getpixel((0, 0)) == (10, 20, 30)
+    array, grey = np.asarray(rgb), np.asarray(rgb)[..., 0]
+    for given, expected in ((half, read), (array, rgb), (array / 255.0, rgb),
+                            (grey, Image.fromarray(np.stack([grey] * 3, axis=2)))):
+        inversion = invert(model, given, "a cat", method="ddim", num_steps=1, progress=False)
+        assert inversion.source_image.mode == "RGB" and inversion.source_image.tobytes() == expected.tobytes()
+    inversion.save(tmp_path / "inv")
+    assert from_array(np.full((4, 4, 3), 2.0)).getpixel((0, 0)) == (2, 2, 2)  # above 1: read as 0-255
+    for bad in (np.zeros((4, 4, 2), np.uint8), np.zeros((4, 4), np.int64), np.zeros((0, 4, 3), np.uint8)):
+        with pytest.raises(ImageLoadError, match="Expected a picture as a numpy array of shape"):
+            from_array(bad)

@@ -52,6 +52,20 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     return to_rgb(image)
 
 
+def from_array(array: np.ndarray) -> Image.Image:
+    """An RGB PIL image from a numpy picture: (H, W) greyscale or (H, W, 3) RGB or (H, W, 4) RGBA,
+    uint8 (0-255) or float (0-1 as numpy, scikit-image and diffusers' image processors keep it, or 0-255
+    once a value exceeds 1); an ImageLoadError for any other shape or type."""
+    shape_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))
+    if not shape_ok or not (array.dtype == np.uint8 or np.issubdtype(array.dtype, np.floating)) or not array.size:
+        raise ImageLoadError(f"Expected a picture as a numpy array of shape (H, W), (H, W, 3) or (H, W, 4), uint8 "
+                             f"or float, got shape {array.shape} of {array.dtype}")
+    if array.dtype != np.uint8:
+        array = np.nan_to_num(array.astype(np.float64))
+        array = (array * (255 if array.max() <= 1 else 1)).clip(0, 255).round().astype(np.uint8)
+    return to_rgb(Image.fromarray(np.ascontiguousarray(array)))
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB version of any PIL image; transparency is composited on white, 16-bit greyscale is read
     from its full scale (65535), float greyscale from 0-1 unless a value exceeds 1 (then 0-255)."""

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -25,7 +26,7 @@ from .background import BackgroundMask, background_mask
 from .diffusion import DDIMSchedule
 from .editing import reconstruct_latents
 from .errors import DplEditError, ImageLoadError, PromptError
-from .images import load_image, to_pil, to_tensor
+from .images import from_array, load_image, to_pil, to_rgb, to_tensor
 from .inversion import (
     DynamicPromptConfig,
     DynamicPromptStep,
@@ -114,8 +115,7 @@ def invert_many(
     if len(images) != len(prompts) or not images:
         raise DplEditError(f"invert_many needs as many prompts as images (at least one); got {len(images)} "
                            f"images and {len(prompts)} prompts")
-    images = [load_image(image, model.image_size) if isinstance(image, (str, os.PathLike)) else image
-              for image in images]
+    images = [_as_rgb(image, model) for image in images]
     for image in images:
         _check_arguments(model, image, method, null, preset)
     checks.count("num_steps", num_steps)
@@ -273,6 +273,19 @@ def reconstruct(model: StableDiffusion, inversion: Inversion | str | os.PathLike
     return to_pil(model.decode_latents(reconstruct_latents(model, inversion, progress=progress)))
 
 
+def _as_rgb(image, model: StableDiffusion):
+    """An image argument as an RGB PIL image, read as the command line reads a file: a path by
+    :func:`load_image` (its centre square at the model's size), a numpy picture by
+    :func:`~dpl_edit.images.from_array`, a PIL image of any mode by :func:`~dpl_edit.images.to_rgb`
+    (transparency on white, 16-bit and float greyscale from their full scales); anything else as it
+    is, for :func:`_check_arguments` to refuse."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image, model.image_size)
+    if isinstance(image, np.ndarray):
+        return from_array(image)
+    return to_rgb(image) if isinstance(image, Image.Image) else image
+
+
 def _check_arguments(model: StableDiffusion, image: Image.Image, method: str, null: str, preset: str) -> None:
     if method not in METHODS:
         raise DplEditError(f"Unknown inversion method {method!r}; choose one of {', '.join(METHODS)}")
@@ -281,7 +294,7 @@ def _check_arguments(model: StableDiffusion, image: Image.Image, method: str, nu
     if preset not in PRESETS:
         raise DplEditError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if not isinstance(image, Image.Image):
-        raise ImageLoadError(f"Expected a PIL image or an image file's path, got {type(image).__name__}; "
+        raise ImageLoadError(f"Expected a PIL image, a numpy picture or an image file's path, got {type(image).__name__}; "
                              "load one with load_image(path, model.image_size).")
     if image.size != (model.image_size, model.image_size):
         raise ImageLoadError(
