@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 
@@ -32,8 +33,6 @@ def test_round_trip_is_bit_identical(inversion, tmp_path):
 
 
 def test_an_inversion_without_an_image_saved_over_one_with_leaves_no_image(inversion, tmp_path):
-    import dataclasses
-
     inversion.save(tmp_path / "inv")
     dataclasses.replace(inversion, source_image=None).save(tmp_path / "inv")
     assert Inversion.load(tmp_path / "inv").source_image is None
@@ -104,6 +103,27 @@ def test_an_unreadable_source_image_is_said_to_be_one(inversion, tmp_path):
     (folder / "source.png").write_text("not a picture")
     with pytest.raises(InversionFileError, match="source.png is no readable image"):
         Inversion.load(folder)
+
+
+@pytest.mark.parametrize("failing", ["tensors", "image", "json"])
+def test_a_save_that_fails_or_is_interrupted_leaves_the_folder_as_it_was(inversion, tmp_path, monkeypatch, failing):
+    """Every file is written under a temporary name before any is renamed into place (the JSON last):
+    a Ctrl-C or a full disk while writing leaves the earlier inversion whole and no temporary files."""
+    folder = inversion.save(tmp_path / "inv")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    target = {"tensors": "dpl_edit.artifacts.save_file", "image": "PIL.Image.Image.save",
+              "json": "pathlib.Path.write_text"}[failing]
+    monkeypatch.setattr(target, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dataclasses.replace(inversion, prompt="another prompt", latent_T=inversion.latent_T + 1,
+                            source_image=inversion.source_image.transpose(0)).save(folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert Inversion.load(folder).prompt == inversion.prompt
 
 
 def test_saving_into_a_file_is_said_before_writing(inversion, tmp_path):

@@ -98,20 +98,23 @@ class Inversion:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name) for name in _TENSOR_FIELDS}
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None}
-        tmp = folder / (TENSORS_FILE + ".tmp")
-        save_file(tensors, tmp)
-        digest = _sha256(tmp)
-        os.replace(tmp, folder / TENSORS_FILE)
-        if self.source_image is not None:
-            tmp = folder / (SOURCE_FILE + ".tmp")
-            self.source_image.save(tmp, format="PNG")
-            os.replace(tmp, folder / SOURCE_FILE)
-        else:  # not an earlier inversion's image taken for this one's
-            (folder / SOURCE_FILE).unlink(missing_ok=True)
-        skip = (*_TENSOR_FIELDS, "source_image")
-        metadata = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
-        metadata.update(format=FORMAT, format_version=FORMAT_VERSION, tensors_sha256=digest)
-        write_atomic(folder / METADATA_FILE, json.dumps(metadata, indent=2))
+        written = {name: folder / (name + ".tmp") for name in (TENSORS_FILE, SOURCE_FILE, METADATA_FILE)}
+        try:  # every file under its temporary name first: a failure or a Ctrl-C while writing leaves the folder as it was
+            save_file(tensors, written[TENSORS_FILE])
+            if self.source_image is not None:
+                self.source_image.save(written[SOURCE_FILE], format="PNG")
+            skip = (*_TENSOR_FIELDS, "source_image")
+            metadata = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+            metadata.update(format=FORMAT, format_version=FORMAT_VERSION, tensors_sha256=_sha256(written[TENSORS_FILE]))
+            written[METADATA_FILE].write_text(json.dumps(metadata, indent=2))
+            if self.source_image is None:  # not an earlier inversion's image taken for this one's
+                (folder / SOURCE_FILE).unlink(missing_ok=True)
+            for name, tmp in written.items():  # then renamed, the JSON last
+                if tmp.exists():
+                    os.replace(tmp, folder / name)
+        finally:
+            for tmp in written.values():
+                tmp.unlink(missing_ok=True)
         return folder
 
     @classmethod
