@@ -509,6 +509,17 @@ def test_metrics_command_runs_without_weights_and_names_them(dataset, model, tmp
     markdown, _ = tables({"rows": [{"key": "k", "method": "dpl", "editing_type_id": "1", "missing": True}],
                           "notes": []})
     assert "0 (+1 missing)" in markdown
+    # a damaged edit image counts as missing and is named; a scene dataset with every edit missing is
+    # still a scene table (no PIE-Bench published rows)
+    (edit_path(tmp_path, METHOD_FOLDERS["nti"], items[0])).write_bytes(b"cut short")
+    assert main(["metrics", str(tmp_path), "--dataset", str(dataset), "--methods", "nti", "--range", "0:3"]) == 0
+    printed = capsys.readouterr().out
+    assert "| all | nti | 2 (+1 missing) |" in printed and "1 edit image(s) could not be read" in printed
+    assert "test_2obj_0000.png" in printed and "published" not in printed
+    for item in items:
+        edit_path(tmp_path, METHOD_FOLDERS["nti"], item).unlink()
+    assert main(["metrics", str(tmp_path), "--dataset", str(dataset), "--methods", "nti", "--range", "0:3"]) == 0
+    assert "| all | nti | 0 (+3 missing) |" in (printed := capsys.readouterr().out) and "published" not in printed
 
 
 def test_metrics_with_weights_score_every_edit_and_count_missing_ones(dataset, model, tmp_path, capsys):

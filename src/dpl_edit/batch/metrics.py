@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.functional.regression import mean_squared_error
 from tqdm.auto import tqdm
@@ -222,7 +222,7 @@ def evaluate(dataset: str | Path, out: str | Path, items: Sequence[EditItem], me
     {"rows": [...], "notes": [...]}. Missing edits are counted, not scored."""
     dataset, out = Path(dataset), Path(out)
     weighted, notes = weighted_metrics(dino, clip, lpips, device)
-    rows = []
+    rows, unreadable = [], []
     for item in tqdm(items, desc="Metrics", unit="item", disable=not progress):
         with Image.open(dataset / IMAGES / item.image_path) as opened:
             source = opened.convert("RGB")
@@ -233,12 +233,18 @@ def evaluate(dataset: str | Path, out: str | Path, items: Sequence[EditItem], me
                 oracle = opened.convert("RGB")
         for method in methods:
             path = edit_path(out, METHOD_FOLDERS.get(method, method), item)
-            row = {"key": item.key, "method": method, "editing_type_id": item.editing_type_id}
+            row = {"key": item.key, "method": method, "editing_type_id": item.editing_type_id,
+                   **({"oracle": True} if item.oracle_image_path else {})}
             if not path.is_file():
                 rows.append({**row, "missing": True})
                 continue
-            with Image.open(path) as opened:
-                edited = opened.convert("RGB")
+            try:
+                with Image.open(path) as opened:
+                    edited = opened.convert("RGB")
+            except (UnidentifiedImageError, OSError) as err:  # a damaged file: counted missing, and named
+                unreadable.append(f"{path.relative_to(out)} ({err})")
+                rows.append({**row, "missing": True})
+                continue
             box = inverted_square(edited, source)
             inverted, region, truth = (cropped(box, picture) for picture in (source, mask, oracle))
             distractor = None
@@ -258,6 +264,9 @@ def evaluate(dataset: str | Path, out: str | Path, items: Sequence[EditItem], me
                 row["clip_similarity_target_image"] = weighted["clip"](edited, item.target_prompt)
                 row["clip_similarity_target_image_edit_part"] = weighted["clip"](edited, item.target_prompt, region)
             rows.append(row)
+    if unreadable:
+        notes.append(f"{len(unreadable)} edit image(s) could not be read and count as missing (run `dpl batch` "
+                     f"again after removing them): {'; '.join(unreadable)}")
     return {"rows": rows, "notes": notes}
 
 
@@ -306,7 +315,7 @@ def tables(result: dict) -> tuple[str, dict]:
 def published_means(result: dict) -> dict[str, dict]:
     """PIE-Bench's published means (:data:`dpl_edit.published.PIE_BENCH_P2P`) of the methods in a
     run on PIE-Bench (not on exported scenes, whose rows have an oracle), to be read beside ours."""
-    if any("psnr_edit_part_vs_oracle" in row for row in result["rows"]):
+    if any(row.get("oracle") or "psnr_edit_part_vs_oracle" in row for row in result["rows"]):
         return {}
     methods = dict.fromkeys(row["method"] for row in result["rows"])
     return {method: {"items": PIE_BENCH_ITEMS, **PIE_BENCH_P2P[method]} for method in methods if method in PIE_BENCH_P2P}
