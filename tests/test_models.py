@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from PIL import Image
 
 from dpl_edit import ModelLoadError, PromptError, StableDiffusion
 from dpl_edit.attention import AttentionStore, attention_hook, attention_layers, select_layers
@@ -28,6 +29,25 @@ def test_save_and_load_a_diffusers_folder_offline(model, tmp_path):
     s = model.encode_prompt("a cat")
     with torch.no_grad():
         torch.testing.assert_close(loaded.predict(z, 501, s), model.predict(z, 501, s))
+
+
+def test_a_folder_named_from_the_working_directory_is_recorded_by_its_whole_path(model, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """An inversion records its model's folder as an absolute path, so `dpl edit` finds it from any
+    working directory; where the folder is gone, the message says whose model it was and what to do."""
+    from dpl_edit.cli import main
+
+    model.save_pretrained(tmp_path / "sd")
+    monkeypatch.chdir(tmp_path)
+    assert StableDiffusion.from_pretrained("sd").model_id == str(tmp_path / "sd")
+    Image.new("RGB", (128, 128), (40, 90, 200)).save(tmp_path / "picture.png")
+    assert main(["invert", "picture.png", "--prompt", "a cat", "--model", "sd", "--steps", "1", "--out", "inv",
+                 "--quiet"]) == 0
+    (tmp_path / "sd").rename(tmp_path / "moved")
+    assert main(["edit", "inv", "--target", "a dog", "--quiet"]) == 2
+    assert f"The inversion was made with model '{tmp_path / 'sd'}', which does not load here: give its folder or " \
+           "hub id with --model" in capsys.readouterr().err
+    assert main(["edit", "inv", "--target", "a dog", "--model", "moved", "--quiet"]) == 0
 
 
 def test_a_model_built_in_memory_keeps_its_fingerprint_when_saved_and_loaded(tmp_path):

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -153,7 +154,7 @@ class StableDiffusion:
         name = str(name_or_path)
         local = Path(name).expanduser()
         if local.exists():
-            local = _main_snapshot(local)
+            local = _main_snapshot(local).resolve()  # absolute: an inversion records it, read from anywhere
             _check_folder(local)
             name = str(local)
         elif _is_a_path(name):  # not a hub id (owner/name): a folder that is not there
@@ -545,7 +546,9 @@ def _quiet_diffusers() -> Iterator[None]:
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():  # diffusers still passes an argument huggingface_hub deprecated
+            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+            yield
     finally:
         diffusers_logging.set_verbosity(levels[0])
         transformers_logging.set_verbosity(levels[1])

@@ -11,7 +11,7 @@ import torch
 
 from .. import checks
 from ..artifacts import Inversion
-from ..errors import DplEditError
+from ..errors import DplEditError, ModelLoadError
 from ..models import StableDiffusion
 from ..registry import NAMED_MODELS, cuda_graphs_by_default, load_model
 from . import collector
@@ -102,7 +102,11 @@ def load_for(args: argparse.Namespace, inversion: Inversion) -> StableDiffusion:
     dtype = inversion.settings.get("dtype")
     if args.model:
         return load(args, args.model, dtype=dtype)
-    return load(args, inversion.model_id, inversion.settings.get("variant"), dtype)
+    try:
+        return load(args, inversion.model_id, inversion.settings.get("variant"), dtype)
+    except ModelLoadError as err:  # moved, deleted, or on another machine: say whose model it is
+        raise ModelLoadError(f"The inversion was made with model {inversion.model_id!r}, which does not load "
+                             f"here: give its folder or hub id with --model. ({err})") from err
 
 
 def pairs(items: list[str], option: str, convert=float) -> dict:
