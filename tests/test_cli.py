@@ -186,6 +186,19 @@ def test_help_and_argument_errors_load_no_torch_or_no_model_libraries():
     assert "must be at least 1" in done.stderr  # the bad argument's message still comes
 
 
+def test_list_options_given_again_add_to_the_list():
+    """`--blend cat --blend dog` blends both, as `--blend cat dog` does (argparse kept the last)."""
+    edit = build_parser("edit").parse_args(["edit", "inv", "--target", "t", "--blend", "cat", "--blend", "dog", "mat",
+                                           "--subtract", "a", "--subtract", "b", "--reweight", "x=2", "--reweight",
+                                           "y=3", "--cross-steps-word", "x=0.1", "--cross-steps-word", "y=0.2"])
+    assert edit.blend == ["cat", "dog", "mat"] and edit.subtract == ["a", "b"]
+    assert edit.reweight == ["x=2", "y=3"] and edit.cross_steps_word == ["x=0.1", "y=0.2"]
+    invert = build_parser("invert").parse_args(["invert", "i.png", "--prompt", "p", "--out", "o", "--words", "cat",
+                                               "--words", "dog"])
+    assert invert.words == ["cat", "dog"] and build_parser("invert").parse_args(
+        ["invert", "i.png", "--prompt", "p", "--out", "o"]).words == []
+
+
 def test_an_unknown_option_is_answered_with_its_command_s_usage(capsys):
     """Not with the top parser's `usage: dpl [-h] [--version] COMMAND ...`, which names no option."""
     with pytest.raises(SystemExit) as exited:

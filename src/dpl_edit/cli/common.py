@@ -110,16 +110,19 @@ def load_for(args: argparse.Namespace, inversion: Inversion) -> StableDiffusion:
 
 
 def pairs(items: list[str], option: str, convert=float) -> dict:
-    """``["cat=2.0", ...]`` as a dict; a DplEditError for a malformed item."""
+    """``["cat=2.0", ...]`` as a dict; a DplEditError for a malformed item or a word named twice."""
     result = {}
     for item in items:
         key, sep, value = item.partition("=")
         try:
             if not sep or not key.strip():
                 raise ValueError
-            result[key.strip()] = convert(value)
+            value = convert(value)
         except ValueError:
             raise DplEditError(f"{option} takes WORD=VALUE, got {item!r}") from None
+        if key.strip() in result:
+            raise DplEditError(f"{option} names {key.strip()!r} twice; give each word once.")
+        result[key.strip()] = value
     return result
 
 

@@ -114,7 +114,7 @@ def add_inversion_options(p: argparse.ArgumentParser) -> None:
         "(\"\", with the source branch kept on the DDIM pivot while editing: exact reconstruction)",
     )
     p.add_argument(
-        "--words", nargs="+", default=(), metavar="WORD",
+        "--words", nargs="+", action="extend", default=[], metavar="WORD",
         help="dpl: words to learn, instead of (or besides) marking them with braces in --prompt",
     )
     p.add_argument(
@@ -163,13 +163,13 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default=edit.mode,
                    help="replace: word swap (same token count); refine: prompts aligned token by token, "
                    "new words keep their own attention (default: replace)")
-    p.add_argument("--reweight", nargs="+", default=[], metavar="WORD=FACTOR",
+    p.add_argument("--reweight", nargs="+", action="extend", default=[], metavar="WORD=FACTOR",
                    help="scale target words' cross-attention, e.g. --reweight fluffy=2.0")
-    p.add_argument("--blend", nargs="+", default=[], metavar="WORD",
+    p.add_argument("--blend", nargs="+", action="extend", default=[], metavar="WORD",
                    help="local blend: only the region of these source words (and what replaces them in each "
                         "target) may change; WORD@N names the N-th occurrence (rectangle@2), or give the source "
                         "prompt with braces around the words meant; a word only a target has is taken there")
-    p.add_argument("--subtract", nargs="+", default=[], metavar="WORD",
+    p.add_argument("--subtract", nargs="+", action="extend", default=[], metavar="WORD",
                    help="local blend: take these words' regions out of the blend mask (Prompt-to-Prompt's "
                         "subtract words; e.g. the objects when the background is edited); same forms as --blend")
     p.add_argument("--blend-threshold", type=float, default=edit.blend_threshold,
@@ -182,7 +182,7 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
                         "colour); default: the model's recommendation (dpl_edit.json), else keep")
     p.add_argument("--cross-steps", type=float, default=edit.cross_replace_steps,
                    help=f"share of the steps whose cross-attention comes from the source (default: {edit.cross_replace_steps})")
-    p.add_argument("--cross-steps-word", nargs="+", default=[], metavar="WORD=SHARE",
+    p.add_argument("--cross-steps-word", nargs="+", action="extend", default=[], metavar="WORD=SHARE",
                    help="per-word override of --cross-steps, e.g. --cross-steps-word tiger=0.4")
     p.add_argument("--self-steps", type=float, default=edit.self_replace_steps,
                    help=f"share of the steps whose self-attention comes from the source (default: {edit.self_replace_steps})")
