@@ -124,6 +124,13 @@ def test_scenes_are_exported_over_an_earlier_export_only(tmp_path, capsys):
         assert (pie / "mapping_file.json").read_text() == text and not (pie / "annotation_images").exists()
 
 
+def test_a_method_named_twice_runs_once():
+    from dpl_edit.cli.batch import methods_of
+
+    args = build_parser("batch").parse_args(["batch", "data", "--out", "out", "--methods", "nti, dpl,nti"])
+    assert methods_of(args) == ["nti", "dpl"]
+
+
 def test_brackets_become_dpl_words_without_a_dpl_prompt(tmp_path):
     (tmp_path / "mapping_file.json").write_text(json.dumps({"7": {
         "image_path": "a.jpg", "original_prompt": "a [cat] sitting on a [mat]", "editing_prompt": "a [dog] sitting",

@@ -112,7 +112,7 @@ def selection(args: argparse.Namespace):
 def methods_of(args: argparse.Namespace) -> list[str]:
     from ..batch.runner import METHOD_FOLDERS
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))  # each once, in order
     if not methods or set(methods) - set(METHOD_FOLDERS):
         raise DplEditError(f"--methods takes a comma-separated subset of {','.join(METHOD_FOLDERS)}, got {args.methods!r}")
     return methods
@@ -209,7 +209,7 @@ def export_command(args: argparse.Namespace) -> int:
     from ..scenes.export import export_scenes
 
     try:
-        objects = tuple(int(n) for n in args.objects.split(","))
+        objects = tuple(dict.fromkeys(int(n) for n in args.objects.split(",")))  # each once, in order
     except ValueError:
         objects = ()
     if not objects or set(objects) - {2, 3}:
