@@ -543,7 +543,7 @@ def test_metrics_with_weights_score_every_edit_and_count_missing_ones(dataset, m
     result = json.loads((tmp_path / "run" / "metrics.json").read_text())
     scored, missing = result["rows"]
     assert missing == {"key": items[1].key, "method": "nti", "editing_type_id": items[1].editing_type_id,
-                       "missing": True}
+                       "oracle": True, "missing": True}  # (an exported scene: it has the renderer's edit)
     for name in ("structure_distance", "clip_similarity_target_image", "clip_similarity_target_image_edit_part"):
         assert math.isfinite(scored[name]) and scored[name] >= 0, name
 
