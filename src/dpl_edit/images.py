@@ -61,9 +61,15 @@ def from_array(array: np.ndarray) -> Image.Image:
         raise ImageLoadError(f"Expected a picture as a numpy array of shape (H, W), (H, W, 3) or (H, W, 4), uint8 "
                              f"or float, got shape {array.shape} of {array.dtype}")
     if array.dtype != np.uint8:
-        array = np.nan_to_num(array.astype(np.float64))
-        array = (array * (255 if array.max() <= 1 else 1)).clip(0, 255).round().astype(np.uint8)
+        array = _float_levels(array)
     return to_rgb(Image.fromarray(np.ascontiguousarray(array)))
+
+
+def _float_levels(array: np.ndarray) -> np.ndarray:
+    """A float picture as uint8 levels: from 0-1 where nothing exceeds 1 (numpy's and scikit-image's
+    scale), else from 0-255; NaN as 0."""
+    array = np.nan_to_num(np.asarray(array, dtype=np.float64))
+    return (array * (255 if array.max() <= 1 else 1)).clip(0, 255).round().astype(np.uint8)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -76,10 +82,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale ("I": as older Pillows open it)
         array = np.asarray(image, dtype=np.float64).clip(0, 65535)
         return Image.fromarray((array * (255 / 65535)).round().astype(np.uint8)).convert("RGB")
-    if image.mode == "F":  # 32-bit float: 0-1 where nothing exceeds 1 (numpy's and skimage's scale), else 0-255
-        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        scale = 255 if array.max() <= 1 else 1
-        return Image.fromarray((array * scale).clip(0, 255).round().astype(np.uint8)).convert("RGB")
+    if image.mode == "F":  # 32-bit float: 0-1 where nothing exceeds 1, else 0-255
+        return Image.fromarray(_float_levels(np.asarray(image))).convert("RGB")
     return image.convert("RGB")
 
 
