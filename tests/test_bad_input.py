@@ -1,6 +1,7 @@
 """Bad input through every command: exit code 2, one `error:` line, no traceback, files on disk
 unchanged; the same values through the Python API raise DplEditError with the same message."""
 
+import dataclasses
 import errno
 import hashlib
 import math
@@ -288,6 +289,27 @@ def test_prompts_and_words_that_are_not_text_are_said_to_be(model, image):
         with pytest.raises(PromptError, match=re.escape(message)):
             call()
     assert invert(model, picture, "a {cat}", method="dpl", words=None, num_steps=1, progress=False).words
+
+
+def test_settings_may_be_dicts_of_their_config_s_fields(model, image):
+    """`edit(..., {"mode": "refine"})`, `invert(..., null_text={...}, dpl={...})`: a dict applies its fields
+    over the defaults (the preset's, the model's recommendations); a field the config lacks or
+    another type is a SettingError, not an AttributeError."""
+    picture = to_pil(image)
+    nti = invert(model, picture, "a cat", num_steps=1, progress=False, preset="authors", null_text={"max_iterations": 3})
+    assert nti.settings["null_text"] == {**dataclasses.asdict(NullTextConfig.authors()), "max_iterations": 3}
+    dpl = invert(model, picture, "a {cat}", method="dpl", num_steps=1, progress=False, dpl={"max_iterations": 2})
+    assert dpl.settings["dpl"]["max_iterations"] == 2 and dpl.settings["dpl"]["cross_resolution"] == 16
+    assert edit(model, nti, "a dog", {"mode": "refine"}, progress=False).plan.targets
+    for call, message in (
+        (lambda: edit(model, nti, "a dog", "refine", progress=False),
+         "config must be EditConfig(...) or a dict of its settings, got str"),
+        (lambda: edit(model, nti, "a dog", {"colour": 1}, progress=False), "config has no setting colour; EditConfig"),
+        (lambda: invert(model, picture, "a cat", null_text={"steps": 3}), "null_text has no setting steps"),
+        (lambda: invert(model, picture, "a cat", dpl={"max_iterations": -1}), "DPL max_iterations must be at least 0"),
+    ):
+        with pytest.raises(SettingError, match=re.escape(message)):
+            call()
 
 
 def test_an_unexpected_failure_is_one_line_and_a_log_file(monkeypatch, capsys, files):

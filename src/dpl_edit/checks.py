@@ -6,6 +6,7 @@ Each raises :class:`SettingError` saying which setting, what it got and what it 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -39,6 +40,24 @@ def count(name: str, value: int, low: int = 1) -> None:
         raise SettingError(f"{name} must be a whole number, got {value!r}")
     if value < low:
         raise SettingError(f"{name} must be at least {low}, got {value}")
+
+
+def settings(name: str, kind: type, value, base=None):
+    """A settings argument as a ``kind`` (a config dataclass): the instance itself; a dict of its
+    fields, applied over ``base`` (its defaults where None); None for ``base``. Anything else, or a
+    dict naming a field ``kind`` lacks, is a SettingError naming ``name``."""
+    base = kind() if base is None else base
+    if value is None:
+        return base
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in dataclasses.fields(kind)}
+        unknown = sorted(map(str, set(value) - known))
+        if unknown:
+            raise SettingError(f"{name} has no setting {', '.join(unknown)}; {kind.__name__} takes {', '.join(sorted(known))}")
+        return dataclasses.replace(base, **value)
+    raise SettingError(f"{name} must be {kind.__name__}(...) or a dict of its settings, got {type(value).__name__}")
 
 
 def dtype(name: str, value: torch.dtype | str) -> torch.dtype:

@@ -58,8 +58,8 @@ def invert(
     num_steps: int = 50,
     guidance_scale: float = 7.5,
     preset: str = "paper",
-    null_text: NullTextConfig | None = None,
-    dpl: DynamicPromptConfig | None = None,
+    null_text: NullTextConfig | dict | None = None,
+    dpl: DynamicPromptConfig | dict | None = None,
     callback: Callable[[NullTextStep | DynamicPromptStep], None] | None = None,
     progress: bool = True,
 ) -> Inversion:
@@ -74,7 +74,8 @@ def invert(
     ``null`` step is ``"optimized"`` (NTI, the paper), ``"negative"`` or ``"direct"``.
     ``preset="authors"`` takes the DPL authors' null-text schedule (:meth:`NullTextConfig.authors`)
     unless ``null_text`` is given. ``dpl`` defaults to the paper's settings updated by the
-    model's own (its map sizes, from ``dpl_edit.json``).
+    model's own (its map sizes, from ``dpl_edit.json``). ``null_text`` and ``dpl`` may also be dicts
+    of their configs' fields, applied over those defaults.
     """
     if not isinstance(prompt, str):
         raise PromptError(f"Expected the prompt as a string, got {prompt!r}")
@@ -96,8 +97,8 @@ def invert_many(
     num_steps: int = 50,
     guidance_scale: float = 7.5,
     preset: str = "paper",
-    null_text: NullTextConfig | None = None,
-    dpl: DynamicPromptConfig | None = None,
+    null_text: NullTextConfig | dict | None = None,
+    dpl: DynamicPromptConfig | dict | None = None,
     callback: Callable[[NullTextStep | DynamicPromptStep], None] | None = None,
     progress: bool = True,
 ) -> list[Inversion]:
@@ -120,8 +121,9 @@ def invert_many(
         _check_arguments(model, image, method, null, preset)
     checks.count("num_steps", num_steps)
     checks.finite("guidance_scale", guidance_scale, 0.0)
-    dpl = dpl or model_dpl_config(model)
-    null_text = null_text or (NullTextConfig.authors() if preset == "authors" else NullTextConfig())
+    dpl = checks.settings("dpl", DynamicPromptConfig, dpl, model_dpl_config(model))
+    null_text = checks.settings("null_text", NullTextConfig, null_text,
+                                NullTextConfig.authors() if preset == "authors" else None)
     if method == "dpl" and model.dtype != torch.float32:
         measured = ("on the bundled scene model its token learning went astray on 3 of 8 scenes at 50 steps "
                     "(reconstruction 2-8 dB below float32's)" if model.dtype == torch.bfloat16 else

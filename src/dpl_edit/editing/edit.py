@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image
 
+from .. import checks
 from ..artifacts import Inversion
 from ..attention import attention_hook, attention_layers, same_level_resolution
 from ..diffusion import DDIMSchedule
@@ -57,14 +58,16 @@ def edit(
     model: StableDiffusion,
     inversion: Inversion | str | os.PathLike,
     targets: str | Sequence[str],
-    config: EditConfig = EditConfig(),
+    config: EditConfig | dict | None = None,
     *,
     progress: bool = True,
 ) -> EditResult:
     """Edit the inverted image (an :class:`Inversion` or its folder) towards each target prompt (one
-    prompt or several; braces in them are allowed and ignored)."""
+    prompt or several; braces in them are allowed and ignored). ``config``: an :class:`EditConfig`, a
+    dict of its fields (over the defaults), or None (the defaults)."""
     inversion = Inversion.of(inversion)
     targets = text_list(targets, "target prompts")
+    config = checks.settings("config", EditConfig, config)
     inversion.check_compatible(model)
     plan = plan_edit(model, inversion.prompt, inversion.token_positions, targets, config, inversion.num_steps)
     if list(plan.source.token_ids) != inversion.token_ids:
