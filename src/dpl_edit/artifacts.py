@@ -139,6 +139,8 @@ class Inversion:
                 "Invert the image again."
             )
         tensors = load_file(tensor_path)
+        for key in ("format", "format_version"):
+            metadata.pop(key)
         _check_contents(metadata, tensors, folder / METADATA_FILE)
         source = folder / SOURCE_FILE
         try:
@@ -212,9 +214,7 @@ NULLS = ("empty", "optimized", "negative", "direct")  # what Inversion.null may 
 def _check_contents(metadata: dict, tensors: dict, path: Path) -> None:
     """The fields an inversion has, of their JSON types, and the tensors its null needs: a hand-edited,
     damaged or other version's ``inversion.json`` is said to be one (never a TypeError from deep in
-    an edit). ``metadata`` loses the file's format keys."""
-    for key in ("format", "format_version"):
-        metadata.pop(key)
+    an edit). ``metadata`` is the file's without its format keys."""
     problem = _contents_problem(metadata, tensors)
     if problem:
         raise InversionFileError(f"{path} is damaged or was written by another version of dpl-edit ({problem}); "
