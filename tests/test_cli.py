@@ -90,6 +90,17 @@ def test_help_explains_every_option(capsys):
         assert option in text
 
 
+def test_run_help_names_its_own_default_method_and_caption_option(capsys):
+    """`dpl run` inverts with dpl by default and takes the caption as --source: its help says so."""
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Default: dpl" in text and "Default: nti" not in text
+    assert "braces in --source" in text and "--prompt" not in text
+    args = build_parser("run").parse_args(["run", "x.png", "--source", "a {cat}", "--target", "a dog", "--out", "o"])
+    assert args.method == "dpl"
+
+
 @pytest.mark.parametrize("name", COMMANDS)
 def test_each_command_is_defined_by_the_module_the_table_names(name):
     """`dpl COMMAND ...` parses with the arguments of COMMANDS[name]'s module, which defines the

@@ -92,20 +92,22 @@ def register(commands) -> None:
                    help='a caption of the image; for dpl mark the nouns in braces: "a {cat} and a {dog}"')
     p.add_argument("--out", type=Path, required=True, help="folder for the inversion and the edits")
     add_edit_options(p)
-    add_inversion_options(p)
+    add_inversion_options(p, method="dpl", prompt_option="--source")
     add_model_options(p, required_default=DEFAULT_MODEL)
-    p.set_defaults(run=run_command, method="dpl")
+    p.set_defaults(run=run_command)
 
 
-def add_inversion_options(p: argparse.ArgumentParser) -> None:
+def add_inversion_options(p: argparse.ArgumentParser, method: str = "nti", prompt_option: str = "--prompt") -> None:
+    """The inversion's options; ``method`` is the command's default method, ``prompt_option`` the option
+    that takes the image's caption."""
     p.add_argument(
-        "--method", choices=METHODS, default="nti",
+        "--method", choices=METHODS, default=method,
         help="ddim: DDIM inversion only (fast, poor reconstruction under guidance); "
         "nti: null-text inversion (Mokady et al. 2023), near-exact reconstruction; "
         "npi: negative-prompt inversion (no optimisation); direct: direct inversion (no "
         "optimisation, exact reconstruction, editing keeps the source on the DDIM pivot); "
         "dpl: dynamic prompt learning (Wang et al. 2023) + the --null step, attention kept "
-        "on each marked word's object. Default: nti",
+        f"on each marked word's object. Default: {method}",
     )
     p.add_argument(
         "--null", choices=NULL_STRATEGIES, default="optimized",
@@ -115,7 +117,7 @@ def add_inversion_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--words", nargs="+", action="extend", default=[], metavar="WORD",
-        help="dpl: words to learn, instead of (or besides) marking them with braces in --prompt",
+        help=f"dpl: words to learn, instead of (or besides) marking them with braces in {prompt_option}",
     )
     p.add_argument(
         "--preset", choices=PRESETS, default="paper",
