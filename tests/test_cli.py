@@ -113,6 +113,23 @@ def test_each_command_is_defined_by_the_module_the_table_names(name):
     assert [a.help for a in subparsers._choices_actions] == [c.help for c in COMMANDS.values()]
 
 
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_argument_of_every_command_has_help(name):
+    """`dpl COMMAND --help` explains each argument it lists (nested commands such as `dpl scenes
+    export` included); a hidden one is argparse.SUPPRESS."""
+    def parsers(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield sub
+                    yield from parsers(sub)
+
+    (command,) = [p for p in parsers(build_parser(name)) if p.prog == f"dpl {name}"]
+    for parser in [command, *parsers(command)]:
+        silent = [a.dest for a in parser._actions if not isinstance(a, argparse._SubParsersAction) and not a.help]
+        assert silent == [], f"{parser.prog}: no help for {silent}"
+
+
 def test_the_package_s_public_names_load_on_first_use_from_their_modules():
     """``dpl_edit``'s exports (PEP 562): each is its module's object, and the imports type checkers
     read name the same modules."""

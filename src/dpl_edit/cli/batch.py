@@ -75,8 +75,9 @@ def register(commands) -> None:
         description="Write COUNT scenes per object count, three word swaps each (shape, colour, ground), as a "
         "PIE-Bench folder: images, prompts with [brackets], edit masks, and the renderer's true edits.",
     )
-    p.add_argument("folder", type=Path)
-    p.add_argument("--split", choices=("validation", "test"), default="test")
+    p.add_argument("folder", type=Path, help="the folder to write (new, or an earlier export, which is replaced)")
+    p.add_argument("--split", choices=("validation", "test"), default="test",
+                   help="the scenes' split: validation (to choose settings on) or test (to report; default: test)")
     p.add_argument("--objects", default="2,3", help="comma-separated object counts (default: 2,3)")
     p.add_argument("--count", type=int, default=8, help="scenes per object count (default: 8)")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
