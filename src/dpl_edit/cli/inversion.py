@@ -339,17 +339,18 @@ def inversion_settings(args: argparse.Namespace) -> tuple[NullTextConfig, dict, 
 def _check_settings_have_effect(args: argparse.Namespace) -> None:
     """A DPL option given with another method, or a null-text option with a method that optimises
     no null text, would be ignored: said before any work, since the user meant something by it."""
-    dpl = DynamicPromptConfig()
-    dpl_only = {"null": "optimized", "dpl_iterations": dpl.max_iterations, "losses": ",".join(dpl.losses),
-                "lambda_dj": dpl.lambda_dj, "lambda_bg": dpl.lambda_bg, "span": None, "self_res": None}
-    null_text_only = {"preset": "paper", "nti_iterations": NullTextConfig.max_iterations}
+    parser = argparse.ArgumentParser()
+    add_inversion_options(parser)
+    defaults = parser.parse_args([])  # what each option is when not given
+    dpl_only = ("null", "dpl_iterations", "losses", "lambda_dj", "lambda_bg", "span", "self_res")
+    null_text_only = ("preset", "nti_iterations")
     method = f"--method {args.method}" + (f" --null {args.null}" if args.method == "dpl" else "")
     for options, applies, what in (
         (dpl_only, args.method == "dpl", "a DPL setting: --method dpl only"),
         (null_text_only, args.method == "nti" or (args.method == "dpl" and args.null == "optimized"),
          "a null-text optimisation setting: --method nti, or dpl with --null optimized"),
     ):
-        idle = ["--" + name.replace("_", "-") for name, default in options.items() if getattr(args, name) != default]
+        idle = ["--" + name.replace("_", "-") for name in options if getattr(args, name) != getattr(defaults, name)]
         if idle and not applies:
             raise DplEditError(f"{', '.join(idle)}: no effect with {method} ({what}); "
                                f"drop {'it' if len(idle) == 1 else 'them'} or change the method.")
