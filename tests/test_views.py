@@ -1,11 +1,15 @@
 """Attention views, the localisation curve, and `dpl invert --method dpl` / `dpl attention` / `dpl localisation`."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 from dpl_edit.cli import main
 from dpl_edit.localisation import attention_shares, best_iou, iou_curve, mean_iou
+from dpl_edit.tokenizer import clip_tokenizer
+from dpl_edit.views import inversion_words
 
 
 def test_iou_curve_known_values():
@@ -112,3 +116,43 @@ def test_dpl_invert_attention_and_localisation_commands(scene, capsys, caplog):
     (nti / "source.png").unlink()
     assert main(["attention", str(nti)]) == 2
     assert "has no source.png; invert the image again" in capsys.readouterr().err
+
+
+def test_the_words_shown_are_whole_words_and_a_repeated_one_is_named_by_its_occurrence():
+    """An NTI inversion's rows are the prompt's whole words (a word of two tokens is one row), a
+    DPL inversion's its learned words; a word shown twice is named word@N as --blend names it (the
+    N-th whole-word occurrence in the prompt), or by its tokens where they do not spell it."""
+    tokenizer = clip_tokenizer()
+
+    def shown(prompt, words=()):
+        tokens = tokenizer.convert_ids_to_tokens(tokenizer(prompt).input_ids[1:-1])
+        return inversion_words(SimpleNamespace(prompt_tokens=tokens, words=[
+            {"word": word, "positions": positions} for word, positions in words]))
+
+    assert shown("a purple rectangle and a yellow rectangle on brick") == [
+        ("a@1", [1]), ("purple", [2]), ("rectangle@1", [3, 4]), ("and", [5]), ("a@2", [6]), ("yellow", [7]),
+        ("rectangle@2", [8, 9]), ("on", [10]), ("brick", [11])]
+    assert shown("a square, a red square and a square", [("square", [6]), ("Square", [9])]) == [
+        ("square@2", [6]), ("Square@3", [9])]  # the first square is not learned: still counted
+    assert shown("a teddy bear and a teddy bear", [("teddy bear", [2, 3]), ("teddy bear", [6, 7])]) == [
+        ("teddy bear@1", [2, 3]), ("teddy bear@2", [6, 7])]
+    assert shown("a cat and a dog", [("cat", [2]), ("dog", [5])]) == [("cat", [2]), ("dog", [5])]
+    assert shown("a square and a square", [("square", [1]), ("square", [5])]) == [
+        ("square (token 1)", [1]), ("square@2", [5])]  # positions that do not spell the word
+
+
+def test_localisation_names_a_repeated_word_by_its_occurrence(scene, capsys):
+    folder = scene / "twice"
+    assert main(["invert", str(scene / "scene.png"), "--prompt", "a red square and a blue square", "--method", "ddim",
+                 "--model", "tiny", "--steps", "2", "--quiet", "--out", str(folder)]) == 0
+    capsys.readouterr()
+    assert main(["localisation", str(folder), "--mask", f"square={scene / 'square.png'}"]) == 2
+    assert "'square' is in its prompt 'a red square and a blue square' more than once; name the one the mask is " \
+        "of (square@1, square@2)" in capsys.readouterr().err
+    out = scene / "twice.png"
+    assert main(["localisation", str(folder), "--mask", f"square@2={scene / 'square.png'}",
+                 "--mask", f"square@1={scene / 'circle.png'}", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| twice ddim square@2 | " in table and "| twice ddim square@1 | " in table
+    assert main(["localisation", str(folder), "--mask", f"tree={scene / 'circle.png'}", "--out", str(out)]) == 2
+    assert "its words: a@1, red, square@1, and, a@2, blue, square@2" in capsys.readouterr().err

@@ -169,6 +169,6 @@ def replacement_mapper(source: MarkedPrompt, target: MarkedPrompt) -> list[int]:
         raise PromptError(
             f"{source.text!r} and {target.text!r} have different token counts ({source.end_position - 1} "
             f"and {target.end_position - 1}), so a word swap (replace) cannot map their attention one to "
-            "one. Use --mode refine."
+            "one. Use the refine mode (mode=\"refine\"; --mode refine on the command line)."
         )
     return list(range(len(target.token_ids)))

@@ -36,10 +36,47 @@ def default_step_ranges(num_steps: int) -> list[StepRange]:
 
 
 def inversion_words(inversion: Inversion) -> list[tuple[str, list[int]]]:
-    """(word, token positions) to show: the dynamic words, else every token of the prompt."""
-    if inversion.words:
-        return [(w["word"], list(w["positions"])) for w in inversion.words]
-    return [(token.replace("</w>", ""), [i + 1]) for i, token in enumerate(inversion.prompt_tokens)]
+    """(label, token positions) of the words to show: the dynamic words, else the prompt's whole
+    words. A word the list holds more than once is labelled with its occurrence in the prompt, as
+    ``--blend`` names it (``rectangle@2``), or where that cannot be read, with its token positions."""
+    whole = prompt_words(inversion.prompt_tokens)
+    words = [(w["word"], list(w["positions"])) for w in inversion.words] or whole
+    texts = [word.lower() for word, _ in words]
+    labels = []
+    for word, positions in words:
+        if texts.count(word.lower()) > 1:
+            occurrence = _occurrence(word, positions, whole)
+            where = f"token {positions[0]}" if len(positions) == 1 else f"tokens {positions[0]}-{positions[-1]}"
+            word = f"{word}@{occurrence}" if occurrence else f"{word} ({where})"
+        labels.append((word, positions))
+    return labels
+
+
+def prompt_words(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
+    """The whole words of a prompt's BPE tokens (``Inversion.prompt_tokens``: a word ends with a token
+    that ends in ``</w>``), each with its token positions (the first token is position 1)."""
+    words, piece, positions = [], "", []
+    for position, token in enumerate(tokens, start=1):
+        piece, positions = piece + token, [*positions, position]
+        if token.endswith("</w>"):
+            words.append((piece[: -len("</w>")], positions))
+            piece, positions = "", []
+    if positions:  # a prompt cut off inside a word
+        words.append((piece, positions))
+    return words
+
+
+def _occurrence(word: str, positions: Sequence[int], whole: list[tuple[str, list[int]]]) -> int | None:
+    """Which occurrence (from 1) of ``word`` in the prompt the words at ``positions`` are, counting
+    whole-word runs of the same text as ``--blend``'s word@N does; None where ``positions`` are not
+    whole words that spell ``word``."""
+    inside = [k for k, (_, covered) in enumerate(whole) if set(covered) <= set(positions)]
+    if not inside or sorted(p for k in inside for p in whole[k][1]) != sorted(positions):
+        return None
+    run = [whole[k][0] for k in inside]
+    if "".join(run) != "".join(word.lower().split()):
+        return None
+    return sum([text for text, _ in whole[start : start + len(run)]] == run for start in range(inside[0] + 1))
 
 
 def word_map(inversion: Inversion, positions: Sequence[int], steps: StepRange | None = None) -> torch.Tensor:
@@ -84,7 +121,8 @@ def word_attention_grid(inversion: Inversion, step_ranges: Sequence[StepRange] |
 def background_view(inversion: Inversion) -> Figure:
     """The source, the self-attention clusters, and the background mask over the source."""
     if inversion.clusters is None or inversion.background_mask is None:
-        raise DplEditError("Only DPL inversions have a background mask (invert with --method dpl).")
+        raise DplEditError('Only DPL inversions have a background mask (invert with method="dpl"; --method dpl on '
+                           "the command line).")
     image = _source(inversion)
     height, width = image.shape[:2]
     clusters = F.interpolate(inversion.clusters[None, None].float(), size=(height, width), mode="nearest")[0, 0]

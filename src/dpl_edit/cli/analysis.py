@@ -40,7 +40,8 @@ def register(commands) -> None:
     )
     p.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="inversions of the same image")
     p.add_argument("--mask", action="append", required=True, metavar="WORD=FILE",
-                   help="a word and its ground-truth mask image (white = object); repeat per word")
+                   help="a word and its ground-truth mask image (white = object); repeat per word; WORD@N names "
+                   "the N-th occurrence of a word the prompt holds more than once (rectangle@2)")
     p.add_argument("--out", type=Path, default=Path("localisation.png"), help="the plot (default: localisation.png)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(run=localisation, seed=None)
@@ -77,7 +78,12 @@ def localisation(args: argparse.Namespace) -> int:
         words = dict(inversion_words(inversion))
         for word, mask in masks.items():
             if word not in words:
-                raise DplEditError(f"{folder}: no word {word!r} in its prompt {inversion.prompt!r}")
+                named = [label for label in words if label.partition("@")[0].lower() == word.lower()]
+                if len(named) > 1:
+                    raise DplEditError(f"{folder}: {word!r} is in its prompt {inversion.prompt!r} more than once; "
+                                       f"name the one the mask is of ({', '.join(named)}).")
+                raise DplEditError(f"{folder}: no word {word!r} in its prompt {inversion.prompt!r} (its words: "
+                                   f"{', '.join(words)})")
             label = f"{folder.name} {inversion.method} {word}"
             attention = word_map(inversion, words[word])
             curves[label] = iou_curve(attention, mask)
