@@ -156,3 +156,24 @@ def test_localisation_names_a_repeated_word_by_its_occurrence(scene, capsys):
     assert "| twice ddim square@2 | " in table and "| twice ddim square@1 | " in table
     assert main(["localisation", str(folder), "--mask", f"tree={scene / 'circle.png'}", "--out", str(out)]) == 2
     assert "its words: a@1, red, square@1, and, a@2, blue, square@2" in capsys.readouterr().err
+
+
+def test_edit_grid_draws_each_target_s_edited_words_and_leaves_no_empty_frames(image):
+    """Columns: source, reconstruction, edit, then the target's edited words' maps; a row with fewer
+    edited words than the widest leaves the rest blank, and a target that edits nothing (the
+    source again) adds no column."""
+    from dpl_edit import edit, invert
+    from dpl_edit.images import to_pil
+    from dpl_edit.random_models import tiny_model
+    from dpl_edit.views import edit_grid
+
+    model = tiny_model(seed=0)
+    inversion = invert(model, to_pil(image), "a cat and a dog", method="ddim", num_steps=2, progress=False)
+    result = edit(model, inversion, ["a cat and a dog", "a cat and a tiger", "a lion and a tiger"], progress=False)
+    axes = edit_grid(result, inversion.source_image).axes
+    assert len(axes) == 3 * 5
+    shown = [[ax.axison for ax in axes[5 * row : 5 * row + 5]] for row in range(3)]
+    assert shown == [[True] * 3 + [False] * 2, [True] * 4 + [False], [True] * 5]
+    assert [ax.get_title() for ax in axes[13:15]] == ["lion", "tiger"]
+    same = edit(model, inversion, "a cat and a dog", progress=False)
+    assert len(edit_grid(same, inversion.source_image).axes) == 3

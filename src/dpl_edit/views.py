@@ -272,7 +272,7 @@ def edit_grid(result, source_image) -> Figure:
         changed = [p for p in range(1, target.end_position)
                    if plan.mapper[j, p] < 0 or target.token_ids[p] != plan.source.token_ids[plan.mapper[j, p]]]
         rows.append(changed)
-    columns = 3 + max(1, max(len(r) for r in rows))
+    columns = 3 + max(len(r) for r in rows)  # a target that changes no word (the source again) has no maps
     fig, axes = _subplots(len(rows), columns, figsize=(2.2 * columns, 2.4 * len(rows)), squeeze=False)
     for j, (target, changed) in enumerate(zip(plan.targets, rows)):
         axes[j, 0].imshow(image)
@@ -286,6 +286,9 @@ def edit_grid(result, source_image) -> Figure:
     axes[0, 0].set_title("source", fontsize=9)
     axes[0, 1].set_title("reconstruction", fontsize=9)
     _finish(fig, axes, f"edits of: {plan.source.text}")
+    for j, changed in enumerate(rows):
+        for ax in axes[j, 3 + len(changed) :]:  # a row with fewer edited words than the widest: blank
+            ax.axis("off")
     return fig
 
 
