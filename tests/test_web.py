@@ -312,7 +312,11 @@ def test_the_page_inverts_edits_and_shows_errors(server, browser):
     browser.find_element(By.ID, "edit").click()
     tab("Edits")
     _wait(lambda: "edit(s) of the kept inversion" in text("edit-status"), 300, "the edit")
-    _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#edits img"), 30, "the edited image")
+    edited = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#edits img"), 30, "the edited image")[0]
+    # one edit is a thumbnail of the gallery's 4 columns, not the gallery's whole width
+    assert edited.size["width"] < browser.find_element(By.ID, "edits").size["width"] / 3
+    cells = browser.find_elements(By.CSS_SELECTOR, "#tokens td")
+    assert cells and all(cell.value_of_css_property("white-space") == "nowrap" for cell in cells)  # tokens unbroken
 
     if os.environ.get("DPL_SCREENSHOT"):  # docs/serve.png
         tab("Attention")

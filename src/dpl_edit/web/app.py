@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 SCENE_CHOICES = [f"test scene {i} (two objects)" for i in range(4)] + [f"test scene {i} (three objects)" for i in range(2)]
 ERROR = "**Error:** "
+# the token helper's table keeps each token on one line, in narrow cells (a long prompt scrolls sideways)
+PAGE_CSS = ("#tokens table { display: block; overflow-x: auto; } "
+            "#tokens th, #tokens td { white-space: nowrap; padding: 4px 6px; }")
 
 
 def _guarded(outputs: int):
@@ -162,8 +165,8 @@ def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
                 edit_status = gr.Markdown(elem_id="edit-status")
         with gr.Tabs():
             with gr.Tab("Edits"):
-                gallery = gr.Gallery(label="Edits", columns=4, height=300, object_fit="contain", preview=False,
-                                     allow_preview=False, elem_id="edits")
+                gallery = gr.Gallery(label="Edits", columns=4, fit_columns=False, height=300, object_fit="contain",
+                                     preview=False, allow_preview=False, elem_id="edits")
                 grid = gr.Image(label="Edit grid: source, reconstruction, edit, edited words' maps")
             with gr.Tab("Reconstruction"):
                 reconstruction = gr.Image(label="Reconstruction", height=256)
@@ -201,4 +204,5 @@ def serve(workbench: Workbench, host: str = "127.0.0.1", port: int = 7860, share
     page = build_page(workbench, default_steps)
     page.queue(default_concurrency_limit=1)
     return page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                       max_file_size="25mb", allowed_paths=[str(workbench.cache_dir)], footer_links=[])
+                       max_file_size="25mb", allowed_paths=[str(workbench.cache_dir)], footer_links=[],
+                       css=PAGE_CSS)
