@@ -117,6 +117,7 @@ def test_check_scenes_prints_every_check_of_the_bundled_model(capsys):
                  "--quiet"]) == 0  # the bundled model by default
     out = capsys.readouterr().out
     assert "Scene model scenes, 4 DDIM steps: 2 samples, 1 reconstruction, 1 two-object scene" in out
+    assert "The bars were set at 50 DDIM steps: at 4 a check may pass or fail for the schedule's sake." in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| check")]
     names = [row.split(" | ")[0][2:] for row in rows]
     assert names[:9] == ["background right", "object colour right", "object shape right", "VAE reconstruction PSNR",
