@@ -110,6 +110,8 @@ def test_scenes_are_exported_over_an_earlier_export_only(tmp_path, capsys):
     with scenes); an earlier export is."""
     assert export_scenes(tmp_path / "scenes", "test", (2,), 1) == 3
     assert export_scenes(tmp_path / "scenes", "test", (3,), 1) == 3  # replaced
+    assert main(["scenes", "export", str(tmp_path / "scenes"), "--objects", "3", "--count", "1"]) == 0
+    assert capsys.readouterr().out == f"Wrote 3 edits of 1 test scene to {tmp_path / 'scenes'}\n"
     assert {item.image_path.split("/")[1] for item in read_dataset(tmp_path / "scenes")} == {"test_3obj_0000.png"}
     pie = tmp_path / "pie"
     pie.mkdir()

@@ -11,7 +11,7 @@ from .. import checks
 from ..editing.plan import TARGET_TOKENS
 from ..errors import DplEditError
 from . import COMMANDS
-from .common import add_model_options, load, load_options
+from .common import add_model_options, counted, load, load_options
 
 
 def register(commands) -> None:
@@ -220,5 +220,6 @@ def export_command(args: argparse.Namespace) -> int:
     checks.output_folder("folder", args.folder)
     args.folder.mkdir(parents=True, exist_ok=True)
     entries = export_scenes(args.folder, args.split, objects, args.count)
-    print(f"Wrote {entries} edits of {args.count * len(objects)} {args.split} scenes to {args.folder}")
+    print(f"Wrote {counted(entries, 'edit')} of {counted(args.count * len(objects), f'{args.split} scene')} "
+          f"to {args.folder}")
     return 0

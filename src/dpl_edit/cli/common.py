@@ -126,6 +126,11 @@ def pairs(items: list[str], option: str, convert=float) -> dict:
     return result
 
 
+def counted(number: int, noun: str) -> str:
+    """``number`` of ``noun``, plural unless one: "1 sample", "2 samples"."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 @contextmanager
 def named_as_options(names: dict[str, str]):
     """The library's errors in this command's words: the settings a :class:`DplEditError`'s message

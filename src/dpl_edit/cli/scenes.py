@@ -12,7 +12,7 @@ from ..registry import SCENE_MODEL_ID
 from ..scenes.quality import BAR_STEPS, check_counts, check_scene_model
 from ..scenes.train import SceneTrainer, TrainConfig
 from . import COMMANDS
-from .common import add_model_options, load, named_as_options, pick_device
+from .common import add_model_options, counted, load, named_as_options, pick_device
 
 
 def register(commands) -> None:
@@ -109,9 +109,9 @@ def check_scenes(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     report = check_scene_model(model, args.samples, args.reconstructions, args.localisations, args.steps,
                                progress=not args.quiet)
-    print(f"\nScene model {args.model}, {_count(args.steps, 'DDIM step')}: {_count(args.samples, 'sample')}, "
-          f"{_count(args.reconstructions, 'reconstruction')}, {_count(args.localisations, 'two-object scene')}, "
-          f"background masks of {args.localisations} one- and {_count(args.localisations, 'two-object scene')} "
+    print(f"\nScene model {args.model}, {counted(args.steps, 'DDIM step')}: {counted(args.samples, 'sample')}, "
+          f"{counted(args.reconstructions, 'reconstruction')}, {counted(args.localisations, 'two-object scene')}, "
+          f"background masks of {args.localisations} one- and {counted(args.localisations, 'two-object scene')} "
           f"({time.perf_counter() - started:.0f} s)\n")
     print("| check | value | bar | passed |")
     print("|---|---|---|---|")
@@ -121,7 +121,3 @@ def check_scenes(args: argparse.Namespace) -> int:
         print(f"\nThe bars were set at {BAR_STEPS} DDIM steps: at {args.steps} a check may pass or fail for the "
               f"schedule's sake. Judge a model with the default --steps.")
     return 0
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
