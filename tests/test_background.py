@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dpl_edit.background import background_mask, cluster_agreement, round_trip
+from dpl_edit.background import background_mask, cluster_agreement, cluster_self_attention, round_trip
 from dpl_edit.images import to_pil
+from dpl_edit.inversion import DynamicPromptConfig
 from dpl_edit.pipeline import background_of, invert
 from dpl_edit.registry import SCENE_MODEL_ID, load_model
 from dpl_edit.scenes import quality
@@ -53,6 +54,34 @@ def authors_mask(background: np.ndarray, size: int) -> np.ndarray:
     big = background.repeat(up, axis=0).repeat(up, axis=1)
     image = Image.fromarray((big.astype(np.float32) * 255).astype(np.uint8))
     return np.asarray(image.resize((size, size))).astype(bool)
+
+
+def authors_clusters(self_attention: np.ndarray, num_segments: int = 5) -> np.ndarray:
+    """The authors' ``cluster``: numpy's global generator seeded with 1, then KMeans with 10
+    initialisations and no random_state on the (res*res, res*res) rows as they are (float32)."""
+    from sklearn.cluster import KMeans
+
+    state = np.random.get_state()
+    try:
+        np.random.seed(1)
+        resolution = self_attention.shape[0]
+        rows = self_attention.reshape(resolution**2, self_attention.shape[-1])
+        return KMeans(n_clusters=num_segments, n_init=10).fit(rows).labels_.reshape(resolution, resolution)
+    finally:
+        np.random.set_state(state)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_clusters_equal_the_authors_on_full_size_maps(seed):
+    """SD 1.x's 32x32 self-attention (1024 rows of 1024), random but with regions, as the averaged
+    maps have: our labels are the authors', label for label, with DPL's default seed."""
+    g = torch.Generator().manual_seed(seed)
+    regions = F.interpolate(torch.randint(0, 6, (1, 1, 4, 4), generator=g).float(), size=32, mode="nearest").flatten()
+    logits = 4 * (regions[:, None] == regions[None, :]).float() + torch.randn(1024, 1024, generator=g)
+    self_maps = torch.softmax(logits, dim=-1).view(32, 32, 1024)
+    ours = cluster_self_attention(self_maps, 5, DynamicPromptConfig().cluster_seed)
+    assert np.array_equal(ours.numpy(), authors_clusters(self_maps.numpy()))
+    assert len(np.unique(ours.numpy())) == 5
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -141,7 +141,8 @@ def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
                     null = gr.Radio(list(DPL_NULLS), value="optimized", label="DPL's null step")
                     steps = gr.Slider(1, 100, value=default_steps, step=1, label="Steps", elem_id="steps")
                     guidance = gr.Number(value=7.5, label="Guidance scale")
-                    seed = gr.Number(value=0, precision=0, label="Seed (DPL's background clustering)")
+                    seed = gr.Number(value=InvertSettings.seed, precision=0,
+                                     label="Seed (DPL's background clustering; the authors' by default)")
                     fit = gr.Radio(list(FITS), value="crop", label="Non-square images")
                 with gr.Row():
                     invert_button = gr.Button("Invert", variant="primary", elem_id="invert")

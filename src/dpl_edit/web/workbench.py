@@ -30,7 +30,7 @@ from ..artifacts import METADATA_FILE, Inversion
 from ..editing import EDIT_FILE, EditConfig, EditResult, edit, edit_record
 from ..errors import DplEditError, ImageLoadError, InversionFileError, PromptError
 from ..images import FITS, load_image, psnr
-from ..inversion import NullTextConfig
+from ..inversion import DynamicPromptConfig, NullTextConfig
 from ..inversion.dynamic_prompt import capped_steps
 from ..pipeline import invert, model_dpl_config, reconstruct
 from ..prompts import parse_marked_prompt
@@ -67,7 +67,7 @@ class InvertSettings:
     null: str = "optimized"  # DPL's null step
     steps: int = 50
     guidance: float = 7.5
-    seed: int = 0  # the background clustering's seed (DPL)
+    seed: int = DynamicPromptConfig.cluster_seed  # the background clustering's seed (DPL; the authors')
     fit: str = "crop"
 
     def check(self) -> None:
