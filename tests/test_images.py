@@ -20,6 +20,29 @@ def test_crop_takes_the_centre_square(tmp_path):
     assert image.size == (64, 64) and np.asarray(image).min() > 240
 
 
+def nti_load_512(path, size=512):
+    """Null-text inversion's load_512 (no margins), from its description: the centre square of the
+    array, PIL's default resize."""
+    image = np.array(Image.open(path))[:, :, :3]
+    h, w, _ = image.shape
+    if h < w:
+        image = image[:, (w - h) // 2 : (w - h) // 2 + h]
+    elif w < h:
+        image = image[(h - w) // 2 : (h - w) // 2 + w]
+    return np.array(Image.fromarray(image).resize((size, size)))
+
+
+@pytest.mark.parametrize("shape", [(300, 517, 3), (517, 300, 3), (512, 512, 3), (1024, 1024, 3)])
+def test_crop_and_resize_equal_nti_s_and_the_dpl_authors_loaders(tmp_path, shape):
+    """fit="crop" is null-text inversion's load_512 and fit="resize" the DPL authors' plain resize
+    (Image.open(...).convert("RGB").resize((512, 512))), pixel for pixel, at SD's 512."""
+    array = np.random.default_rng(shape[0]).integers(0, 256, shape, dtype=np.uint8)
+    path = _save(tmp_path, Image.fromarray(array))
+    assert np.array_equal(np.asarray(load_image(path, 512, fit="crop")), nti_load_512(path))
+    authors = np.asarray(Image.open(path).convert("RGB").resize((512, 512)))
+    assert np.array_equal(np.asarray(load_image(path, 512, fit="resize")), authors)
+
+
 def test_resize_stretches_and_pad_letterboxes(tmp_path):
     path = _save(tmp_path, Image.new("RGB", (200, 100), (0, 0, 0)))
     assert np.asarray(load_image(path, 64, fit="resize")).max() == 0

@@ -95,9 +95,11 @@ def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
 
 
 def fit_square(image: Image.Image, size: int, fit: Fit, *, fill: int | tuple[int, ...] = (255, 255, 255),
-               resample: Image.Resampling = Image.Resampling.LANCZOS) -> Image.Image:
+               resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
     """Make an image ``size`` x ``size`` by centre crop, stretch or pad with ``fill`` (white; see
-    :func:`load_image`); a mask takes the same geometry with ``fill=0`` and nearest resampling."""
+    :func:`load_image`), resampled as null-text inversion's ``load_512`` (crop) and the DPL authors'
+    loader (stretch) resample: PIL's default, bicubic. A mask takes the same geometry with ``fill=0``
+    and nearest resampling."""
     width, height = image.size
     if fit == "crop":
         image = image.crop(centre_square(width, height))
