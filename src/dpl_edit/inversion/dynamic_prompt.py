@@ -25,6 +25,7 @@ from ..attention import (
     StopAfter,
     last_layer,
 )
+from ..background import AUTHORS_CLUSTER_SEED
 from ..cuda_graphs import Capture, GraphedFunction
 from ..diffusion import DDIMSchedule, denoise_step, guided_noise
 from ..errors import SettingError
@@ -72,7 +73,7 @@ class DynamicPromptConfig:
     losses: tuple[str, ...] = LOSSES  # which losses are used (one alone for the Fig. 5a ablation)
     num_clusters: int = 5  # V, KMeans clusters of the self-attention map
     agreement_threshold: float = 0.2  # TH below which a cluster is background
-    cluster_seed: int = 1  # KMeans' seed: the authors' (numpy's global generator seeded with 1)
+    cluster_seed: int = AUTHORS_CLUSTER_SEED  # KMeans' seed: the authors'
     early_exit: bool = True  # stop the UNet forward after the last layer the losses read
 
     def __post_init__(self) -> None:
