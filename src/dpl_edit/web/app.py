@@ -172,8 +172,8 @@ def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
             with gr.Tab("Reconstruction"):
                 reconstruction = gr.Image(label="Reconstruction", height=256)
             with gr.Tab("Attention"):
-                attention = gr.Image(label="Cross-attention of each word (DPL: each marked word), all steps and by "
-                                     "step range", elem_id="attention")
+                # short: the label sits over the figure's centred title (the columns name the step ranges)
+                attention = gr.Image(label="Each word's cross-attention", elem_id="attention")
                 comparison = gr.Image(label="NTI vs DPL (when both are inverted for this image and prompt)")
             with gr.Tab("DPL"):
                 background = gr.Image(label="Self-attention clusters and the background mask")
