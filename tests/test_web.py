@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import zipfile
@@ -68,6 +69,40 @@ def test_invert_caches_and_edit_never_inverts_again(bench, scene, monkeypatch):
     assert {"inversion/inversion.json", "edits/edit_1.png", "edits/edit_2.png", "edits/edit_grid.png"} <= names
     assert record["inversion"] == "../inversion" and record["targets"] == [target, target.replace("sand", "grass")]
     assert record["method"] == "dpl" and record["settings"]["cross_replace_steps"] == 0.8
+
+
+def test_the_model_runs_on_one_thread_whichever_thread_asks(bench, scene, monkeypatch):
+    """Gradio calls handlers from its pool's threads and the server loads the model from its main
+    thread; the workbench runs all of it on its one torch thread (a second thread's OpenMP team made
+    every CPU kernel slower: on_torch_thread)."""
+    from dpl_edit.web import workbench
+
+    path, caption = scene
+    key = bench.invert(path, caption, InvertSettings(steps=STEPS)).key  # (cached by the test above, or here)
+    ran_on = []
+
+    def recorded(*args, **kwargs):
+        ran_on.append(threading.current_thread())
+        raise DplEditError("recorded")
+
+    monkeypatch.setattr(workbench.Workbench, "_invert", recorded)
+    monkeypatch.setattr(workbench, "edit", recorded)
+    monkeypatch.setattr(workbench, "load_model", recorded)
+
+    def ask() -> None:
+        for call in (lambda: bench.invert(path, "a {tree}", InvertSettings(steps=1)),  # not cached: inverts
+                     lambda: bench.edit(key, "a tree", EditConfig()),
+                     lambda: bench.model("another model")):
+            with pytest.raises(DplEditError, match="recorded"):
+                call()
+
+    callers = [threading.Thread(target=ask) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+        caller.join()
+    ask()  # and from the main thread
+    assert len(ran_on) == 9 and set(ran_on) == {bench._torch_thread}
+    assert bench._torch_thread not in (*callers, threading.main_thread())
 
 
 def test_nti_and_dpl_of_one_image_are_compared_and_downloaded_apart(bench, scene):

@@ -10,6 +10,7 @@ message for a person when the input is wrong, and is what the Gradio app (:mod:`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -19,6 +20,7 @@ import shutil
 import threading
 import zipfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +107,25 @@ class EditView:
     download: Path  # a zip of the inversion folder and the edits
 
 
+def on_torch_thread(method):
+    """Run a :class:`Workbench` method on the workbench's one torch thread (directly when already there).
+
+    Gradio calls each handler from a thread of its pool, and the server loads the model from its main
+    thread. Every thread that runs torch's CPU kernels gets its own OpenMP team, and once a process
+    has more team threads than CPUs, OpenMP's idle threads stop spinning between parallel regions
+    (GNU OpenMP throttles them), so every small kernel waits for its threads to wake: a 20-step DPL
+    inversion of a scene took 53 s from a second thread against 33 s from the first one (this
+    project's 2-core CPU). One thread for all of the page's model work keeps one team."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if threading.current_thread() is self._torch_thread:
+            return method(self, *args, **kwargs)
+        return self._torch.submit(method, self, *args, **kwargs).result()
+
+    return run
+
+
 @dataclass
 class Workbench:
     """One model at a time (loaded on first use) and an inversion cache in ``cache_dir``.
@@ -124,12 +145,18 @@ class Workbench:
     _model: object = field(default=None, repr=False)
     _loaded: str | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # the one thread that runs the model (see on_torch_thread)
+    _torch: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpl-torch"), repr=False)
+    _torch_thread: threading.Thread | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._torch_thread = self._torch.submit(threading.current_thread).result()
 
     # -------------------------------------------------------------- inputs
+    @on_torch_thread
     def model(self, name: str | None = None):
         """The model called ``name`` (default: the one loaded last, else the server's), loaded once; a
         clear error when it is not available offline. An inversion's ``model_id`` (what the loaded
@@ -192,6 +219,7 @@ class Workbench:
             raise ImageLoadError(str(err).replace(str(path), path.name)) from err
 
     # -------------------------------------------------------------- inversion
+    @on_torch_thread
     def invert(self, image_path: str | None, prompt: str, settings: InvertSettings, model_name: str | None = None,
                report: Report | None = None, cancelled: Callable[[], bool] | None = None) -> InversionView:
         """Invert (or take from the cache) and build the views."""
@@ -235,6 +263,7 @@ class Workbench:
                       guidance_scale=settings.guidance, null_text=NullTextConfig(), dpl=dpl,
                       callback=callback, progress=False)
 
+    @on_torch_thread
     def view(self, key: str, inversion: Inversion, cached: bool = True) -> InversionView:
         model = self.model(inversion.model_id)
         reconstruction = reconstruct(model, inversion, progress=False)
@@ -277,6 +306,7 @@ class Workbench:
         return folder
 
     # -------------------------------------------------------------- editing
+    @on_torch_thread
     def edit(self, key: str | None, targets: str, config: EditConfig) -> EditView:
         """Edit a cached inversion towards each target prompt (one per line); never inverts again."""
         if not key:
