@@ -144,7 +144,6 @@ class Workbench:
     cuda_graphs: bool | None = None
     _model: object = field(default=None, repr=False)
     _loaded: str | None = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # the one thread that runs the model (see on_torch_thread)
     _torch: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpl-torch"), repr=False)
@@ -162,13 +161,12 @@ class Workbench:
         clear error when it is not available offline. An inversion's ``model_id`` (what the loaded
         model calls itself: ``tiny:0``, a folder's path as read) names the loaded model too."""
         name = (name or self._loaded or self.model_name).strip()
-        with self._lock:
-            if name not in (self._loaded, getattr(self._model, "model_id", None)):
-                variant = self.variant if name == self.model_name else None
-                self._model = load_model(name, device=self.device, dtype=self.dtype, compile=self.compile,
-                                         cuda_graphs=self.cuda_graphs, variant=variant)
-                self._loaded = name
-            return self._model
+        if name not in (self._loaded, getattr(self._model, "model_id", None)):  # (one thread: no lock needed)
+            variant = self.variant if name == self.model_name else None
+            self._model = load_model(name, device=self.device, dtype=self.dtype, compile=self.compile,
+                                     cuda_graphs=self.cuda_graphs, variant=variant)
+            self._loaded = name
+        return self._model
 
     def scene_example(self, index: int, objects: int = 2) -> tuple[str, str]:
         """A rendered test scene saved as PNG: (path, its caption with the nouns in braces)."""
