@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -103,6 +104,34 @@ def test_the_model_runs_on_one_thread_whichever_thread_asks(bench, scene, monkey
     ask()  # and from the main thread
     assert len(ran_on) == 9 and set(ran_on) == {bench._torch_thread}
     assert bench._torch_thread not in (*callers, threading.main_thread())
+
+
+def test_progress_reaches_gradio_from_the_torch_thread(bench, scene):
+    """Gradio's progress bar reports to the event named in the handler thread's context variables;
+    the torch thread runs each call in a copy of the caller's context, or every report is lost."""
+    import gradio as gr
+    from gradio.context import LocalContext
+
+    path, caption = scene
+    reported = []
+
+    class Queue:
+        def set_progress(self, event_id, iterables):
+            reported.append((event_id, iterables[-1].desc))
+
+    def handler() -> None:  # what Gradio's handler thread holds while it runs run_invert
+        LocalContext.blocks.set(type("Blocks", (), {"_queue": Queue()})())
+        LocalContext.event_id.set("the event")
+        progress = gr.Progress()
+        bench.invert(path, caption, InvertSettings(method="nti", steps=2), report=lambda done, what: progress(
+            done, desc=what))
+
+    caller = threading.Thread(target=handler)
+    caller.start()
+    caller.join()
+    assert [what.split(":")[0] for _, what in reported] == [
+        "DDIM inversion (2 steps)", "null-text step 1/2", "null-text step 2/2"]
+    assert {event for event, _ in reported} == {"the event"}
 
 
 def test_nti_and_dpl_of_one_image_are_compared_and_downloaded_apart(bench, scene):
@@ -336,6 +365,9 @@ def test_the_page_inverts_edits_and_shows_errors(server, browser):
     _wait(lambda: "marked words: circle" in text("tokens"), 60, "the token helper")
 
     browser.find_element(By.ID, "invert").click()
+    # while it runs, the status under Invert shows the step and DPL's losses (not the last message)
+    _wait(lambda: re.search(r"DDIM inversion \(3 steps\)|DPL step \d/3: L_at", status := text("status"))
+          and "Picked" not in status, 120, "the inversion's progress")
     _wait(lambda: "reconstruction PSNR" in text("status"), 300, "the inversion")
     assert "DPL inversion, 3 steps" in text("status")
     tab("Attention")

@@ -29,7 +29,8 @@ SCENE_CHOICES = [f"test scene {i} (two objects)" for i in range(4)] + [f"test sc
 ERROR = "**Error:** "
 # the token helper's table keeps each token on one line, in narrow cells (a long prompt scrolls sideways)
 PAGE_CSS = ("#tokens table { display: block; overflow-x: auto; } "
-            "#tokens th, #tokens td { white-space: nowrap; padding: 4px 6px; }")
+            "#tokens th, #tokens td { white-space: nowrap; padding: 4px 6px; } "
+            "#status .pending { visibility: hidden; }")  # the last message, under the progress bar
 
 
 def _guarded(outputs: int):
@@ -147,7 +148,8 @@ def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
                 with gr.Row():
                     invert_button = gr.Button("Invert", variant="primary", elem_id="invert")
                     cancel_button = gr.Button("Cancel", elem_id="cancel")
-                status = gr.Markdown(elem_id="status")
+                # the inversion's progress shows here, under Invert: its step, DPL's losses and a bar
+                status = gr.Markdown(elem_id="status", min_height=80)
             with gr.Column():
                 gr.Markdown("## 2. Edit")
                 targets = gr.Textbox(label="Target prompts, one per line", lines=3, elem_id="targets")
@@ -189,7 +191,7 @@ def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
         inverting = invert_button.click(
             run_invert, [source_path, prompt, method, model_name, null, steps, guidance, seed, fit],
             [status, key, reconstruction, attention, comparison, background, dpl_log, inversion_file, edit_button],
-            concurrency_id="model", concurrency_limit=1,
+            concurrency_id="model", concurrency_limit=1, show_progress_on=[status],
         )
         cancel_button.click(cancel, None, [status], cancels=[inverting], queue=False)
         edit_button.click(

@@ -9,6 +9,7 @@ message for a person when the input is wrong, and is what the Gradio app (:mod:`
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -115,13 +116,14 @@ def on_torch_thread(method):
     has more team threads than CPUs, OpenMP's idle threads stop spinning between parallel regions
     (GNU OpenMP throttles them), so every small kernel waits for its threads to wake: a 20-step DPL
     inversion of a scene took 53 s from a second thread against 33 s from the first one (this
-    project's 2-core CPU). One thread for all of the page's model work keeps one team."""
+    project's 2-core CPU). One thread for all of the page's model work keeps one team. The call runs
+    in a copy of the caller's context, where Gradio keeps what its progress bar reports to."""
 
     @functools.wraps(method)
     def run(self, *args, **kwargs):
         if threading.current_thread() is self._torch_thread:
             return method(self, *args, **kwargs)
-        return self._torch.submit(method, self, *args, **kwargs).result()
+        return self._torch.submit(contextvars.copy_context().run, method, self, *args, **kwargs).result()
 
     return run
 
