@@ -122,6 +122,27 @@ def test_several_targets_blend_and_processors_restored(model, inversions):
         edit(model, inversions["dpl"], ["a leopard cub and a dog"], progress=False)
 
 
+def test_the_callback_sees_every_step_and_can_stop_the_edit(model, inversions):
+    inversion, config = inversions["dpl"], EditConfig(blend=("cat",), blend_threshold=0.97)
+    plain = edit(model, inversion, ["a tiger and a dog"], config, progress=False)
+    steps = []
+    seen = edit(model, inversion, ["a tiger and a dog"], config, callback=steps.append, progress=False)
+    assert steps == list(range(inversion.num_steps))
+    assert torch.equal(seen.latents, plain.latents)  # local blend still replaces the sampled latents
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_2(step: int) -> None:
+        if step == 2:
+            raise Stop
+
+    before = {k: type(v) for k, v in model.unet.attn_processors.items()}
+    with pytest.raises(Stop):
+        edit(model, inversion, ["a tiger and a dog"], config, callback=stop_at_2, progress=False)
+    assert {k: type(v) for k, v in model.unet.attn_processors.items()} == before
+
+
 def test_the_entry_points_take_folders_files_and_one_target_as_a_string(model, inversions, tmp_path):
     """What a user would type: an inversion's folder for the inversion, an image file's path for
     the image, one target prompt without a list; each gives what the explicit objects give."""

@@ -62,7 +62,13 @@ def test_invert_caches_and_edit_never_inverts_again(bench, scene, monkeypatch):
     assert again.cached and again.key == view.key and "from the cache" in again.summary
     target = caption.replace("{", "").replace("}", "").replace("circle", "square")
     first = bench.edit(view.key, target, EditConfig(blend=("circle",)))
-    second = bench.edit(view.key, target + "\n" + target.replace("sand", "grass"), EditConfig())
+    reported = []
+    second = bench.edit(view.key, target + "\n" + target.replace("sand", "grass"), EditConfig(),
+                        report=lambda done, what: reported.append((done, what)))
+    assert reported[0] == (0.0, f"editing: {STEPS} steps of 2 target(s)")
+    assert reported[-1] == (1.0, f"editing: step {STEPS}/{STEPS} of 2 target(s)") and len(reported) == STEPS + 1
+    with pytest.raises(DplEditError, match="Edit cancelled; the edits shown before are kept"):
+        bench.edit(view.key, target, EditConfig(), cancelled=lambda: True)
     assert len(first.edits) == 1 and len(second.edits) == 2 and second.edits[1][1].endswith("grass")
     with zipfile.ZipFile(second.download) as archive:
         names = set(archive.namelist())
@@ -382,6 +388,10 @@ def test_the_page_inverts_edits_and_shows_errors(server, browser):
     edited = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#edits img"), 30, "the edited image")[0]
     # one edit is a thumbnail of the gallery's 4 columns, not the gallery's whole width
     assert edited.size["width"] < browser.find_element(By.ID, "edits").size["width"] / 3
+    browser.find_element(By.ID, "cancel-edit").click()  # nothing runs: says so, and the next edit runs whole
+    _wait(lambda: "Edit cancelled" in text("edit-status"), 30, "the cancel message")
+    browser.find_element(By.ID, "edit").click()
+    _wait(lambda: "edit(s) of the kept inversion" in text("edit-status"), 300, "the edit after a cancel")
     cells = browser.find_elements(By.CSS_SELECTOR, "#tokens td")
     assert cells and all(cell.value_of_css_property("white-space") == "nowrap" for cell in cells)  # tokens unbroken
 

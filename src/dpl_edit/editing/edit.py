@@ -10,7 +10,7 @@ NTI and DPL, the source prompt's own for negative-prompt inversion, "" otherwise
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -60,11 +60,14 @@ def edit(
     targets: str | Sequence[str],
     config: EditConfig | dict | None = None,
     *,
+    callback: Callable[[int], None] | None = None,
     progress: bool = True,
 ) -> EditResult:
     """Edit the inverted image (an :class:`Inversion` or its folder) towards each target prompt (one
     prompt or several; braces in them are allowed and ignored). ``config``: an :class:`EditConfig`, a
-    dict of its fields (over the defaults), or None (the defaults)."""
+    dict of its fields (over the defaults), or None (the defaults). ``callback(step)`` runs after
+    each sampling step (0 to the inversion's ``num_steps`` - 1): to show progress, or to stop the
+    edit by raising."""
     inversion = Inversion.of(inversion)
     targets = text_list(targets, "target prompts")
     config = checks.settings("config", EditConfig, config)
@@ -78,8 +81,14 @@ def edit(
     controller = PromptToPrompt(plan, resolution, self_max,
                                 (config.blend_threshold, config.subtract_threshold), _trajectory(model, inversion),
                                 model.device, map_layers=layers, dtype=model.dtype)
+    def step_end(i: int, latents: torch.Tensor) -> torch.Tensor | None:
+        blended = controller.step_end(i, latents)  # local blend's latents, or None
+        if callback is not None:
+            callback(i)
+        return blended
+
     with attention_hook(model.unet, layers, controller):
-        latents = _sample_branches(model, inversion, plan, controller.step_end, progress)
+        latents = _sample_branches(model, inversion, plan, step_end, progress)
     images = [to_pil(model.decode_latents(latents[b : b + 1])) for b in range(latents.shape[0])]
     return EditResult(images[0], images[1:], list(targets), controller.maps / inversion.num_steps, plan,
                       controller.blend_masks, latents,

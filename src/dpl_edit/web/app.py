@@ -30,7 +30,7 @@ ERROR = "**Error:** "
 # the token helper's table keeps each token on one line, in narrow cells (a long prompt scrolls sideways)
 PAGE_CSS = ("#tokens table { display: block; overflow-x: auto; } "
             "#tokens th, #tokens td { white-space: nowrap; padding: 4px 6px; } "
-            "#status .pending { visibility: hidden; }")  # the last message, under the progress bar
+            "#status .pending, #edit-status .pending { visibility: hidden; }")  # the last message, under the progress
 
 
 def _guarded(outputs: int):
@@ -66,10 +66,11 @@ def _bug(handler) -> str:
 
 def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
     """The page; ``workbench`` does all the work."""
-    cancelled: dict[str, threading.Event] = {}
+    cancelled: dict[tuple[str, str], threading.Event] = {}
 
-    def flag(request: gr.Request | None) -> threading.Event:
-        return cancelled.setdefault(getattr(request, "session_hash", None) or "", threading.Event())
+    def flag(request: gr.Request | None, job: str) -> threading.Event:
+        """The session's cancel flag for its inversion or its edit (Cancel beside Invert stops only the one)."""
+        return cancelled.setdefault((getattr(request, "session_hash", None) or "", job), threading.Event())
 
     @_guarded(4)
     def pick(choice, model_name):
@@ -95,7 +96,7 @@ def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
     @_guarded(9)
     def run_invert(path, prompt, method, model_name, null, steps, guidance, seed, fit,
                    request: gr.Request, progress=gr.Progress()):  # noqa: B008 (how Gradio asks for a progress bar)
-        stop = flag(request)
+        stop = flag(request, "invert")
         stop.clear()
         settings = InvertSettings(method=method, null=null, steps=int(steps), guidance=float(guidance),
                                   seed=int(seed), fit=fit)
@@ -105,17 +106,25 @@ def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
                 view.background, view.dpl_log, str(workbench.inversion_zip(view.key)), gr.update(interactive=True))
 
     def cancel(request: gr.Request):
-        flag(request).set()
-        return "Cancelling the inversion..."
+        flag(request, "invert").set()
+        return "Inversion cancelled: it stops at the end of its step and keeps nothing. Press Invert to start again."
+
+    def cancel_edit(request: gr.Request):
+        flag(request, "edit").set()
+        return "Edit cancelled: it stops at the end of its step; the edits shown before are kept."
 
     @_guarded(4)
-    def run_edit(key, targets, mode, cross, self_steps, reweight, blend, subtract, target_tokens):
+    def run_edit(key, targets, mode, cross, self_steps, reweight, blend, subtract, target_tokens,
+                 request: gr.Request, progress=gr.Progress()):  # noqa: B008 (how Gradio asks for a progress bar)
+        stop = flag(request, "edit")
+        stop.clear()
         config = EditConfig(
             mode=mode, cross_replace_steps=float(cross), self_replace_steps=float(self_steps),
             reweight=pairs((reweight or "").split(), "re-weighting"), blend=tuple((blend or "").split()),
             subtract=tuple((subtract or "").split()), target_tokens=target_tokens,
         )
-        view = workbench.edit(key, targets, config)
+        view = workbench.edit(key, targets, config, report=lambda done, what: progress(done, desc=what),
+                              cancelled=stop.is_set)
         gallery = [(enlarged(image), caption) for image, caption in view.edits]
         return f"{len(gallery)} edit(s) of the kept inversion (not inverted again).", gallery, view.grid, \
             str(view.download)
@@ -164,8 +173,10 @@ def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
                 recommended = recommended_edit_config(EditConfig(), workbench.model().settings).target_tokens
                 target_tokens = gr.Radio(list(TARGET_TOKENS), value=recommended,
                                          label="Learned DPL tokens in the targets (default: the model's choice)")
-                edit_button = gr.Button("Edit", variant="primary", interactive=False, elem_id="edit")
-                edit_status = gr.Markdown(elem_id="edit-status")
+                with gr.Row():
+                    edit_button = gr.Button("Edit", variant="primary", interactive=False, elem_id="edit")
+                    cancel_edit_button = gr.Button("Cancel", elem_id="cancel-edit")
+                edit_status = gr.Markdown(elem_id="edit-status", min_height=80)  # and the edit's progress
         with gr.Tabs():
             with gr.Tab("Edits"):
                 gallery = gr.Gallery(label="Edits", columns=4, fit_columns=False, height=300, object_fit="contain",
@@ -194,10 +205,12 @@ def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
             concurrency_id="model", concurrency_limit=1, show_progress_on=[status],
         )
         cancel_button.click(cancel, None, [status], cancels=[inverting], queue=False)
-        edit_button.click(
+        editing = edit_button.click(
             run_edit, [key, targets, mode, cross, self_steps, reweight, blend, subtract, target_tokens],
             [edit_status, gallery, grid, edits_file], concurrency_id="model", concurrency_limit=1,
+            show_progress_on=[edit_status],
         )
+        cancel_edit_button.click(cancel_edit, None, [edit_status], cancels=[editing], queue=False)
     return page
 
 

@@ -61,7 +61,7 @@ Report = Callable[[float, str], None]  # (fraction done, what is happening)
 
 
 class Cancelled(DplEditError):
-    """The person asked to stop the inversion in progress."""
+    """The person asked to stop the inversion or edit in progress."""
 
 
 @dataclass(frozen=True)
@@ -307,7 +307,8 @@ class Workbench:
 
     # -------------------------------------------------------------- editing
     @on_torch_thread
-    def edit(self, key: str | None, targets: str, config: EditConfig) -> EditView:
+    def edit(self, key: str | None, targets: str, config: EditConfig, report: Report | None = None,
+             cancelled: Callable[[], bool] | None = None) -> EditView:
         """Edit a cached inversion towards each target prompt (one per line); never inverts again."""
         if not key:
             raise DplEditError("Invert an image first: editing starts from an inversion.")
@@ -315,7 +316,17 @@ class Workbench:
         if not prompts:
             raise PromptError("Give at least one target prompt (one per line).")
         inversion = self.cached(key)
-        result = edit(self.model(inversion.model_id), inversion, prompts, config, progress=False)
+        steps = inversion.num_steps
+
+        def callback(step: int) -> None:
+            if cancelled is not None and cancelled():
+                raise Cancelled("Edit cancelled; the edits shown before are kept. Press Edit to start again.")
+            if report is not None:
+                report((step + 1) / steps, f"editing: step {step + 1}/{steps} of {len(prompts)} target(s)")
+
+        if report is not None:
+            report(0.0, f"editing: {steps} steps of {len(prompts)} target(s)")
+        result = edit(self.model(inversion.model_id), inversion, prompts, config, callback=callback, progress=False)
         grid = figure_image(edit_grid(result, inversion.source_image))
         download = self._package(key, inversion, result, grid, config)
         return EditView([(image, target) for image, target in zip(result.edits, result.targets)], grid, download)
