@@ -65,8 +65,8 @@ def test_invert_caches_and_edit_never_inverts_again(bench, scene, monkeypatch):
     reported = []
     second = bench.edit(view.key, target + "\n" + target.replace("sand", "grass"), EditConfig(),
                         report=lambda done, what: reported.append((done, what)))
-    assert reported[0] == (0.0, f"editing: {STEPS} steps of 2 target(s)")
-    assert reported[-1] == (1.0, f"editing: step {STEPS}/{STEPS} of 2 target(s)") and len(reported) == STEPS + 1
+    assert reported[0] == (0.0, f"Editing 2 target(s): {STEPS} steps")
+    assert reported[-1] == (1.0, f"Editing 2 target(s): step {STEPS}/{STEPS}") and len(reported) == STEPS + 1
     with pytest.raises(DplEditError, match="Edit cancelled; the edits shown before are kept"):
         bench.edit(view.key, target, EditConfig(), cancelled=lambda: True)
     assert len(first.edits) == 1 and len(second.edits) == 2 and second.edits[1][1].endswith("grass")

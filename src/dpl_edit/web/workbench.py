@@ -322,10 +322,10 @@ class Workbench:
             if cancelled is not None and cancelled():
                 raise Cancelled("Edit cancelled; the edits shown before are kept. Press Edit to start again.")
             if report is not None:
-                report((step + 1) / steps, f"editing: step {step + 1}/{steps} of {len(prompts)} target(s)")
+                report((step + 1) / steps, f"Editing {len(prompts)} target(s): step {step + 1}/{steps}")
 
         if report is not None:
-            report(0.0, f"editing: {steps} steps of {len(prompts)} target(s)")
+            report(0.0, f"Editing {len(prompts)} target(s): {steps} steps")
         result = edit(self.model(inversion.model_id), inversion, prompts, config, callback=callback, progress=False)
         grid = figure_image(edit_grid(result, inversion.source_image))
         download = self._package(key, inversion, result, grid, config)
