@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.request
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -110,6 +111,22 @@ def test_the_model_runs_on_one_thread_whichever_thread_asks(bench, scene, monkey
     ask()  # and from the main thread
     assert len(ran_on) == 9 and set(ran_on) == {bench._torch_thread}
     assert bench._torch_thread not in (*callers, threading.main_thread())
+
+
+def test_the_token_helper_and_a_picked_picture_do_not_wait_for_an_inversion(bench, scene):
+    """While the torch thread inverts, the page still shows a typed prompt's tokens and a picked
+    picture: they read the loaded model's tokenizer and size, which needs no torch thread."""
+    path, caption = scene
+    bench.model()
+    busy, release = threading.Event(), threading.Event()
+    bench._torch.submit(lambda: (busy.set(), release.wait(120)))  # an inversion that runs until released
+    assert busy.wait(30)
+    try:
+        with ThreadPoolExecutor(1) as handler:
+            table, image = handler.submit(lambda: (bench.tokens(caption), bench.source_image(path))).result(30)
+    finally:
+        release.set()
+    assert "marked words: circle" in table and image.size == (bench.model().image_size,) * 2
 
 
 def test_progress_reaches_gradio_from_the_torch_thread(bench, scene):

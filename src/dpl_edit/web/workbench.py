@@ -128,6 +128,11 @@ def on_torch_thread(method):
     return run
 
 
+def _names(current: tuple[str, object], name: str) -> bool:
+    """Whether ``name`` names the loaded model: the name it was loaded by, or its model_id."""
+    return name in (current[0], getattr(current[1], "model_id", None))
+
+
 @dataclass
 class Workbench:
     """One model at a time (loaded on first use) and an inversion cache in ``cache_dir``.
@@ -144,8 +149,8 @@ class Workbench:
     variant: str | None = None
     compile: bool = False
     cuda_graphs: bool | None = None
-    _model: object = field(default=None, repr=False)
-    _loaded: str | None = field(default=None, repr=False)
+    # (the name it was loaded by, the model): set in one assignment, so any thread reads a matching pair
+    _current: tuple[str, object] | None = field(default=None, repr=False)
     # the one thread that runs the model (see on_torch_thread)
     _torch: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpl-torch"), repr=False)
@@ -157,18 +162,27 @@ class Workbench:
         self._torch_thread = self._torch.submit(threading.current_thread).result()
 
     # -------------------------------------------------------------- inputs
-    @on_torch_thread
     def model(self, name: str | None = None):
         """The model called ``name`` (default: the one loaded last, else the server's), loaded once; a
         clear error when it is not available offline. An inversion's ``model_id`` (what the loaded
-        model calls itself: ``tiny:0``, a folder's path as read) names the loaded model too."""
-        name = (name or self._loaded or self.model_name).strip()
-        if name not in (self._loaded, getattr(self._model, "model_id", None)):  # (one thread: no lock needed)
+        model calls itself: ``tiny:0``, a folder's path as read) names the loaded model too.
+
+        The loaded model is returned at once on any thread: the token helper and a picked picture
+        read its tokenizer and size while an inversion runs on it. Loading one runs on the torch
+        thread, after the work already there."""
+        current = self._current
+        name = (name or (current[0] if current else None) or self.model_name).strip()
+        if current is not None and _names(current, name):
+            return current[1]
+        return self._load(name)
+
+    @on_torch_thread
+    def _load(self, name: str):
+        if self._current is None or not _names(self._current, name):  # (not loaded by a call queued before)
             variant = self.variant if name == self.model_name else None
-            self._model = load_model(name, device=self.device, dtype=self.dtype, compile=self.compile,
-                                     cuda_graphs=self.cuda_graphs, variant=variant)
-            self._loaded = name
-        return self._model
+            self._current = (name, load_model(name, device=self.device, dtype=self.dtype, compile=self.compile,
+                                              cuda_graphs=self.cuda_graphs, variant=variant))
+        return self._current[1]
 
     def scene_example(self, index: int, objects: int = 2) -> tuple[str, str]:
         """A rendered test scene saved as PNG: (path, its caption with the nouns in braces)."""
