@@ -201,6 +201,20 @@ def test_cancel_stops_the_inversion_and_keeps_nothing(bench, scene):
         bench.source_image(path), caption, bench.model(), settings)[-12:]))
 
 
+def test_a_cancelled_job_stays_cancelled_when_the_next_one_starts():
+    """Cancel, then Invert again before the cancelled inversion reaches the end of its step: the old
+    one still stops (it keeps its own flag) and the new one runs."""
+    from dpl_edit.web.app import CancelFlags
+
+    jobs = CancelFlags()
+    jobs.cancel("session", "invert")  # nothing runs yet: nothing to cancel
+    first = jobs.start("session", "invert")
+    others = [jobs.start("another session", "invert"), jobs.start("session", "edit")]
+    jobs.cancel("session", "invert")
+    second = jobs.start("session", "invert")
+    assert first.is_set() and not second.is_set() and not any(flag.is_set() for flag in others)
+
+
 @pytest.mark.parametrize("case, message", [
     ("no marked word", "curly brackets"),
     ("unbalanced braces", "Unbalanced"),

@@ -64,13 +64,33 @@ def _bug(handler) -> str:
     return "Something went wrong on the server (a bug in dpl-edit; the details are in its log)."
 
 
+class CancelFlags:
+    """Each session's inversion and edit, each with a flag of its own that Cancel sets.
+
+    A job keeps its own flag: a job cancelled and then started again gets a new, clear one, while
+    the cancelled one (still running to the end of its step) keeps its set flag and stops."""
+
+    def __init__(self) -> None:
+        self._latest: dict[tuple[str, str], threading.Event] = {}
+
+    def start(self, session: str, job: str) -> threading.Event:
+        """A new job of the session (``job``: "invert" or "edit"); its flag."""
+        flag = self._latest[session, job] = threading.Event()
+        return flag
+
+    def cancel(self, session: str, job: str) -> None:
+        """Cancel the session's latest job of that kind (nothing when it has none)."""
+        flag = self._latest.get((session, job))
+        if flag is not None:
+            flag.set()
+
+
 def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
     """The page; ``workbench`` does all the work."""
-    cancelled: dict[tuple[str, str], threading.Event] = {}
+    jobs = CancelFlags()
 
-    def flag(request: gr.Request | None, job: str) -> threading.Event:
-        """The session's cancel flag for its inversion or its edit (Cancel beside Invert stops only the one)."""
-        return cancelled.setdefault((getattr(request, "session_hash", None) or "", job), threading.Event())
+    def session(request: gr.Request | None) -> str:
+        return getattr(request, "session_hash", None) or ""
 
     @_guarded(4)
     def pick(choice, model_name):
@@ -96,8 +116,7 @@ def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
     @_guarded(9)
     def run_invert(path, prompt, method, model_name, null, steps, guidance, seed, fit,
                    request: gr.Request, progress=gr.Progress()):  # noqa: B008 (how Gradio asks for a progress bar)
-        stop = flag(request, "invert")
-        stop.clear()
+        stop = jobs.start(session(request), "invert")
         settings = InvertSettings(method=method, null=null, steps=int(steps), guidance=float(guidance),
                                   seed=int(seed), fit=fit)
         view = workbench.invert(path, prompt, settings, model_name,
@@ -106,18 +125,17 @@ def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
                 view.background, view.dpl_log, str(workbench.inversion_zip(view.key)), gr.update(interactive=True))
 
     def cancel(request: gr.Request):
-        flag(request, "invert").set()
+        jobs.cancel(session(request), "invert")
         return "Inversion cancelled: it stops at the end of its step and keeps nothing. Press Invert to start again."
 
     def cancel_edit(request: gr.Request):
-        flag(request, "edit").set()
+        jobs.cancel(session(request), "edit")
         return "Edit cancelled: it stops at the end of its step; the edits shown before are kept."
 
     @_guarded(4)
     def run_edit(key, targets, mode, cross, self_steps, reweight, blend, subtract, target_tokens,
                  request: gr.Request, progress=gr.Progress()):  # noqa: B008 (how Gradio asks for a progress bar)
-        stop = flag(request, "edit")
-        stop.clear()
+        stop = jobs.start(session(request), "edit")
         config = EditConfig(
             mode=mode, cross_replace_steps=float(cross), self_replace_steps=float(self_steps),
             reweight=pairs((reweight or "").split(), "re-weighting"), blend=tuple((blend or "").split()),
