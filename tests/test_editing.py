@@ -122,13 +122,17 @@ def test_several_targets_blend_and_processors_restored(model, inversions):
         edit(model, inversions["dpl"], ["a leopard cub and a dog"], progress=False)
 
 
-def test_the_callback_sees_every_step_and_can_stop_the_edit(model, inversions):
+def test_the_callback_sees_every_step_and_can_stop_the_edit_or_reconstruction(model, inversions):
     inversion, config = inversions["dpl"], EditConfig(blend=("cat",), blend_threshold=0.97)
     plain = edit(model, inversion, ["a tiger and a dog"], config, progress=False)
     steps = []
     seen = edit(model, inversion, ["a tiger and a dog"], config, callback=steps.append, progress=False)
     assert steps == list(range(inversion.num_steps))
     assert torch.equal(seen.latents, plain.latents)  # local blend still replaces the sampled latents
+    steps.clear()
+    assert reconstruct(model, inversion, callback=steps.append, progress=False) == reconstruct(
+        model, inversion, progress=False)
+    assert steps == list(range(inversion.num_steps))
 
     class Stop(Exception):
         pass

@@ -49,7 +49,8 @@ def test_invert_caches_and_edit_never_inverts_again(bench, scene, monkeypatch):
     seen = []
     view = bench.invert(path, caption, InvertSettings(steps=STEPS), report=lambda done, what: seen.append(what))
     assert not view.cached and view.inversion.method == "dpl" and view.psnr > 20
-    assert seen[0].startswith("DDIM inversion") and seen[-1].startswith(f"DPL step {STEPS}/{STEPS}: L_at")
+    assert seen[0].startswith("DDIM inversion") and seen[STEPS].startswith(f"DPL step {STEPS}/{STEPS}: L_at")
+    assert seen[STEPS + 1:] == [f"Reconstructing the image: step {i}/{STEPS}" for i in range(1, STEPS + 1)]
     assert view.attention.width > 200 and view.background is not None and view.dpl_log is not None
     assert view.comparison is None  # no NTI inversion of this image yet
 
@@ -59,7 +60,10 @@ def test_invert_caches_and_edit_never_inverts_again(bench, scene, monkeypatch):
         raise AssertionError("inverted again")
 
     monkeypatch.setattr(workbench, "invert", no_inversion)
-    again = bench.invert(path, caption, InvertSettings(steps=STEPS))  # a reload, or a second session
+    seen.clear()
+    again = bench.invert(path, caption, InvertSettings(steps=STEPS),  # a reload, or a second session
+                         report=lambda done, what: seen.append(what))
+    assert seen == [f"Reconstructing the image: step {i}/{STEPS}" for i in range(1, STEPS + 1)]
     assert again.cached and again.key == view.key and "from the cache" in again.summary
     target = caption.replace("{", "").replace("}", "").replace("circle", "square")
     first = bench.edit(view.key, target, EditConfig(blend=("circle",)))
@@ -153,7 +157,7 @@ def test_progress_reaches_gradio_from_the_torch_thread(bench, scene):
     caller.start()
     caller.join()
     assert [what.split(":")[0] for _, what in reported] == [
-        "DDIM inversion (2 steps)", "null-text step 1/2", "null-text step 2/2"]
+        "DDIM inversion (2 steps)", "null-text step 1/2", "null-text step 2/2", *["Reconstructing the image"] * 2]
     assert {event for event, _ in reported} == {"the event"}
 
 

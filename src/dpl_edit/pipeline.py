@@ -270,9 +270,11 @@ def model_dpl_config(model: StableDiffusion, **overrides) -> DynamicPromptConfig
     return DynamicPromptConfig(**{**sizes, **model.settings.get("dpl", {}), **overrides})
 
 
-def reconstruct(model: StableDiffusion, inversion: Inversion | str | os.PathLike, *, progress: bool = True) -> Image.Image:
-    """The image sampled back from an inversion or its folder (RGB, the model's size)."""
-    return to_pil(model.decode_latents(reconstruct_latents(model, inversion, progress=progress)))
+def reconstruct(model: StableDiffusion, inversion: Inversion | str | os.PathLike, *,
+                callback: Callable[[int], None] | None = None, progress: bool = True) -> Image.Image:
+    """The image sampled back from an inversion or its folder (RGB, the model's size); ``callback(step)``
+    runs after each sampling step (to show progress, or to stop by raising)."""
+    return to_pil(model.decode_latents(reconstruct_latents(model, inversion, callback=callback, progress=progress)))
 
 
 def _as_rgb(image, model: StableDiffusion):

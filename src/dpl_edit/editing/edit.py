@@ -114,13 +114,16 @@ def plan_edit(model: StableDiffusion, source: str, token_positions: Sequence[int
 
 
 def reconstruct_latents(model: StableDiffusion, inversion: Inversion | str | os.PathLike, *,
-                        progress: bool = True) -> torch.Tensor:
-    """Sample z_0 (1, C, h, w) back from an inversion (or its folder): the source branch alone."""
+                        callback: Callable[[int], None] | None = None, progress: bool = True) -> torch.Tensor:
+    """Sample z_0 (1, C, h, w) back from an inversion (or its folder): the source branch alone.
+    ``callback(step)`` runs after each sampling step, as :func:`edit`'s does."""
     inversion = Inversion.of(inversion)
     inversion.check_compatible(model)
     trajectory = _trajectory(model, inversion)
 
     def keep_on_pivot(i: int, latents: torch.Tensor) -> torch.Tensor | None:
+        if callback is not None:
+            callback(i)
         return None if trajectory is None else trajectory[i + 1 : i + 2]
 
     return _sample_branches(model, inversion, None, keep_on_pivot, progress)

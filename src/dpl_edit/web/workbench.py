@@ -252,7 +252,7 @@ class Workbench:
             inversion.settings["fit"] = settings.fit
             shutil.rmtree(folder, ignore_errors=True)  # what an unreadable or interrupted entry left there
             inversion.save(folder)
-        return self.view(key, inversion, cached)
+        return self.view(key, inversion, cached, report)
 
     def _invert(self, model, image, prompt, settings: InvertSettings, report, cancelled) -> Inversion:
         steps = settings.steps
@@ -278,9 +278,17 @@ class Workbench:
                       callback=callback, progress=False)
 
     @on_torch_thread
-    def view(self, key: str, inversion: Inversion, cached: bool = True) -> InversionView:
+    def view(self, key: str, inversion: Inversion, cached: bool = True, report: Report | None = None) -> InversionView:
+        """The page's views of an inversion: its reconstruction (sampled again: ``report`` counts the
+        steps), its PSNR and its figures."""
         model = self.model(inversion.model_id)
-        reconstruction = reconstruct(model, inversion, progress=False)
+        steps = inversion.num_steps
+
+        def callback(step: int) -> None:
+            if report is not None:
+                report((step + 1) / steps, f"Reconstructing the image: step {step + 1}/{steps}")
+
+        reconstruction = reconstruct(model, inversion, callback=callback, progress=False)
         score = psnr(reconstruction, inversion.source_image)
         other = self._other_method(key, inversion)
         comparison = None
