@@ -81,6 +81,7 @@ def edit(
     controller = PromptToPrompt(plan, resolution, self_max,
                                 (config.blend_threshold, config.subtract_threshold), _trajectory(model, inversion),
                                 model.device, map_layers=layers, dtype=model.dtype)
+
     def step_end(i: int, latents: torch.Tensor) -> torch.Tensor | None:
         blended = controller.step_end(i, latents)  # local blend's latents, or None
         if callback is not None:
