@@ -205,6 +205,23 @@ def test_cancel_stops_the_inversion_and_keeps_nothing(bench, scene):
         bench.source_image(path), caption, bench.model(), settings)[-12:]))
 
 
+def test_cancel_while_the_views_are_drawn_keeps_the_finished_inversion(bench, scene):
+    """A cancel that comes after the inversion (during the reconstruction the views are drawn from)
+    stops the reconstruction and says the inversion is kept; the next Invert takes it from the cache."""
+    path, caption = scene
+    settings = InvertSettings(steps=2, seed=11)
+    steps = []
+
+    def cancelled() -> bool:  # asked at each inversion step (2), then at each reconstruction step
+        steps.append(1)
+        return len(steps) > 2
+
+    with pytest.raises(DplEditError, match="the inversion itself is kept"):
+        bench.invert(path, caption, settings, cancelled=cancelled)
+    assert len(steps) == 3  # stopped at the first reconstruction step
+    assert bench.invert(path, caption, settings).cached
+
+
 def test_a_cancelled_job_stays_cancelled_when_the_next_one_starts():
     """Cancel, then Invert again before the cancelled inversion reaches the end of its step: the old
     one still stops (it keeps its own flag) and the new one runs."""

@@ -126,7 +126,8 @@ def build_page(workbench: Workbench, default_steps: int = 50) -> gr.Blocks:
 
     def cancel(request: gr.Request):
         jobs.cancel(session(request), "invert")
-        return "Inversion cancelled: it stops at the end of its step and keeps nothing. Press Invert to start again."
+        return ("Inversion cancelled: it stops at the end of its step and keeps nothing, unless the inversion had "
+                "finished (then Invert with the same settings shows it at once). Press Invert to start again.")
 
     def cancel_edit(request: gr.Request):
         jobs.cancel(session(request), "edit")

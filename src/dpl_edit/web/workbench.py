@@ -252,7 +252,7 @@ class Workbench:
             inversion.settings["fit"] = settings.fit
             shutil.rmtree(folder, ignore_errors=True)  # what an unreadable or interrupted entry left there
             inversion.save(folder)
-        return self.view(key, inversion, cached, report)
+        return self.view(key, inversion, cached, report, cancelled)
 
     def _invert(self, model, image, prompt, settings: InvertSettings, report, cancelled) -> Inversion:
         steps = settings.steps
@@ -278,13 +278,17 @@ class Workbench:
                       callback=callback, progress=False)
 
     @on_torch_thread
-    def view(self, key: str, inversion: Inversion, cached: bool = True, report: Report | None = None) -> InversionView:
+    def view(self, key: str, inversion: Inversion, cached: bool = True, report: Report | None = None,
+             cancelled: Callable[[], bool] | None = None) -> InversionView:
         """The page's views of an inversion: its reconstruction (sampled again: ``report`` counts the
-        steps), its PSNR and its figures."""
+        steps, ``cancelled`` stops it at the end of a step), its PSNR and its figures."""
         model = self.model(inversion.model_id)
         steps = inversion.num_steps
 
         def callback(step: int) -> None:
+            if cancelled is not None and cancelled():
+                raise Cancelled("Cancelled while the views were drawn; the inversion itself is kept: "
+                                "Invert with the same settings shows it at once.")
             if report is not None:
                 report((step + 1) / steps, f"Reconstructing the image: step {step + 1}/{steps}")
 
