@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -529,6 +530,33 @@ def test_metrics_command_runs_without_weights_and_names_them(dataset, model, tmp
         edit_path(tmp_path, METHOD_FOLDERS["nti"], item).unlink()
     assert main(["metrics", str(tmp_path), "--dataset", str(dataset), "--methods", "nti", "--range", "0:3"]) == 0
     assert "| all | nti | 0 (+3 missing) |" in (printed := capsys.readouterr().out) and "published" not in printed
+
+
+def test_metrics_finds_the_dataset_in_the_run_s_records(dataset, model, tmp_path, capsys):
+    """`dpl metrics OUT` without --dataset scores against the folder the records name, and says so;
+    records that name none, several or a folder that is gone are refused with what to give."""
+    items = read_dataset(dataset)[:1]
+    run_batch(model, dataset, items, ["nti"], tmp_path / "run", num_steps=STEPS, progress=False)
+    record = record_path(tmp_path / "run", "nti", items[0])
+    assert json.loads(record.read_text())["dataset"] == str(Path(dataset).resolve())
+    assert main(["metrics", str(tmp_path / "run"), "--methods", "nti", "--range", "0:1", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert f"Dataset: {Path(dataset).resolve()} (from the run's records)" in captured.err
+    assert "| all | nti | 1 |" in captured.out
+    saved = json.loads(record.read_text())
+    for change, message in [(lambda r: r.pop("dataset"), "do not name the dataset"),
+                            (lambda r: r.update(dataset=str(tmp_path / "moved")), "no longer there"),
+                            (lambda r: r.update(dataset=str(tmp_path)), None)]:
+        edited = dict(saved)
+        change(edited)
+        record.write_text(json.dumps(edited))
+        if message is None:  # a second record naming another folder
+            twin = record.with_name("other.json")
+            twin.write_text(json.dumps(saved))
+            message = "name 2 datasets"
+        assert main(["metrics", str(tmp_path / "run"), "--methods", "nti", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "--dataset" in err
 
 
 def test_metrics_with_weights_score_every_edit_and_count_missing_ones(dataset, model, tmp_path, capsys):

@@ -123,6 +123,21 @@ def _records(out: str | Path) -> dict[Path, dict]:
     return {path: record for path, record in records.items() if record is not None}
 
 
+def recorded_dataset(out: str | Path) -> Path:
+    """The dataset folder a batch run's records name (what ``dpl metrics`` scores against when no
+    ``--dataset`` is given); refused where they name none (records of an older version, or none at
+    all), several, or one that is no longer there."""
+    named = sorted({record["dataset"] for record in _records(out).values() if isinstance(record.get("dataset"), str)})
+    if not named:
+        raise DplEditError(f"The records of {out} do not name the dataset they were run on: give it with --dataset")
+    if len(named) > 1:
+        raise DplEditError(f"The records of {out} name {len(named)} datasets ({', '.join(named)}): "
+                           "give the one to score against with --dataset")
+    if not Path(named[0]).is_dir():
+        raise DplEditError(f"{out} was run on {named[0]}, which is no longer there: give its folder with --dataset")
+    return Path(named[0])
+
+
 def _read_record(path: Path) -> dict | None:
     """A record, or None where it cannot be read or is no JSON object (its item is redone as not done)."""
     try:
@@ -203,7 +218,8 @@ def _run_groups(model, dataset: Path, groups: list[list[EditItem]], method: str,
     """One inversion of each group's image (all of them in lockstep), then each item's edit; a record per
     item. An image that does not load fails its own items; if the lockstep inversion fails, each image is
     inverted alone, so that a bad one fails only its own items."""
-    base = {"method": method, **run_settings(model, num_steps, guidance), "versions": library_versions()}
+    base = {"method": method, "dataset": str(dataset.resolve()), **run_settings(model, num_steps, guidance),
+            "versions": library_versions()}
     records = [[{"key": item.key, "image_path": item.image_path, "editing_type_id": item.editing_type_id,
                  "source_prompt": item.source_prompt, "target_prompt": item.target_prompt, **base} for item in group]
                for group in groups]

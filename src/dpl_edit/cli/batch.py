@@ -56,7 +56,7 @@ def register(commands) -> None:
         "beside ours.",
     )
     p.add_argument("out", type=Path, help="a folder written by dpl batch")
-    p.add_argument("--dataset", type=Path, required=True, help="the PIE-Bench folder it was run on")
+    p.add_argument("--dataset", type=Path, help="the PIE-Bench folder it was run on (default: the one its records name)")
     p.add_argument("--methods", default="nti,dpl", help="comma-separated methods to score (default: nti,dpl)")
     add_selection(p)
     p.add_argument("--dino", help="local transformers folder of facebook/dino-vitb8 (or set DPL_DINO)")
@@ -188,7 +188,7 @@ def worker_argv(args: argparse.Namespace, worker) -> list[str]:
 
 def metrics_command(args: argparse.Namespace) -> int:
     from ..batch.metrics import evaluate, write_tables
-    from ..batch.runner import METHOD_FOLDERS
+    from ..batch.runner import METHOD_FOLDERS, recorded_dataset
 
     methods = methods_of(args)
     if not args.out.is_dir():
@@ -197,6 +197,9 @@ def metrics_command(args: argparse.Namespace) -> int:
         raise DplEditError(f"{args.out} holds no edits of {', '.join(methods)} (no "
                            f"{', '.join(METHOD_FOLDERS[m] + '/' for m in methods)}): give the --out folder of a "
                            "`dpl batch` run, and --methods as that run had them.")
+    if args.dataset is None:
+        args.dataset = recorded_dataset(args.out)
+        print(f"Dataset: {args.dataset} (from the run's records)", file=sys.stderr)
     items = selection(args)
     result = evaluate(args.dataset, args.out, items, methods, dino=args.dino, clip=args.clip, lpips=args.lpips,
                       progress=not args.quiet)
