@@ -533,16 +533,16 @@ def test_metrics_command_runs_without_weights_and_names_them(dataset, model, tmp
 
 
 def test_metrics_finds_the_dataset_in_the_run_s_records(dataset, model, tmp_path, capsys):
-    """`dpl metrics OUT` without --dataset scores against the folder the records name, and says so;
-    records that name none, several or a folder that is gone are refused with what to give."""
+    """`dpl metrics OUT` without --dataset scores against the folder the records name, and says so
+    (without --methods, the methods it holds edits of); records that name none, several or a folder that is gone are refused with what to give."""
     items = read_dataset(dataset)[:1]
     run_batch(model, dataset, items, ["nti"], tmp_path / "run", num_steps=STEPS, progress=False)
     record = record_path(tmp_path / "run", "nti", items[0])
     assert json.loads(record.read_text())["dataset"] == str(Path(dataset).resolve())
-    assert main(["metrics", str(tmp_path / "run"), "--methods", "nti", "--range", "0:1", "--quiet"]) == 0
+    assert main(["metrics", str(tmp_path / "run"), "--range", "0:1", "--quiet"]) == 0  # the methods it holds
     captured = capsys.readouterr()
     assert f"Dataset: {Path(dataset).resolve()} (from the run's records)" in captured.err
-    assert "| all | nti | 1 |" in captured.out
+    assert "| all | nti | 1 |" in captured.out and "dpl" not in captured.out
     saved = json.loads(record.read_text())
     for change, message in [(lambda r: r.pop("dataset"), "do not name the dataset"),
                             (lambda r: r.update(dataset=str(tmp_path / "moved")), "no longer there"),

@@ -57,7 +57,7 @@ def register(commands) -> None:
     )
     p.add_argument("out", type=Path, help="a folder written by dpl batch")
     p.add_argument("--dataset", type=Path, help="the PIE-Bench folder it was run on (default: the one its records name)")
-    p.add_argument("--methods", default="nti,dpl", help="comma-separated methods to score (default: nti,dpl)")
+    p.add_argument("--methods", help="comma-separated methods to score (default: those OUT holds edits of)")
     add_selection(p)
     p.add_argument("--dino", help="local transformers folder of facebook/dino-vitb8 (or set DPL_DINO)")
     p.add_argument("--clip", help="local transformers folder of openai/clip-vit-large-patch14 (or set DPL_CLIP)")
@@ -190,9 +190,11 @@ def metrics_command(args: argparse.Namespace) -> int:
     from ..batch.metrics import evaluate, write_tables
     from ..batch.runner import METHOD_FOLDERS, recorded_dataset
 
-    methods = methods_of(args)
     if not args.out.is_dir():
         raise DplEditError(f"There is no folder {args.out}: give the --out folder of a `dpl batch` run.")
+    if args.methods is None:  # the methods the run holds edits of (none: the message below)
+        args.methods = ",".join(m for m, folder in METHOD_FOLDERS.items() if (args.out / folder).is_dir()) or "nti,dpl"
+    methods = methods_of(args)
     if not any((args.out / METHOD_FOLDERS[method]).is_dir() for method in methods):
         raise DplEditError(f"{args.out} holds no edits of {', '.join(methods)} (no "
                            f"{', '.join(METHOD_FOLDERS[m] + '/' for m in methods)}): give the --out folder of a "
