@@ -133,6 +133,38 @@ def test_the_token_helper_and_a_picked_picture_do_not_wait_for_an_inversion(benc
     assert "marked words: circle" in table and image.size == (bench.model().image_size,) * 2
 
 
+def test_a_job_that_waits_for_the_one_before_says_so(bench, scene):
+    """An inversion or edit sent while the torch thread still works (another session's job, or a
+    cancelled one finishing its step) shows that it waits, then its own progress; one sent to an idle
+    thread starts with its own."""
+    from dpl_edit.web.workbench import WAITING
+
+    path, caption = scene
+    key = bench.invert(path, caption, InvertSettings(method="nti", steps=1)).key  # (other tests' inversions have more steps)
+    target = caption.replace("{", "").replace("}", "").replace("circle", "square")
+    busy, release = threading.Event(), threading.Event()
+
+    def blocked() -> bool:  # the first job's cancel check, on the torch thread: holds it there until released
+        busy.set()
+        return not release.wait(120)
+
+    seen = []
+    with ThreadPoolExecutor(2) as handlers:
+        first = handlers.submit(bench.invert, path, caption, InvertSettings(method="nti", steps=1),
+                                cancelled=blocked)  # from the cache: blocked while its views are drawn
+        assert busy.wait(60)
+        second = handlers.submit(bench.edit, key, target, EditConfig(), report=lambda done, what: seen.append(what))
+        deadline = time.monotonic() + 30
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        release.set()
+        first.result(120), second.result(120)
+    assert seen[0] == WAITING and seen[1].startswith("Editing 1 target(s)")
+    seen.clear()
+    bench.edit(key, target, EditConfig(), report=lambda done, what: seen.append(what))
+    assert WAITING not in seen
+
+
 def test_progress_reaches_gradio_from_the_torch_thread(bench, scene):
     """Gradio's progress bar reports to the event named in the handler thread's context variables;
     the torch thread runs each call in a copy of the caller's context, or every report is lost."""

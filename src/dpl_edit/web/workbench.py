@@ -108,6 +108,9 @@ class EditView:
     download: Path  # a zip of the inversion folder and the edits
 
 
+WAITING = "Waiting for the model: it is finishing another job (a cancelled one ends with its current step)"
+
+
 def on_torch_thread(method):
     """Run a :class:`Workbench` method on the workbench's one torch thread (directly when already there).
 
@@ -117,13 +120,24 @@ def on_torch_thread(method):
     (GNU OpenMP throttles them), so every small kernel waits for its threads to wake: a 20-step DPL
     inversion of a scene took 53 s from a second thread against 33 s from the first one (this
     project's 2-core CPU). One thread for all of the page's model work keeps one team. The call runs
-    in a copy of the caller's context, where Gradio keeps what its progress bar reports to."""
+    in a copy of the caller's context, where Gradio keeps what its progress bar reports to. A call
+    with a ``report`` that has to wait for the work before it (another session's, or a cancelled job
+    finishing its step) reports that it waits."""
 
     @functools.wraps(method)
     def run(self, *args, **kwargs):
         if threading.current_thread() is self._torch_thread:
             return method(self, *args, **kwargs)
-        return self._torch.submit(contextvars.copy_context().run, method, self, *args, **kwargs).result()
+        with self._calls_lock:
+            waits = self._calls > 0
+            self._calls += 1
+        try:
+            if waits and kwargs.get("report") is not None:
+                kwargs["report"](0.0, WAITING)
+            return self._torch.submit(contextvars.copy_context().run, method, self, *args, **kwargs).result()
+        finally:
+            with self._calls_lock:
+                self._calls -= 1
 
     return run
 
@@ -155,6 +169,8 @@ class Workbench:
     _torch: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpl-torch"), repr=False)
     _torch_thread: threading.Thread | None = field(default=None, repr=False)
+    _calls: int = field(default=0, init=False, repr=False)  # calls sent to that thread and not yet returned
+    _calls_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir)
