@@ -142,6 +142,19 @@ def on_torch_thread(method):
     return run
 
 
+def _sampling_steps(steps: int, what: str, report: Report | None, cancelled: Callable[[], bool] | None,
+                    cancel_message: str) -> Callable[[int], None]:
+    """The callback of a sampling loop on the page (an edit, a reconstruction): after each step it
+    stops (``Cancelled``, with ``cancel_message``) when the person cancelled, else reports "what: step i/N"."""
+    def callback(step: int) -> None:
+        if cancelled is not None and cancelled():
+            raise Cancelled(cancel_message)
+        if report is not None:
+            report((step + 1) / steps, f"{what}: step {step + 1}/{steps}")
+
+    return callback
+
+
 def _names(current: tuple[str, object], name: str) -> bool:
     """Whether ``name`` names the loaded model: the name it was loaded by, or its model_id."""
     return name in (current[0], getattr(current[1], "model_id", None))
@@ -299,15 +312,9 @@ class Workbench:
         """The page's views of an inversion: its reconstruction (sampled again: ``report`` counts the
         steps, ``cancelled`` stops it at the end of a step), its PSNR and its figures."""
         model = self.model(inversion.model_id)
-        steps = inversion.num_steps
-
-        def callback(step: int) -> None:
-            if cancelled is not None and cancelled():
-                raise Cancelled("Cancelled while the views were drawn; the inversion itself is kept: "
-                                "Invert with the same settings shows it at once.")
-            if report is not None:
-                report((step + 1) / steps, f"Reconstructing the image: step {step + 1}/{steps}")
-
+        callback = _sampling_steps(inversion.num_steps, "Reconstructing the image", report, cancelled,
+                                   "Cancelled while the views were drawn; the inversion itself is kept: "
+                                   "Invert with the same settings shows it at once.")
         reconstruction = reconstruct(model, inversion, callback=callback, progress=False)
         score = psnr(reconstruction, inversion.source_image)
         other = self._other_method(key, inversion)
@@ -358,16 +365,11 @@ class Workbench:
         if not prompts:
             raise PromptError("Give at least one target prompt (one per line).")
         inversion = self.cached(key)
-        steps = inversion.num_steps
-
-        def callback(step: int) -> None:
-            if cancelled is not None and cancelled():
-                raise Cancelled("Edit cancelled; the edits shown before are kept. Press Edit to start again.")
-            if report is not None:
-                report((step + 1) / steps, f"Editing {len(prompts)} target(s): step {step + 1}/{steps}")
-
+        what = f"Editing {len(prompts)} target(s)"
+        callback = _sampling_steps(inversion.num_steps, what, report, cancelled,
+                                   "Edit cancelled; the edits shown before are kept. Press Edit to start again.")
         if report is not None:
-            report(0.0, f"Editing {len(prompts)} target(s): {steps} steps")
+            report(0.0, f"{what}: {inversion.num_steps} steps")
         result = edit(self.model(inversion.model_id), inversion, prompts, config, callback=callback, progress=False)
         grid = figure_image(edit_grid(result, inversion.source_image))
         download = self._package(key, inversion, result, grid, config)
