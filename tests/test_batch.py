@@ -534,7 +534,8 @@ def test_metrics_command_runs_without_weights_and_names_them(dataset, model, tmp
 
 def test_metrics_finds_the_dataset_in_the_run_s_records(dataset, model, tmp_path, capsys):
     """`dpl metrics OUT` without --dataset scores against the folder the records name, and says so
-    (without --methods, the methods it holds edits of); records that name none, several or a folder that is gone are refused with what to give."""
+    (without --methods, the methods it holds edits of); records that name none, several or a folder
+    that is gone are refused with what to give."""
     items = read_dataset(dataset)[:1]
     run_batch(model, dataset, items, ["nti"], tmp_path / "run", num_steps=STEPS, progress=False)
     record = record_path(tmp_path / "run", "nti", items[0])
