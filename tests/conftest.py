@@ -2,14 +2,29 @@ import contextlib
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Under `-n auto` each test process (and each process it starts) takes one thread: torch's threads
+# in several processes spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # (in case torch was imported before this file)
 
 from dpl_edit.attention import AttentionStore, ForwardStopped, StopAfter
 from dpl_edit.attention.hook import active_hook
 from dpl_edit.inversion import DynamicPromptConfig, NullTextConfig
 from dpl_edit.random_models import tiny_model
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``-n``, whole files to each test process: a file's module fixtures are built once."""
+    from xdist.scheduler import LoadFileScheduling
+
+    return LoadFileScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -294,6 +294,7 @@ def test_a_batch_that_does_not_fit_in_memory_inverts_each_image_alone(dataset, m
     assert "did not fit in the device's memory" in caplog.text and "--batch-size" in caplog.text
 
 
+@pytest.mark.slow  # worker processes and accelerate's launcher, each importing torch: a minute on one thread
 def test_accelerate_and_worker_processes_write_what_one_process_does(dataset, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     common = ["batch", str(dataset), "--model", "scenes", "--methods", "nti", "--steps", str(STEPS),
@@ -346,8 +347,10 @@ def test_a_worker_gets_the_same_batch_as_its_parent(tmp_path):
     assert {k: v for k, v in vars(worker).items() if k not in skip} == {k: v for k, v in vars(args).items() if k not in skip}
 
 
-@pytest.mark.parametrize("stop, sigint", [(signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_IGN)],
-                         ids=["ctrl-c", "kill of a background job"])
+@pytest.mark.parametrize("stop, sigint", [
+    (signal.SIGINT, signal.default_int_handler),
+    pytest.param(signal.SIGTERM, signal.SIG_IGN, marks=pytest.mark.slow),  # (the same workers stopped again)
+], ids=["ctrl-c", "kill of a background job"])
 def test_an_interrupted_parent_stops_its_workers(dataset, tmp_path, stop, sigint):
     """The interrupt reaches the parent alone (not a terminal's Ctrl-C, which reaches them all): it passes
     it on as a SIGTERM, which a worker takes as a Ctrl-C even where SIGINT is ignored, as in a shell script's

@@ -42,6 +42,7 @@ def test_demo_writes_its_pictures_and_summary(tmp_path, capsys):
     assert summary in capsys.readouterr().out
 
 
+@pytest.mark.slow  # the demo on two more scenes
 def test_demo_on_other_scenes_picks_a_shape_and_mode_that_work(tmp_path):
     from dpl_edit.demo import run_demo
 

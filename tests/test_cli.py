@@ -33,6 +33,7 @@ def test_invert_then_reconstruct(photo, tmp_path, capsys):
     assert "PSNR" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # bfloat16: 35-50 s on a CPU without bfloat16 instructions
 def test_an_inversion_is_reconstructed_and_edited_in_its_own_precision(photo, tmp_path, capsys):
     from dpl_edit import Inversion
 

@@ -202,7 +202,7 @@ def test_inversions_with_graphs_equal_eager(model, graphed_model, image, method,
     assert len(recordings) == (2 if method == "dpl" else 1)  # the recorded DDIM inversion (and DPL's step forward)
 
 
-@pytest.mark.parametrize("method", ["nti", "dpl"])
+@pytest.mark.parametrize("method", [pytest.param("nti", marks=pytest.mark.slow), "dpl"])
 def test_lockstep_inversions_with_graphs(model, graphed_model, image, method, caplog):
     """Two images in lockstep (``invert_many``) on a graphed model: the batch's forwards are captured
     at the batch's size, DPL's token step as one capture of the whole batch for the inversion
@@ -229,6 +229,7 @@ def test_lockstep_inversions_with_graphs(model, graphed_model, image, method, ca
     assert len(tokens) == (1 if method == "dpl" else 0) and all(s[0].shape[0] == 2 for s in tokens)
 
 
+@pytest.mark.slow
 def test_graphed_lockstep_null_step_keeps_stopped_images_in_its_forward(model, one_at_a_time, image):
     """NTI's images stopping at other iterations: on a graphed model the null step's forward keeps
     the whole batch (one capture at batch 3, where the eager batch goes down to 2; a stopped image's
@@ -371,6 +372,7 @@ def test_a_failing_capture_leaves_the_model_eager(model, image, caplog):
     assert torch.equal(runs[1].null_states, runs[0].null_states)
 
 
+@pytest.mark.slow
 def test_a_recording_that_fails_to_capture_leaves_its_store_as_it_was(model, image, caplog):
     """A capture that breaks after the store recorded part of a forward: those maps are taken out
     again, the forward runs eager and records once (the same inversion as eager, maps included)."""
@@ -390,6 +392,7 @@ def test_a_recording_that_fails_to_capture_leaves_its_store_as_it_was(model, ima
     assert torch.equal(runs[1].null_states, runs[0].null_states)
 
 
+@pytest.mark.slow
 def test_a_lockstep_token_step_that_fails_to_capture_runs_the_batch_eager(model, image, caplog):
     """A capture of the lockstep token step that breaks after the hook recorded part of a forward:
     a warning, the maps it left are dropped, and the batch runs eager (the eager lockstep's

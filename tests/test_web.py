@@ -316,6 +316,7 @@ def test_bad_input_gives_a_message(bench, scene, tmp_path, case, message):
             bench.edit(view.key, plain.replace("circle", "big round ball"), EditConfig())
 
 
+@pytest.mark.slow  # bfloat16: 35 s on a CPU without bfloat16 instructions
 def test_the_workbench_loads_models_in_the_servers_precision_and_keeps_each_precision_apart(tmp_path, monkeypatch):
     from dpl_edit.web import workbench
 
