@@ -8,7 +8,7 @@ from dpl_edit import DplEditError, EditConfig, PromptError, edit, invert, recons
 from dpl_edit.editing.attention_edits import blend_mask, edit_cross_attention, local_blend
 from dpl_edit.editing.plan import make_plan
 from dpl_edit.images import to_pil
-from dpl_edit.inversion import DynamicPromptConfig
+from dpl_edit.inversion import DynamicPromptConfig, NullTextConfig
 from dpl_edit.prompts import align_tokens, parse_marked_prompt
 from dpl_edit.tokenizer import clip_tokenizer
 
@@ -92,9 +92,10 @@ def test_local_blend_keeps_the_source_outside_the_mask():
 def inversions(model):
     g = torch.Generator().manual_seed(5)
     image = to_pil(torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g) * 2 - 1, size=128))
-    fast = DynamicPromptConfig(max_iterations=2)
+    fast_dpl, fast_nti = DynamicPromptConfig(max_iterations=2), NullTextConfig(max_iterations=3)  # (editing is tested)
     return {
-        method: invert(model, image, "a {cat} and a {dog}", method=method, num_steps=5, dpl=fast, progress=False)
+        method: invert(model, image, "a {cat} and a {dog}", method=method, num_steps=5, dpl=fast_dpl,
+                       null_text=fast_nti, progress=False)
         for method in ("nti", "dpl")
     }
 
