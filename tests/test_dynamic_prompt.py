@@ -224,7 +224,7 @@ def authors_token_learning(model, z, t, token_ids, indices, background, threshol
 
 @pytest.mark.parametrize("threshold_at, threshold_dj, steps_taken", [
     (0.3, 0.9, 6),  # the paper's first thresholds: on random weights L_dj stays at 0.999, every step runs
-    (0.9834, 2.0, 3),  # L_at (0.9840 at first, 1e-4 lower a step) meets this one after 3 steps
+    (0.9795, 2.0, 3),  # L_at (0.9817 at first, about 9e-4 lower a step) meets this one after 3 steps
 ])
 def test_token_learning_equals_a_port_of_the_authors(model, threshold_at, threshold_dj, steps_taken):
     config = DynamicPromptConfig(max_iterations=6, threshold_at=threshold_at, threshold_dj=threshold_dj)
