@@ -28,7 +28,7 @@ from dpl_edit.prompts import parse_marked_prompt
 from dpl_edit.random_models import tiny_model
 from dpl_edit.sampling import sample
 
-pytestmark = pytest.mark.slow  # compiling the tiny UNet: 2-8 minutes on a 2-core CPU, inductor's cache empty
+pytestmark = pytest.mark.slow  # compiling the tiny UNet: up to 9 minutes on one thread, inductor's cache empty
 
 FORWARD = 1e-5  # one fp32 forward, reordered: ~7x the measured 1.4e-6
 STEPS = 5
