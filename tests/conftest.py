@@ -10,9 +10,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest
 import torch
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)  # (in case torch was imported before this file)
-
 from dpl_edit.attention import AttentionStore, ForwardStopped, StopAfter
 from dpl_edit.attention.hook import active_hook
 from dpl_edit.inversion import DynamicPromptConfig, NullTextConfig
