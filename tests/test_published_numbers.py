@@ -3,13 +3,32 @@ validated values), null-text inversion's and Prompt-to-Prompt's, and the evaluat
 are read beside (DPL's Table 1 and background-mask IoU, PIE-Bench's P2P rows). Each is checked by
 name, so swapping two of them fails."""
 
+import inspect
 import math
 
 import pytest
 
-from dpl_edit import EditConfig, NullTextConfig, published
+from dpl_edit import EditConfig, NullTextConfig, invert, published
+from dpl_edit.batch import runner
+from dpl_edit.diffusion import DDIMSchedule
 from dpl_edit.editing.plan import P2P_SELF_MAX_RESOLUTION
 from dpl_edit.inversion import DynamicPromptConfig
+from dpl_edit.models import ddim_scheduler
+from dpl_edit.random_models import SD_SCHEDULE
+
+
+def test_stable_diffusion_setting():
+    """REFERENCE section 1: SD 1.x's noise schedule, DDIM without clipping and with the final alpha from
+    the schedule, 50 steps at 981, 961, ..., 1, guidance 7.5 (and PIE-Bench's P2P run on top of it)."""
+    assert SD_SCHEDULE == {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                           "beta_schedule": "scaled_linear"}
+    scheduler = ddim_scheduler(SD_SCHEDULE)
+    assert not scheduler.config.clip_sample and not scheduler.config.set_alpha_to_one
+    assert DDIMSchedule.from_scheduler(scheduler, 50).timesteps == tuple(range(981, 0, -20))
+    defaults = inspect.signature(invert).parameters
+    assert (defaults["num_steps"].default, defaults["guidance_scale"].default) == (50, 7.5)
+    assert (runner.PIE_STEPS, runner.PIE_GUIDANCE) == (50, 7.5)
+    assert (runner.PIE_CROSS_STEPS, runner.PIE_SELF_STEPS, runner.PIE_REWEIGHT) == (0.4, 0.6, 2.0)
 
 
 def test_dpl_loss_weights_thresholds_and_optimiser():
