@@ -3,8 +3,9 @@
 Prints, as each is measured: model build, compile() (with its gradient check) or use_cuda_graphs()
 (with its capture and check), the UNet's forward and forward+backward to the text states through
 ``StableDiffusion.predict`` (ms per call; the first calls compile or capture; not compiled, again
-with cuDNN's autotuner, with the UNet's weights in channels_last and with both), then a 1-step NTI
-and a 1-step DPL inversion twice each, and a 10-step P2P edit twice. With ``--mode compile`` run it under
+with cuDNN's autotuner, with the UNet's weights in channels_last and with both), DPL's token step
+alone (its 21 iterations: ms per step), then a 1-step NTI and a 1-step DPL inversion twice each,
+and a 10-step P2P edit twice. With ``--mode compile`` run it under
 ``TORCH_LOGS=perf_hints,recompiles,graph_breaks`` to see why CUDA graphs are skipped or a graph
 compiles again. Lines are also appended as JSON to ``--json``; ``--profile`` adds, before the edits,
 a 1-step DPL inversion profiled by Python function (cProfile: where an inversion's fixed costs go)
@@ -28,7 +29,11 @@ import torch
 from PIL import Image
 
 from dpl_edit import edit, invert
+from dpl_edit.attention import attention_layers, select_layers
 from dpl_edit.editing import EditConfig
+from dpl_edit.inversion import DynamicPromptConfig
+from dpl_edit.inversion.dynamic_prompt import TokenLosses, optimize_tokens
+from dpl_edit.prompts import parse_marked_prompt
 from dpl_edit.random_models import sd14_sized_model, tiny_model
 
 PROMPT, TARGET = "a {cat} and a {dog}", "a cat and a big tiger"
@@ -114,6 +119,18 @@ def main() -> None:
                 timed(f"predict, no grad, {label}, x{calls}", forward, calls)
                 timed(f"predict + backward to the states, {label}, x{calls}", forward_backward, calls)
         layout(False, torch.contiguous_format)
+
+    # DPL's token step alone (the worst case: all 21 AdamW iterations), beside the null iteration's
+    # forward + backward above: a token iteration is 52% of a null iteration's arithmetic at SD-1.4 size
+    marked = parse_marked_prompt(PROMPT, model.tokenizer)
+    config = DynamicPromptConfig()
+    background = torch.zeros(config.cross_resolution, config.cross_resolution)
+    background[:, : config.cross_resolution // 3] = 1
+    losses_at = TokenLosses(model, marked, select_layers(attention_layers(model.unet), kinds=["cross"],
+                                                         resolutions=[config.cross_resolution]), background, config)
+    vectors = model.token_embedding(torch.tensor(marked.token_ids, device=device)[marked.positions]).float()
+    for calls in (1, 3):  # the first captures or compiles the step and checks it against eager
+        timed(f"DPL token step, 21 iterations, x{calls}", lambda: optimize_tokens(losses_at, z, 501, 49, vectors), calls)
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (model.image_size, model.image_size, 3),
                                                               dtype=np.uint8))
