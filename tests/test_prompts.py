@@ -1,7 +1,7 @@
 import pytest
 
 from dpl_edit import PromptError
-from dpl_edit.prompts import parse_marked_prompt, strip_braces
+from dpl_edit.prompts import parse_marked_prompt
 from dpl_edit.tokenizer import clip_tokenizer
 
 TOKENIZER = clip_tokenizer()
@@ -50,5 +50,5 @@ def test_one_listed_word_may_be_a_string():
     assert EditConfig(blend="cat", subtract=["dog"]).subtract == ("dog",)
 
 
-def test_strip_braces():
-    assert strip_braces("a {cat} and a {dog}") == "a cat and a dog"
+def test_braces_are_stripped_from_the_text():
+    assert parse_marked_prompt("a {cat} and a {dog}", TOKENIZER).text == "a cat and a dog"

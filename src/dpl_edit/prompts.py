@@ -107,11 +107,6 @@ def check_marks(prompt: str, words: str | Sequence[str] = (), require_words: boo
         )
 
 
-def strip_braces(prompt: str) -> str:
-    """The prompt without its word-marking braces."""
-    return _strip_braces(prompt)[0]
-
-
 def _strip_braces(prompt: str) -> tuple[str, list[tuple[int, int]]]:
     """Remove ``{...}`` marks; return the text and the character spans of the marked words."""
     text, spans, last = "", [], 0
