@@ -3,7 +3,8 @@
 Prints, as each is measured: model build, compile() (with its gradient check) or use_cuda_graphs()
 (with its capture and check), the UNet's forward and forward+backward to the text states through
 ``StableDiffusion.predict`` (ms per call; the first calls compile or capture; not compiled, again
-with cuDNN's autotuner, with the UNet's weights in channels_last and with both), DPL's token step
+with cuDNN's autotuner, with the UNet's weights in the other layout (NCHW or channels_last) and with
+both), DPL's token step
 alone (its 21 iterations: ms per step), then a 1-step NTI and a 1-step DPL inversion twice each,
 and a 10-step P2P edit twice. With ``--mode compile`` run it under
 ``TORCH_LOGS=perf_hints,recompiles,graph_breaks`` to see why CUDA graphs are skipped or a graph
@@ -100,10 +101,11 @@ def main() -> None:
         timed(f"predict, no grad, x{calls}", forward, calls)
         timed(f"predict + backward to the states, x{calls}", forward_backward, calls)
     # The same with cuDNN's autotuner on (it times each convolution's algorithms at the first call of
-    # a shape; PyTorch leaves it off) and with the UNet's weights in channels_last (NHWC: the layout of
-    # cuDNN's tensor-core convolutions; on this project's CPU it took 5-11% off the tiny model's
-    # forward + backward and nothing off the scene model's inversions: README), each captured afresh,
-    # then back. Not compiled: new strides would mean minutes of compiling again.
+    # a shape; PyTorch leaves it off) and with the UNet's weights in the other layout (use_cuda_graphs
+    # puts them in channels_last, NHWC, the layout of cuDNN's tensor-core convolutions; eager and
+    # compiled models keep PyTorch's default NCHW; on this project's CPU channels_last took nothing off
+    # the scene model's inversions: README), each captured afresh, then back. Not compiled: new strides
+    # would mean minutes of compiling again.
     def layout(benchmark: bool, memory_format: torch.memory_format) -> None:
         torch.backends.cudnn.benchmark = benchmark
         model.unet.to(memory_format=memory_format)
@@ -111,14 +113,17 @@ def main() -> None:
             model.graphed_unet.captures.clear()
 
     if args.mode != "compile":
-        for benchmark, memory_format, label in ((True, torch.contiguous_format, "cudnn.benchmark"),
-                                                (False, torch.channels_last, "channels_last"),
-                                                (True, torch.channels_last, "channels_last + cudnn.benchmark")):
+        weight = next(p for p in model.unet.parameters() if p.dim() == 4)
+        own = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        other = torch.contiguous_format if own == torch.channels_last else torch.channels_last
+        names = {torch.channels_last: "channels_last", torch.contiguous_format: "NCHW"}
+        for benchmark, memory_format, label in ((True, own, "cudnn.benchmark"), (False, other, names[other]),
+                                                (True, other, f"{names[other]} + cudnn.benchmark")):
             layout(benchmark, memory_format)
             for calls in (3, 20):
                 timed(f"predict, no grad, {label}, x{calls}", forward, calls)
                 timed(f"predict + backward to the states, {label}, x{calls}", forward_backward, calls)
-        layout(False, torch.contiguous_format)
+        layout(False, own)
 
     # DPL's token step alone (the worst case: all 21 AdamW iterations), beside the null iteration's
     # forward + backward above: a token iteration is 52% of a null iteration's arithmetic at SD-1.4 size

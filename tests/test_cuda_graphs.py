@@ -173,6 +173,16 @@ CAPTURES = []
 
 
 @pytest.fixture(scope="module")
+def model():
+    """The eager model the captures are compared with: the tiny model with its UNet's weights in
+    channels_last, as ``use_cuda_graphs`` leaves them (a replay runs the same arithmetic as eager in
+    the same layout; what the layout itself changes is ``test_channels_last_changes_only_rounding``'s)."""
+    eager = tiny_model(seed=0)
+    eager.unet.to(memory_format=torch.channels_last)
+    return eager
+
+
+@pytest.fixture(scope="module")
 def graphed_model():
     return tiny_model(seed=0).use_cuda_graphs(capture=counting(CAPTURES))
 
@@ -298,6 +308,7 @@ def test_edits_with_graphs_equal_eager_and_share_the_capture_of_their_layout(ima
     recently used layout's capture goes."""
     monkeypatch.setattr(models, "EDIT_LAYOUTS", 1)
     model = tiny_model(seed=0)
+    model.unet.to(memory_format=torch.channels_last)  # (the graphed model's layout)
     inversions = [invert(model, to_pil(image), "a {cat} and a {dog}", method=method, num_steps=n, progress=False)
                   for method, n in (("nti", 2), ("ddim", 3))]
     captures = []
@@ -416,6 +427,28 @@ def test_a_lockstep_token_step_that_fails_to_capture_runs_the_batch_eager(model,
     for a_run, b_run in zip(graphed, eager, strict=True):
         for name in ("null_states", "token_vectors", "cross_maps"):
             assert torch.equal(getattr(a_run, name), getattr(b_run, name)), name
+
+
+def test_channels_last_changes_only_rounding(image):
+    """``use_cuda_graphs`` puts the UNet's weights in channels_last (cuDNN's tensor-core layout); the
+    UNet's output and its gradient to the text states then differ from the default layout's by
+    float32 rounding alone (other convolution kernels, other summation orders), measured here on
+    the whole tiny UNet at an inversion's input: 1e-4 is about a thousand float32 epsilons, where a
+    weight read in the wrong layout would be off by the order of the output itself."""
+    default, graphed = tiny_model(seed=0), tiny_model(seed=0).use_cuda_graphs(capture=fixed_memory)
+    weights = [p for p in graphed.unet.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    latents = default.encode_image(image)
+    states = default.encode_prompt("a cat and a dog")
+    outputs, grads = [], []
+    for m in (default, graphed):
+        x = states.clone().requires_grad_(True)
+        out = m.unet_sample(latents, m.timestep(501, latents.device), x)
+        (out**2).mean().backward()
+        outputs.append(out.detach())
+        grads.append(x.grad)
+    for a, b in (outputs, grads):
+        assert ((a - b).norm() / a.norm()).item() < 1e-4  # measured 4.5e-6 and 2.1e-6 on a 2-core AVX2 CPU
 
 
 def test_cuda_graphs_need_cuda_and_no_compiler(model):
