@@ -155,3 +155,23 @@ def test_check_scenes_prints_every_check_of_the_bundled_model(capsys):
                          "noun map best IoU, other object"]
     assert len(rows) == 13 and all(row.endswith(("| yes |", "| no |", "|  |")) for row in rows)
     assert "nan" not in out
+
+
+def test_clustering_runs_in_one_thread(monkeypatch):
+    """scikit-learn's KMeans runs with one OpenMP and one BLAS thread (synchronising more costs more
+    than its iterations' arithmetic: README, Benchmarks), and the limit ends with it."""
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_info
+
+    seen = []
+    fit_predict = KMeans.fit_predict
+
+    def spying(self, rows, *args, **kwargs):
+        seen.append({pool["num_threads"] for pool in threadpool_info()})
+        return fit_predict(self, rows, *args, **kwargs)
+
+    monkeypatch.setattr(KMeans, "fit_predict", spying)
+    before = [pool["num_threads"] for pool in threadpool_info()]
+    cluster_self_attention(torch.softmax(torch.randn(8, 8, 64), dim=-1))
+    assert seen == [{1}]
+    assert [pool["num_threads"] for pool in threadpool_info()] == before
