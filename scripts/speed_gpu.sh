@@ -24,7 +24,8 @@
 #                  has no fast float16 kernels)
 #   probe          scripts/speed_probe.py --mode cuda-graphs --dtype bfloat16 --profile: the graphed
 #                  UNet's ms per call (also with cudnn.benchmark, the weights in NCHW and both), DPL's
-#                  token step alone (21 iterations), a profile of one DPL step
+#                  token step alone (21 iterations), the eager UNet and the VAE decode in both layouts,
+#                  a profile of one DPL step
 #   The inversion rows time 10-step and 2-step schedules and extrapolate to 50 (exact in the worst
 #   case, where every step runs the same iterations); each row is saved as soon as it is measured,
 #   in case time runs out. A batch item costs one inversion and one edit: images per hour follow.

@@ -4,7 +4,7 @@ Prints, as each is measured: model build, compile() (with its gradient check) or
 (with its capture and check), the UNet's forward and forward+backward to the text states through
 ``StableDiffusion.predict`` (ms per call; the first calls compile or capture; not compiled, again
 with cuDNN's autotuner, with the UNet's weights in the other layout (NCHW or channels_last) and with
-both), DPL's token step
+both; the eager UNet's forward + backward and the VAE's decode in both layouts), DPL's token step
 alone (its 21 iterations: ms per step), then a 1-step NTI and a 1-step DPL inversion twice each,
 and a 10-step P2P edit twice. With ``--mode compile`` run it under
 ``TORCH_LOGS=perf_hints,recompiles,graph_breaks`` to see why CUDA graphs are skipped or a graph
@@ -123,6 +123,26 @@ def main() -> None:
             for calls in (3, 20):
                 timed(f"predict, no grad, {label}, x{calls}", forward, calls)
                 timed(f"predict + backward to the states, {label}, x{calls}", forward_backward, calls)
+        # The eager UNet (what runs with --no-cuda-graphs or after a failed capture) and the VAE's decode
+        # (eager everywhere) in both layouts: whether channels_last would pay there too
+        latents = z.to(model.dtype)
+
+        def eager_forward_backward() -> None:
+            param.grad = None
+            (model.unet_sample(latents, t, param).float() ** 2).mean().backward()
+
+        def decode() -> None:
+            with torch.no_grad():
+                model.decode_latents(latents)
+
+        torch.backends.cudnn.benchmark = False
+        for memory_format in (own, other):
+            model.unet.to(memory_format=memory_format)
+            model.vae.to(memory_format=memory_format)
+            for calls in (2, 10):
+                timed(f"eager predict + backward, {names[memory_format]}, x{calls}", eager_forward_backward, calls)
+                timed(f"VAE decode, {names[memory_format]}, x{calls}", decode, calls)
+        model.vae.to(memory_format=torch.contiguous_format)
         layout(False, own)
 
     # DPL's token step alone (the worst case: all 21 AdamW iterations), beside the null iteration's
