@@ -32,11 +32,13 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch._dynamo  # (its counters: graphs_made)
 from authors import authors_trainable
 from PIL import Image
 from timing import machine
 
 from dpl_edit import edit, invert, reconstruct
+from dpl_edit.cuda_graphs import capture_cuda_graph
 from dpl_edit.editing import EditConfig
 from dpl_edit.images import psnr
 from dpl_edit.inversion.dynamic_prompt import capped_steps
@@ -64,13 +66,28 @@ def subject(model, name: str) -> tuple[Image.Image, str, str]:
     return Image.fromarray(pixels), RANDOM_PROMPT, RANDOM_TARGET
 
 
+CAPTURED = [0]  # CUDA graphs captured so far (use_cuda_graphs(capture=counted_capture))
+
+
+def counted_capture(function, samples):
+    """``capture_cuda_graph``, counted."""
+    CAPTURED[0] += 1
+    return capture_cuda_graph(function, samples)
+
+
+def graphs_made() -> int:
+    """The CUDA graphs captured and the graphs dynamo compiled so far."""
+    return CAPTURED[0] + torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def measure(model, work, steps: int) -> dict:
     """Run work for 2 steps (warm-up: compilation or capture; 1 when timing 1 step, whose edit has no
     self-attention injection and so another graph), then time it; seconds for 50 steps, peak memory.
     Timing fewer steps than 50, a 2-step run before the run of ``steps`` parts what a call costs
-    once (an edit's capture with CUDA graphs, DPL's background mask) from what a step costs, and
-    50 steps cost the first plus 50 of the second (exact where every step costs the same: the worst
-    case). ``work`` runs the ``steps`` run last."""
+    once (DPL's background mask, the check of its token step) from what a step costs, and 50 steps
+    cost the first plus 50 of the second (exact where every step costs the same: the worst case).
+    ``work`` runs the ``steps`` run last. A capture or compilation inside the timed runs would count
+    in the per-step cost: the row says how many there were, with a warning."""
     cuda = model.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -84,6 +101,7 @@ def measure(model, work, steps: int) -> dict:
     warmup, _ = timed(min(2, steps))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    made = graphs_made()
     short = timed(2)[0] if 2 < steps < 50 else None
     seconds, result = timed(steps)
     if short is None:
@@ -93,6 +111,10 @@ def measure(model, work, steps: int) -> dict:
     row = {"seconds": seconds, "warm-up s": warmup}
     if cuda:
         row["peak GB"] = torch.cuda.max_memory_allocated() / 2**30
+    if graphs_made() > made:
+        row["graphs made while timed"] = graphs_made() - made
+        print(f"warning: {graphs_made() - made} graphs were captured or compiled while timed; their cost is "
+              "in the per-step time", flush=True)
     return row | result
 
 
@@ -116,7 +138,7 @@ def main() -> None:
     if args.compile:
         model.compile()
     if args.cuda_graphs:
-        model.use_cuda_graphs()
+        model.use_cuda_graphs(capture=counted_capture)
     image, prompt, target = subject(model, args.model)
     dpl = model_dpl_config(model)
 
