@@ -6,7 +6,8 @@ times, their ratio, the iterations the images took both ways (Adam steps of the 
 DPL's token steps), and the largest difference between an image's reconstruction PSNR both ways
 (a batched UNet call rounds differently from a call for one image, so an early stop near its
 threshold can fall an iteration apart), and on a GPU the lockstep run's peak memory. A 2-step run of
-each warms up first.
+each warms up first, both ways (with CUDA graphs an image alone and a batch capture graphs of their
+own; a lockstep DPL inversion still captures its batch's token step once, as every such inversion does).
 
     python benchmarks/lockstep.py                                   # scene model, CPU, 4 images, 20 steps
     python benchmarks/lockstep.py --model sd14 --device cuda --images 8 --steps 10 [--cuda-graphs] [--dtype bfloat16]
@@ -84,7 +85,10 @@ def main() -> None:
 
     rows = {}
     for method in args.methods.split(","):
-        invert_many(model, images, prompts, method=method, num_steps=2, progress=False)  # warm-up
+        # warm-up, both ways: each image alone captures graphs of its own (batch 1, its prompt's layout)
+        invert_many(model, images, prompts, method=method, num_steps=2, progress=False)
+        for image, prompt in zip(images, prompts, strict=True):
+            invert(model, image, prompt, method=method, num_steps=2, progress=False)
         counts = Iterations(), Iterations()
         started = clock()
         alone = [invert(model, image, prompt, method=method, num_steps=args.steps, callback=counts[0], progress=False)
