@@ -101,7 +101,7 @@ def measure(model, work, steps: int) -> dict:
     warmup, _ = timed(min(2, steps))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    made = graphs_made()
+    before = graphs_made()
     short = timed(2)[0] if 2 < steps < 50 else None
     seconds, result = timed(steps)
     if short is None:
@@ -111,10 +111,11 @@ def measure(model, work, steps: int) -> dict:
     row = {"seconds": seconds, "warm-up s": warmup}
     if cuda:
         row["peak GB"] = torch.cuda.max_memory_allocated() / 2**30
-    if graphs_made() > made:
-        row["graphs made while timed"] = graphs_made() - made
-        print(f"warning: {graphs_made() - made} graphs were captured or compiled while timed; their cost is "
-              "in the per-step time", flush=True)
+    made = graphs_made() - before
+    if made:
+        row["graphs made while timed"] = made
+        print(f"warning: {made} graphs were captured or compiled while timed; their cost is in the per-step time",
+              flush=True)
     return row | result
 
 
