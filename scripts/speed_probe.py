@@ -84,6 +84,7 @@ def main() -> None:
 
     side = model.latent_size
     z = torch.randn(1, model.unet.config.in_channels, side, side, device=device)
+    latent = z.to(model.dtype)  # as an inversion's latents are (the token step's capture is the one inversions replay)
     states = model.encode_prompt("")
     t = torch.tensor(501, device=device)
 
@@ -125,15 +126,13 @@ def main() -> None:
                 timed(f"predict + backward to the states, {label}, x{calls}", forward_backward, calls)
         # The eager UNet (what runs with --no-cuda-graphs or after a failed capture) and the VAE's decode
         # (eager everywhere) in both layouts: whether channels_last would pay there too
-        latents = z.to(model.dtype)
-
         def eager_forward_backward() -> None:
             param.grad = None
-            (model.unet_sample(latents, t, param).float() ** 2).mean().backward()
+            (model.unet_sample(latent, t, param).float() ** 2).mean().backward()
 
         def decode() -> None:
             with torch.no_grad():
-                model.decode_latents(latents)
+                model.decode_latents(latent)
 
         torch.backends.cudnn.benchmark = False
         for memory_format in (own, other):
@@ -154,7 +153,6 @@ def main() -> None:
     losses_at = TokenLosses(model, marked, select_layers(attention_layers(model.unet), kinds=["cross"],
                                                          resolutions=[config.cross_resolution]), background, config)
     vectors = model.token_embedding(torch.tensor(marked.token_ids, device=device)[marked.positions]).float()
-    latent = z.to(model.dtype)  # as an inversion's latents are: its capture is the one the inversions below replay
     for calls in (1, 3):  # the first captures or compiles the step and checks it against eager
         timed(f"DPL token step, 21 iterations, x{calls}", lambda: optimize_tokens(losses_at, latent, 501, 49, vectors),
               calls)
