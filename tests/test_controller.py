@@ -66,31 +66,31 @@ def _word_alpha(positions):
     return alpha
 
 
-@pytest.mark.parametrize("direct", [False, True])
-def test_local_blend_and_stored_maps_equal_prompt_to_prompt(direct):
+@pytest.mark.parametrize("source_uncond", [True, False])
+def test_local_blend_and_stored_maps_equal_prompt_to_prompt(source_uncond):
+    """Without ``source_uncond`` the batch has no unconditional source row (sampling keeps the source on
+    the inversion's trajectory: its latent is already the trajectory's when the step ends)."""
     config = EditConfig(mode="replace", blend=("grass", "circle"), subtract=("square",))
     plan = _plan(config)
     branches = 3
+    uncond = branches if source_uncond else branches - 1
     g = torch.Generator().manual_seed(0)
-    trajectory = torch.randn(STEPS + 1, 4, 64, 64, generator=g) if direct else None
-    controller = PromptToPrompt(plan, 16, 16, (0.3, 0.3), trajectory, map_layers=CROSS)
+    controller = PromptToPrompt(plan, 16, 16, (0.3, 0.3), source_uncond=source_uncond, map_layers=CROSS)
     alpha, subtract = _word_alpha(plan.blend_positions), _word_alpha(plan.subtract_positions)
     assert plan.blend_positions == [[3, 9], [3, 9], [3, 9]] and plan.subtract_positions == [[7]] * 3 and plan.blend_start == 10
     stored = [torch.zeros(branches, HEADS, 256, 77) for _ in CROSS]  # P2P's attention_store (sums over steps)
     for i in range(STEPS):
         for k, layer in enumerate(CROSS):
-            probs = _probs(g, branches, 256, 77)
+            probs = _probs(g, branches, 256, 77)[branches - uncond :]  # without the source's row, where it has none
             edited = controller(layer, probs)
-            cond = probs[branches:].clone()
+            cond = probs[uncond:].clone()
             if i < round(0.8 * STEPS):  # AttentionReplace: the targets take the source's map
                 cond[1:] = cond[:1]
-            torch.testing.assert_close(edited[branches:], cond, rtol=0, atol=0)
-            assert torch.equal(edited[:branches], probs[:branches])  # unconditional rows untouched
+            torch.testing.assert_close(edited[uncond:], cond, rtol=0, atol=0)
+            assert torch.equal(edited[:uncond], probs[:uncond])  # unconditional rows untouched
             stored[k] += cond  # P2P stores the tensor it then edits in place: the edited maps
         latents = torch.randn(branches, 4, 64, 64, generator=g)
         ours = controller.step_end(i, latents.clone())
-        if direct:
-            latents[0] = trajectory[i + 1]
         theirs = p2p_local_blend(latents, stored, alpha, subtract, (0.3, 0.3), i, int(0.2 * STEPS))
         torch.testing.assert_close(ours, theirs)
         if i < 10:

@@ -302,21 +302,22 @@ def test_edits_with_graphs_equal_eager_and_share_the_capture_of_their_layout(ima
     switch and recorded maps live in tensors it updates in place): the same latents, maps and
     local-blend masks as eager, bit for bit, with one capture for all its steps. The capture reads
     the controller's state tensors where they are, so a later edit of the same layout (as many
-    targets, the same switches) takes them over with its own values and replays it: a word swap
-    with local blend on an NTI inversion, then a refinement on a DDIM inversion of another length,
-    one capture; re-weighting is a layout of its own, and beyond ``EDIT_LAYOUTS`` (1 here) the least
-    recently used layout's capture goes."""
+    targets and unconditional rows, the same switches) takes them over with its own values and replays
+    it: a word swap with local blend on an NTI inversion, then a refinement on a direct inversion of
+    another length (both sources follow their trajectories: 3 rows), one capture; re-weighting on a
+    DDIM inversion (no trajectory: 4 rows) is a layout of its own, and beyond ``EDIT_LAYOUTS`` (1
+    here) the least recently used layout's capture goes."""
     monkeypatch.setattr(models, "EDIT_LAYOUTS", 1)
     model = tiny_model(seed=0)
     model.unet.to(memory_format=torch.channels_last)  # (the graphed model's layout)
     inversions = [invert(model, to_pil(image), "a {cat} and a {dog}", method=method, num_steps=n, progress=False)
-                  for method, n in (("nti", 2), ("ddim", 3))]
+                  for method, n in (("nti", 2), ("direct", 3), ("ddim", 3))]
     captures = []
     graphed_model = tiny_model(seed=0).use_cuda_graphs(capture=counting(captures))
     edits = [  # (inversion, targets, config, captures of edits so far)
         (0, ["a cat and a tiger"], EditConfig(mode="replace", blend=("cat",), self_replace_steps=0.5), 1),
         (1, ["a cat and a big tiger"], EditConfig(mode="refine"), 1),
-        (1, ["a cat and a big tiger"], EditConfig(mode="refine", reweight={"tiger": 2.0},
+        (2, ["a cat and a big tiger"], EditConfig(mode="refine", reweight={"tiger": 2.0},
                                                   word_cross_replace_steps={"tiger": 0.4}), 2),
     ]
     for k, (which, targets, config, count) in enumerate(edits):
@@ -326,6 +327,7 @@ def test_edits_with_graphs_equal_eager_and_share_the_capture_of_their_layout(ima
         if eager.blend_masks is not None:
             assert torch.equal(graphed.blend_masks, eager.blend_masks), k
         assert len([s for _, s in captures if s[0].shape[0] > 2]) == count, k
+        assert captures[-1][1][0].shape[0] == (4 if inversions[which].trajectory is None else 3), k
     kept = [owner for key, (owner, _) in graphed_model.graphed_steps.items() if key[0] == "edit"]
     assert [owner.equalizer is not None for owner in kept] == [True]
 

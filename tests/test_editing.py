@@ -3,13 +3,16 @@
 import numpy as np
 import pytest
 import torch
+from diffusers.models.attention_processor import AttnProcessor
 
 from dpl_edit import DplEditError, EditConfig, PromptError, edit, invert, reconstruct
+from dpl_edit.diffusion import DDIMSchedule
 from dpl_edit.editing.attention_edits import blend_mask, edit_cross_attention, local_blend
 from dpl_edit.editing.plan import make_plan
 from dpl_edit.images import to_pil
 from dpl_edit.inversion import DynamicPromptConfig, NullTextConfig
 from dpl_edit.prompts import align_tokens, parse_marked_prompt
+from dpl_edit.sampling import sample
 from dpl_edit.tokenizer import clip_tokenizer
 
 TOKENIZER = clip_tokenizer()
@@ -107,6 +110,42 @@ def test_target_equal_to_source_reproduces_the_reconstruction(model, inversions,
     result = edit(model, inversion, ["a cat and a dog"], progress=False)
     assert np.abs(np.asarray(result.reconstruction, dtype=float) - reconstruction).max() <= 2
     assert np.abs(np.asarray(result.edits[0], dtype=float) - reconstruction).max() <= 2
+
+
+@pytest.mark.parametrize("method", ["nti", "dpl"])
+def test_the_source_branch_follows_the_trajectory_sampling_computes_again(model, inversions, one_at_a_time, method):
+    """An edit's source branch follows the inversion's trajectory (and its unconditional row is not
+    run) because sampling it computes that trajectory again: bit for bit where the arithmetic is the
+    same, i.e. with the UNet called one image at a time (a row's rounding then does not depend on its
+    batch), every layer's attention an explicit softmax (DPL's recorded forwards compute so; the
+    fused kernel rounds otherwise) and each step's text states encoded alone. A target row beside it is the same either way, in a batch of 3
+    rows a step instead of 4."""
+    processors = model.unet.attn_processors
+    model.unet.set_attn_processor(AttnProcessor())
+    try:
+        inversion = invert(model, inversions["nti"].source_image, "a {cat} and a {dog}", method=method,
+                           num_steps=4, dpl=DynamicPromptConfig(max_iterations=2),
+                           null_text=NullTextConfig(max_iterations=2), progress=False)
+        schedule = DDIMSchedule.from_scheduler(model.scheduler, inversion.num_steps)
+        target = model.encode_prompt("a cat and a tiger")
+        ids = torch.tensor([inversion.token_ids])
+        with torch.no_grad():  # each step's states encoded alone, as the inversion encoded them
+            sources = ([model.encode_tokens(ids)] * inversion.num_steps if inversion.token_vectors is None else
+                       [model.encode_tokens(ids, v, inversion.token_positions) for v in inversion.token_vectors])
+        states = [torch.cat([source, target]) for source in sources]
+        z_T = inversion.latent_T.expand(2, -1, -1, -1)
+        args = (model, z_T, schedule, states, inversion.null_at(model), inversion.guidance_scale)
+        seen = []
+        sampled = sample(*args, step_end=lambda i, z: seen.append(z[0].clone()), progress=False)
+        one_at_a_time.clear()
+        followed = sample(*args, source_trajectory=inversion.trajectory, progress=False)
+    finally:
+        model.unet.set_attn_processor(processors)
+    assert len(inversion.trajectory) == inversion.num_steps + 1 and torch.equal(inversion.trajectory[0], z_T[0])
+    for i, z in enumerate(seen):
+        assert torch.equal(z, inversion.trajectory[i + 1]), i
+    assert torch.equal(followed, sampled)
+    assert one_at_a_time == [3] * inversion.num_steps  # the target's two rows and the source's conditional one
 
 
 def test_several_targets_blend_and_processors_restored(model, inversions):

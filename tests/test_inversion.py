@@ -152,12 +152,14 @@ def test_null_text_inversion_equals_the_published_loop_step_by_step(model, image
 
     monkeypatch.setattr(null_text, "optimize_null", recording)
     config = NullTextConfig(early_stop_epsilon=epsilon)
-    nulls = null_text.null_text_inversion(model, pivot, cond, uncond, schedule, 7.5, config, progress=False)
+    result = null_text.null_text_inversion(model, pivot, cond, uncond, schedule, 7.5, config, progress=False)
+    nulls = result.null_states
     latents = list(reversed(pivot))  # the published DDIM loop's order: z_0 first
     z_next = latents[-1]
     iterations_seen = set()
     for k, (i, z, target, start, null, _, iterations) in enumerate(calls):
         assert i == k and torch.equal(target, latents[len(latents) - i - 2])
+        assert torch.equal(result.trajectory[i], z)  # the latents each step started from
         assert torch.equal(start, uncond if i == 0 else calls[i - 1][4])  # carried over, not reset
         # the differences: DDIM's coefficients from float64 scalars here, float32 tensors there, and
         # the step's last forward run as two calls here, one batch there: float32 rounding (the
@@ -171,4 +173,6 @@ def test_null_text_inversion_equals_the_published_loop_step_by_step(model, image
         torch.testing.assert_close(null, theirs, rtol=0, atol=1e-5 * theirs.abs().max().item())
         assert torch.equal(nulls[i], null)
         iterations_seen.add(taken)
+    assert len(result.trajectory) == steps + 1
+    torch.testing.assert_close(result.trajectory[-1], z_next, rtol=0, atol=5e-5 * z_next.abs().max().item())
     assert len(calls) == steps and 10 in iterations_seen and min(iterations_seen) < 10

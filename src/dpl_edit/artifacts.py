@@ -48,7 +48,7 @@ class Inversion:
     num_steps: int
     guidance_scale: float
     null: str = "empty"  # unconditional states: "empty" (""), "optimized" (null_states), "negative" (the source
-    # prompt's own states) or "direct" ("", with the source branch kept on ``trajectory`` when editing)
+    # prompt's own states) or "direct" ("", with the source branch kept on the DDIM pivot when editing)
     null_states: torch.Tensor | None = None  # (num_steps, 77, D) optimised unconditional states
     token_vectors: torch.Tensor | None = None  # (num_steps, K, D_in) per-step dynamic tokens (DPL)
     token_positions: list[int] = field(default_factory=list)  # K positions in token_ids
@@ -56,7 +56,9 @@ class Inversion:
     cross_maps: torch.Tensor | None = None  # (num_steps, n, res, res) maps of prompt tokens 1..n per step
     background_mask: torch.Tensor | None = None  # (res, res) DPL background mask, 1 = background
     clusters: torch.Tensor | None = None  # (res_self, res_self) self-attention cluster labels
-    trajectory: torch.Tensor | None = None  # (num_steps + 1, C, h, w) DDIM pivot, sampling order (direct)
+    # (num_steps + 1, C, h, w), sampling order: the source branch's latents, which an edit's source follows
+    # (direct: the DDIM pivot; NTI and DPL: their null-text trajectory z_bar_T .. z_bar_0; None otherwise)
+    trajectory: torch.Tensor | None = None
     settings: dict = field(default_factory=dict)  # method settings, image fit, timings
     dpl_log: list[dict] = field(default_factory=list)  # DPL per step: losses, thresholds, AdamW iterations
     versions: dict = field(default_factory=dict)

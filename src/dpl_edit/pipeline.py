@@ -162,12 +162,13 @@ def invert_many(
         for b, (image, prompt, m) in enumerate(zip(images, prompts, marked, strict=True))
     ]
     if method == "nti":
-        nulls = null_text_inversion(
+        nti = null_text_inversion(
             model, pivot, cond, null_init, schedule, guidance_scale, null_text,
             callback=callback, progress=progress,
         )
         for b, result in enumerate(results):
-            result.null_states = torch.stack([states[b] for states in nulls])  # (num_steps, 77, D)
+            result.null_states = torch.stack([states[b] for states in nti.null_states])  # (num_steps, 77, D)
+            result.trajectory = torch.cat([z[b : b + 1] for z in nti.trajectory])  # (num_steps + 1, C, h, w)
             result.settings["null_text"] = asdict(null_text)
     if method == "dpl":  # the maps of its learned tokens; the other methods keep the DDIM inversion's
         step_maps = _learn_tokens(results, model, marked, pivot, null_init, store, cross_layers, schedule, dpl,
@@ -176,7 +177,7 @@ def invert_many(
         history = store.history[("cross", dpl.cross_resolution)][::-1]  # sampling order, (B, res, res, 77) each
         step_maps = [[maps[b] for maps in history] for b in range(len(images))]
     for b, (result, m) in enumerate(zip(results, marked, strict=True)):
-        if result.null == "direct":
+        if method == "direct":
             result.trajectory = torch.cat([z[b : b + 1] for z in pivot])  # (num_steps + 1, C, h, w)
         # The maps are views for analysis (saved, drawn, scored against CPU masks): kept on the CPU.
         result.cross_maps = torch.stack(step_maps[b])[..., 1 : m.end_position].permute(0, 3, 1, 2).cpu()  # (T, n, res, res)
@@ -201,6 +202,7 @@ def _learn_tokens(results: list[Inversion], model, marked, pivot, null_init, sto
         if null == "optimized":
             result.null_states = torch.cat(each.null_states)  # (num_steps, 77, D)
         result.token_vectors = torch.stack(each.token_vectors)  # (num_steps, K, D_in)
+        result.trajectory = torch.cat(each.trajectory)  # (num_steps + 1, C, h, w); the pivot where null is "direct"
         result.token_positions = m.positions
         result.dpl_log = each.log
         if mostly_capped(each.log, dpl.max_iterations):

@@ -27,23 +27,32 @@ def sample(
     null_states: States,
     guidance_scale: float,
     *,
+    source_trajectory: torch.Tensor | None = None,
     step_end: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Sample z_0 from z_T (B, C, h, w) with classifier-free guidance.
 
     Each step runs one UNet batch [unconditional rows; conditional rows], like diffusers'
-    StableDiffusionPipeline. ``step_end(i, z)`` runs after step i and may return new latents
-    (local blending uses it).
+    StableDiffusionPipeline. With ``source_trajectory`` (num_steps + 1 latents (C, h, w) or (1, C, h, w),
+    sampling order) row 0 follows it: after step i it is ``source_trajectory[i + 1]``, so its
+    unconditional prediction is never needed and the batch is [unconditional rows 1 .. B-1;
+    conditional rows 0 .. B-1] (an edit's source branch: its conditional row still runs, for the
+    attention the targets take from it). ``step_end(i, z)`` runs after step i and may return new
+    latents (local blending uses it).
     """
     z = latents
     batch = z.shape[0]
+    fixed = 0 if source_trajectory is None else 1  # leading rows whose unconditional row is not run
     for i in tqdm(range(schedule.num_steps), desc="Sampling", disable=not progress, leave=False):
-        null = states_at(null_states, i).expand(batch, -1, -1)
+        null = states_at(null_states, i).expand(batch, -1, -1)[fixed:]
         cond = states_at(cond_states, i).expand(batch, -1, -1)
-        output = model.predict(torch.cat([z, z]), schedule.timesteps[i], torch.cat([null, cond]))
-        eps_uncond, eps_cond = output.to(z.dtype).chunk(2)  # (B, C, h, w) each
-        z = denoise_step(schedule, i, z, guided_noise(eps_uncond, eps_cond, guidance_scale))
+        output = model.predict(torch.cat([z[fixed:], z]), schedule.timesteps[i], torch.cat([null, cond]))
+        eps_uncond, eps_cond = output.to(z.dtype).split([batch - fixed, batch])
+        z_next = denoise_step(schedule, i, z[fixed:], guided_noise(eps_uncond, eps_cond[fixed:], guidance_scale))
+        if fixed:
+            z_next = torch.cat([source_trajectory[i + 1].to(z).view(1, *z.shape[1:]), z_next])
+        z = z_next
         if step_end is not None:
             replaced = step_end(i, z)
             z = z if replaced is None else replaced

@@ -2,7 +2,9 @@
 
 Batch layout (explicit): the UNet batch holds B = 1 + n branches twice, unconditional rows
 0 .. B-1 then conditional rows B .. 2B-1; branch 0 is the source, branches 1 .. n the targets.
-Only conditional rows are edited (as in Prompt-to-Prompt). The controller also accumulates the
+Where sampling keeps the source on a known trajectory (``source_uncond=False``: the inversion's own
+latents), the source has no unconditional row: unconditional rows 0 .. n-1 are the targets', and
+conditional rows n .. n+B-1 the branches'. Only conditional rows are edited (as in Prompt-to-Prompt). The controller also accumulates the
 conditional cross-attention maps at one map size, for local blending and for views: the maps as
 edited, as Prompt-to-Prompt stores them (it edits the stored tensor in place), so inside the
 cross-replace window a target's map of a swapped word is the source word's.
@@ -14,8 +16,9 @@ any length share that graph. The maps of a step are written in place into one sl
 CUDA graph of the forward (``StableDiffusion.use_cuda_graphs``), which replays the kernels and not
 the Python, edits and records every step as the eager forward does. Such a capture reads and writes
 the controller's state tensors where they are, so a later edit of the same layout (``graph_layout``:
-as many targets, the same layers and switches) replays it once it has taken over those tensors with
-its own values copied in (``share_state``): one capture serves every edit of a layout.
+as many targets and unconditional rows, the same layers and switches) replays it once it has taken
+over those tensors with its own values copied in (``share_state``): one capture serves every edit of
+a layout.
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ class PromptToPrompt:
         map_resolution: int,
         self_max_resolution: int,
         blend_thresholds: tuple[float, float] = (0.3, 0.3),
-        source_trajectory: torch.Tensor | None = None,
         device: torch.device | str = "cpu",
         *,
+        source_uncond: bool = True,
         map_layers: Sequence[AttentionLayer] = (),
         dtype: torch.dtype = torch.float32,
     ):
@@ -53,7 +56,7 @@ class PromptToPrompt:
         self.map_resolution = map_resolution
         self.self_max_resolution = self_max_resolution
         self.blend_thresholds = blend_thresholds  # (blend words, subtract words), P2P's th
-        self.source_trajectory = source_trajectory  # direct inversion: (T + 1, C, h, w), sampling order
+        self.uncond_rows = self.branches if source_uncond else self.branches - 1  # rows before the conditional ones
         self.mapper, self.mapped, self.windows = (x.to(device) for x in (plan.mapper, plan.mapped, plan.windows))
         self.equalizer = None if plan.equalizer is None else plan.equalizer.to(device)
         # a bool, not the step count: a compiled forward specialises on the ints it reads, and edits of
@@ -88,8 +91,8 @@ class PromptToPrompt:
     @property
     def graph_layout(self) -> tuple:
         """What a captured forward under this controller depends on besides its state tensors' values:
-        the number of branches, the layers it edits and records, its switches, the tensors' shapes."""
-        return (self.branches, self.map_resolution, self.self_max_resolution, self.injects_self, tuple(self._slot),
+        the numbers of branches and unconditional rows, the layers it edits and records, its switches, the tensors' shapes."""
+        return (self.branches, self.uncond_rows, self.map_resolution, self.self_max_resolution, self.injects_self, tuple(self._slot),
                 *((name, tuple(t.shape), t.dtype, t.device) for name, t in self._state().items()))
 
     def share_state(self, owner: PromptToPrompt) -> None:
@@ -103,7 +106,7 @@ class PromptToPrompt:
 
     @property
     def cond_rows(self) -> slice:
-        return slice(self.branches, 2 * self.branches)
+        return slice(self.uncond_rows, self.uncond_rows + self.branches)
 
     def __call__(self, layer: AttentionLayer, probs: torch.Tensor) -> torch.Tensor | None:
         edited = self._edit(layer, probs)
@@ -125,20 +128,17 @@ class PromptToPrompt:
         else:
             return None
         probs = probs.clone()
-        probs[self.branches + 1 : 2 * self.branches] = edited
+        probs[self.uncond_rows + 1 : self.uncond_rows + self.branches] = edited
         return probs
 
     def step_end(self, i: int, latents: torch.Tensor) -> torch.Tensor:
-        """After sampling step i: accumulate maps, keep the source on its pivot (direct inversion),
-        then local-blend from ``plan.blend_start`` on (PnP-Inversion's order)."""
+        """After sampling step i (the source's latent already the trajectory's where sampling keeps it
+        there): accumulate maps, then local-blend from ``plan.blend_start`` on (PnP-Inversion's order)."""
         if self._slot:
             maps = self._step_maps.mean(dim=0)  # (B, Q, 77)
             res = self.map_resolution
             maps = maps.view(self.branches, res, res, -1)
             self.maps = maps if self.maps is None else self.maps + maps
-        if self.source_trajectory is not None:
-            latents = latents.clone()
-            latents[0] = self.source_trajectory[i + 1].to(latents)
         plan = self.plan
         if plan.targets and (any(plan.blend_positions) or any(plan.subtract_positions)) and i >= plan.blend_start:
             self.blend_masks = self._blend_masks(latents.shape[-1])

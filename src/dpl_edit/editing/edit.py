@@ -5,6 +5,11 @@ The source branch uses the source prompt with the step's learned DPL tokens; a t
 learned vector of every dynamic word it keeps (same token, aligned position), and a swapped word
 has its plain embedding. The unconditional states are the inversion's (per-step null states for
 NTI and DPL, the source prompt's own for negative-prompt inversion, "" otherwise).
+
+Where the inversion knows the source branch's latent at every step (its ``trajectory``: the
+null-text trajectory of NTI and DPL, which sampling the source would compute again up to rounding,
+and direct inversion's pivot, where editing keeps the source by definition), the source follows it
+and its unconditional row is not run: an edit with one target runs 3 UNet rows a step, not 4.
 """
 
 from __future__ import annotations
@@ -78,9 +83,9 @@ def edit(
     resolution = inversion.settings.get("cross_resolution", 16)
     self_max = config.self_max_resolution or same_level_resolution(model.unet, "self", P2P_SELF_MAX_RESOLUTION)
     layers = [layer for layer in attention_layers(model.unet) if layer.kind == "cross" or layer.resolution <= self_max]
-    controller = PromptToPrompt(plan, resolution, self_max,
-                                (config.blend_threshold, config.subtract_threshold), _trajectory(model, inversion),
-                                model.device, map_layers=layers, dtype=model.dtype)
+    trajectory = _source_trajectory(model, inversion)
+    controller = PromptToPrompt(plan, resolution, self_max, (config.blend_threshold, config.subtract_threshold),
+                                model.device, source_uncond=trajectory is None, map_layers=layers, dtype=model.dtype)
 
     def step_end(i: int, latents: torch.Tensor) -> torch.Tensor | None:
         blended = controller.step_end(i, latents)  # local blend's latents, or None
@@ -89,7 +94,7 @@ def edit(
         return blended
 
     with attention_hook(model.unet, layers, controller):
-        latents = _sample_branches(model, inversion, plan, step_end, progress)
+        latents = _sample_branches(model, inversion, plan, trajectory, step_end, progress)
     images = [to_pil(model.decode_latents(latents[b : b + 1])) for b in range(latents.shape[0])]
     return EditResult(images[0], images[1:], list(targets), controller.maps / inversion.num_steps, plan,
                       controller.blend_masks, latents,
@@ -120,24 +125,26 @@ def reconstruct_latents(model: StableDiffusion, inversion: Inversion | str | os.
     ``callback(step)`` runs after each sampling step, as :func:`edit`'s does."""
     inversion = Inversion.of(inversion)
     inversion.check_compatible(model)
-    trajectory = _trajectory(model, inversion)
+    # direct inversion's source is its pivot, by definition; the others are sampled (that is what
+    # a reconstruction checks), not read back from their trajectories
+    trajectory = _source_trajectory(model, inversion) if inversion.null == "direct" else None
 
-    def keep_on_pivot(i: int, latents: torch.Tensor) -> torch.Tensor | None:
+    def step_end(i: int, latents: torch.Tensor) -> None:
         if callback is not None:
             callback(i)
-        return None if trajectory is None else trajectory[i + 1 : i + 2]
 
-    return _sample_branches(model, inversion, None, keep_on_pivot, progress)
+    return _sample_branches(model, inversion, None, trajectory, step_end, progress)
 
 
-def _sample_branches(model, inversion: Inversion, plan: EditPlan | None, step_end, progress: bool) -> torch.Tensor:
+def _sample_branches(model, inversion: Inversion, plan: EditPlan | None, trajectory: torch.Tensor | None, step_end,
+                     progress: bool) -> torch.Tensor:
     schedule = DDIMSchedule.from_scheduler(model.scheduler, inversion.num_steps)
     source = inversion.cond_at(model)  # per step (1, 77, D)
     cond = source if plan is None else _branch_states(model, inversion, plan, source)
     branches = 1 if plan is None else 1 + len(plan.targets)
     latent_T = inversion.latent_T.to(model.device, model.dtype).expand(branches, -1, -1, -1)
     return sample(model, latent_T, schedule, cond, inversion.null_at(model), inversion.guidance_scale,
-                  step_end=step_end, progress=progress)
+                  source_trajectory=trajectory, step_end=step_end, progress=progress)
 
 
 @torch.no_grad()
@@ -159,7 +166,9 @@ def _branch_states(model: StableDiffusion, inversion: Inversion, plan: EditPlan,
     return [torch.cat([source[i], *(states[i] for states in per_target)]) for i in range(inversion.num_steps)]
 
 
-def _trajectory(model: StableDiffusion, inversion: Inversion) -> torch.Tensor | None:
-    if inversion.null != "direct":
+def _source_trajectory(model: StableDiffusion, inversion: Inversion) -> torch.Tensor | None:
+    """The source branch's latents at each step where the inversion knows them (direct inversion's
+    pivot, the null-text trajectory of NTI and DPL), on the model's device; None where it does not."""
+    if inversion.trajectory is None:
         return None
     return inversion.trajectory.to(model.device, model.dtype)

@@ -8,7 +8,7 @@ from .dynamic_prompt import (
     dynamic_prompt_inversion,
     dynamic_prompt_inversion_many,
 )
-from .null_text import NullTextConfig, NullTextStep, null_text_inversion
+from .null_text import NullTextConfig, NullTextResult, NullTextStep, null_text_inversion
 
 __all__ = [
     "DDIMInversion",
@@ -16,6 +16,7 @@ __all__ = [
     "DynamicPromptResult",
     "DynamicPromptStep",
     "NullTextConfig",
+    "NullTextResult",
     "NullTextStep",
     "ddim_inversion",
     "dynamic_prompt_inversion",

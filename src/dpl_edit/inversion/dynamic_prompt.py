@@ -126,6 +126,8 @@ class DynamicPromptResult:
     null_states: list[torch.Tensor]  # per step (1, 77, D); empty unless null == "optimized"
     cross_maps: list[torch.Tensor]  # per step (res, res, 77): conditional maps with the learned tokens
     log: list[dict]  # per step: {"step", "losses", "thresholds", "iterations"} (losses as last computed)
+    trajectory: list[torch.Tensor]  # z_bar_T ... z_bar_0 (1, C, h, w): the latent each step starts from, then
+    # the last one (the pivot's where null is "direct")
 
 
 class TokenLosses:
@@ -506,9 +508,9 @@ def dynamic_prompt_inversion_many(
     key = ("cross", config.cross_resolution)
     record = AttentionStore(average_steps=False, history=[key])
     record_hook = AttentionHook(model.unet, layers, record)
-    results = [DynamicPromptResult([], [], [], []) for _ in prompts]
     batch = len(prompts)
     null_states, z = null_init.expand(batch, -1, -1), pivot[0]
+    results = [DynamicPromptResult([], [], [], [], [z[b : b + 1]]) for b in range(batch)]
     bar = tqdm(range(schedule.num_steps), desc="DPL inversion", disable=not progress, leave=False)
     with TextFreePrefix(model):  # a step's forwards share the latent: its text-free layers run once
         for i in bar:
@@ -538,6 +540,7 @@ def dynamic_prompt_inversion_many(
                 if null == "optimized":
                     result.null_states.append(null_states[b : b + 1])
                 result.token_vectors.append(v)
+                result.trajectory.append(z[b : b + 1])
                 result.log.append({"step": i, "losses": losses, "thresholds": {k: thresholds[k] for k in losses},
                                    "iterations": iterations})
                 if callback is not None:

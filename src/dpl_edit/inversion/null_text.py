@@ -62,6 +62,15 @@ class NullTextStep:
     image: int = 0  # which image of a batch inverted in lockstep
 
 
+@dataclass
+class NullTextResult:
+    """Null-text inversion's output, in sampling order (step 0 the noisiest)."""
+
+    null_states: list[torch.Tensor]  # per step (B, 77, D): the optimised unconditional states
+    trajectory: list[torch.Tensor]  # z_bar_T ... z_bar_0 (B, C, h, w): num_steps + 1 latents, what sampling
+    # with the states gives (z_bar_T = z*_T; an edit's source branch follows it)
+
+
 def null_text_inversion(
     model: StableDiffusion,
     pivot: Sequence[torch.Tensor],
@@ -73,8 +82,9 @@ def null_text_inversion(
     *,
     callback: Callable[[NullTextStep], None] | None = None,
     progress: bool = True,
-) -> list[torch.Tensor]:
-    """Per-step unconditional states (B, 77, D), one per timestep in sampling order.
+) -> NullTextResult:
+    """Per-step unconditional states (B, 77, D), one per timestep in sampling order, and the latents
+    that one guided DDIM step with each gives (the trajectory).
 
     ``pivot`` is the DDIM-inversion trajectory in sampling order (pivot[0] = z*_T, pivot[-1] =
     z*_0) of B images, latents (B, C, h, w), and ``cond_states`` their prompts' states (B, 77, D):
@@ -86,6 +96,7 @@ def null_text_inversion(
     nulls = []
     null = null_init.expand(batch, -1, -1)
     z = pivot[0]
+    trajectory = [z]
     bar = tqdm(range(schedule.num_steps), desc="Null-text inversion", disable=not progress, leave=False)
     with TextFreePrefix(model):  # a step's forwards share the latent: its text-free layers run once
         for i in bar:
@@ -100,11 +111,12 @@ def null_text_inversion(
             with torch.no_grad():
                 eps = guided_noise(model.predict(z, t, null), eps_cond, guidance_scale)
                 z = denoise_step(schedule, i, z, eps)
+            trajectory.append(z)
             bar.set_postfix(loss=f"{max(losses):.2e}", iters=max(iterations))
             if callback is not None:
                 for image, (loss, taken) in enumerate(zip(losses, iterations, strict=True)):
                     callback(NullTextStep(step=i, timestep=t, loss=loss, iterations=taken, image=image))
-    return nulls
+    return NullTextResult(nulls, trajectory)
 
 
 def optimize_null(
