@@ -22,7 +22,8 @@ def test_round_trip_is_bit_identical(inversion, tmp_path):
     inversion.token_positions = [2, 5]
     inversion.save(tmp_path / "inv")
     loaded = Inversion.load(tmp_path / "inv")
-    for name in ("latent_T", "source_latent", "null_states", "token_vectors"):
+    assert inversion.trajectory is not None  # (NTI's: what its null-text steps sampled)
+    for name in ("latent_T", "source_latent", "null_states", "token_vectors", "trajectory"):
         assert torch.equal(getattr(loaded, name), getattr(inversion, name)), name
     for name in ("method", "model_id", "model_fingerprint", "prompt", "token_ids", "num_steps",
                  "guidance_scale", "token_positions", "settings", "versions"):

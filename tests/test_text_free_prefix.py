@@ -11,7 +11,7 @@ from dpl_edit.registry import SCENE_MODEL_ID, load_model
 from dpl_edit.scenes.render import render, split_scene
 from dpl_edit.text_free_prefix import LastCall, TextFreePrefix, text_free_modules
 
-TENSORS = ("latent_T", "null_states", "token_vectors", "cross_maps", "background_mask")
+TENSORS = ("latent_T", "null_states", "token_vectors", "cross_maps", "background_mask", "trajectory")
 
 
 @pytest.fixture(scope="module")
