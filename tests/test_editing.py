@@ -99,12 +99,14 @@ def inversions(model):
     return {
         method: invert(model, image, "a {cat} and a {dog}", method=method, num_steps=5, dpl=fast_dpl,
                        null_text=fast_nti, progress=False)
-        for method in ("nti", "dpl")
+        for method in ("nti", "dpl", "npi")
     }
 
 
-@pytest.mark.parametrize("method", ["nti", "dpl"])
+@pytest.mark.parametrize("method", ["nti", "dpl", "npi"])
 def test_target_equal_to_source_reproduces_the_reconstruction(model, inversions, method):
+    """The reconstruction samples the source; an edit's source follows its trajectory (NTI, DPL) or
+    steps unguided (negative-prompt inversion): the same up to rounding."""
     inversion = inversions[method]
     reconstruction = np.asarray(reconstruct(model, inversion, progress=False), dtype=float)
     result = edit(model, inversion, ["a cat and a dog"], progress=False)

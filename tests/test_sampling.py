@@ -99,3 +99,21 @@ def test_a_wrong_step_fails_the_comparison(model, pipeline_run, monkeypatch, wro
         schedule = dataclasses.replace(schedule, final_alpha_cumprod=1.0)
     errors = step_errors(model, pipeline_run, schedule)
     assert errors.max() > 100 * 4 * ULP * pipeline_run[3].abs().max()
+
+
+def test_an_unguided_source_row_steps_on_its_conditional_prediction(model, one_at_a_time):
+    """Negative-prompt inversion's source has its own states as null states, so guidance cancels on
+    it: ``source_unguided`` leaves its unconditional row out (3 rows a step for a source and a target,
+    not 4) and changes nothing, bit for bit with the UNet called one image at a time (guided_noise(e, e)
+    is e)."""
+    schedule = DDIMSchedule.from_scheduler(model.scheduler, 4)
+    source, target = model.encode_prompt("a cat and a dog"), model.encode_prompt("a cat and a tiger")
+    z_T = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1)).expand(2, -1, -1, -1)
+    args = (model, z_T, schedule, torch.cat([source, target]), source, 7.5)
+    guided = sample(*args, progress=False)
+    one_at_a_time.clear()
+    unguided = sample(*args, source_unguided=True, progress=False)
+    assert torch.equal(unguided, guided)
+    assert one_at_a_time == [3] * 4
+    with pytest.raises(ValueError, match="not both"):
+        sample(*args, source_trajectory=torch.zeros(5, 4, 32, 32), source_unguided=True, progress=False)

@@ -10,6 +10,8 @@ Where the inversion knows the source branch's latent at every step (its ``trajec
 null-text trajectory of NTI and DPL, which sampling the source would compute again up to rounding,
 and direct inversion's pivot, where editing keeps the source by definition), the source follows it
 and its unconditional row is not run: an edit with one target runs 3 UNet rows a step, not 4.
+So does negative-prompt inversion's source, whose unconditional states are its own conditional
+ones: guidance cancels on it, and it steps with its conditional prediction.
 """
 
 from __future__ import annotations
@@ -84,8 +86,10 @@ def edit(
     self_max = config.self_max_resolution or same_level_resolution(model.unet, "self", P2P_SELF_MAX_RESOLUTION)
     layers = [layer for layer in attention_layers(model.unet) if layer.kind == "cross" or layer.resolution <= self_max]
     trajectory = _source_trajectory(model, inversion)
+    unguided = trajectory is None and inversion.null == "negative"  # the source's null states are its own
     controller = PromptToPrompt(plan, resolution, self_max, (config.blend_threshold, config.subtract_threshold),
-                                model.device, source_uncond=trajectory is None, map_layers=layers, dtype=model.dtype)
+                                model.device, source_uncond=trajectory is None and not unguided, map_layers=layers,
+                                dtype=model.dtype)
 
     def step_end(i: int, latents: torch.Tensor) -> torch.Tensor | None:
         blended = controller.step_end(i, latents)  # local blend's latents, or None
@@ -94,7 +98,7 @@ def edit(
         return blended
 
     with attention_hook(model.unet, layers, controller):
-        latents = _sample_branches(model, inversion, plan, trajectory, step_end, progress)
+        latents = _sample_branches(model, inversion, plan, trajectory, step_end, progress, unguided)
     images = [to_pil(model.decode_latents(latents[b : b + 1])) for b in range(latents.shape[0])]
     return EditResult(images[0], images[1:], list(targets), controller.maps / inversion.num_steps, plan,
                       controller.blend_masks, latents,
@@ -137,14 +141,14 @@ def reconstruct_latents(model: StableDiffusion, inversion: Inversion | str | os.
 
 
 def _sample_branches(model, inversion: Inversion, plan: EditPlan | None, trajectory: torch.Tensor | None, step_end,
-                     progress: bool) -> torch.Tensor:
+                     progress: bool, unguided: bool = False) -> torch.Tensor:
     schedule = DDIMSchedule.from_scheduler(model.scheduler, inversion.num_steps)
     source = inversion.cond_at(model)  # per step (1, 77, D)
     cond = source if plan is None else _branch_states(model, inversion, plan, source)
     branches = 1 if plan is None else 1 + len(plan.targets)
     latent_T = inversion.latent_T.to(model.device, model.dtype).expand(branches, -1, -1, -1)
     return sample(model, latent_T, schedule, cond, inversion.null_at(model), inversion.guidance_scale,
-                  source_trajectory=trajectory, step_end=step_end, progress=progress)
+                  source_trajectory=trajectory, source_unguided=unguided, step_end=step_end, progress=progress)
 
 
 @torch.no_grad()
