@@ -203,7 +203,8 @@ def test_inversions_with_graphs_equal_eager(model, graphed_model, image, method,
                                dpl=DynamicPromptConfig(max_iterations=3), progress=False))
     assert "CUDA graphs" not in caplog.text
     eager, graphed = runs
-    for name in ("latent_T", "null_states", "token_vectors", "cross_maps", "background_mask", "clusters"):
+    for name in ("latent_T", "null_states", "token_vectors", "cross_maps", "background_mask", "clusters",
+                 "trajectory"):
         a, b = getattr(graphed, name), getattr(eager, name)
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
     signatures = graphed_model.graphed_unet.captures
@@ -228,7 +229,8 @@ def test_lockstep_inversions_with_graphs(model, graphed_model, image, method, ca
                           for m in (model, graphed_model))
     assert "CUDA graphs" not in caplog.text
     for a_run, b_run in zip(graphed, eager, strict=True):
-        for name in ("latent_T", "null_states", "token_vectors", "cross_maps", "background_mask", "clusters"):
+        for name in ("latent_T", "null_states", "token_vectors", "cross_maps", "background_mask", "clusters",
+                     "trajectory"):
             a, b = getattr(a_run, name), getattr(b_run, name)
             assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
         assert a_run.dpl_log == b_run.dpl_log
@@ -263,7 +265,7 @@ def test_graphed_lockstep_null_step_keeps_stopped_images_in_its_forward(model, o
     assert any(first < second for first, second, _ in stops)  # one image stopped while two went on
     assert [(s.loss, s.iterations) for s in steps[1]] == [(s.loss, s.iterations) for s in steps[0]]
     for graphed, eager in zip(*reversed(runs), strict=True):
-        for name in ("latent_T", "source_latent", "null_states", "cross_maps"):
+        for name in ("latent_T", "source_latent", "null_states", "cross_maps", "trajectory"):
             assert torch.equal(getattr(graphed, name), getattr(eager, name)), name
     null_steps = [samples for _, samples in captures if samples[2].requires_grad]
     assert [s[0].shape[0] for s in null_steps] == [1, 3]  # use_cuda_graphs' own check at batch 1, then the batch
@@ -290,7 +292,8 @@ def test_graphed_lockstep_token_step_keeps_a_stopped_image_in_its_forward(model,
         model.graphed_hooks.clear()
     assert [[entry["iterations"] for entry in each.dpl_log] for each in graphed] == [[0, 0], [3, 3]]
     for a_run, b_run in zip(graphed, eager, strict=True):
-        for name in ("latent_T", "null_states", "token_vectors", "cross_maps", "background_mask", "clusters"):
+        for name in ("latent_T", "null_states", "token_vectors", "cross_maps", "background_mask", "clusters",
+                     "trajectory"):
             assert torch.equal(getattr(a_run, name), getattr(b_run, name)), name
         assert a_run.dpl_log == b_run.dpl_log
     tokens = [samples for function, samples in captures if getattr(function, "__name__", "") == "every_loss"]
