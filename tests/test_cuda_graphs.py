@@ -610,7 +610,7 @@ def test_real_cuda_graphs_match_eager(image, method, caplog):
         graphed = tiny_model(seed=0).to("cuda").use_cuda_graphs()
         runs = [run(eager), run(graphed), run(eager)]
     assert "CUDA graphs" not in caplog.text and graphed.graphed_unet is not None
-    for name in ("null_states", "token_vectors"):
+    for name in ("null_states", "token_vectors", "trajectory"):  # (a kept capture output would be far off)
         reference = getattr(runs[0], name)
         if reference is not None:
             graphed_error, eager_spread = (((getattr(r, name) - reference).norm() / reference.norm()).item()
