@@ -220,11 +220,14 @@ def test_direct_inversion_reconstructs_exactly_and_dpl_combines_with_it(model, i
         assert inversion.null_states is None
         from dpl_edit import reconstruct_latents
 
-        z0 = reconstruct_latents(model, inversion, progress=False)
-        if inversion.null == "direct":
-            torch.testing.assert_close(z0, inversion.source_latent)
+        steps = []
+        z0 = reconstruct_latents(model, inversion, callback=steps.append, progress=False)
+        assert steps == list(range(inversion.num_steps))
+        if inversion.null == "direct":  # the pivot ends at the source latent: nothing sampled
+            assert torch.equal(z0, inversion.source_latent)
         result = edit(model, inversion, ["a cat and a tiger"], progress=False)
         assert len(result.edits) == 1
+        assert torch.equal(result.latents[:1], inversion.trajectory[-1:])  # the source followed its trajectory
 
 
 def test_per_word_settings_apply_to_the_targets_that_have_the_word():

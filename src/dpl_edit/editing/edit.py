@@ -129,16 +129,19 @@ def reconstruct_latents(model: StableDiffusion, inversion: Inversion | str | os.
     ``callback(step)`` runs after each sampling step, as :func:`edit`'s does."""
     inversion = Inversion.of(inversion)
     inversion.check_compatible(model)
-    # direct inversion's source is its pivot, by definition; the others are sampled (that is what
-    # a reconstruction checks), not read back from their trajectories (negative-prompt inversion's
-    # unguided: its null states are its conditional ones)
-    trajectory = _source_trajectory(model, inversion) if inversion.null == "direct" else None
+    if inversion.null == "direct":  # its source is its pivot, by definition: nothing to sample
+        for i in range(inversion.num_steps):
+            if callback is not None:
+                callback(i)
+        return _source_trajectory(model, inversion)[-1:]
 
     def step_end(i: int, latents: torch.Tensor) -> None:
         if callback is not None:
             callback(i)
 
-    return _sample_branches(model, inversion, None, trajectory, step_end, progress, inversion.null == "negative")
+    # The others are sampled (what a reconstruction checks), not read back from their trajectories;
+    # negative-prompt inversion's source unguided (its null states are its conditional ones).
+    return _sample_branches(model, inversion, None, None, step_end, progress, inversion.null == "negative")
 
 
 def _sample_branches(model, inversion: Inversion, plan: EditPlan | None, trajectory: torch.Tensor | None, step_end,
