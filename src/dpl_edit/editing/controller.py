@@ -2,9 +2,10 @@
 
 Batch layout (explicit): the UNet batch holds B = 1 + n branches twice, unconditional rows
 0 .. B-1 then conditional rows B .. 2B-1; branch 0 is the source, branches 1 .. n the targets.
-Where sampling keeps the source on a known trajectory (``source_uncond=False``: the inversion's own
-latents), the source has no unconditional row: unconditional rows 0 .. n-1 are the targets', and
-conditional rows n .. n+B-1 the branches'. Only conditional rows are edited (as in Prompt-to-Prompt). The controller also accumulates the
+Where sampling keeps the source on a known trajectory (the inversion's own latents) or steps it
+unguided (negative-prompt inversion), the source has no unconditional row (``source_uncond=False``):
+unconditional rows 0 .. n-1 are the targets', and conditional rows n .. n+B-1 the branches'. Only
+conditional rows are edited (as in Prompt-to-Prompt). The controller also accumulates the
 conditional cross-attention maps at one map size, for local blending and for views: the maps as
 edited, as Prompt-to-Prompt stores them (it edits the stored tensor in place), so inside the
 cross-replace window a target's map of a swapped word is the source word's.
@@ -91,9 +92,10 @@ class PromptToPrompt:
     @property
     def graph_layout(self) -> tuple:
         """What a captured forward under this controller depends on besides its state tensors' values:
-        the numbers of branches and unconditional rows, the layers it edits and records, its switches, the tensors' shapes."""
-        return (self.branches, self.uncond_rows, self.map_resolution, self.self_max_resolution, self.injects_self, tuple(self._slot),
-                *((name, tuple(t.shape), t.dtype, t.device) for name, t in self._state().items()))
+        the numbers of branches and unconditional rows, the layers it edits and records, its switches,
+        the tensors' shapes."""
+        return (self.branches, self.uncond_rows, self.map_resolution, self.self_max_resolution, self.injects_self,
+                tuple(self._slot), *((name, tuple(t.shape), t.dtype, t.device) for name, t in self._state().items()))
 
     def share_state(self, owner: PromptToPrompt) -> None:
         """Take over the state tensors of ``owner`` (an earlier controller of the same
