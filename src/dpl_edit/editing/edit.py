@@ -133,7 +133,7 @@ def reconstruct_latents(model: StableDiffusion, inversion: Inversion | str | os.
         for i in range(inversion.num_steps):
             if callback is not None:
                 callback(i)
-        return _source_trajectory(model, inversion)[-1:]
+        return inversion.trajectory[-1:].to(model.device, model.dtype)
 
     def step_end(i: int, latents: torch.Tensor) -> None:
         if callback is not None:
