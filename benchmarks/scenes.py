@@ -17,6 +17,7 @@ PIE-Bench's P2P settings), plus the localisation that only rendered scenes can m
     python benchmarks/scenes.py                                   # the bundled model; 2 scenes
     python benchmarks/scenes.py --scenes 16 --methods nti,dpl     # NTI+P2P vs DPL+P2P
     python benchmarks/scenes.py --objects 3 --scenes 8            # three-object scenes
+    python benchmarks/scenes.py --methods nti,npi,direct --no-blend  # P2P without its local blend
     python benchmarks/scenes.py --model DIR --split validation    # another scene model; for tuning
 
 Writes OUT/scenes.md (localisation, then the metrics table), OUT/scenes.json, OUT/localisation.png,
@@ -27,6 +28,7 @@ test split.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -134,6 +136,8 @@ def main() -> None:
     parser.add_argument("--target-tokens", choices=TARGET_TOKENS,
                         help="which learned DPL vectors the targets keep (default: the model's recommendation)")
     parser.add_argument("--span", choices=SPANS, help="DPL's re-softmax span (default: the model's recommendation)")
+    parser.add_argument("--no-blend", action="store_true",
+                        help="edit without PIE-Bench's local blend (and so without its re-weighting of the new word)")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     args = parser.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -145,6 +149,8 @@ def main() -> None:
     data.mkdir(parents=True, exist_ok=True)
     export_scenes(data, args.split, (args.objects,), count)
     items = read_dataset(data)
+    if args.no_blend:  # PIE-Bench blends and re-weights only where an item names its blend words
+        items = [dataclasses.replace(item, blended_word=()) for item in items]
     dpl = model_dpl_config(model, **({"balancing_span": args.span} if args.span else {}))
 
     def on_inversion(method, group, image, inversion):
@@ -175,13 +181,13 @@ def main() -> None:
     write_tables(result, args.out)
     metrics, means = tables(result)
     header = (f"Scene benchmark: {count} {args.objects}-object {args.split} scenes (3 swaps each), {args.steps} steps, "
-              f"model {args.model}, PIE-Bench's P2P settings, span {args.span or 'the model default'}, "
+              f"model {args.model}, PIE-Bench's P2P settings{' without the local blend' if args.no_blend else ''}, span {args.span or 'the model default'}, "
               f"target tokens {args.target_tokens or 'the model default'}")
     text = "\n".join([header, "", *localisation, "", *times_table(args.out, items, methods), "", metrics])
     (args.out / "scenes.md").write_text(text)
     (args.out / "scenes.json").write_text(json.dumps(
         {"scenes": count, "objects": args.objects, "split": args.split, "steps": args.steps, "model": args.model,
-         "span": args.span, "target_tokens": args.target_tokens, "methods": methods,
+         "span": args.span, "target_tokens": args.target_tokens, "blend": not args.no_blend, "methods": methods,
          "curves": {k: v.tolist() for k, v in curves.items()}, "metrics": means}, indent=1))
     print("\n" + text)
 
