@@ -52,7 +52,8 @@ from dpl_edit.scenes.render import render
 from dpl_edit.views import word_map
 
 FULL_TEST = 60  # the paper reports on 60 test images
-LOCALISED = {"ddim": "ddim", "nti": "ddim", "dpl": "dpl"}  # batch method -> localisation row (NTI keeps DDIM's maps)
+# batch method -> localisation row (NTI keeps DDIM's maps)
+LOCALISED = {"ddim": "ddim", "nti": "ddim", "dpl": "dpl", "dpl-negative": "dpl-negative", "dpl-direct": "dpl-direct"}
 ABLATIONS = {"dpl L_at only": ("at",), "dpl L_dj only": ("dj",), "dpl L_bg only": ("bg",)}
 
 

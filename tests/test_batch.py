@@ -216,6 +216,27 @@ def test_batch_writes_pie_layout_resumes_and_records_failures(dataset, model, tm
         check_same_run(out, ours, [other])
 
 
+def test_dpl_with_a_negative_or_direct_null_step_is_a_batch_method_of_its_own(model, tmp_path, capsys):
+    """``dpl-negative`` and ``dpl-direct``: DPL's token steps ended by negative-prompt or direct inversion
+    (``invert(method="dpl", null=...)``), each in its own PIE-Bench folder, scored by ``dpl metrics``."""
+    data = tmp_path / "data"
+    export_scenes(data, "test", (2,), 1)
+    items = [item for item in read_dataset(data) if item.editing_type_id == "1"]
+    out = tmp_path / "out"
+    seen = {}
+    summary = run_batch(model, data, items, ["dpl-negative", "dpl-direct"], out, num_steps=STEPS, progress=False,
+                        on_inversion=lambda method, group, image, inversion: seen.update({method: inversion}))
+    assert (summary.done, summary.failed) == (2, 0)
+    assert {m: (inv.method, inv.null, len(inv.dpl_log)) for m, inv in seen.items()} == {
+        "dpl-negative": ("dpl", "negative", STEPS), "dpl-direct": ("dpl", "direct", STEPS)}
+    for method in ("dpl-negative", "dpl-direct"):
+        assert edit_path(out, METHOD_FOLDERS[method], items[0]).is_file()
+        assert json.loads(record_path(out, method, items[0]).read_text())["dpl_steps_at_cap"] >= 0
+    assert main(["metrics", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| dpl-negative |" in table and "| dpl-direct |" in table
+
+
 def test_lockstep_batches_write_what_one_image_at_a_time_does(model, one_at_a_time, tmp_path):
     """``batch_size=3``: the images of a chunk are inverted together (an unreadable one fails alone);
     with the UNet called per image the edits are those of ``batch_size=1`` to the byte."""

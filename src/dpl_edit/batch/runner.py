@@ -45,7 +45,10 @@ logger = logging.getLogger(__name__)
 METHOD_FOLDERS = {
     "ddim": "ddim+p2p", "nti": "null-text-inversion+p2p", "npi": "negative-prompt-inversion+p2p",
     "direct": "directinversion+p2p", "dpl": "dpl+p2p",
+    "dpl-negative": "dpl-negative-prompt-inversion+p2p", "dpl-direct": "dpl-directinversion+p2p",
 }
+# DPL's token steps ended by another null step than null-text inversion's (`dpl invert --method dpl --null ...`)
+DPL_NULLS = {"dpl-negative": "negative", "dpl-direct": "direct"}
 PIE_CROSS_STEPS, PIE_SELF_STEPS, PIE_REWEIGHT, PIE_GUIDANCE, PIE_STEPS = 0.4, 0.6, 2.0, 7.5, 50
 
 
@@ -268,10 +271,11 @@ def _invert(model, images: list[Image.Image], prompts: list[str], method: str, n
             dpl: DynamicPromptConfig | None) -> tuple[list, list[float]]:
     """Each image's inversion (or the error that stopped it) and its seconds (a lockstep batch's time is
     shared out evenly between its images)."""
+    how = {"method": "dpl", "null": DPL_NULLS[method]} if method in DPL_NULLS else {"method": method}
     if len(images) > 1:
         started = time.perf_counter()
         try:
-            inversions = invert_many(model, images, prompts, method=method, num_steps=num_steps,
+            inversions = invert_many(model, images, prompts, **how, num_steps=num_steps,
                                      guidance_scale=guidance, dpl=dpl, progress=False)
             share = round((time.perf_counter() - started) / len(images), 3)
             return inversions, [share] * len(images)
@@ -286,7 +290,7 @@ def _invert(model, images: list[Image.Image], prompts: list[str], method: str, n
     for image, prompt in zip(images, prompts, strict=True):
         started = time.perf_counter()
         try:
-            inversions.append(invert(model, image, prompt, method=method, num_steps=num_steps,
+            inversions.append(invert(model, image, prompt, **how, num_steps=num_steps,
                                      guidance_scale=guidance, dpl=dpl, progress=False))
         except (DplEditError, OSError, ValueError) as err:
             inversions.append(err)

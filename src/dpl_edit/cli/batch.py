@@ -25,7 +25,9 @@ def register(commands) -> None:
         "batch ...` the items are split between the processes.",
     )
     p.add_argument("dataset", type=Path, help="a PIE-Bench folder")
-    p.add_argument("--methods", default="nti,dpl", help="comma-separated of ddim,nti,npi,direct,dpl (default: nti,dpl)")
+    p.add_argument("--methods", default="nti,dpl",
+                   help="comma-separated of ddim,nti,npi,direct,dpl,dpl-negative,dpl-direct (the last two: DPL's token "
+                   "steps ended by negative-prompt or direct inversion, --method dpl --null ...; default: nti,dpl)")
     p.add_argument("--out", type=Path, required=True, help="output folder (PIE-Bench layout: OUT/<method>/annotation_images/)")
     add_selection(p)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50, as PIE-Bench)")
