@@ -133,6 +133,13 @@ def test_the_token_helper_and_a_picked_picture_do_not_wait_for_an_inversion(benc
     assert "marked words: circle" in table and image.size == (bench.model().image_size,) * 2
 
 
+def test_dpl_with_a_negative_prompt_null_step_says_what_it_did_to_scene_edits(bench, scene):
+    path, caption = scene
+    for null in ("negative", "direct"):
+        view = bench.invert(path, caption, InvertSettings(null=null, steps=1))
+        assert ("damaged the other objects" in view.summary) == (null == "negative"), view.summary
+
+
 def test_a_job_that_waits_for_the_one_before_says_so(bench, scene):
     """An inversion or edit sent while the torch thread still works (another session's job, or a
     cancelled one finishing its step) shows that it waits, then its own progress; one sent to an idle

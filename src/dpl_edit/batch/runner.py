@@ -48,7 +48,7 @@ METHOD_FOLDERS = {
     "dpl-negative": "dpl-negative-prompt-inversion+p2p", "dpl-direct": "dpl-directinversion+p2p",
 }
 # DPL's token steps ended by another null step than null-text inversion's (`dpl invert --method dpl --null ...`)
-DPL_NULLS = {"dpl-negative": "negative", "dpl-direct": "direct"}
+DPL_NULL_METHODS = {"dpl-negative": "negative", "dpl-direct": "direct"}
 PIE_CROSS_STEPS, PIE_SELF_STEPS, PIE_REWEIGHT, PIE_GUIDANCE, PIE_STEPS = 0.4, 0.6, 2.0, 7.5, 50
 
 
@@ -271,7 +271,7 @@ def _invert(model, images: list[Image.Image], prompts: list[str], method: str, n
             dpl: DynamicPromptConfig | None) -> tuple[list, list[float]]:
     """Each image's inversion (or the error that stopped it) and its seconds (a lockstep batch's time is
     shared out evenly between its images)."""
-    how = {"method": "dpl", "null": DPL_NULLS[method]} if method in DPL_NULLS else {"method": method}
+    how = {"method": "dpl", "null": DPL_NULL_METHODS[method]} if method in DPL_NULL_METHODS else {"method": method}
     if len(images) > 1:
         started = time.perf_counter()
         try:

@@ -330,6 +330,9 @@ class Workbench:
             cap = inversion.settings["dpl"]["max_iterations"]
             summary += (f"; DPL steps at the {cap}-iteration cap: {capped_steps(inversion.dpl_log, cap)} "
                         f"of {inversion.num_steps}")
+        if inversion.method == "dpl" and inversion.null == "negative":
+            summary += ("; DPL's tokens with a negative-prompt null step damaged the other objects of scene edits "
+                        "even with a local blend (README, Faster inversions): --null direct kept them")
         if inversion.method == "dpl" and model.dtype != torch.float32:
             summary += (f"; DPL in {checks.dtype_name(model.dtype)} went astray on some scenes where "
                         "float32 did not (README, Benchmarks): float32 is its reliable precision")
