@@ -181,8 +181,9 @@ def main() -> None:
     result = evaluate(data, args.out, items, methods)
     write_tables(result, args.out)
     metrics, means = tables(result)
+    settings = "PIE-Bench's P2P settings" + (" without the local blend" if args.no_blend else "")
     header = (f"Scene benchmark: {count} {args.objects}-object {args.split} scenes (3 swaps each), {args.steps} steps, "
-              f"model {args.model}, PIE-Bench's P2P settings{' without the local blend' if args.no_blend else ''}, span {args.span or 'the model default'}, "
+              f"model {args.model}, {settings}, span {args.span or 'the model default'}, "
               f"target tokens {args.target_tokens or 'the model default'}")
     text = "\n".join([header, "", *localisation, "", *times_table(args.out, items, methods), "", metrics])
     (args.out / "scenes.md").write_text(text)
