@@ -64,10 +64,12 @@ class Inversion:
     versions: dict = field(default_factory=dict)
     source_image: Image.Image | None = None
 
-    def null_at(self, model: StableDiffusion) -> list[torch.Tensor]:
-        """Per-step unconditional states (1, 77, D) on the model's device."""
+    def null_at(self, model: StableDiffusion, cond: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Per-step unconditional states (1, 77, D) on the model's device; ``cond``: this inversion's
+        :meth:`cond_at` where the caller has it already (negative-prompt inversion's null states are
+        those, not encoded a second time)."""
         if self.null == "negative":
-            return self.cond_at(model)
+            return self.cond_at(model) if cond is None else cond
         if self.null == "optimized":
             null = self.null_states.to(model.device, model.dtype)
             return [null[i : i + 1] for i in range(self.num_steps)]

@@ -151,8 +151,7 @@ def _sample_branches(model, inversion: Inversion, plan: EditPlan | None, traject
     cond = source if plan is None else _branch_states(model, inversion, plan, source)
     branches = 1 if plan is None else 1 + len(plan.targets)
     latent_T = inversion.latent_T.to(model.device, model.dtype).expand(branches, -1, -1, -1)
-    null = source if inversion.null == "negative" else inversion.null_at(model)  # (null_at would encode them again)
-    return sample(model, latent_T, schedule, cond, null, inversion.guidance_scale,
+    return sample(model, latent_T, schedule, cond, inversion.null_at(model, source), inversion.guidance_scale,
                   source_trajectory=trajectory, source_unguided=unguided, step_end=step_end, progress=progress)
 
 
